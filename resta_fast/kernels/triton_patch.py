@@ -1,0 +1,249 @@
+"""Triton backend: the SPEC §2 fused patch as one elementwise GPU kernel.
+
+Runs on a CUDA device, or on CPU tensors through Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before this module is imported (slow; for tests).
+Results are bit-identical to ``resta_fast.kernels.reference``: every SPEC line is
+one rounded fp32 op, fp fusion is disabled at launch, bf16 is rounded with
+integer ops, and the DARE stream is ``tl.randint4x`` with int64 counters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from resta_fast.kernels import BackendUnavailable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as _exc:  # the package must import without triton
+    triton = None
+    tl = None
+    _IMPORT_ERROR: Exception | None = _exc
+else:
+    _IMPORT_ERROR = None
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Provisional GPU launch shape, not yet measured on hardware: 4096 elements over
+# 8 warps is 16 elements per thread, i.e. two 16-byte vectors per bf16 input per
+# thread (four per fp32 input), enough bytes in flight per SM to cover HBM
+# latency while keeping a tail-wasting grid small. benchmarks/gpu_check.py sweeps
+# BLOCK x num_warps and prints the winner; update these with its result.
+BLOCK_SIZE = 4096
+NUM_WARPS = 8
+# The interpreter pays per program and per op in Python, not per element: a big
+# block keeps a 1M-element test to a handful of programs. Results do not depend
+# on the block size (tests check both).
+INTERPRET_BLOCK_SIZE = 1 << 16
+
+
+def interpreting() -> bool:
+    """Whether Triton runs through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_available() -> None:
+    """Raise BackendUnavailable unless triton imports and can run here."""
+    if _IMPORT_ERROR is not None:
+        raise BackendUnavailable(f"the triton backend needs the triton package ({_IMPORT_ERROR}); "
+                                 "install it with `pip install resta-fast[triton]`")
+    if not interpreting() and not torch.cuda.is_available():
+        raise BackendUnavailable("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 in the "
+                                 "environment to run through the (slow) interpreter")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_rounded(out_ptr, idx, o, mask):
+        """Round fp32 ``o`` to out_ptr's dtype (SPEC §2) and store it."""
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            # Integer RNE: the interpreter truncates a float cast to bf16, and the
+            # GPU cast would not canonicalise NaN payloads to 0x7FC0.
+            bits = o.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(o != o, 0x7FC0, rounded)
+            tl.store(out_ptr + idx, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        elif out_ptr.dtype.element_ty == tl.float16:
+            # cvt.rn on the GPU, numpy's astype (also RNE) in the interpreter.
+            tl.store(out_ptr + idx, o.to(tl.float16), mask=mask)
+        else:
+            tl.store(out_ptr + idx, o, mask=mask)
+
+    @triton.jit(do_not_specialize=["q0", "seed"])
+    def _resta_patch_kernel(out_ptr, f_ptr, a_ptr, u_ptr, b_ptr, n, shift, q0, beta, p, r, seed,
+                            HAS_U: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        """One BLOCK of SPEC §2. Lane j of program k is chunk element k*BLOCK + j - shift.
+
+        With DARE, ``shift`` = offset % 4 lines every group of four lanes up with
+        one Philox counter q = q0 + k*BLOCK/4 + lane/4, so each counter is
+        computed once and its four words are spread over its four elements.
+        Without DARE, shift is 0.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        idx = pid * BLOCK + tl.arange(0, BLOCK) - shift
+        mask = (idx >= 0) & (idx < n)
+        f = tl.load(f_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_U:
+            u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            t2 = beta * (a - u)
+        else:
+            t2 = beta * a
+        if HAS_B:
+            base = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            d = f - base
+            q = q0 + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            w0, w1, w2, w3 = tl.randint4x(seed, q)
+            # interleave(interleave(w0, w2), interleave(w1, w3)) = w0,w1,w2,w3 per counter
+            words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+            keep = tl.uint_to_uniform_float(words) >= p
+            t1 = tl.where(keep, d * r, 0.0)
+            o = (base + t1) + t2
+        else:
+            o = f + t2
+        _store_rounded(out_ptr, idx, o, mask)
+
+    @triton.jit(do_not_specialize=["q0", "seed"])
+    def _uniform_kernel(out_ptr, n, shift, q0, seed, BLOCK: tl.constexpr):
+        """The DARE uniforms alone, laid out exactly as in _resta_patch_kernel."""
+        pid = tl.program_id(0).to(tl.int64)
+        idx = pid * BLOCK + tl.arange(0, BLOCK) - shift
+        mask = (idx >= 0) & (idx < n)
+        q = q0 + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        w0, w1, w2, w3 = tl.randint4x(seed, q)
+        words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+        tl.store(out_ptr + idx, tl.uint_to_uniform_float(words), mask=mask)
+
+    @triton.jit
+    def _convert_kernel(out_ptr, x_ptr, n, BLOCK: tl.constexpr):
+        """out = round(float32(x)) with the SPEC's rounding."""
+        pid = tl.program_id(0).to(tl.int64)
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        _store_rounded(out_ptr, idx, x, mask)
+
+
+def _launch_shape(block: int | None, num_warps: int | None) -> tuple[int, int]:
+    """The (BLOCK, num_warps) to launch with: the caller's, else the defaults."""
+    if block is None:
+        block = INTERPRET_BLOCK_SIZE if interpreting() else BLOCK_SIZE
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    return block, NUM_WARPS if num_warps is None else num_warps
+
+
+def _check_tensors(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    """Validate dtype, layout, length and device of ``out`` and each given input."""
+    check_available()
+    tensors = {"out": out, **{k: v for k, v in inputs.items() if v is not None}}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; the triton backend supports bf16, fp16 and fp32")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (pass a flat chunk, e.g. t.reshape(-1))")
+        if t.numel() != out.numel():
+            raise ValueError(f"{name} has {t.numel()} elements but out has {out.numel()}; all must match")
+        if t.device != out.device:
+            raise ValueError(f"{name} is on {t.device} but out is on {out.device}; all must be on one device")
+    if out.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the triton backend needs CUDA tensors, got {out.device} "
+                         "(CPU tensors work only with TRITON_INTERPRET=1)")
+
+
+def _check_stream_args(seed: int, offset: int) -> None:
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+    if not 0 <= int(offset) < 2**62:
+        raise ValueError(f"offset must be a non-negative element index below 2**62, got {offset}")
+
+
+def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None,
+               block=None, num_warps=None):
+    """Fused RESTA patch of one flat chunk on the GPU (SPEC §2), written into ``out``.
+
+    Args:
+        out: output chunk (bf16/fp16/fp32), written completely.
+        f, a: fine-tuned and aligned chunks; with ``u=None``, ``a`` is the safety vector V.
+        u: unaligned chunk, or None (vector mode).
+        b: DARE base chunk, or None (no DARE).
+        beta: scale β (rounded to fp32).
+        p: DARE drop probability, 0 <= p < 1 (as fp32).
+        seed: the mixed per-tensor seed ``rng.tensor_seed(...)``, an unsigned 64-bit int.
+        offset: flat index of element 0 of this chunk within its tensor.
+        threads: ignored (the GPU picks its own parallelism).
+        block, num_warps: launch shape override for benchmarks; results do not depend on it.
+
+    Example:
+        >>> patch_into(out, f, a, u, beta=0.5)  # doctest: +SKIP
+    """
+    del threads
+    _check_tensors(out, f=f, a=a, u=u, b=b)
+    _check_stream_args(seed, offset)
+    n = out.numel()
+    if n == 0:
+        return
+    block, num_warps = _launch_shape(block, num_warps)
+    beta32 = float(np.float32(beta))
+    if b is None:
+        shift, q0, p32, r32, seed = 0, 0, 0.0, 1.0, 0
+    else:
+        p_f32 = np.float32(p)
+        if not 0.0 <= p_f32 < 1.0:
+            raise ValueError(f"DARE drop probability p must satisfy 0 <= p < 1 in fp32, got {p}")
+        # r is fixed on the host so every backend scales survivors by the same fp32 value.
+        r32 = float(np.float32(1) / (np.float32(1) - p_f32))
+        p32 = float(p_f32)
+        shift, q0 = int(offset) % 4, int(offset) // 4
+    grid = (triton.cdiv(n + shift, block),)
+    _resta_patch_kernel[grid](out, f, a, f if u is None else u, f if b is None else b,
+                              n, shift, q0, beta32, p32, r32, int(seed),
+                              HAS_U=u is not None, HAS_B=b is not None, BLOCK=block,
+                              num_warps=num_warps, enable_fp_fusion=False)
+
+
+def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    """Copy ``x`` into ``out`` converting dtype with the SPEC's rounding.
+
+    Example:
+        >>> convert_into(torch.empty(4, dtype=torch.bfloat16, device="cuda"), x)  # doctest: +SKIP
+    """
+    _check_tensors(out, x=x)
+    if out.dtype == x.dtype:
+        out.copy_(x)
+        return
+    n = out.numel()
+    if n == 0:
+        return
+    block, num_warps = _launch_shape(None, None)
+    _convert_kernel[(triton.cdiv(n, block),)](out, x, n, BLOCK=block, num_warps=num_warps,
+                                              enable_fp_fusion=False)
+
+
+def uniform(seed: int, offset: int, n: int, *, device: str | torch.device | None = None) -> torch.Tensor:
+    """DARE uniforms for elements offset .. offset+n-1, as the kernel draws them (float32).
+
+    ``device`` defaults to CUDA, or CPU under the interpreter.
+
+    Example:
+        >>> uniform(rng.tensor_seed(0, "w"), 0, 4)  # doctest: +SKIP
+    """
+    check_available()
+    _check_stream_args(seed, offset)
+    if device is None:
+        device = "cpu" if interpreting() else "cuda"
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    block, num_warps = _launch_shape(None, None)
+    shift = int(offset) % 4
+    _uniform_kernel[(triton.cdiv(n + shift, block),)](out, n, shift, int(offset) // 4, int(seed),
+                                                      BLOCK=block, num_warps=num_warps)
+    return out
