@@ -1,0 +1,199 @@
+"""Command line: argument parsing, progress and exit codes; no logic of its own.
+
+Exit codes: 0 ok, 1 a gate/validation failed, 2 bad input or refused
+operation (one clear line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+from resta_fast import __version__
+from resta_fast.errors import RestaError
+
+PATCH_EPILOG = """\
+--no-fsync skips flushing the output to disk before the final rename: faster,
+but after a power loss or kernel crash the output directory may exist with
+incomplete or zeroed data. Use it for throwaway outputs only.
+"""
+
+
+def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--finetuned", required=True, help="fine-tuned model dir or .safetensors file")
+    p.add_argument("--aligned", help="the safety-aligned model the fine-tune started from")
+    p.add_argument("--unaligned", help="the aligned model fine-tuned to comply (shadow model)")
+    p.add_argument("--vector", help="precomputed safety vector (from `resta-fast vector`)")
+    p.add_argument("--beta", type=float, default=1.0, help="scale of the safety vector (default 1.0)")
+    p.add_argument("--dare", type=float, metavar="P", help="DARE drop probability for the fine-tune delta")
+    p.add_argument("--seed", type=int, default=0, help="DARE seed (default 0)")
+    p.add_argument("--dare-base", help="DARE base model (default: --aligned)")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="patch only tensors matching (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="never patch tensors matching (repeatable)")
+    p.add_argument("--beta-rule", action="append", default=[], metavar="REGEX=BETA",
+                   help="per-pattern beta; the first matching rule wins (repeatable)")
+    p.add_argument("--dtype", help="output dtype (bfloat16, float16, float32; default: fine-tune's)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU kernel threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resta-fast", description=(
+        "Restore safety to fine-tuned language models (RESTA): "
+        "θ = θ_finetuned + β·(θ_aligned − θ_unaligned), optionally after DARE."))
+    parser.add_argument("--version", action="version", version=f"resta_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("patch", help="realign a fine-tuned checkpoint", epilog=PATCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common_patch_args(p)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync before rename (see below)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_patch)
+
+    v = sub.add_parser("vector", help="write the safety vector aligned − unaligned")
+    v.add_argument("--aligned", required=True)
+    v.add_argument("--unaligned", required=True)
+    v.add_argument("--out", required=True)
+    v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
+    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--no-fsync", action="store_true")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_vector)
+
+    e = sub.add_parser("env", help="versions, backends, CPU features, GPUs")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_env)
+
+    _add_optional_subcommands(sub)
+    return parser
+
+
+def _add_optional_subcommands(sub) -> None:
+    """Subcommands living in sibling packages (eval, demo, batch ...)."""
+    import importlib
+    for module, adders in (("resta_fast.eval.cli", ("add_eval_parser", "add_tune_parser")),
+                           ("resta_fast.demo.cli", ("add_demo_parser",)),
+                           ("resta_fast.batch.cli", ("add_batch_parser",)),
+                           ("resta_fast.inspect_cli", ("add_inspect_parser",)),
+                           ("resta_fast.verify", ("add_verify_parser",))):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue  # that part of the package is not there (yet)
+            raise
+        for adder in adders:
+            getattr(mod, adder)(sub)
+
+
+def _print_result(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+        return
+    if report.get("dry_run"):
+        print(report["plan_text"])
+        return
+    s = report["plan"]["summary"]
+    st = report["stats"]
+    rate = st["bytes_written"] / max(st["seconds"], 1e-9) / 1e9
+    print(f"wrote {report['out']}: {s.get('patch', 0)} tensors patched, {s.get('copy', 0)} copied, "
+          f"{st['bytes_written'] / 1e9:.2f} GB in {st['seconds']:.2f} s ({rate:.2f} GB/s, "
+          f"backend {report['backend']})", file=sys.stderr)
+    for note in report["plan"]["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def cmd_patch(args) -> int:
+    from resta_fast import api
+    report = api.patch(
+        args.finetuned, args.out, aligned=args.aligned, unaligned=args.unaligned, vector=args.vector,
+        beta=args.beta, dare=args.dare, seed=args.seed, dare_base=args.dare_base,
+        include=args.include, exclude=args.exclude, beta_rules=args.beta_rule, dtype=args.dtype,
+        backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
+        fsync=not args.no_fsync, dry_run=args.dry_run,
+        progress=not args.no_progress and sys.stderr.isatty())
+    _print_result(report, args.json)
+    return 0
+
+
+def cmd_vector(args) -> int:
+    from resta_fast import api
+    report = api.make_vector(args.aligned, args.unaligned, args.out, dtype=args.dtype,
+                             overwrite=args.overwrite, fsync=not args.no_fsync,
+                             progress=not args.no_progress and sys.stderr.isatty())
+    _print_result(report, args.json)
+    return 0
+
+
+def environment() -> dict:
+    """What `env` reports: versions, backend status (and why not), CPU, GPUs."""
+    import torch
+
+    from resta_fast.kernels import backend_status
+    info = {"resta_fast": __version__, "python": platform.python_version(),
+            "platform": platform.platform(), "torch": torch.__version__}
+    for mod in ("safetensors", "numpy", "triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001 - reported as missing
+            info[mod] = f"not available ({type(exc).__name__})"
+    info["backends"] = backend_status()
+    try:
+        from resta_fast.kernels import cpp
+        info["native"] = cpp.build_info()
+    except Exception as exc:  # noqa: BLE001 - reported, never fatal
+        info["native"] = f"not loaded: {exc}"
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    info["cpu"] = {"cores": __import__("os").cpu_count(),
+                   "features": sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw",
+                                               "avx512_bf16", "sha_ni"})}
+    info["cuda"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                    if torch.cuda.is_available() else "no CUDA device visible")
+    return info
+
+
+def cmd_env(args) -> int:
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RestaError as exc:
+        print(f"resta-fast: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("resta-fast: interrupted; partial output removed", file=sys.stderr)
+        return 130

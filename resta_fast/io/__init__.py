@@ -1,0 +1,1 @@
+"""Checkpoint input/output: validated mmap reading, preallocated atomic writing."""

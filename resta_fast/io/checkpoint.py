@@ -1,0 +1,176 @@
+"""Hugging Face model directories and bare .safetensors files as one object.
+
+A Checkpoint maps tensor names to (file, TensorInfo) across shards, validates
+``model.safetensors.index.json`` against the shards, and knows which side files
+(config, tokenizer, generation config, chat template) travel with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from resta_fast.errors import CheckpointError
+from resta_fast.io.reader import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files copied from the fine-tune so the output loads like it (transformers, vLLM).
+SIDE_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "spiece.model",
+)
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+
+
+class Checkpoint:
+    """A validated model: tensors by name across one or more safetensors files.
+
+    Args:
+        path: an HF model directory or a single ``.safetensors`` file.
+        role: what the user called it (``finetuned``, ``aligned`` ...), for errors.
+
+    Example:
+        >>> ckpt = Checkpoint("./llama-chat", role="aligned")  # doctest: +SKIP
+        >>> ckpt.info("model.norm.weight").shape
+    """
+
+    def __init__(self, path: str | os.PathLike, role: str = "model"):
+        self.role = role
+        self.path = Path(path)
+        self.files: dict[str, SafetensorsFile] = {}
+        self.index_metadata: dict = {}
+        self.config: dict = {}
+        if not self.path.exists():
+            raise CheckpointError(f"{role} {self.path}: does not exist; check the path")
+        if self.path.is_file():
+            self._open_files([self.path.name], self.path.parent)
+            self.root = self.path.parent
+            self.is_dir = False
+        else:
+            self.root = self.path
+            self.is_dir = True
+            self._open_directory()
+        self.location: dict[str, str] = {}
+        for fname, f in self.files.items():
+            for name in f.tensors:
+                if name in self.location:
+                    raise CheckpointError(f"{role} {self.path}: tensor {name!r} is stored in both "
+                                          f"{self.location[name]} and {fname}; the checkpoint is corrupt")
+                self.location[name] = fname
+
+    def _open_directory(self) -> None:
+        root = self.path
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise CheckpointError(f"{self.role} {root}: directory is not readable; check permissions")
+        config = root / "config.json"
+        if config.is_file():
+            try:
+                self.config = json.loads(config.read_text())
+            except (ValueError, OSError) as exc:
+                raise CheckpointError(f"{config}: not valid JSON ({exc}); fix or remove it") from None
+        index = root / INDEX_NAME
+        if index.is_file():
+            self._open_index(index)
+        elif (root / SINGLE_NAME).is_file():
+            self._open_files([SINGLE_NAME], root)
+        else:
+            found = sorted(p.name for p in root.glob("*.safetensors"))
+            if len(found) == 1:
+                self._open_files(found, root)
+                return
+            if (root / "adapter_config.json").is_file():
+                raise CheckpointError(f"{self.role} {root}: is a PEFT adapter, not a full model; "
+                                      "pass it as --finetuned together with --base")
+            bins = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+            if bins:
+                raise CheckpointError(
+                    f"{self.role} {root}: holds only pickle weights ({', '.join(bins[:3])}); resta_fast "
+                    "does not unpickle untrusted files. Convert once with transformers: "
+                    "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
+            what = f"several ({', '.join(found[:4])}) but no {INDEX_NAME}" if found else "none"
+            raise CheckpointError(f"{self.role} {root}: expected {SINGLE_NAME} or {INDEX_NAME}; "
+                                  f"found {what}")
+
+    def _open_index(self, index: Path) -> None:
+        try:
+            obj = json.loads(index.read_text())
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{index}: not valid JSON ({exc}); regenerate the index") from None
+        weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor -> shard file")
+        self.index_metadata = obj.get("metadata") or {}
+        root_real = os.path.realpath(self.path)
+        for shard in sorted(set(weight_map.values())):
+            if (not shard or "/" in shard or "\\" in shard or shard in (".", "..")
+                    or os.path.isabs(shard) or "\x00" in shard):
+                raise CheckpointError(f"{index}: shard name {shard!r} is not a plain file name; "
+                                      "refusing to read outside the model directory")
+            real = os.path.realpath(self.path / shard)
+            if os.path.dirname(real) != root_real:
+                raise CheckpointError(f"{index}: shard {shard!r} is a link pointing outside the "
+                                      f"model directory ({real}); refusing to read it")
+            if not (self.path / shard).is_file():
+                raise CheckpointError(f"{index}: names shard {shard!r}, which does not exist in "
+                                      f"{self.path}; re-download the missing shard")
+        self._open_files(sorted(set(weight_map.values())), self.path)
+        for name, shard in weight_map.items():
+            if name not in self.files[shard].tensors:
+                raise CheckpointError(f"{index}: says tensor {name!r} is in {shard}, but that shard "
+                                      "does not contain it; the index and shards disagree")
+        for shard, f in self.files.items():
+            extra = [n for n in f.tensors if weight_map.get(n) != shard]
+            if extra:
+                raise CheckpointError(f"{self.path / shard}: tensor {extra[0]!r} is not listed for this "
+                                      f"shard in {INDEX_NAME}; the index and shards disagree")
+
+    def _open_files(self, names, root: Path) -> None:
+        for name in names:
+            self.files[name] = SafetensorsFile(root / name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.files[self.location[name]].tensors[name]
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        return self.files[self.location[name]]
+
+    def side_files(self) -> list[Path]:
+        """Config/tokenizer/generation files to copy next to the output weights."""
+        if not self.is_dir:
+            return []
+        return [self.root / n for n in SIDE_FILE_PATTERNS if (self.root / n).is_file()]
+
+    def tied_embeddings(self) -> tuple[str, str] | None:
+        """(embed, lm_head) names when the config ties them and both are on disk."""
+        if not self.config.get("tie_word_embeddings", False):
+            return None
+        embed = next((n for n in self.location if n.endswith(EMBED_SUFFIXES)), None)
+        head = next((n for n in self.location if n.endswith(LM_HEAD_SUFFIXES)), None)
+        return (embed, head) if embed and head else None
+
+    def fingerprint(self) -> dict:
+        """Cheap identity of the inputs: per-file size, mtime and header hash."""
+        import hashlib
+        return {name: {"bytes": f.size, "mtime_ns": f.stat.st_mtime_ns,
+                       "header_sha256": hashlib.sha256(f.header_bytes).hexdigest()}
+                for name, f in self.files.items()}
+
+    def check_unchanged(self) -> None:
+        for f in self.files.values():
+            f.check_unchanged()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()

@@ -1,0 +1,252 @@
+"""Validated, memory-mapped, zero-copy reading of safetensors files.
+
+Every header is checked against the file before any pointer into it is used:
+header length, JSON shape, dtype names, shapes, offsets (in range, contiguous,
+non-overlapping) and byte sizes. A bad file raises CheckpointError naming the
+file and tensor; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from resta_fast.errors import CheckpointError
+
+# safetensors' own loader refuses headers over 100 MB; a real 70B-parameter
+# checkpoint shard's header is well under 1 MB, so this only stops hostile files
+# from making us allocate and parse gigabytes of JSON.
+MAX_HEADER_BYTES = 100_000_000
+MAX_JSON_DEPTH = 8
+
+DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
+    "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2), "U16": (torch.uint16, 2), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I32": (torch.int32, 4), "U32": (torch.uint32, 4),
+    "F32": (torch.float32, 4), "I64": (torch.int64, 8), "U64": (torch.uint64, 8),
+    "F64": (torch.float64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+# Dtypes the fused kernels compute with (SPEC §2); other floats are copied.
+KERNEL_DTYPES = ("BF16", "F16", "F32")
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+TORCH_TO_NAME = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: absolute byte range [start, end) in its file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _reject_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _json_depth(obj, depth=0) -> int:
+    if isinstance(obj, dict):
+        return max([_json_depth(v, depth + 1) for v in obj.values()], default=depth + 1)
+    if isinstance(obj, list):
+        return max([_json_depth(v, depth + 1) for v in obj], default=depth + 1)
+    return depth
+
+
+def parse_header(path: Path, header: bytes, file_size: int):
+    """Validate a raw header; return (metadata, {name: TensorInfo} in file order)."""
+    def bad(msg, tensor=None):
+        where = f"{path}" + (f", tensor {tensor!r}" if tensor is not None else "")
+        return CheckpointError(f"{where}: {msg}")
+
+    try:
+        text = header.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"header is not valid JSON ({exc}); the file is corrupt or not "
+                  "safetensors — re-export or re-download it") from None
+    if not isinstance(obj, dict):
+        raise bad("header must be a JSON object of tensors; the file is corrupt")
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise bad("header JSON is nested deeper than safetensors allows; the file is corrupt")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+    data_start = 8 + len(header)
+    data_len = file_size - data_start
+    infos = []
+    for name, entry in obj.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad("entry must be an object with exactly dtype, shape, data_offsets", name)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise bad(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
+        if not isinstance(shape, list) or not all(
+                type(d) is int and 0 <= d < 2**62 for d in shape):
+            raise bad(f"shape must be a list of non-negative integers, got {shape!r}", name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                type(o) is int and 0 <= o < 2**63 for o in offsets) and offsets[0] <= offsets[1]):
+            raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}", name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != expected:
+            raise bad(f"byte size {offsets[1] - offsets[0]} != shape {shape} x {dtype} "
+                      f"({expected} bytes); the file is corrupt", name)
+        if offsets[1] > data_len:
+            raise bad(f"data_offsets {offsets} run past the end of the file "
+                      f"(data section is {data_len} bytes); the file is truncated", name)
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + offsets[0],
+                                data_start + offsets[1]))
+    infos.sort(key=lambda t: (t.start, t.end))
+    cursor = data_start
+    for info in infos:
+        if info.start < cursor:
+            raise bad(f"byte range overlaps the previous tensor (starts at {info.start - data_start}, "
+                      f"previous ends at {cursor - data_start}); the file is corrupt", info.name)
+        if info.start > cursor:
+            raise bad(f"gap of {info.start - cursor} bytes before this tensor; safetensors "
+                      "requires tensors packed back to back — the file is corrupt", info.name)
+        cursor = info.end
+    if cursor != file_size:
+        raise bad(f"{file_size - cursor} trailing bytes after the last tensor; the file is "
+                  "corrupt or was appended to")
+    return metadata, {info.name: info for info in infos}
+
+
+class SafetensorsFile:
+    """One validated safetensors file, memory-mapped on first use.
+
+    Example:
+        >>> f = SafetensorsFile("model.safetensors")  # doctest: +SKIP
+        >>> f.view("lm_head.weight").shape             # flat, zero-copy
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as fh:
+                stat = os.fstat(fh.fileno())
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: file is {len(head)} bytes, too short for "
+                                          "a safetensors header; it is truncated or empty")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > MAX_HEADER_BYTES:
+                    raise CheckpointError(
+                        f"{self.path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte "
+                        "cap (real headers are < 1 MB); the file is corrupt or not safetensors")
+                if 8 + header_len > stat.st_size:
+                    raise CheckpointError(
+                        f"{self.path}: header length {header_len} is larger than the file "
+                        f"({stat.st_size} bytes); the file is truncated or not safetensors")
+                self.header_bytes = fh.read(header_len)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read ({exc.strerror}); check the path "
+                                  "and permissions") from None
+        self.stat = stat
+        self.size = stat.st_size
+        self.metadata, self.tensors = parse_header(self.path, self.header_bytes, self.size)
+        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mmap is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                if (st.st_size, st.st_ino, st.st_mtime_ns) != (
+                        self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
+                    raise CheckpointError(f"{self.path}: file changed while resta_fast was reading "
+                                          "it; rerun once the file is stable")
+                # ACCESS_COPY: a private mapping torch can wrap without a read-only
+                # warning; we never write to it, so the file is never touched.
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if self.size else None
+            finally:
+                os.close(fd)
+            if self._mmap is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
+                self._mmap.madvise(mmap.MADV_SEQUENTIAL)
+        return self._mmap
+
+    def view(self, name: str) -> torch.Tensor:
+        """Flat zero-copy tensor for ``name`` in its stored dtype."""
+        info = self.tensors[name]
+        torch_dtype = DTYPES[info.dtype][0]
+        if info.nbytes == 0:
+            return torch.empty(0, dtype=torch_dtype)
+        raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        return raw.view(torch_dtype)
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes as a memoryview into the mapping (zero-copy)."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return memoryview(b"")
+        return memoryview(self._map())[info.start:info.end]
+
+    def prefetch(self, start: int, length: int) -> None:
+        """Ask the kernel to start reading [start, start+length) ahead of use."""
+        self._advise(start, length, getattr(mmap, "MADV_WILLNEED", None))
+
+    def release(self, start: int, length: int) -> None:
+        """Drop mapped pages we are done with so RSS stays bounded."""
+        self._advise(start, length, getattr(mmap, "MADV_DONTNEED", None))
+
+    def _advise(self, start, length, advice):
+        if advice is None or self._mmap is None or length <= 0:
+            return
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        hi = min(start + length, self.size)
+        if hi > lo:
+            self._mmap.madvise(advice, lo, hi - lo)
+
+    def check_unchanged(self) -> None:
+        """Raise if the file on disk is no longer the one we validated."""
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: disappeared during the run ({exc.strerror})") from None
+        if (st.st_size, st.st_ino, st.st_mtime_ns) != (
+                self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
+            raise CheckpointError(f"{self.path}: file was modified or replaced during the run; "
+                                  "the output would be inconsistent, so nothing was written")
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # a torch view still references it; the GC unmaps it later
+            self._mmap = None

@@ -1,0 +1,1 @@
+"""Streaming execution of a plan: read (mmap) -> kernel -> write, chunk by chunk."""
