@@ -59,6 +59,16 @@ def check_available() -> None:
 if triton is not None:
 
     @triton.jit
+    def _load_f32(ptr, idx, mask):
+        """Load and widen to fp32 (exact for every input dtype)."""
+        x = tl.load(ptr + idx, mask=mask, other=0.0)
+        if ptr.dtype.element_ty == tl.bfloat16:
+            # Widen with integer ops: the interpreter's bf16 -> fp32 cast
+            # mis-converts bf16 subnormals; a 16-bit shift is exact everywhere.
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return x.to(tl.float32)
+
+    @triton.jit
     def _store_rounded(out_ptr, idx, o, mask):
         """Round fp32 ``o`` to out_ptr's dtype (SPEC §2) and store it."""
         if out_ptr.dtype.element_ty == tl.bfloat16:
@@ -87,15 +97,15 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         idx = pid * BLOCK + tl.arange(0, BLOCK) - shift
         mask = (idx >= 0) & (idx < n)
-        f = tl.load(f_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        f = _load_f32(f_ptr, idx, mask)
+        a = _load_f32(a_ptr, idx, mask)
         if HAS_U:
-            u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            u = _load_f32(u_ptr, idx, mask)
             t2 = beta * (a - u)
         else:
             t2 = beta * a
         if HAS_B:
-            base = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            base = _load_f32(b_ptr, idx, mask)
             d = f - base
             q = q0 + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
             w0, w1, w2, w3 = tl.randint4x(seed, q)
@@ -125,7 +135,7 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         idx = pid * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n
-        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        x = _load_f32(x_ptr, idx, mask)
         _store_rounded(out_ptr, idx, x, mask)
 
 
