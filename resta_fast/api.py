@@ -90,6 +90,8 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
             files[side.name] = _sha256_file(outdir.tmp / side.name)
         report = {
             **provenance,
+            # Only here, not in the weight files: same inputs -> byte-identical weights.
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "backend": backend_name, "device": device, "fsync": fsync,
             "plan": plan.to_json(),
             "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
@@ -141,7 +143,6 @@ def _open(stack: ExitStack, path, role: str) -> Checkpoint | None:
 def _provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None]) -> dict:
     return {
         "tool": "resta_fast", "version": __version__, "command": command,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "params": params,
         "inputs": {role: {"path": str(ck.path), "files": ck.fingerprint()}
                    for role, ck in inputs.items() if ck is not None},

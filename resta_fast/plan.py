@@ -193,7 +193,7 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
                 mixed_dtypes.add(name)
             ref_shape = next(iter(shapes.values()))
             if any(s != ref_shape for s in shapes.values()):
-                errors.append(f"{name}: inputs disagree on shape: "
+                errors.append(f"{name}: inputs disagree on shape: finetuned {list(info.shape)}, "
                               + ", ".join(f"{role} {list(s)}" for role, s in shapes.items()))
                 continue
             patched = info.numel
