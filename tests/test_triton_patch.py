@@ -6,7 +6,10 @@ before the kernels are defined, hence the environment set-up before the imports.
 """
 
 import importlib
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -74,7 +77,7 @@ def make_inputs(n, dtypes, gen_seed=0):
     f = base + torch.randn(n, generator=g) * 1e-3
     a = base + torch.randn(n, generator=g) * 1e-3
     u = a + torch.randn(n, generator=g) * 1e-4
-    return [t.to(dt) for t, dt in zip((f, a, u, base), dtypes)]
+    return [t.to(dt) for t, dt in zip((f, a, u, base), dtypes, strict=True)]
 
 
 def run_triton(out_dtype, f, a, u=None, b=None, **kw):
@@ -340,6 +343,70 @@ def test_unavailable_without_gpu_or_interpreter(monkeypatch):
 
 def test_available_here():
     assert load_backend("triton") is not None
+
+
+COMPILE_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit(3)
+from resta_fast.kernels import triton_patch as tp
+
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+cuobjdump = os.path.join(bin_dir, "cuobjdump")
+if not os.path.exists(os.path.join(bin_dir, "ptxas")):
+    sys.exit(3)  # no CUDA toolchain bundled with this triton: nothing to check here
+
+def count_ffma(kernel):
+    if not os.path.exists(cuobjdump):
+        return len(re.findall(r"\bfma\.rn", kernel.asm["ptx"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(kernel.asm["cubin"])
+        fh.flush()
+        sass = subprocess.run([cuobjdump, "-sass", fh.name], capture_output=True, text=True).stdout
+    return len(re.findall(r"\bFFMA\b", sass))
+
+def build(dtypes, has_u, has_b, shift, fusion):
+    names = ["out_ptr", "f_ptr", "a_ptr", "u_ptr", "b_ptr"]
+    sig = {k: "*" + d for k, d in zip(names, dtypes)}
+    sig.update(n="i32", q0="i64", beta="fp32", p="fp32", r="fp32", seed="u64",
+               HAS_U="constexpr", HAS_B="constexpr", SHIFT="constexpr", BLOCK="constexpr")
+    consts = dict(HAS_U=has_u, HAS_B=has_b, SHIFT=shift, BLOCK=tp.BLOCK_SIZE)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(6)}
+    src = ASTSource(fn=tp._resta_patch_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=tp.NUM_WARPS, enable_fp_fusion=fusion))
+
+result = {"variants": []}
+for dtypes, (has_u, has_b), shift in [(("bf16",) * 5, (True, True), 0), (("fp16",) * 5, (False, True), 3),
+                                      (("fp32", "bf16", "fp16", "fp32", "bf16"), (True, False), 0)]:
+    k = build(dtypes, has_u, has_b, shift, False)
+    result["variants"].append(dict(dtypes=dtypes, ffma=count_ffma(k),
+                                   v4_loads=k.asm["ptx"].count("ld.global.v4")))
+result["ffma_with_fusion"] = count_ffma(build(("bf16",) * 5, True, True, 0, True))
+print(json.dumps(result))
+"""
+
+
+def test_compiles_for_hopper_without_fma():
+    """Compile (no GPU needed) for sm_90: no fused multiply-adds, 16-byte loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if proc.returncode == 3:
+        pytest.skip("this triton install has no CUDA toolchain to compile with")
+    assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stderr[-3000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ffma_with_fusion"] > 0, "the FMA check cannot see FMAs"
+    for variant in result["variants"]:
+        assert variant["ffma"] == 0, f"fp fusion not disabled: {variant}"
+    bf16 = result["variants"][0]
+    assert bf16["v4_loads"] >= 4, f"aligned bf16 loads are not 16-byte vectors: {bf16}"
 
 
 @pytest.mark.gpu

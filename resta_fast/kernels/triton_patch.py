@@ -85,18 +85,22 @@ if triton is not None:
             tl.store(out_ptr + idx, o, mask=mask)
 
     @triton.jit(do_not_specialize=["q0", "seed"])
-    def _resta_patch_kernel(out_ptr, f_ptr, a_ptr, u_ptr, b_ptr, n, shift, q0, beta, p, r, seed,
-                            HAS_U: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-        """One BLOCK of SPEC §2. Lane j of program k is chunk element k*BLOCK + j - shift.
+    def _resta_patch_kernel(out_ptr, f_ptr, a_ptr, u_ptr, b_ptr, n, q0, beta, p, r, seed,
+                            HAS_U: tl.constexpr, HAS_B: tl.constexpr, SHIFT: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        """One BLOCK of SPEC §2. Lane j of program k is chunk element k*BLOCK + j - SHIFT.
 
-        With DARE, ``shift`` = offset % 4 lines every group of four lanes up with
-        one Philox counter q = q0 + k*BLOCK/4 + lane/4, so each counter is
-        computed once and its four words are spread over its four elements.
-        Without DARE, shift is 0.
+        With DARE, SHIFT = offset % 4 lines every group of four lanes up with one
+        Philox counter q = q0 + k*BLOCK/4 + j/4, so each counter is computed once
+        and its four words go to its four elements. Without DARE, SHIFT is 0.
+        SHIFT is a constexpr so the usual SHIFT=0 launch has no lower-bound mask
+        and provably aligned, vectorisable loads.
         """
         pid = tl.program_id(0).to(tl.int64)
-        idx = pid * BLOCK + tl.arange(0, BLOCK) - shift
-        mask = (idx >= 0) & (idx < n)
+        idx = pid * BLOCK + tl.arange(0, BLOCK) - SHIFT
+        mask = idx < n
+        if SHIFT > 0:
+            mask = mask & (idx >= 0)
         f = _load_f32(f_ptr, idx, mask)
         a = _load_f32(a_ptr, idx, mask)
         if HAS_U:
@@ -119,10 +123,10 @@ if triton is not None:
         _store_rounded(out_ptr, idx, o, mask)
 
     @triton.jit(do_not_specialize=["q0", "seed"])
-    def _uniform_kernel(out_ptr, n, shift, q0, seed, BLOCK: tl.constexpr):
+    def _uniform_kernel(out_ptr, n, q0, seed, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
         """The DARE uniforms alone, laid out exactly as in _resta_patch_kernel."""
         pid = tl.program_id(0).to(tl.int64)
-        idx = pid * BLOCK + tl.arange(0, BLOCK) - shift
+        idx = pid * BLOCK + tl.arange(0, BLOCK) - SHIFT
         mask = (idx >= 0) & (idx < n)
         q = q0 + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
         w0, w1, w2, w3 = tl.randint4x(seed, q)
@@ -214,8 +218,8 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
         shift, q0 = int(offset) % 4, int(offset) // 4
     grid = (triton.cdiv(n + shift, block),)
     _resta_patch_kernel[grid](out, f, a, f if u is None else u, f if b is None else b,
-                              n, shift, q0, beta32, p32, r32, int(seed),
-                              HAS_U=u is not None, HAS_B=b is not None, BLOCK=block,
+                              n, q0, beta32, p32, r32, int(seed),
+                              HAS_U=u is not None, HAS_B=b is not None, SHIFT=shift, BLOCK=block,
                               num_warps=num_warps, enable_fp_fusion=False)
 
 
@@ -254,6 +258,6 @@ def uniform(seed: int, offset: int, n: int, *, device: str | torch.device | None
         return out
     block, num_warps = _launch_shape(None, None)
     shift = int(offset) % 4
-    _uniform_kernel[(triton.cdiv(n + shift, block),)](out, n, shift, int(offset) // 4, int(seed),
+    _uniform_kernel[(triton.cdiv(n + shift, block),)](out, n, int(offset) // 4, int(seed), SHIFT=shift,
                                                       BLOCK=block, num_warps=num_warps)
     return out
