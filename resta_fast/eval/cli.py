@@ -1,0 +1,435 @@
+"""``resta-fast eval`` and ``resta-fast tune``: argument parsing and exit codes, no logic of their own.
+
+The main CLI (resta_fast/cli.py) calls :func:`add_eval_parser` and
+:func:`add_tune_parser`; each sets ``func`` to a callable returning the exit code:
+0 pass (or no gate), 1 gate failed / no β met the targets. Usage errors raise
+RestaError, which the main CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from resta_fast.errors import RestaError
+
+
+def _split_list(values) -> list[str]:
+    # "--refusal-lang en,zh --refusal-lang vi" and "--betas 0.5 --betas 1" both work.
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _add_prompt_args(p) -> None:
+    g = p.add_argument_group("prompts")
+    g.add_argument(
+        "--prompts",
+        action="append",
+        metavar="FILE",
+        help="harmful-question set: CatQA JSON, JSON/JSONL/CSV with a prompt column, "
+        "builtin:smoke (placeholder smoke set, not a benchmark) or hf:NAME[:CONFIG][@SPLIT] "
+        "from the local HF cache; repeatable",
+    )
+    g.add_argument("--prompt-column", help="prompt column of flat files (default: prompt/question/goal/...)")
+    g.add_argument("--category-column", help="category column (default: category/topic)")
+    g.add_argument("--subcategory-column", help="subcategory column (default: subcategory/subtopic)")
+    g.add_argument("--limit", type=int, help="use only the first N prompts (quick checks)")
+
+
+def _add_generation_args(p) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="model dtype for evaluation (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, help="generation batch (default 8 on CPU, 32 on GPU; halved on OOM)"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=128, help="bound on each answer (default 128)")
+    g.add_argument(
+        "--utility-max-new-tokens", type=int, default=32, help="bound on utility answers (default 32)"
+    )
+    g.add_argument("--system-prompt", help="system message for the chat template")
+    g.add_argument("--seed", type=int, default=0, help="generation seed (decoding is greedy)")
+    g.add_argument("--perplexity-window", type=int, default=1024, help="tokens per perplexity window")
+
+
+def _add_judge_args(p) -> None:
+    g = p.add_argument_group("judges")
+    g.add_argument(
+        "--judge",
+        action="append",
+        choices=("refusal", "classifier", "openai"),
+        help="refusal (default), classifier, openai; repeatable, the first is primary",
+    )
+    g.add_argument(
+        "--refusal-lang",
+        action="append",
+        metavar="LANG",
+        help="built-in refusal lists to use: en (default), zh, vi; comma-separated or repeated",
+    )
+    g.add_argument(
+        "--refusal-phrases", action="append", metavar="FILE", help="extra refusal phrases, one per line"
+    )
+    g.add_argument(
+        "--refusal-match",
+        choices=("anywhere", "prefix"),
+        default="anywhere",
+        help="phrase anywhere in the answer (GCG's rule, default) or at its start",
+    )
+    g.add_argument(
+        "--empty-response",
+        choices=("unparseable", "refusal", "harmful"),
+        default="unparseable",
+        help="how the refusal judge counts an empty answer (default: unparseable)",
+    )
+    g.add_argument("--classifier", metavar="DIR", help="local Llama-Guard or HarmBench classifier directory")
+    g.add_argument("--classifier-style", choices=("auto", "llama-guard", "harmbench"), default="auto")
+    g.add_argument(
+        "--classifier-prompt", metavar="FILE", help="custom classifier prompt with {question} {response}"
+    )
+    g.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    g.add_argument("--judge-model", default="gpt-4o", help="judge model name (default gpt-4o)")
+    g.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default OPENAI_API_KEY)",
+    )
+    g.add_argument("--judge-retries", type=int, default=3, help="retries per verdict (default 3)")
+    g.add_argument(
+        "--judge-backoff", type=float, default=1.0, help="first retry delay, doubled each time (s)"
+    )
+    g.add_argument("--judge-rps", type=float, help="rate limit, requests per second")
+    g.add_argument("--judge-concurrency", type=int, default=4, help="requests in flight (default 4)")
+    g.add_argument("--judge-cache", metavar="FILE", help="verdict cache (default: OUT/judge_cache.jsonl)")
+
+
+def _add_util_gate_args(p, *, tune: bool) -> None:
+    g = p.add_argument_group("utility and gate")
+    g.add_argument("--utility", metavar="FILE", help="JSONL of prompt/answer pairs (exact match, contains)")
+    g.add_argument("--perplexity", metavar="FILE", help="held-out text file for perplexity")
+    g.add_argument(
+        "--max-harmful",
+        type=float,
+        required=tune,
+        metavar="RATE",
+        help="fail (exit 1) when the harmful rate is above RATE, e.g. 0.05",
+    )
+    g.add_argument(
+        "--max-utility-drop",
+        type=float,
+        metavar="D",
+        help="fail when exact match drops more than D (absolute) or perplexity rises more than "
+        "D (relative) against the reference",
+    )
+    if not tune:
+        g.add_argument("--reference", metavar="DIR", help="model the utility drop is measured against")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="directory for responses, verdicts and reports")
+    o.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    o.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: when stderr is a terminal)",
+    )
+
+
+def build_judges(args) -> list:
+    """Judge objects from parsed CLI flags (the first ``--judge`` is the primary one).
+
+    Args:
+        args: an argparse namespace from the eval or tune parser.
+
+    Returns:
+        List of judges.
+
+    Example:
+        >>> build_judges(parser.parse_args(["eval", "--judge", "refusal"]))  # doctest: +SKIP
+    """
+    from resta_fast.eval.judges import make_judge
+
+    names = args.judge or ["refusal"]
+    judges = []
+    for name in names:
+        if name == "refusal":
+            judges.append(
+                make_judge(
+                    "refusal",
+                    languages=tuple(_split_list(args.refusal_lang) or ["en"]),
+                    phrase_files=tuple(args.refusal_phrases or ()),
+                    empty=args.empty_response,
+                    match=args.refusal_match,
+                )
+            )
+        elif name == "classifier":
+            template = None
+            if args.classifier_prompt:
+                path = Path(args.classifier_prompt)
+                if not path.is_file():
+                    raise RestaError(f"Classifier prompt file {path} not found.")
+                template = path.read_text(encoding="utf-8")
+            judges.append(
+                make_judge(
+                    "classifier",
+                    model_dir=args.classifier,
+                    style=args.classifier_style,
+                    prompt_template=template,
+                    device=args.device,
+                    dtype=args.dtype,
+                    batch_size=args.batch_size,
+                )
+            )
+        else:
+            cache = args.judge_cache or (str(Path(args.out) / "judge_cache.jsonl") if args.out else None)
+            judges.append(
+                make_judge(
+                    "openai",
+                    url=args.judge_url,
+                    model=args.judge_model,
+                    key_env=args.judge_key_env,
+                    max_retries=args.judge_retries,
+                    backoff=args.judge_backoff,
+                    rps=args.judge_rps,
+                    concurrency=args.judge_concurrency,
+                    cache=cache,
+                )
+            )
+    return judges
+
+
+def _columns(args):
+    from resta_fast.eval.prompts import Columns
+
+    return Columns(args.prompt_column, args.category_column, args.subcategory_column)
+
+
+def run_eval(args) -> int:
+    """The ``eval`` subcommand: evaluate, print, write reports, return the gate's exit code.
+
+    Args:
+        args: parsed flags of :func:`add_eval_parser`.
+
+    Returns:
+        0 when the gate passes (or none is set), 1 when it fails.
+
+    Example:
+        >>> args = parser.parse_args(["eval", "--model", "out", "--prompts", "x.json"])  # doctest: +SKIP
+        >>> run_eval(args)  # doctest: +SKIP
+        0
+    """
+    from resta_fast.eval.runner import evaluate, print_summary
+
+    result = evaluate(
+        models=args.model or [],
+        prompts=args.prompts,
+        responses=args.responses or [],
+        judges=build_judges(args),
+        utility=args.utility,
+        perplexity=args.perplexity,
+        reference=args.reference,
+        engine=args.engine,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        utility_max_new_tokens=args.utility_max_new_tokens,
+        system_prompt=args.system_prompt,
+        columns=_columns(args),
+        limit=args.limit,
+        perplexity_window=args.perplexity_window,
+        out=args.out,
+        max_harmful=args.max_harmful,
+        max_utility_drop=args.max_utility_drop,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    gated = args.max_harmful is not None or args.max_utility_drop is not None
+    print_summary(result, as_json=args.json, gated=gated)
+    return 0 if result["summary"]["gate"]["passed"] else 1
+
+
+def run_tune(args) -> int:
+    """The ``tune`` subcommand: sweep β, print the table, return 0 when some β met the targets.
+
+    Args:
+        args: parsed flags of :func:`add_tune_parser`.
+
+    Returns:
+        0 when a β was chosen, 1 when none met the targets.
+
+    Example:
+        >>> run_tune(parser.parse_args(["tune", "--finetuned", "ft", "--vector", "v", "--betas", "0.5,1",
+        ...     "--prompts", "builtin:smoke", "--max-harmful", "0.05"]))  # doctest: +SKIP
+        0
+    """
+    from resta_fast.eval.prompts import load_prompts
+    from resta_fast.eval.tune import format_table, tune
+
+    if not args.prompts:
+        raise RestaError("resta-fast tune needs --prompts FILE (or builtin:smoke).")
+    patch_options = {
+        "dare": args.dare,
+        "seed": args.dare_seed,
+        "backend": args.backend,
+        "device": args.patch_device,
+        "progress": False,
+    }
+    if args.dare_base:
+        patch_options["dare_base"] = args.dare_base
+    if args.out_dtype:
+        patch_options["dtype"] = args.out_dtype
+    eval_options = {
+        "engine": args.engine,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "utility_max_new_tokens": args.utility_max_new_tokens,
+        "system_prompt": args.system_prompt,
+        "perplexity_window": args.perplexity_window,
+        "seed": args.seed,
+        "progress": args.progress,
+    }
+    result = tune(
+        args.finetuned,
+        _split_list(args.betas),
+        prompts=load_prompts(args.prompts, columns=_columns(args), limit=args.limit),
+        max_harmful=args.max_harmful,
+        aligned=args.aligned,
+        unaligned=args.unaligned,
+        vector=args.vector,
+        max_utility_drop=args.max_utility_drop,
+        utility=args.utility,
+        perplexity=args.perplexity,
+        judges=build_judges(args),
+        patch_options=patch_options,
+        eval_options=eval_options,
+        workdir=args.workdir,
+        keep=args.keep_candidates,
+        stop_early=args.stop_early,
+        out=args.out,
+    )
+    if args.json:
+        print(json.dumps(result))
+        print(result["tune_line"], file=sys.stderr)
+    else:
+        print(format_table(result))
+        print(result["tune_line"])
+    return 0 if result["passed"] else 1
+
+
+def add_eval_parser(subparsers):
+    """Add the ``eval`` subcommand to an argparse subparsers object.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The new subparser (``func`` set to :func:`run_eval`).
+
+    Example:
+        >>> ap = argparse.ArgumentParser(); add_eval_parser(ap.add_subparsers())  # doctest: +ELLIPSIS
+        ArgumentParser(...)
+    """
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate finished checkpoints for harmfulness and utility; gate releases",
+        description="Generate answers to harmful questions, judge them, report harmful rate (Wilson 95%% CI) "
+        "per category next to utility; with gate flags exit 1 when a threshold is crossed.",
+    )
+    p.add_argument(
+        "--model", action="append", metavar="DIR", help="model directory; repeat to compare models"
+    )
+    p.add_argument(
+        "--responses",
+        action="append",
+        metavar="FILE",
+        help="re-judge a responses JSONL from an earlier --out instead of generating; repeatable",
+    )
+    _add_prompt_args(p)
+    _add_generation_args(p)
+    _add_judge_args(p)
+    _add_util_gate_args(p, tune=False)
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def add_tune_parser(subparsers):
+    """Add the ``tune`` subcommand (β search) to an argparse subparsers object.
+
+    Args:
+        subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The new subparser (``func`` set to :func:`run_tune`).
+
+    Example:
+        >>> ap = argparse.ArgumentParser(); add_tune_parser(ap.add_subparsers())  # doctest: +ELLIPSIS
+        ArgumentParser(...)
+    """
+    p = subparsers.add_parser(
+        "tune",
+        help="sweep β: patch, evaluate, pick the smallest β meeting the harmful target",
+        description="Patch the fine-tune at each β into a temporary directory, evaluate it, and choose the "
+        "smallest β whose harmful rate is within --max-harmful and whose utility drop against "
+        "the fine-tune is within --max-utility-drop.",
+    )
+    m = p.add_argument_group("models")
+    m.add_argument(
+        "--finetuned", required=True, metavar="DIR", help="fine-tuned model (also the utility reference)"
+    )
+    m.add_argument("--aligned", metavar="DIR", help="aligned model")
+    m.add_argument("--unaligned", metavar="DIR", help="unaligned (shadow) model")
+    m.add_argument(
+        "--vector", metavar="PATH", help="precomputed safety vector instead of --aligned/--unaligned"
+    )
+    m.add_argument("--betas", required=True, action="append", help="β values, e.g. 0.25,0.5,1,1.5")
+    m.add_argument("--dare", type=float, help="DARE drop probability p")
+    m.add_argument("--dare-seed", type=int, default=0, help="DARE seed (default 0)")
+    m.add_argument("--dare-base", metavar="DIR", help="DARE base model (default: --aligned)")
+    m.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="candidate dtype")
+    m.add_argument("--backend", default="auto", help="patch backend (default auto)")
+    m.add_argument("--patch-device", default="cpu", help="device for patching (default cpu)")
+    m.add_argument("--workdir", metavar="DIR", help="where candidates are written (default: system temp)")
+    m.add_argument("--keep-candidates", action="store_true", help="keep the patched candidates")
+    m.add_argument("--stop-early", action="store_true", help="stop at the first β that meets the targets")
+    _add_prompt_args(p)
+    _add_generation_args(p)
+    _add_judge_args(p)
+    _add_util_gate_args(p, tune=True)
+    p.set_defaults(func=run_tune)
+    return p
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m resta_fast.eval eval ...``) with the main CLI's exit codes.
+
+    Args:
+        argv: arguments (default: sys.argv[1:]).
+
+    Returns:
+        0 pass, 1 gate failed, 2 usage error.
+
+    Example:
+        >>> main(["eval", "--responses", "out/responses/m.jsonl", "--json"])  # doctest: +SKIP
+        0
+    """
+    ap = argparse.ArgumentParser(prog="resta-fast")
+    sub = ap.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_tune_parser(sub)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except RestaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
