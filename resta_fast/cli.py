@@ -42,7 +42,12 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU kernel threads (default: all cores)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("patch", "vector", "env")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; ``command`` (argv's first word) skips importing the
+    optional subcommand modules when a core command is run (fast start-up)."""
     parser = argparse.ArgumentParser(prog="resta-fast", description=(
         "Restore safety to fine-tuned language models (RESTA): "
         "θ = θ_finetuned + β·(θ_aligned − θ_unaligned), optionally after DARE."))
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_env)
 
-    _add_optional_subcommands(sub)
+    if command not in CORE_COMMANDS:
+        _add_optional_subcommands(sub)
     return parser
 
 
@@ -187,7 +193,8 @@ def cmd_env(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

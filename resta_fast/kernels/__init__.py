@@ -7,7 +7,8 @@ Every backend exposes the same two functions over flat, contiguous torch tensors
     out = round(F + β(A − U)), or with ``b`` (DARE base) the DARE form of SPEC §2.
     ``u=None`` means ``a`` holds a precomputed safety vector V. ``seed`` is the
     already-mixed per-tensor seed (``rng.tensor_seed``); ``offset`` is the flat
-    index of element 0 of this chunk within the whole tensor.
+    index of element 0 of this chunk within the whole tensor. Returns the number
+    of non-finite outputs when the backend counts them in-kernel, else None.
 
 ``convert_into(out, x)``
     dtype conversion with the SPEC's rounding (for copied tensors when --dtype
