@@ -1,0 +1,483 @@
+// Fused RESTA kernel (SPEC §2-3) for the CPU.
+//
+// Work is split into blocks of kBlock elements. Per block every input is
+// decoded to fp32 staging arrays, the SPEC §2 arithmetic runs over the arrays,
+// and the result is rounded into the output. Each step is a branch-free loop
+// over the block that GCC auto-vectorizes; dtype and variant choices are made
+// once per block, never per element. Staging keeps the number of compiled
+// loops linear in the number of dtypes (3 decoders, 4 formulas, 3 encoders)
+// instead of one fused loop per dtype combination (3^4 x 3).
+//
+// Instruction sets: the loops are written once as always_inline functions and
+// instantiated into x86-64-v4, x86-64-v3 and baseline wrappers via GCC target
+// attributes; the best variant the CPU supports is chosen at first use and can
+// be forced (set_isa / RESTA_FAST_ISA) so tests check every variant bit for bit.
+// All loads and stores go through memcpy: safetensors pointers may be only
+// 2-byte aligned. Built with -ffp-contract=off and without -ffast-math, so each
+// fp32 operation below is one rounded IEEE operation in SPEC order.
+
+#include "patch.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "philox.h"
+
+#ifdef __FAST_MATH__
+#error "resta_fast must not be built with -ffast-math: SPEC §2 needs IEEE fp32 in order"
+#endif
+
+namespace resta {
+namespace {
+
+// Elements per block: five fp32 staging arrays plus the random words make
+// 24 KiB, which stays in a 32 KiB L1d. Measured on 2 cores of an AMD EPYC
+// (Zen 4, x86-64-v4 variant), 64M bf16 elements, 1 thread:
+// block 512/1024/2048/4096 -> plain 3.70/3.78/3.77/3.61 GB/s.
+constexpr int64_t kBlock = 1024;
+
+// Below this many elements one thread does the whole job: starting an OpenMP
+// team costs more than it saves. Measured (plain bf16, 2 threads vs 1 on the
+// same machine): 2 threads first win at about 64K elements.
+constexpr int64_t kParallelMin = 1 << 16;
+
+RESTA_INLINE uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+RESTA_INLINE float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// c ? a : b as bit operations: GCC then vectorizes the loops on every target
+// instead of keeping a branch (under the default -ftrapping-math it will not
+// if-convert conditional float work).
+RESTA_INLINE uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+// IEEE binary16 -> binary32, exact for every input (subnormals, inf, NaN).
+RESTA_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  // Normal: move exponent and mantissa into place and rebias 15 -> 127.
+  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  // Inf/NaN: exponent 31 -> 255, payload kept and a NaN made quiet, exactly
+  // as F16C's vcvtph2ps does, so every variant returns the same bits.
+  const uint32_t infnan = (em << 13) | 0x7F800000u | select_u32(em > 0x7C00u, 0x00400000u, 0u);
+  // Subnormal (and zero): m * 2^-24; both the conversion and the scaling are
+  // exact (m < 2^10) and the result is a normal fp32, so FTZ/DAZ cannot bite.
+  const uint32_t sub = f32_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
+  const uint32_t mag = select_u32(em >= 0x7C00u, infnan, select_u32(em >= 0x0400u, normal, sub));
+  return bits_f32(mag | sign);
+}
+
+// binary32 -> binary16, IEEE round-to-nearest-even (as torch's .to(float16)).
+// A NaN keeps its sign and top payload bits and is made quiet, as F16C's
+// vcvtps2ph does (torch may write another NaN; SPEC compares NaN-ness).
+RESTA_INLINE uint16_t float_to_half(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  // [2^-14, 2^16): rebias 127 -> 15 and round the 13 dropped bits to nearest
+  // even with integer adds; a carry rolls into the exponent, up to inf.
+  const uint32_t normal = (ax - ((127u - 15u) << 23) + 0x0FFFu + ((ax >> 13) & 1u)) >> 13;
+  // Below 2^-14: in |f| + 0.5f the last mantissa bit weighs 2^-24, the fp16
+  // subnormal step, so the FPU's own round-to-nearest-even does the rounding.
+  const uint32_t sub = f32_bits(bits_f32(ax) + 0.5f) - 0x3F000000u;
+  const uint32_t finite = select_u32(ax >= 0x38800000u, normal, sub);
+  const uint32_t nan = 0x7E00u | ((ax >> 13) & 0x03FFu);
+  const uint32_t mag = select_u32(ax > 0x7F800000u, nan, select_u32(ax >= 0x47800000u, 0x7C00u, finite));
+  return static_cast<uint16_t>(mag | sign);
+}
+
+// binary32 -> bfloat16 by the SPEC's integer round-to-nearest-even; NaN -> 0x7FC0.
+RESTA_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+  const bool nan = (x & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(select_u32(nan, 0x7FC0u, rounded));
+}
+
+// Portable block conversions for fp16, vectorized by GCC for each variant.
+RESTA_INLINE void f16_decode_portable(float* __restrict dst, const unsigned char* src, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * j, 2);
+    dst[j] = half_to_float(h);
+  }
+}
+
+RESTA_INLINE void f16_encode_portable(unsigned char* dst, const float* __restrict src, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const uint16_t h = float_to_half(src[j]);
+    std::memcpy(dst + 2 * j, &h, 2);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// F16C conversions for the v3/v4 variants (x86-64-v3 implies F16C). They are
+// bit-identical to the portable ones above, NaN payloads included (tests
+// check all 65536 halves and the rounding boundaries), and about 3x faster:
+// in-cache plain fp16 patch went from 1.2 to 3.5 G elements/s on Zen 4.
+// Immediate rounding (not MXCSR) picks round-to-nearest-even.
+__attribute__((target("avx2,f16c"))) void f16_decode_f16c(float* __restrict dst, const unsigned char* src,
+                                                          int64_t len) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * j))));
+  f16_decode_portable(dst + j, src + 2 * j, len - j);
+}
+
+__attribute__((target("avx2,f16c"))) void f16_encode_f16c(unsigned char* dst, const float* __restrict src,
+                                                          int64_t len) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  f16_encode_portable(dst + 2 * j, src + j, len - j);
+}
+#endif
+
+// What differs between variants besides the compiler's target: the Philox
+// block generator and the fp16 block converters.
+struct PortableIsa {
+  static RESTA_INLINE void words(uint32_t* __restrict w, uint64_t q0, int64_t nq, uint64_t seed) {
+    philox_words(w, q0, nq, seed);
+  }
+  static RESTA_INLINE void f16_decode(float* __restrict dst, const unsigned char* src, int64_t len) {
+    f16_decode_portable(dst, src, len);
+  }
+  static RESTA_INLINE void f16_encode(unsigned char* dst, const float* __restrict src, int64_t len) {
+    f16_encode_portable(dst, src, len);
+  }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+struct Avx2Isa {
+  static void words(uint32_t* __restrict w, uint64_t q0, int64_t nq, uint64_t seed) {
+    philox_words_avx2(w, q0, nq, seed);
+  }
+  static void f16_decode(float* __restrict dst, const unsigned char* src, int64_t len) {
+    f16_decode_f16c(dst, src, len);
+  }
+  static void f16_encode(unsigned char* dst, const float* __restrict src, int64_t len) {
+    f16_encode_f16c(dst, src, len);
+  }
+};
+
+struct Avx512Isa : Avx2Isa {
+  static void words(uint32_t* __restrict w, uint64_t q0, int64_t nq, uint64_t seed) {
+    philox_words_avx512(w, q0, nq, seed);
+  }
+};
+#endif
+
+// Decode len elements at src (any alignment) to fp32.
+template <class Isa>
+RESTA_INLINE void decode(float* __restrict dst, const unsigned char* src, int dtype, int64_t len) {
+  switch (dtype) {
+    case kBF16:
+      for (int64_t j = 0; j < len; ++j) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * j, 2);
+        dst[j] = bits_f32(static_cast<uint32_t>(h) << 16);
+      }
+      break;
+    case kF16:
+      Isa::f16_decode(dst, src, len);
+      break;
+    default:
+      std::memcpy(dst, src, 4 * len);
+      break;
+  }
+}
+
+// Round len fp32 values into dst (any alignment) with the SPEC's rounding.
+template <class Isa>
+RESTA_INLINE void encode(unsigned char* dst, int dtype, const float* __restrict src, int64_t len) {
+  switch (dtype) {
+    case kBF16:
+      for (int64_t j = 0; j < len; ++j) {
+        const uint16_t h = float_to_bf16(src[j]);
+        std::memcpy(dst + 2 * j, &h, 2);
+      }
+      break;
+    case kF16:
+      Isa::f16_encode(dst, src, len);
+      break;
+    default:
+      std::memcpy(dst, src, 4 * len);
+      break;
+  }
+}
+
+// Raw Philox words of flat elements g0 .. g0+len-1 (len <= kBlock); returns
+// where element g0's word is (a chunk may start in the middle of a counter).
+// Room for the words of one block: at most kBlock / 4 + 1 counters (a block
+// may start mid-counter), rounded up to whole vector groups.
+constexpr int64_t kWordsCap = 4 * ((kBlock / 4 + 1 + kPhiloxGroup - 1) / kPhiloxGroup * kPhiloxGroup);
+
+template <class Isa>
+RESTA_INLINE const uint32_t* block_words(uint32_t* __restrict words, uint64_t seed, int64_t g0,
+                                         int64_t len) {
+  const int64_t skip = g0 & 3;
+  Isa::words(words, static_cast<uint64_t>(g0) >> 2, (skip + len + 3) >> 2, seed);
+  return words + skip;
+}
+
+// SPEC §2 over one block of decoded inputs; w are the block's Philox words.
+// kDare is false when p == 0: every uniform is >= +0 then, so keep is always
+// true and the stream need not be drawn.
+template <bool kHasU, bool kHasB, bool kDare>
+RESTA_INLINE void combine(float* __restrict o, const float* __restrict f, const float* __restrict a,
+                          const float* __restrict u, const float* __restrict b,
+                          const uint32_t* __restrict w, int64_t len, float beta, float p, float r) {
+  const int32_t p_bits = static_cast<int32_t>(f32_bits(p));
+  for (int64_t j = 0; j < len; ++j) {
+    const float t2 = kHasU ? beta * (a[j] - u[j]) : beta * a[j];
+    if constexpr (!kHasB) {
+      o[j] = f[j] + t2;
+    } else {
+      const float d = f[j] - b[j];
+      const float dr = d * r;
+      // uniform >= p compared as int32 bit patterns: the same answer for
+      // non-negative floats (and for p = -0.0), without a float compare that
+      // GCC will not if-convert.
+      const bool keep = kDare ? static_cast<int32_t>(f32_bits(uniform_from_word(w[j]))) >= p_bits : true;
+      // A select, not a multiply by the mask: a dropped NaN/inf delta becomes +0.0.
+      const float t1 = bits_f32(select_u32(keep, f32_bits(dr), 0u));
+      o[j] = (b[j] + t1) + t2;
+    }
+  }
+}
+
+RESTA_INLINE const unsigned char* at(const void* base, int dtype, int64_t i) {
+  return static_cast<const unsigned char*>(base) + dtype_size(dtype) * i;
+}
+
+template <class Isa>
+RESTA_INLINE void patch_range(const PatchArgs& g, int64_t begin, int64_t end) {
+  alignas(64) float fv[kBlock];
+  alignas(64) float av[kBlock];
+  alignas(64) float uv[kBlock];
+  alignas(64) float bv[kBlock];
+  alignas(64) float ov[kBlock];
+  alignas(64) uint32_t words[kWordsCap];
+  const bool has_u = g.u != nullptr;
+  const bool has_b = g.b != nullptr;
+  const bool dare = has_b && g.p > 0.0f;
+  unsigned char* out = static_cast<unsigned char*>(g.out);
+  for (int64_t s = begin; s < end; s += kBlock) {
+    const int64_t len = std::min(kBlock, end - s);
+    decode<Isa>(fv, at(g.f, g.f_dtype, s), g.f_dtype, len);
+    decode<Isa>(av, at(g.a, g.a_dtype, s), g.a_dtype, len);
+    if (has_u) decode<Isa>(uv, at(g.u, g.u_dtype, s), g.u_dtype, len);
+    if (has_b) decode<Isa>(bv, at(g.b, g.b_dtype, s), g.b_dtype, len);
+    const uint32_t* w = dare ? block_words<Isa>(words, g.seed, g.offset + s, len) : words;
+    const int variant = (has_u ? 4 : 0) | (has_b ? 2 : 0) | (dare ? 1 : 0);
+    switch (variant) {
+      case 0: combine<false, false, false>(ov, fv, av, uv, bv, w, len, g.beta, g.p, g.r); break;
+      case 2: combine<false, true, false>(ov, fv, av, uv, bv, w, len, g.beta, g.p, g.r); break;
+      case 3: combine<false, true, true>(ov, fv, av, uv, bv, w, len, g.beta, g.p, g.r); break;
+      case 4: combine<true, false, false>(ov, fv, av, uv, bv, w, len, g.beta, g.p, g.r); break;
+      case 6: combine<true, true, false>(ov, fv, av, uv, bv, w, len, g.beta, g.p, g.r); break;
+      default: combine<true, true, true>(ov, fv, av, uv, bv, w, len, g.beta, g.p, g.r); break;
+    }
+    encode<Isa>(out + dtype_size(g.out_dtype) * s, g.out_dtype, ov, len);
+  }
+}
+
+template <class Isa>
+RESTA_INLINE void convert_range(const PatchArgs& g, int64_t begin, int64_t end) {
+  unsigned char* out = static_cast<unsigned char*>(g.out);
+  if (g.out_dtype == g.f_dtype) {  // a bit copy, as torch's copy_ between equal dtypes
+    const int size = dtype_size(g.f_dtype);
+    std::memcpy(out + size * begin, at(g.f, g.f_dtype, begin), size * (end - begin));
+    return;
+  }
+  alignas(64) float fv[kBlock];
+  for (int64_t s = begin; s < end; s += kBlock) {
+    const int64_t len = std::min(kBlock, end - s);
+    decode<Isa>(fv, at(g.f, g.f_dtype, s), g.f_dtype, len);
+    encode<Isa>(out + dtype_size(g.out_dtype) * s, g.out_dtype, fv, len);
+  }
+}
+
+template <class Isa>
+RESTA_INLINE void uniform_range(const PatchArgs& g, int64_t begin, int64_t end) {
+  float* out = static_cast<float*>(g.out);
+  alignas(64) uint32_t words[kWordsCap];
+  for (int64_t s = begin; s < end; s += kBlock) {
+    const int64_t len = std::min(kBlock, end - s);
+    const uint32_t* w = block_words<Isa>(words, g.seed, g.offset + s, len);
+    for (int64_t j = 0; j < len; ++j) out[s + j] = uniform_from_word(w[j]);
+  }
+}
+
+using RangeFn = void (*)(const PatchArgs&, int64_t, int64_t);
+
+struct Variant {
+  const char* name;
+  bool (*supported)();
+  RangeFn patch;
+  RangeFn convert;
+  RangeFn uniform;
+  float (*mul_add)(float, float, float);
+};
+
+// One variant per instruction set: the always_inline bodies above are
+// compiled again inside each wrapper with that wrapper's target.
+// mul_add_* exists to prove -ffp-contract=off took effect in each variant.
+#define RESTA_VARIANT(suffix, target_attr, isa)                                        \
+  target_attr float mul_add_##suffix(float a, float b, float c) { return a * b + c; }        \
+  target_attr void patch_##suffix(const PatchArgs& g, int64_t begin, int64_t end) {            \
+    patch_range<isa>(g, begin, end);                                                      \
+  }                                                                                            \
+  target_attr void convert_##suffix(const PatchArgs& g, int64_t begin, int64_t end) {          \
+    convert_range<isa>(g, begin, end);                                                           \
+  }                                                                                            \
+  target_attr void uniform_##suffix(const PatchArgs& g, int64_t begin, int64_t end) {          \
+    uniform_range<isa>(g, begin, end);                                                    \
+  }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+RESTA_VARIANT(v4, __attribute__((target("arch=x86-64-v4"))), Avx512Isa)
+RESTA_VARIANT(v3, __attribute__((target("arch=x86-64-v3"))), Avx2Isa)
+#endif
+RESTA_VARIANT(base, , PortableIsa)
+#undef RESTA_VARIANT
+
+bool always() { return true; }
+
+// Best first.
+const Variant kVariants[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"x86-64-v4", [] { return static_cast<bool>(__builtin_cpu_supports("x86-64-v4")); }, patch_v4,
+     convert_v4, uniform_v4, mul_add_v4},
+    {"x86-64-v3", [] { return static_cast<bool>(__builtin_cpu_supports("x86-64-v3")); }, patch_v3,
+     convert_v3, uniform_v3, mul_add_v3},
+#endif
+    {"default", always, patch_base, convert_base, uniform_base, mul_add_base},
+};
+
+std::atomic<const Variant*> g_variant{nullptr};
+
+const Variant& current() {
+  const Variant* v = g_variant.load(std::memory_order_acquire);
+  if (v == nullptr) {
+    __builtin_cpu_init();
+    for (const Variant& candidate : kVariants) {
+      if (candidate.supported()) {
+        v = &candidate;
+        break;
+      }
+    }
+    g_variant.store(v, std::memory_order_release);
+  }
+  return *v;
+}
+
+// Split [0, n) into whole blocks over the threads (static partition: each
+// thread streams one contiguous range) and run fn on each range.
+void run(RangeFn fn, const PatchArgs& g, int64_t n, int threads) {
+  if (n <= 0) return;
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  int64_t team = threads > 0 ? threads : omp_get_max_threads();
+  if (n < kParallelMin) team = 1;
+  team = std::min(team, nblocks);
+  if (team <= 1) {
+    fn(g, 0, n);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(team))
+  {
+    const int64_t t = omp_get_thread_num();
+    const int64_t nt = omp_get_num_threads();
+    const int64_t per = nblocks / nt;
+    const int64_t extra = nblocks % nt;
+    const int64_t first = t * per + std::min(t, extra);
+    const int64_t last = first + per + (t < extra ? 1 : 0);
+    const int64_t begin = std::min(first * kBlock, n);
+    const int64_t end = std::min(last * kBlock, n);
+    if (begin < end) fn(g, begin, end);
+  }
+}
+
+}  // namespace
+
+void patch(const PatchArgs& args, int threads) {
+  run(current().patch, args, args.n, threads);
+}
+
+void convert(void* out, int out_dtype, const void* x, int x_dtype, int64_t n, int threads) {
+  PatchArgs args;
+  args.out = out;
+  args.out_dtype = out_dtype;
+  args.f = x;
+  args.f_dtype = x_dtype;
+  args.n = n;
+  run(current().convert, args, n, threads);
+}
+
+void uniform(float* out, uint64_t seed, int64_t offset, int64_t n, int threads) {
+  PatchArgs args;
+  args.out = out;
+  args.out_dtype = kF32;
+  args.seed = seed;
+  args.offset = offset;
+  args.n = n;
+  run(current().uniform, args, n, threads);
+}
+
+std::string isa() { return current().name; }
+
+std::vector<std::string> isa_supported() {
+  __builtin_cpu_init();
+  std::vector<std::string> names;
+  for (const Variant& v : kVariants)
+    if (v.supported()) names.emplace_back(v.name);
+  return names;
+}
+
+std::vector<std::string> isa_compiled() {
+  std::vector<std::string> names;
+  for (const Variant& v : kVariants) names.emplace_back(v.name);
+  return names;
+}
+
+bool set_isa(const std::string& name) {
+  __builtin_cpu_init();
+  for (const Variant& v : kVariants) {
+    if (name == v.name) {
+      if (!v.supported()) return false;
+      g_variant.store(&v, std::memory_order_release);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool fp_contract_off() {
+  // (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 rounds to 1 + 2^-11, so the unfused
+  // result is 0 and a fused multiply-add gives 2^-24.
+  volatile float x = 1.0f + 0x1p-12f;
+  volatile float c = -(1.0f + 0x1p-11f);
+  for (const Variant& v : kVariants)
+    if (v.supported() && v.mul_add(x, x, c) != 0.0f) return false;
+  return true;
+}
+
+int64_t block_elems() { return kBlock; }
+int64_t parallel_min_elems() { return kParallelMin; }
+int openmp_max_threads() { return omp_get_max_threads(); }
+
+}  // namespace resta
