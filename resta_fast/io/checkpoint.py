@@ -146,6 +146,24 @@ class Checkpoint:
     def file_of(self, name: str) -> SafetensorsFile:
         return self.files[self.location[name]]
 
+    def tensor_view(self, name: str):
+        """Flat zero-copy torch view of tensor ``name`` in its stored dtype."""
+        return self.file_of(name).view(name)
+
+    def prefetch(self, name: str, byte_lo: int, byte_hi: int) -> None:
+        """Start reading bytes [lo, hi) of tensor ``name`` ahead of use."""
+        info = self.info(name)
+        hi = min(byte_hi, info.nbytes)
+        if hi > byte_lo:
+            self.file_of(name).prefetch(info.start + byte_lo, hi - byte_lo)
+
+    def release(self, name: str, byte_lo: int, byte_hi: int) -> None:
+        """Drop the mapped pages of bytes [lo, hi) of tensor ``name``."""
+        info = self.info(name)
+        hi = min(byte_hi, info.nbytes)
+        if hi > byte_lo:
+            self.file_of(name).release(info.start + byte_lo, hi - byte_lo)
+
     def side_files(self) -> list[Path]:
         """Config/tokenizer/generation files to copy next to the output weights."""
         if not self.is_dir:

@@ -50,22 +50,26 @@ class RunStats:
 
 
 class _Source:
-    """One input tensor as a flat view plus page management on its file."""
+    """One input tensor as a flat view, with read-ahead and page release.
 
-    def __init__(self, ckpt: Checkpoint, name: str):
-        self.file = ckpt.file_of(name)
+    Works with anything shaped like a Checkpoint: ``info(name)``,
+    ``tensor_view(name)``, ``prefetch(name, byte_lo, byte_hi)``,
+    ``release(name, byte_lo, byte_hi)`` (LoRA fine-tunes merge in memory and
+    implement the last two as no-ops).
+    """
+
+    def __init__(self, ckpt, name: str):
+        self.ckpt = ckpt
+        self.name = name
         self.info = ckpt.info(name)
-        self.view = self.file.view(name)
-
-    def span(self, lo: int, hi: int) -> tuple[int, int]:
-        size = self.info.itemsize
-        return self.info.start + lo * size, (hi - lo) * size
+        self.view = ckpt.tensor_view(name)
+        self.itemsize = self.view.element_size()
 
     def prefetch(self, lo, hi):
-        self.file.prefetch(*self.span(lo, hi))
+        self.ckpt.prefetch(self.name, lo * self.itemsize, hi * self.itemsize)
 
     def release(self, lo, hi):
-        self.file.release(*self.span(lo, hi))
+        self.ckpt.release(self.name, lo * self.itemsize, hi * self.itemsize)
 
 
 def _chunks(n: int, size: int):
@@ -150,21 +154,19 @@ def _write_tensor(t: TensorPlan, inputs: Inputs, out: TensorFileWriter, writer: 
                 stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + bad
             for s in srcs:
                 s.release(lo, hi)
-            stats.bytes_read += sum((hi - lo) * s.info.itemsize for s in srcs)
+            stats.bytes_read += sum((hi - lo) * s.itemsize for s in srcs)
             writer.submit(WriteJob(out.fd, dst_start + lo * out_itemsize, _bytes(dst), out.path, buf,
                                    hasher=hasher))
     # Unpatched elements (whole copied tensors, or extra vocabulary rows).
     if patched < n:
         if t.in_dtype == t.out_dtype:
-            item = f.info.itemsize
-            raw = f.file.raw(t.name)
+            raw = f.view.view(torch.uint8)
             step = writer.buffer_bytes
-            for lo in range(patched * item, n * item, step):
-                hi = min(n * item, lo + step)
-                f.file.prefetch(f.info.start + hi, step)
-                writer.submit(WriteJob(out.fd, dst_start + lo, raw[lo:hi], out.path, None,
-                                       on_done=_releaser(f.file, f.info.start + lo, hi - lo),
-                                       hasher=hasher))
+            for lo in range(patched * f.itemsize, n * f.itemsize, step):
+                hi = min(n * f.itemsize, lo + step)
+                f.ckpt.prefetch(t.name, hi, hi + step)
+                writer.submit(WriteJob(out.fd, dst_start + lo, _bytes(raw[lo:hi]), out.path, None,
+                                       on_done=_releaser(f.ckpt, t.name, lo, hi), hasher=hasher))
                 stats.bytes_read += hi - lo
         else:
             for lo, hi in _chunks(n - patched, chunk_elems):
@@ -173,13 +175,13 @@ def _write_tensor(t: TensorPlan, inputs: Inputs, out: TensorFileWriter, writer: 
                 dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
                 kernel.convert_into(dst, f.view[lo:hi])
                 f.release(lo, hi)
-                stats.bytes_read += (hi - lo) * f.info.itemsize
+                stats.bytes_read += (hi - lo) * f.itemsize
                 writer.submit(WriteJob(out.fd, dst_start + lo * out_itemsize, _bytes(dst), out.path,
                                        buf, hasher=hasher))
 
 
-def _releaser(file, start, length):
-    return lambda: file.release(start, length)
+def _releaser(ckpt, name, lo, hi):
+    return lambda: ckpt.release(name, lo, hi)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
