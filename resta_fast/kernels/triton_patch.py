@@ -9,6 +9,7 @@ integer ops, and the DARE stream is ``tl.randint4x`` with int64 counters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -172,6 +173,11 @@ def _check_tensors(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
                          "(CPU tensors work only with TRITON_INTERPRET=1)")
 
 
+def _on_device(t: torch.Tensor):
+    """Make ``t``'s GPU current: Triton launches on the current device, not the tensor's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_stream_args(seed: int, offset: int) -> None:
     if not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
@@ -217,10 +223,11 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
         p32 = float(p_f32)
         shift, q0 = int(offset) % 4, int(offset) // 4
     grid = (triton.cdiv(n + shift, block),)
-    _resta_patch_kernel[grid](out, f, a, f if u is None else u, f if b is None else b,
-                              n, q0, beta32, p32, r32, int(seed),
-                              HAS_U=u is not None, HAS_B=b is not None, SHIFT=shift, BLOCK=block,
-                              num_warps=num_warps, enable_fp_fusion=False)
+    with _on_device(out):
+        _resta_patch_kernel[grid](out, f, a, f if u is None else u, f if b is None else b,
+                                  n, q0, beta32, p32, r32, int(seed),
+                                  HAS_U=u is not None, HAS_B=b is not None, SHIFT=shift, BLOCK=block,
+                                  num_warps=num_warps, enable_fp_fusion=False)
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
@@ -237,8 +244,9 @@ def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
     if n == 0:
         return
     block, num_warps = _launch_shape(None, None)
-    _convert_kernel[(triton.cdiv(n, block),)](out, x, n, BLOCK=block, num_warps=num_warps,
-                                              enable_fp_fusion=False)
+    with _on_device(out):
+        _convert_kernel[(triton.cdiv(n, block),)](out, x, n, BLOCK=block, num_warps=num_warps,
+                                                  enable_fp_fusion=False)
 
 
 def uniform(seed: int, offset: int, n: int, *, device: str | torch.device | None = None) -> torch.Tensor:
@@ -258,6 +266,7 @@ def uniform(seed: int, offset: int, n: int, *, device: str | torch.device | None
         return out
     block, num_warps = _launch_shape(None, None)
     shift = int(offset) % 4
-    _uniform_kernel[(triton.cdiv(n + shift, block),)](out, n, int(offset) // 4, int(seed), SHIFT=shift,
-                                                      BLOCK=block, num_warps=num_warps)
+    with _on_device(out):
+        _uniform_kernel[(triton.cdiv(n + shift, block),)](out, n, int(offset) // 4, int(seed),
+                                                          SHIFT=shift, BLOCK=block, num_warps=num_warps)
     return out
