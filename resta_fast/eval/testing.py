@@ -66,6 +66,7 @@ def build_tiny_llama(
     out_dir,
     *,
     say: str | None = None,
+    first_word: str | None = None,
     seed: int = 0,
     words=DEFAULT_WORDS,
     chat_template: bool = True,
@@ -77,6 +78,8 @@ def build_tiny_llama(
     Args:
         out_dir: directory to create.
         say: if given, the model answers every prompt with this word repeated.
+        first_word: give this word id 0 without zeroing the norm (models that share a
+            tokenizer with a ``say`` model, e.g. for patching tests).
         seed: torch seed for the random weights.
         words: tokenizer vocabulary.
         chat_template: give the tokenizer a chat template.
@@ -94,7 +97,7 @@ def build_tiny_llama(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(words, chat_template=chat_template, first=say)
+    tok = build_tiny_tokenizer(words, chat_template=chat_template, first=say or first_word)
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
