@@ -31,6 +31,8 @@ class WriteJob:
     buffer: torch.Tensor | None  # returned to the pool after the write
     on_done: Callable[[], None] | None = None  # e.g. release input pages
     hasher: object | None = None
+    before: Callable[[], None] | None = None  # e.g. wait for a device-to-host copy
+    release: Callable[[], None] | None = None  # always run, even after an error (slot return)
 
 
 class StagedWriter:
@@ -63,6 +65,8 @@ class StagedWriter:
                 return
             try:
                 if self._error is None:
+                    if job.before is not None:
+                        job.before()
                     write_all(job.fd, job.data, job.offset, job.path)
                     if job.hasher is not None:
                         job.hasher.update(job.data)
@@ -73,6 +77,8 @@ class StagedWriter:
             finally:
                 if job.buffer is not None:
                     self._free.put(job.buffer)
+                if job.release is not None:
+                    job.release()
 
     def _check(self) -> None:
         if self._error is not None:

@@ -1,0 +1,121 @@
+"""The staged (GPU) pipeline's scheduling, run on CPU buffers; GPU runs when CUDA exists."""
+
+import threading
+
+import pytest
+import torch
+
+from checkpoints import three_models
+from resta_fast import api
+from resta_fast.io.checkpoint import Checkpoint
+from resta_fast.kernels import reference
+from resta_fast.pipeline import gpu, stream
+from resta_fast.pipeline.cpu import Inputs, run_plan
+from resta_fast.plan import build_plan
+
+
+@pytest.fixture()
+def models(tmp_path):
+    return three_models(tmp_path, shards=2, ft_extra_rows=3, vocab=16, hidden=8, layers=1, inter=12)
+
+
+def plan_and_inputs(ft, al, un):
+    F, A, U = Checkpoint(ft), Checkpoint(al), Checkpoint(un)
+    return build_plan(F, aligned=A, unaligned=U, dare_base=A, beta=0.5), Inputs(F, A, U, None, A)
+
+
+@pytest.mark.parametrize("chunk,slots", [(1, 1), (7, 2), (37, 2), (1000, 3), (1 << 20, 2)])
+def test_staged_pipeline_matches_direct_pipeline(tmp_path, models, chunk, slots):
+    plan, inputs = plan_and_inputs(*models)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    kw = dict(kernel=reference, beta=0.5, dare=0.3, seed=4, metadata={"format": "pt"})
+    direct = run_plan(plan, inputs, tmp_path / "a", **kw)
+    staged = gpu.run_plan_gpu(plan, inputs, tmp_path / "b", device="cpu", chunk_elems=chunk, slots=slots, **kw)
+    assert staged.sha256 == direct.sha256
+    for name in direct.sha256:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_back_pressure_bounds_chunks_in_flight(tmp_path, models, monkeypatch):
+    plan, inputs = plan_and_inputs(*models)
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    real_submit = stream.StagedWriter.submit
+    gate = threading.Semaphore(0)
+
+    def submit(self, job):
+        if job.release is not None:  # a slot handed to the writer
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            release = job.release
+
+            def slow_release():
+                gate.acquire(timeout=0.01)  # the writer lags behind the producer
+                with lock:
+                    in_flight[0] -= 1
+                release()
+            job.release = slow_release
+        real_submit(self, job)
+
+    monkeypatch.setattr(stream.StagedWriter, "submit", submit)
+    (tmp_path / "o").mkdir()
+    gpu.run_plan_gpu(plan, inputs, tmp_path / "o", kernel=reference, beta=0.5, dare=None, seed=0,
+                     metadata={"format": "pt"}, device="cpu", chunk_elems=8, slots=2)
+    assert 1 <= peak[0] <= 2
+
+
+@pytest.mark.parametrize("stage", ["kernel", "writer"])
+def test_error_in_a_stage_stops_and_leaves_no_output(tmp_path, models, monkeypatch, stage):
+    ft, al, un = models
+    calls, writes = [0], [0]
+
+    class FailingKernel:
+        @staticmethod
+        def patch_into(*args, **kw):
+            calls[0] += 1
+            if stage == "kernel" and calls[0] == 5:
+                raise RuntimeError("injected kernel failure")
+            return reference.patch_into(*args, **kw)
+        convert_into = staticmethod(reference.convert_into)
+
+    if stage == "writer":
+        real = stream.write_all
+
+        def failing_write(fd, data, offset, path):
+            writes[0] += 1
+            if writes[0] == 7:
+                raise OSError(5, "injected I/O error")
+            real(fd, data, offset, path)
+        monkeypatch.setattr(stream, "write_all", failing_write)
+
+    def staged(plan, inputs, out_dir, **kw):
+        kw.pop("threads", None)
+        kw["kernel"] = FailingKernel
+        return gpu.run_plan_gpu(plan, inputs, out_dir, device="cpu", chunk_elems=8, slots=2,
+                                **{k: v for k, v in kw.items() if k != "chunk_elems"})
+
+    monkeypatch.setattr(api, "run_plan", staged)
+    with pytest.raises((RuntimeError, OSError), match="injected"):
+        api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, beta=0.5, backend="torch", fsync=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
+
+
+def test_chunk_size_from_pool():
+    assert gpu.chunk_elems_for_pool(256 << 20, 3) * 20 * 3 <= 256 << 20
+    assert gpu.chunk_elems_for_pool(1, 3) == 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dare", [None, 0.3])
+def test_gpu_pipeline_matches_cpu(tmp_path, models, dare):
+    ft, al, un = models
+    cpu_out, gpu_out = tmp_path / "cpu", tmp_path / "gpu"
+    api.patch(ft, cpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="torch",
+              fsync=False)
+    api.patch(ft, gpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="triton",
+              device="cuda", fsync=False)
+    for f in cpu_out.glob("*.safetensors"):
+        assert f.read_bytes() == (gpu_out / f.name).read_bytes()
+    assert torch.cuda.is_available()
