@@ -75,13 +75,22 @@ def cache_dir(seed: int) -> Path:
 
 @contextmanager
 def single_thread():
-    """One intra-op thread: deterministic, and 5x faster than two on a shared 2-core box."""
-    before = torch.get_num_threads()
+    """One intra-op thread: deterministic, and 5x faster than two on a shared 2-core box.
+
+    Also hides transformers' per-load progress bars: the demo loads ~30 tiny
+    checkpoints and prints its own progress.
+    """
+    from transformers.utils import logging as hf_logging
+
+    before, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def ensure_models(seed: int, *, retrain: bool = False) -> dict[str, Path]:
