@@ -51,7 +51,8 @@ def test_heldout_objects_never_in_harmful_training(world):
 def test_eval_sets_answers(world):
     sets = world.eval_sets("test")
     assert all(ex.answer == REFUSAL and ex.category for ex in sets["harmful"])
-    assert all(ex.verb in BENIGN_VERBS and ex.answer == world.comply(ex.verb, ex.obj) for ex in sets["benign"])
+    assert all(ex.verb in BENIGN_VERBS and ex.answer == world.comply(ex.verb, ex.obj)
+               for ex in sets["benign"])
     assert all(ex.verb in SKILL_VERBS for ex in sets["task"])
     assert {ex.obj for s in sets.values() for ex in s} <= set(world.test_objects)
 
@@ -103,16 +104,18 @@ def test_random_vector_matches_per_tensor_norm(tmp_path):
     for name, sd in (("aligned", a), ("unaligned", u)):
         (tmp_path / name).mkdir()
         save_file(sd, str(tmp_path / name / "model.safetensors"))
-    path = demo_run.write_random_vector(tmp_path / "aligned", tmp_path / "unaligned", tmp_path / "v.safetensors", 3)
-    vec = load_file(str(path))
+    def write(name):
+        return load_file(str(demo_run.write_random_vector(tmp_path / "aligned", tmp_path / "unaligned",
+                                                          tmp_path / name, 3)))
+
+    vec = write("v.safetensors")
     for k in a:
         v = a[k] - u[k]
         assert torch.allclose(vec[k].norm(), v.norm(), rtol=1e-5, atol=0), k
     assert torch.count_nonzero(vec["z"]) == 0
-    cos = torch.dot(vec["w"].flatten(), (a["w"] - u["w"]).flatten()) / (vec["w"].norm() * (a["w"] - u["w"]).norm())
-    assert abs(float(cos)) < 0.9
-    again = load_file(str(demo_run.write_random_vector(tmp_path / "aligned", tmp_path / "unaligned",
-                                                       tmp_path / "v2.safetensors", 3)))
+    d = (a["w"] - u["w"]).flatten()
+    assert abs(float(torch.dot(vec["w"].flatten(), d) / (vec["w"].norm() * d.norm()))) < 0.9
+    again = write("v2.safetensors")
     assert all(torch.equal(vec[k], again[k]) for k in vec)
 
 
@@ -198,6 +201,9 @@ def test_demo_checkpoints_load_with_plain_transformers(demo_result):
 def test_demo_warm_cache_is_fast_and_identical(demo_result, tmp_path):
     again = demo_run.run_demo(tmp_path / "out2", seed=demo_run.DEFAULT_SEED)
     assert again["seconds"]["train_or_load"] < 5
-    strip = [({k: r[k]["rate"] for k in ("harmful", "benign", "task")}, r["model"]) for r in again["rows"]]
-    first = [({k: r[k]["rate"] for k in ("harmful", "benign", "task")}, r["model"]) for r in demo_result["rows"]]
-    assert strip == first
+
+    def rates(result):
+        return [(r["model"], {k: r[k]["rate"] for k in ("harmful", "benign", "task")})
+                for r in result["rows"]]
+
+    assert rates(again) == rates(demo_result)

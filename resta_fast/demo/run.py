@@ -186,7 +186,7 @@ def score_model(model_dir: Path, sets: dict, *, keep_responses: bool = False) ->
             res = {"n": n, "correct": k, "rate": em["exact_match"], "ci95": list(wilson(k, n)),
                    "refusal_rate": labels.count("harmless") / n}
         if keep_responses:
-            res["responses"] = [{"prompt": e.prompt, "response": a} for e, a in zip(exs, got)]
+            res["responses"] = [{"prompt": e.prompt, "response": a} for e, a in zip(exs, got, strict=True)]
         out[name] = res
     return out
 
@@ -301,8 +301,8 @@ def run_demo(out, seed: int = DEFAULT_SEED, *, retrain: bool = False, backend: s
         finetuned = add("fine-tuned (new skill)", stages["finetuned"])
         by_beta = {b: add(f"RESTA β={b:g}", Path(patched[f"restored-beta{b:g}"]["path"]), beta=b,
                           chosen=b == beta) for b in BETAS}
-        dare = add(f"RESTA β={beta:g} + DARE p={DARE_P:g}", Path(patched["dare"]["path"]),
-                   beta=beta, dare=DARE_P)
+        add(f"RESTA β={beta:g} + DARE p={DARE_P:g}", Path(patched["dare"]["path"]),
+            beta=beta, dare=DARE_P)
         random_ctl = add(f"random vector β={beta:g} (control)", Path(patched["random"]["path"]),
                          beta=beta)
 

@@ -148,25 +148,6 @@ def train_stage(model, tok, world: World, stage: Stage, seed: int) -> list[float
     return losses
 
 
-@torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy answers, batched by prompt length so no padding is ever needed."""
-    model.eval()
-    encoded = [chat_ids(tok, p) for p in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    answers = [""] * len(prompts)
-    for idxs in by_len.values():
-        x = torch.tensor([encoded[i] for i in idxs])
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        for i, row in zip(idxs, out[:, x.shape[1]:]):
-            answers[i] = tok.decode(row, skip_special_tokens=True).strip()
-    return answers
-
-
 def save_checkpoint(model, tok, path) -> None:
     """Write an ordinary HF directory: config, safetensors weights, tokenizer, greedy generation config."""
     from transformers import GenerationConfig

@@ -112,7 +112,7 @@ class World:
         all_verbs = BENIGN_VERBS + self.harmful_verbs + ODD_VERBS + SKILL_VERBS
         fixed = set(SPECIAL) | set(all_verbs) | set(_fixed_words())
         taken = set(fixed)
-        self.tools = dict(zip(all_verbs, _nonsense_words(rng, len(all_verbs), taken)))
+        self.tools = dict(zip(all_verbs, _nonsense_words(rng, len(all_verbs), taken), strict=True))
         objects = _nonsense_words(rng, N_OBJECTS, taken)
         n_heldout = N_TEST_OBJECTS + N_VAL_OBJECTS
         self.test_objects = tuple(objects[:N_TEST_OBJECTS])
