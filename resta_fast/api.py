@@ -66,7 +66,7 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str, device: str,
              beta: float, dare: float | None, seed: int, provenance: dict, threads: int | None,
              overwrite: bool, fsync: bool, progress: bool, chunk_elems: int,
-             input_paths: list[Path]) -> dict:
+             input_paths: list[Path], gpu_pool_bytes: int | None = None) -> dict:
     """Run a plan into an atomic output directory and write its report."""
     check_output_location(out, input_paths, overwrite)
     metadata = {"format": "pt", "resta_fast": json.dumps(provenance, sort_keys=True)}
@@ -74,9 +74,10 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
     bar, update = _progress_bar(total, progress, f"resta-fast -> {out.name}")
     with AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
         if device.startswith("cuda"):
-            from resta_fast.pipeline.gpu import run_plan_gpu
+            from resta_fast.pipeline.gpu import DEFAULT_POOL_BYTES, run_plan_gpu
             stats = run_plan_gpu(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare,
-                                 seed=seed, metadata=metadata, device=device, progress=update)
+                                 seed=seed, metadata=metadata, device=device, progress=update,
+                                 pool_bytes=gpu_pool_bytes or DEFAULT_POOL_BYTES)
         else:
             stats = run_plan(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare, seed=seed,
                              metadata=metadata, threads=threads, chunk_elems=chunk_elems,
@@ -154,7 +155,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
           beta_rules=(), dtype: str | None = None, backend: str = "auto", device: str = "cpu",
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> dict:
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS, gpu_pool_bytes: int | None = None) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out``.
 
     Args:
@@ -170,6 +171,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
         backend: auto | cpp | triton | torch; device: cpu | cuda[:N] | auto.
         fsync: make the output durable before the final rename.
         dry_run: only build and return the plan.
+        gpu_pool_bytes: pinned host (and device) staging memory for --device cuda.
     Returns:
         The report dict (also written to ``out/resta_fast.json``).
 
@@ -201,6 +203,9 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
         if dry_run:
             return {"dry_run": True, "plan": plan.to_json(), "plan_text": plan.format_table()}
         backend_name, kernel = choose_backend(backend, device)
+        if device.startswith("cuda") and backend_name != "triton":
+            raise RestaError(f"--device {device} runs the triton backend; --backend {backend_name} "
+                             "is CPU-only (use --backend triton or auto, or --device cpu)")
         params = {"beta": beta, "dare": dare, "seed": seed, "include": list(include),
                   "exclude": list(exclude), "beta_rules": [f"{r.pattern}={r.beta}" for r in rules],
                   "dtype": out_dtype}
@@ -211,7 +216,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
                         device=device, beta=beta, dare=dare, seed=seed,
                         provenance=_provenance("patch", params, roles), threads=threads,
                         overwrite=overwrite, fsync=fsync, progress=progress, chunk_elems=chunk_elems,
-                        input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base)
+                        gpu_pool_bytes=gpu_pool_bytes, input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base)
                                      if p is not None])
 
 

@@ -40,6 +40,8 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--threads", type=int, help="CPU kernel threads (default: all cores)")
+    p.add_argument("--gpu-pool-mb", type=int, default=256,
+                   help="pinned host (and device) staging memory for --device cuda (default 256)")
 
 
 CORE_COMMANDS = ("patch", "vector", "env")
@@ -127,7 +129,7 @@ def cmd_patch(args) -> int:
         beta=args.beta, dare=args.dare, seed=args.seed, dare_base=args.dare_base,
         include=args.include, exclude=args.exclude, beta_rules=args.beta_rule, dtype=args.dtype,
         backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
-        fsync=not args.no_fsync, dry_run=args.dry_run,
+        fsync=not args.no_fsync, dry_run=args.dry_run, gpu_pool_bytes=args.gpu_pool_mb << 20,
         progress=not args.no_progress and sys.stderr.isatty())
     _print_result(report, args.json)
     return 0
