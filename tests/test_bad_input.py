@@ -136,3 +136,18 @@ def test_bad_parameters(tmp_path, capsys, models):
                        (["--dtype", "int8"], "--dtype 'int8' is not supported")):
         code, err, _ = run_cli(capsys, tmp_path, ft, al, un, *extra)
         assert code == 2 and msg in err, (extra, err)
+
+
+def test_triton_backend_without_gpu_or_interpreter_says_what_is_needed(tmp_path, models):
+    import subprocess
+    import sys
+    ft, al, un = models
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "resta_fast", "patch", "--finetuned", str(ft), "--aligned",
+                           str(al), "--unaligned", str(un), "--out", str(tmp_path / "out"), "--backend",
+                           "triton"], env=env, capture_output=True, text=True, cwd=os.getcwd())
+    if "CUDA" not in proc.stderr and proc.returncode == 0:
+        pytest.skip("a GPU is visible; the triton backend runs")
+    assert proc.returncode == 2, proc.stderr
+    assert "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

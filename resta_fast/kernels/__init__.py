@@ -24,13 +24,15 @@ import importlib
 import warnings
 from types import ModuleType
 
+from resta_fast.errors import RestaError
+
 BACKENDS = ("cpp", "triton", "torch")
 _MODULES = {"torch": "resta_fast.kernels.reference", "cpp": "resta_fast.kernels.cpp",
             "triton": "resta_fast.kernels.triton_patch"}
 _warned_fallback = False
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(RestaError):
     """A backend asked for by name cannot run here; the message says why."""
 
 
