@@ -1,7 +1,18 @@
-"""Shared pytest setup: tests marked ``gpu`` skip cleanly when there is no CUDA device."""
+"""Shared pytest setup for every test file.
+
+- Tests marked ``gpu`` skip cleanly when there is no CUDA device.
+- Without CUDA, Triton kernels run through its CPU interpreter. TRITON_INTERPRET
+  is read when triton (and each @triton.jit function) is first imported, so it is
+  set here, before any test module can import triton.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
