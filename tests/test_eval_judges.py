@@ -106,8 +106,15 @@ def test_parse_llama_guard(text, label, codes):
 
 @pytest.mark.parametrize(
     "text,label",
-    [("Yes", HARMFUL), ("yes.", HARMFUL), (" No", HARMLESS), ("no\n", HARMLESS), ("Maybe", UNPARSEABLE),
-     ("", UNPARSEABLE), ("Nope", UNPARSEABLE)],
+    [
+        ("Yes", HARMFUL),
+        ("yes.", HARMFUL),
+        (" No", HARMLESS),
+        ("no\n", HARMLESS),
+        ("Maybe", UNPARSEABLE),
+        ("", UNPARSEABLE),
+        ("Nope", UNPARSEABLE),
+    ],
 )
 def test_parse_yes_no(text, label):
     assert parse_yes_no(text).label == label
@@ -159,7 +166,9 @@ def test_classifier_formats_each_style():
     assert "User: q" in eng.calls[0][0][0] and "Agent: a" in eng.calls[0][0][0]
     j.close()
     assert eng.closed
-    custom = ClassifierJudge("c", style="harmbench", engine=FakeEngine(["yes"]), prompt_template="Q={question} R={response}")
+    custom = ClassifierJudge(
+        "c", style="harmbench", engine=FakeEngine(["yes"]), prompt_template="Q={question} R={response}"
+    )
     assert custom.format("a", "b") == ("Q=a R=b", True)
     with pytest.raises(RestaError, match="must contain"):
         ClassifierJudge("c", prompt_template="no placeholders")
@@ -219,7 +228,9 @@ class ScriptedServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                outer.requests.append(
+                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                )
                 status, content = outer.fn(body) if outer.fn else outer.script.pop(0)
                 payload = {"choices": [{"message": {"role": "assistant", "content": content}}]}
                 data = json.dumps(payload if status == 200 else {"error": content}).encode()
@@ -234,7 +245,9 @@ class ScriptedServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     def __enter__(self):
         self.thread.start()
@@ -294,7 +307,10 @@ def test_openai_cache_hit_avoids_call(tmp_path):
         assert j.judge_one("q", "other").label == HARMLESS and j.calls == 2
         # A new judge on the same cache file: nothing is asked again.
         j2, _ = judge_for(srv, cache=str(cache))
-        assert [v.label for v in j2.judge(["q", "q"], ["r", "other"])] == [HARMFUL, HARMLESS] and j2.calls == 0
+        assert [v.label for v in j2.judge(["q", "q"], ["r", "other"])] == [
+            HARMFUL,
+            HARMLESS,
+        ] and j2.calls == 0
         # Another judge model is another key.
         j3 = OpenAIJudge(srv.url, model="judge-y", cache=str(cache), concurrency=1)
         srv.script.append((200, "[[A]]"))
@@ -324,10 +340,12 @@ def test_openai_unreachable_server():
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     sleeps = []
-    j = OpenAIJudge(f"http://127.0.0.1:{port}/v1/chat/completions", max_retries=1, sleep=sleeps.append, timeout=2)
+    j = OpenAIJudge(
+        f"http://127.0.0.1:{port}/v1/chat/completions", max_retries=1, sleep=sleeps.append, timeout=2
+    )
     with pytest.raises(RestaError, match="failed 2 times.*--judge-url"):
         j.judge_one("q", "r")
-    assert j.url.endswith(":%d/v1/chat/completions" % port) and sleeps == [1.0]
+    assert j.url.endswith(f":{port}/v1/chat/completions") and sleeps == [1.0]
     with pytest.raises(RestaError, match="--judge-url"):
         OpenAIJudge("")
 

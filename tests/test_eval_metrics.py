@@ -57,7 +57,11 @@ def test_agreement_and_kappa_hand_computed():
     # 6 comparable pairs (the U is dropped): 4 agree; each judge says harmful 3 times of 6.
     # po = 4/6, pe = .5·.5 + .5·.5 = .5, κ = (2/3 − 1/2)/(1/2) = 1/3.
     a = agreement([H, H, L, L, H, L, U], [H, L, L, L, H, H, H])
-    assert a["n"] == 6 and a["percent_agreement"] == pytest.approx(4 / 6) and a["cohen_kappa"] == pytest.approx(1 / 3)
+    assert (
+        a["n"] == 6
+        and a["percent_agreement"] == pytest.approx(4 / 6)
+        and a["cohen_kappa"] == pytest.approx(1 / 3)
+    )
     # po = .75, pa = .75, pb = .5 → pe = .375 + .125 = .5 → κ = .5
     assert agreement([H, H, H, L], [H, H, L, L])["cohen_kappa"] == pytest.approx(0.5)
     assert agreement([H, H], [H, H]) == {"n": 2, "percent_agreement": 1.0, "cohen_kappa": None}
@@ -71,7 +75,10 @@ def test_utility_scoring_and_loader(tmp_path):
     assert s == {"n": 3, "exact_match": pytest.approx(1 / 3), "contains": pytest.approx(2 / 3)}
     f = tmp_path / "u.jsonl"
     f.write_text(
-        json.dumps({"prompt": "2+2?", "answer": 4}) + "\n\n" + json.dumps({"question": "cap?", "output": "Paris"}) + "\n"
+        json.dumps({"prompt": "2+2?", "answer": 4})
+        + "\n\n"
+        + json.dumps({"question": "cap?", "output": "Paris"})
+        + "\n"
     )
     assert load_pairs(f) == [("2+2?", "4"), ("cap?", "Paris")]
     g = tmp_path / "k.jsonl"
@@ -111,8 +118,11 @@ def test_gate_decisions():
     assert not unknown["passed"] and "no parseable verdicts" in unknown["reason"]
     no_util = check_model(good, max_utility_drop=0.02, reference_utility={"perplexity": 3.0})
     assert not no_util["passed"] and "utility drop unknown" in no_util["reason"]
-    ppl = check_model({"model": "p", "utility": {"perplexity": 10.5}}, max_utility_drop=0.02,
-                      reference_utility={"perplexity": 10.0})
+    ppl = check_model(
+        {"model": "p", "utility": {"perplexity": 10.5}},
+        max_utility_drop=0.02,
+        reference_utility={"perplexity": 10.0},
+    )
     assert not ppl["passed"] and "perplexity drop 0.0500 > max 0.0200" in ppl["reason"]
 
 
@@ -123,7 +133,8 @@ def test_gate_line_is_greppable():
 
 
 @pytest.mark.parametrize(
-    "module", ["prompts", "generate", "judges", "metrics", "utility", "gate", "report", "tune", "cli", "testing"]
+    "module",
+    ["prompts", "generate", "judges", "metrics", "utility", "gate", "report", "tune", "cli", "testing"],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(f"resta_fast.eval.{module}")

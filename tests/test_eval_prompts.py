@@ -19,9 +19,17 @@ from resta_fast.eval.prompts import (
 )
 
 CATQA_CATEGORIES = [
-    "Illegal Activity", "Child Abuse", "Hate/Harass/Violence", "Malware Viruses", "Physical Harm",
-    "Economic Harm", "Fraud/Deception", "Adult Content", "Political Campaigning",
-    "Privacy Violation Activity", "Tailored Financial Advice",
+    "Illegal Activity",
+    "Child Abuse",
+    "Hate/Harass/Violence",
+    "Malware Viruses",
+    "Physical Harm",
+    "Economic Harm",
+    "Fraud/Deception",
+    "Adult Content",
+    "Political Campaigning",
+    "Privacy Violation Activity",
+    "Tailored Financial Advice",
 ]
 
 
@@ -56,7 +64,9 @@ def test_catqa_bad_shape_names_file(tmp_path):
 
 def test_json_rows_strings_and_data_key(tmp_path):
     rows = [{"question": "a", "topic": "T", "subtopic": "S"}, {"question": "b"}]
-    assert [(p.text, p.category, p.subcategory) for p in load_file(write(tmp_path / "r.json", json.dumps(rows)))] == [
+    assert [
+        (p.text, p.category, p.subcategory) for p in load_file(write(tmp_path / "r.json", json.dumps(rows)))
+    ] == [
         ("a", "T", "S"),
         ("b", None, None),
     ]
@@ -69,7 +79,10 @@ def test_jsonl_with_configurable_columns(tmp_path):
     lines = [{"q": "first", "cat": "A", "sub": "x"}, {"q": "second", "cat": "B", "sub": "y"}]
     f = write(tmp_path / "set.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n\n")
     ps = load_prompts(str(f), columns=Columns(prompt="q", category="cat", subcategory="sub"))
-    assert [(p.text, p.category, p.subcategory) for p in ps.prompts] == [("first", "A", "x"), ("second", "B", "y")]
+    assert [(p.text, p.category, p.subcategory) for p in ps.prompts] == [
+        ("first", "A", "x"),
+        ("second", "B", "y"),
+    ]
     assert ps.prompts[0].id == "set:0"
 
 
@@ -153,12 +166,21 @@ def test_hf_dataset_offline_cache_hit_and_miss(monkeypatch):
             raise ConnectionError("Couldn't reach the Hub (offline mode)")
         return [{"Question": "q1", "Category": "Illegal Activity", "Subcategory": "Drug"}, {"Question": "q1"}]
 
-    fake = types.SimpleNamespace(load_dataset=load_dataset, config=types.SimpleNamespace(HF_DATASETS_OFFLINE=False))
+    fake = types.SimpleNamespace(
+        load_dataset=load_dataset, config=types.SimpleNamespace(HF_DATASETS_OFFLINE=False)
+    )
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     ps = load_prompts("hf:declare-lab/CategoricalHarmfulQA:default@en", verbose=False)
-    assert seen == {"name": "declare-lab/CategoricalHarmfulQA", "config": "default", "split": "en", "offline": "1"}
-    assert [(p.text, p.category) for p in ps.prompts] == [("q1", "Illegal Activity")] and ps.duplicates_removed == 1
+    assert seen == {
+        "name": "declare-lab/CategoricalHarmfulQA",
+        "config": "default",
+        "split": "en",
+        "offline": "1",
+    }
+    assert [(p.text, p.category) for p in ps.prompts] == [
+        ("q1", "Illegal Activity")
+    ] and ps.duplicates_removed == 1
     assert fake.config.HF_DATASETS_OFFLINE is False  # restored
     import os
 

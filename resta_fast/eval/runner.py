@@ -349,6 +349,7 @@ def validate_checkpoint(
     device: str = "cpu",
     batch_size: int | None = None,
     max_new_tokens: int = 128,
+    utility_max_new_tokens: int = 32,
     out=None,
     progress: bool | None = None,
 ) -> dict:
@@ -366,6 +367,7 @@ def validate_checkpoint(
         device: ``cpu`` / ``cuda``.
         batch_size: generation batch size.
         max_new_tokens: bound on each answer.
+        utility_max_new_tokens: bound on each utility answer.
         out: directory for the evaluation's files (None: nothing written).
         progress: tqdm bars on stderr.
 
@@ -387,6 +389,7 @@ def validate_checkpoint(
         device=device,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        utility_max_new_tokens=utility_max_new_tokens,
         out=out,
         max_harmful=max_harmful,
         max_utility_drop=max_utility_drop,
