@@ -303,9 +303,28 @@ def test_several_judges_agreement(models, tmp_path, monkeypatch):
         evaluate([models["sorry"]], "builtin:smoke", judges=["refusal", "refusal"])
 
 
-def test_model_without_chat_template_and_validate_checkpoint(models, data, tmp_path):
+def test_model_without_chat_template_and_validate_checkpoint(models, data, tmp_path, capsys):
     r = evaluate([models["plain"]], "builtin:smoke", max_new_tokens=4, limit=5, progress=False)
     assert r["summary"]["models"][0]["n"] == 5
+    # A loaded PromptSet honours limit too (tune passes one).
+    from resta_fast.eval.prompts import load_prompts
+
+    r = evaluate([models["plain"]], load_prompts("builtin:smoke"), max_new_tokens=2, limit=4, progress=False)
+    assert r["summary"]["models"][0]["n"] == 4
+    # --no-chat-template on a model that has one: raw prompts, still one answer per prompt.
+    argv = [
+        "eval",
+        "--model",
+        models["rand"],
+        "--prompts",
+        "builtin:smoke",
+        "--limit",
+        "3",
+        "--no-chat-template",
+        "--json",
+        *FAST,
+    ]
+    assert run(argv) == 0 and json.loads(capsys.readouterr().out)["models"][0]["n"] == 3
     v = validate_checkpoint(
         models["sorry"],
         prompts="builtin:smoke",

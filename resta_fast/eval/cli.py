@@ -58,6 +58,12 @@ def _add_generation_args(p) -> None:
         "--utility-max-new-tokens", type=int, default=32, help="bound on utility answers (default 32)"
     )
     g.add_argument("--system-prompt", help="system message for the chat template")
+    g.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="use the tokenizer's chat template (default: when it has one)",
+    )
     g.add_argument("--seed", type=int, default=0, help="generation seed (decoding is greedy)")
     g.add_argument("--perplexity-window", type=int, default=1024, help="tokens per perplexity window")
 
@@ -243,6 +249,7 @@ def run_eval(args) -> int:
         max_new_tokens=args.max_new_tokens,
         utility_max_new_tokens=args.utility_max_new_tokens,
         system_prompt=args.system_prompt,
+        chat_template=args.chat_template,
         columns=_columns(args),
         limit=args.limit,
         perplexity_window=args.perplexity_window,
@@ -295,6 +302,7 @@ def run_tune(args) -> int:
         "max_new_tokens": args.max_new_tokens,
         "utility_max_new_tokens": args.utility_max_new_tokens,
         "system_prompt": args.system_prompt,
+        "chat_template": args.chat_template,
         "perplexity_window": args.perplexity_window,
         "seed": args.seed,
         "progress": args.progress,

@@ -128,7 +128,11 @@ def format_prompts(tokenizer, texts, *, system_prompt: str | None = None, chat_t
         msgs = [{"role": "user", "content": t}]
         if system_prompt:
             msgs.insert(0, {"role": "system", "content": system_prompt})
-        out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        try:
+            out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        except Exception as e:  # jinja raises its own errors, e.g. templates that reject a system role
+            hint = "drop --system-prompt" if system_prompt else "pass --no-chat-template"
+            raise RestaError(f"The model's chat template failed on a prompt ({e}); {hint}.") from e
     return out, False
 
 

@@ -6,6 +6,7 @@ judges run, so a GPU never holds a candidate and a classifier judge at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -66,6 +67,7 @@ def evaluate(
     max_new_tokens: int = 128,
     utility_max_new_tokens: int = 32,
     system_prompt: str | None = None,
+    chat_template: bool | None = None,
     columns: Columns | None = None,
     limit: int | None = None,
     perplexity_window: int = 1024,
@@ -95,6 +97,8 @@ def evaluate(
         max_new_tokens: bound on each answer to a harmful question.
         utility_max_new_tokens: bound on each utility answer.
         system_prompt: optional system message for the chat template.
+        chat_template: force (True) or skip (False) the tokenizer's chat template; None uses it
+            when the tokenizer has one.
         columns: prompt/category/subcategory column names for flat prompt files.
         limit: use only the first N prompts.
         perplexity_window: tokens per perplexity window.
@@ -148,9 +152,12 @@ def evaluate(
 
     pset = None
     if models:
-        pset = (
-            prompts if isinstance(prompts, PromptSet) else load_prompts(prompts, columns=columns, limit=limit)
-        )
+        if isinstance(prompts, PromptSet):
+            pset = prompts
+            if limit is not None:
+                pset = dataclasses.replace(pset, prompts=pset.prompts[: max(0, int(limit))])
+        else:
+            pset = load_prompts(prompts, columns=columns, limit=limit)
     out_dir = Path(out) if out else None
     pairs = load_pairs(utility) if utility else None
     ppl_text = read_text(perplexity) if perplexity else None
@@ -196,6 +203,7 @@ def evaluate(
                     max_new_tokens=max_new_tokens,
                     batch_size=batch_size,
                     system_prompt=system_prompt,
+                    chat_template=chat_template,
                     progress=progress,
                     desc=f"generate {e['label']}",
                 )
@@ -215,6 +223,7 @@ def evaluate(
                     max_new_tokens=utility_max_new_tokens,
                     batch_size=batch_size,
                     system_prompt=system_prompt,
+                    chat_template=chat_template,
                     progress=progress,
                     desc=f"utility {e['label']}",
                 )
