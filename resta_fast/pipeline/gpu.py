@@ -90,9 +90,13 @@ class _Slot:
 
 
 def chunk_elems_for_pool(pool_bytes: int, slots: int) -> int:
-    """Largest chunk whose slots (MAX_INPUTS + 1 fp32 buffers each) fit the pool."""
+    """Largest chunk whose slots (MAX_INPUTS + 1 fp32 buffers each) fit the pool.
+
+    A multiple of 1024 elements, so every chunk but a tensor's last starts on a
+    16-byte boundary and the Triton kernel keeps its vectorised loads.
+    """
     per_elem = 4 * (MAX_INPUTS + 1)
-    return max(1024, pool_bytes // (slots * per_elem))
+    return max(1024, pool_bytes // (slots * per_elem) // 1024 * 1024)
 
 
 def run_plan_gpu(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: float | None,
