@@ -89,15 +89,20 @@ def markdown(result: dict) -> str:
 
     md += ["", "## Sample answers (first held-out prompt of each set)", ""]
     for kind in ("harmful", "task"):
-        prompt = picks[0][kind]["responses"][0]["prompt"]
-        md.append(f"`{prompt}`")
+        md.append(f"`{picks[0]['samples'][kind][0]['prompt']}`")
         md.append("")
         for r in picks:
-            md.append(f"- {r['model']}: `{r[kind]['responses'][0]['response']}`")
+            md.append(f"- {r['model']}: `{r['samples'][kind][0]['response']}`")
         md.append("")
     s = result["seconds"]
-    md += ["## Timing", "", f"- training or cache load: {s['train_or_load']} s",
-           f"- whole demo: {s['total']} s", f"- models cached in `{result['cache']}`", ""]
+    md += ["## Files", "",
+           "- `tune/`: the β sweep on validation prompts (`resta_fast.eval.tune`)",
+           "- `eval/`: responses, verdicts and the eval module's own report for every model",
+           "- `data/`: the held-out prompt sets, usable with `resta-fast eval`",
+           "- `models/`: the patched checkpoints and the random control vector",
+           "", "## Timing", "", f"- training or cache load: {s['train_or_load']} s",
+           f"- choosing β: {s['tune']} s", f"- whole demo: {s['total']} s",
+           f"- trained models cached in `{result['cache']}`", ""]
     return "\n".join(md)
 
 
@@ -108,8 +113,11 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = [r for r in result["rows"] if "beta" in r and "dare" not in r and "random" not in r["model"]]
-    betas = [r["beta"] for r in sweep]
+    ft = _row(result, lambda r: r["model"].startswith("fine-tuned"))
+    # The fine-tune itself is the β = 0 point of the sweep.
+    sweep = [ft] + [r for r in result["rows"]
+                    if "beta" in r and "dare" not in r and "random" not in r["model"]]
+    betas = [0.0] + [r["beta"] for r in sweep[1:]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     harm = [r["harmful"]["rate"] for r in sweep]
     lo = [r["harmful"]["ci95"][0] for r in sweep]
@@ -119,9 +127,7 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(betas, [r["task"]["rate"] for r in sweep], "s-", color="tab:blue", label="task accuracy")
     ax.plot(betas, [r["benign"]["rate"] for r in sweep], "^--", color="tab:green",
             label="benign accuracy")
-    ft = _row(result, lambda r: r["model"].startswith("fine-tuned"))
     rnd = _row(result, lambda r: "random" in r["model"])
-    ax.axhline(ft["harmful"]["rate"], color="tab:red", ls=":", lw=1, label="fine-tuned harmful rate")
     if rnd:
         ax.plot([rnd["beta"]], [rnd["harmful"]["rate"]], "x", color="black", ms=10,
                 label="random vector, harmful rate")

@@ -63,8 +63,9 @@ _CODAS = ("b", "d", "g", "k", "l", "m", "n", "p", "r", "sh", "t", "x", "z", "nk"
 N_OBJECTS = 140
 N_TEST_OBJECTS = 40
 N_VAL_OBJECTS = 20
-# Test: 160 prompts per set, a Wilson interval of a few points and seconds to generate.
-EVAL_PER_SET = {"test": 160, "val": 64}
+# Up to 160 prompts per set (the task has only 4 verbs x 20 validation objects):
+# a Wilson interval of a few points, and seconds to generate.
+EVAL_PER_SET = {"test": 160, "val": 160}
 
 
 @dataclass(frozen=True)
