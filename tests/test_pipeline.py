@@ -7,6 +7,7 @@ import torch
 
 from checkpoints import three_models
 from resta_fast import api
+from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.kernels import reference
 from resta_fast.pipeline import gpu, stream
@@ -96,7 +97,7 @@ def test_error_in_a_stage_stops_and_leaves_no_output(tmp_path, models, monkeypat
                                 **{k: v for k, v in kw.items() if k != "chunk_elems"})
 
     monkeypatch.setattr(api, "run_plan", staged)
-    with pytest.raises((RuntimeError, OSError), match="injected"):
+    with pytest.raises((RuntimeError, OSError, RestaError), match="injected"):
         api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, beta=0.5, backend="torch", fsync=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
