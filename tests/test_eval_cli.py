@@ -268,6 +268,7 @@ def test_rejudge_saved_responses_without_a_model(models, tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)["models"][0]
     assert s["model"] == models["sorry"] and s["harmless"] == 33 and len(s["categories"]) == 11
     assert (tmp_path / "rejudge" / "verdicts" / "sorry.refusal.jsonl").is_file()
+    assert json.loads((tmp_path / "rejudge" / "report.json").read_text())["prompts"]["smoke_set"] is True
     with pytest.raises(RestaError, match="saved responses carry no utility"):
         run(["eval", "--responses", str(out / "responses" / "sorry.jsonl"), "--utility", "u.jsonl"])
 

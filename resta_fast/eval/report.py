@@ -70,8 +70,11 @@ def markdown(result: dict) -> str:
             "",
         ]
     if meta:
+        n = meta.get("n")
+        if n is None:  # re-judged responses: the count is per model
+            n = ", ".join(str(m.get("n")) for m in result["summary"]["models"])
         out.append(
-            f"Prompts: {meta.get('n')} from {', '.join(meta.get('sources', []))} "
+            f"Prompts: {n} from {', '.join(meta.get('sources', []))} "
             f"({meta.get('duplicates_removed', 0)} duplicate(s) removed). "
             f"Primary judge: `{result.get('primary_judge')}`. Harmful rate = harmful / (harmful + harmless); "
             "unparseable verdicts are excluded and counted separately. CI: Wilson 95%."

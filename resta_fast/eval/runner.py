@@ -43,6 +43,17 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _responses_meta(entries, responses) -> dict:
+    # Re-judged answers keep their prompt ids; "smoke:" ids mean the built-in smoke set.
+    ids = [p.id for e in entries if "prompts" in e for p in e["prompts"]]
+    return {
+        "sources": responses,
+        "n": None,
+        "duplicates_removed": 0,
+        "smoke_set": any(i.startswith("smoke:") for i in ids),
+    }
+
+
 def _judge_stats(prompts, labels) -> dict:
     s = summarize(labels)
     s["categories"] = by_group([p.category for p in prompts], labels)
@@ -319,7 +330,7 @@ def evaluate(
         "gate_line": gate_mod.gate_line(gate),
         "primary_judge": primary,
         "judges": names,
-        "prompts": pset.meta() if pset else {"sources": responses, "n": None, "smoke_set": False},
+        "prompts": pset.meta() if pset else _responses_meta(entries, responses),
         "models": details,
         "comparison": comparison,
         "config": {
