@@ -95,7 +95,7 @@ std::string fp32_repr(float x) {
   return buf;
 }
 
-void patch(uint64_t out_ptr, int out_dtype, uint64_t f_ptr, int f_dtype, uint64_t a_ptr, int a_dtype,
+int64_t patch(uint64_t out_ptr, int out_dtype, uint64_t f_ptr, int f_dtype, uint64_t a_ptr, int a_dtype,
            uint64_t u_ptr, int u_dtype, uint64_t b_ptr, int b_dtype, int64_t n, double beta, double p,
            double r, uint64_t seed, int64_t offset, std::optional<int> threads) {
   const char* fn = "patch";
@@ -143,7 +143,7 @@ void patch(uint64_t out_ptr, int out_dtype, uint64_t f_ptr, int f_dtype, uint64_
   args.seed = seed;
   args.offset = offset;
   py::gil_scoped_release release;
-  resta::patch(args, nthreads);
+  return resta::patch(args, nthreads);
 }
 
 void convert(uint64_t out_ptr, int out_dtype, uint64_t x_ptr, int x_dtype, int64_t n,
@@ -242,7 +242,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("b_dtype"), py::arg("n"), py::arg("beta"), py::arg("p"), py::arg("r"), py::arg("seed"),
         py::arg("offset"), py::arg("threads") = py::none(),
         "out[i] = round(F + beta*(A - U)) (u_ptr=0: A is V), or the DARE form when b_ptr != 0 "
-        "(SPEC §2). Pointers are integer addresses of n elements, any alignment; dtype codes "
+        "(SPEC §2); returns the number of non-finite outputs. Pointers are integer addresses of n elements, any alignment; dtype codes "
         "DTYPE_BF16/DTYPE_F16/DTYPE_F32; r = fp32(1)/(fp32(1)-fp32(p)); seed is the per-tensor "
         "seed; offset is the flat index of element 0 in the whole tensor; threads None/0 = "
         "OpenMP default.");

@@ -36,7 +36,8 @@ struct PatchArgs {
 };
 
 // threads <= 0 means the OpenMP default. Results never depend on threads.
-void patch(const PatchArgs& args, int threads);
+// patch returns how many outputs are inf or NaN (for the run report).
+int64_t patch(const PatchArgs& args, int threads);
 void convert(void* out, int out_dtype, const void* x, int x_dtype, int64_t n, int threads);
 void uniform(float* out, uint64_t seed, int64_t offset, int64_t n, int threads);
 

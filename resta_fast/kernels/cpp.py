@@ -1,0 +1,141 @@
+"""Native CPU backend: the fused C++ kernel ``resta_fast._C`` (csrc/patch.cpp).
+
+Same contract as every backend (see ``resta_fast.kernels``): flat, contiguous
+CPU tensors of bf16/fp16/fp32 in any mix, bit-identical to the torch reference.
+The extension is imported lazily, so this module always imports; a missing or
+broken build surfaces as ``BackendUnavailable`` carrying the original error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from resta_fast.kernels import BackendUnavailable
+
+_MASK64 = (1 << 64) - 1
+_native = None
+
+
+def _load():
+    """The ``resta_fast._C`` module, or BackendUnavailable chained to the ImportError."""
+    global _native
+    if _native is None:
+        try:
+            from resta_fast import _C
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"native extension resta_fast._C did not load ({type(exc).__name__}: {exc}); "
+                "build it with `python setup.py build_ext --inplace` or reinstall with "
+                "`pip install -e .` (RESTA_FAST_BUILD_EXT must not be 0)") from exc
+        _native = _C
+    return _native
+
+
+def check_available() -> None:
+    """Raise BackendUnavailable (with the original ImportError chained) if _C is missing."""
+    _load()
+
+
+def _dtype_code(C, name: str, tensor: torch.Tensor) -> int:
+    codes = {torch.bfloat16: C.DTYPE_BF16, torch.float16: C.DTYPE_F16, torch.float32: C.DTYPE_F32}
+    code = codes.get(tensor.dtype)
+    if code is None:
+        raise TypeError(f"{name} has dtype {tensor.dtype}; expected torch.bfloat16, torch.float16 "
+                        "or torch.float32")
+    return code
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, numel: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} is on {tensor.device}; the cpp backend needs CPU tensors")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} is not contiguous (strides {tuple(tensor.stride())}); "
+                         "pass tensor.contiguous() or a flat view")
+    if tensor.numel() != numel:
+        raise ValueError(f"{name} has {tensor.numel()} elements but out has {numel}; "
+                         "all tensors of one call must have the same length")
+
+
+def _threads(threads: int | None) -> int | None:
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads must be None or an int >= 0, got {threads!r}")
+    return threads
+
+
+def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None) -> int:
+    """Fused patch of one chunk into ``out`` (SPEC §2); see ``resta_fast.kernels``.
+
+    Args:
+        out: output tensor, written in full; may be ``f`` itself (same dtype).
+        f, a, u, b: fine-tuned, aligned, unaligned (None: ``a`` is the vector V)
+            and DARE base (None: no DARE).
+        beta: scale of the safety vector. p: DARE drop probability, 0 <= p < 1.
+        seed: per-tensor seed (``rng.tensor_seed``). offset: flat index of this
+            chunk's element 0 in the whole tensor. threads: None = OpenMP default.
+
+    Returns:
+        How many outputs are inf or NaN (counted in the kernel, for the report).
+
+    Example:
+        >>> patch_into(out, f, a, u, beta=0.5)  # doctest: +SKIP
+    """
+    C = _load()
+    n = out.numel() if isinstance(out, torch.Tensor) else 0
+    named = {"out": out, "f": f, "a": a, "u": u, "b": b}
+    codes = {}
+    for name, tensor in named.items():
+        if tensor is None and name in ("u", "b"):
+            continue
+        _check_tensor(name, tensor, n)
+        codes[name] = _dtype_code(C, name, tensor)
+    p32 = np.float32(p)
+    if not (np.float32(0) <= p32 < np.float32(1)):
+        raise ValueError(f"p must satisfy 0 <= p < 1 (as float32), got {p!r}")
+    r = np.float32(1) / (np.float32(1) - p32)  # SPEC §2: computed once, in fp32, on the host
+    if not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return C.patch(out.data_ptr(), codes["out"], f.data_ptr(), codes["f"], a.data_ptr(), codes["a"],
+                   0 if u is None else u.data_ptr(), codes.get("u", 0),
+                   0 if b is None else b.data_ptr(), codes.get("b", 0),
+                   n, float(beta), float(p32), float(r), int(seed), int(offset), _threads(threads))
+
+
+def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = None) -> None:
+    """Copy ``x`` into ``out`` converting dtype with the SPEC's rounding.
+
+    Example:
+        >>> convert_into(torch.empty(3, dtype=torch.bfloat16), torch.ones(3))  # doctest: +SKIP
+    """
+    C = _load()
+    n = out.numel() if isinstance(out, torch.Tensor) else 0
+    _check_tensor("out", out, n)
+    _check_tensor("x", x, n)
+    C.convert(out.data_ptr(), _dtype_code(C, "out", out), x.data_ptr(), _dtype_code(C, "x", x), n,
+              _threads(threads))
+
+
+def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
+    """The native DARE uniforms of elements offset .. offset+n-1 (float32, SPEC §3).
+
+    Equal bit for bit to ``resta_fast.rng.uniform``.
+
+    Example:
+        >>> uniform(7, 0, 4).shape  # doctest: +SKIP
+        torch.Size([4])
+    """
+    if not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+    return torch.from_numpy(_load().uniform(seed, offset, n))
+
+
+def build_info() -> dict:
+    """For ``env``: chosen kernel variant, supported variants, OpenMP threads, compiler."""
+    C = _load()
+    info = dict(C.cpu_features())
+    info["module"] = C.__file__
+    return info
