@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,17 +82,14 @@ def test_training_is_deterministic(world):
 
 
 # -- pieces of run.py ------------------------------------------------------------
-def _scores(harmful, task):
-    return {"harmful": {"rate": harmful}, "task": {"rate": task}, "benign": {"rate": 1.0}}
+def test_fallback_beta_prefers_safety_within_task_budget():
+    def row(beta, harmful, drop):
+        return {"beta": beta, "harmful_rate": harmful, "utility_drop": {"exact_match": drop}}
 
-
-def test_choose_beta_prefers_safety_within_task_budget():
-    ft = _scores(1.0, 1.0)
-    val = {0.25: _scores(0.5, 1.0), 0.5: _scores(0.0, 0.95), 0.75: _scores(0.0, 0.9),
-           1.0: _scores(0.0, 0.5)}
-    assert demo_run.choose_beta(val, ft) == 0.5
+    rows = [row(0.25, 0.5, 0.0), row(0.5, 0.05, 0.05), row(0.75, 0.05, 0.08), row(1.0, 0.0, 0.5)]
+    assert demo_run.fallback_beta(rows) == 0.5
     # Nothing keeps the skill: fall back to the gentlest edit.
-    assert demo_run.choose_beta({0.5: _scores(0.0, 0.1), 1.0: _scores(0.0, 0.0)}, ft) == 0.5
+    assert demo_run.fallback_beta([row(0.5, 0.0, 0.9), row(1.0, 0.0, 1.0)]) == 0.5
 
 
 def test_random_vector_matches_per_tensor_norm(tmp_path):
@@ -181,20 +179,24 @@ def test_demo_checkpoints_load_with_plain_transformers(demo_result):
     """No resta_fast code: AutoModel/AutoTokenizer + chat template + generate give the same answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    eval_dir = Path(demo_result["eval_dir"])
     rows = [_row(demo_result, lambda r: r["model"].startswith("fine-tuned")),
             _row(demo_result, lambda r: r.get("chosen"))]
     with demo_run.single_thread():
         for row in rows:
             tok = AutoTokenizer.from_pretrained(row["path"])
             model = AutoModelForCausalLM.from_pretrained(row["path"])
-            for kind in ("harmful", "benign", "task"):
-                for item in row[kind]["responses"][:8]:
-                    enc = tok.apply_chat_template([{"role": "user", "content": item["prompt"]}],
-                                                  add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
-                    gen = model.generate(**enc, do_sample=False, max_new_tokens=T.MAX_NEW_TOKENS)
-                    text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                    assert text.strip() == item["response"], (row["model"], item["prompt"])
+            recorded = [(json.loads(line), "response") for line in
+                        (eval_dir / "responses" / f"{row['label']}.jsonl").read_text().splitlines()[:10]]
+            recorded += [(json.loads(line), "completion") for line in
+                         (eval_dir / "utility" / f"{row['label']}.jsonl").read_text().splitlines()[:10]]
+            for item, key in recorded:
+                enc = tok.apply_chat_template([{"role": "user", "content": item["prompt"]}],
+                                              add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=True)
+                gen = model.generate(**enc, do_sample=False, max_new_tokens=T.MAX_NEW_TOKENS)
+                text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                assert text.strip() == item[key], (row["model"], item["prompt"])
 
 
 @pytest.mark.slow

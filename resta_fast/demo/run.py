@@ -3,13 +3,16 @@
 Trained models are cached under ``~/.cache/resta_fast/demo/<code-version>-seed<S>/``
 (``$RESTA_FAST_CACHE/demo/...`` when that is set), so a second run only patches
 and evaluates. Everything downstream of training goes through the public paths
-a user would take: ``resta_fast.api.patch`` on HF directories, then the eval
-module's generation engine, refusal judge and metrics on the written checkpoints.
+a user would take: ``resta_fast.eval.tune`` picks β on validation prompts,
+``resta_fast.api.patch`` writes every restored model as an HF directory, and
+``resta_fast.eval.evaluate`` (refusal judge, Wilson intervals, exact match)
+scores the written checkpoints on held-out test prompts.
 
 Example:
     >>> from resta_fast.demo.run import run_demo
     >>> result = run_demo("demo_out", seed=0)  # doctest: +SKIP
-    >>> result["chosen"]["beta"]
+    >>> result["chosen"]["beta"]  # doctest: +SKIP
+    0.5
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from resta_fast.demo import train as T
 from resta_fast.demo.world import REFUSAL_PHRASES, World
 
 DEFAULT_SEED = 0
-# The grid β is chosen from (on validation prompts). Fine near the paper's 0.5, since
-# the window between "refusals back" and "over-refusing the new skill" is narrow here.
+# The β grid. Steps of 1/8 around the paper's 0.5: at this scale the window between
+# "refusals are back" and "the new skill is refused too" is only ~0.1-0.3 wide.
 BETAS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 DARE_P = 0.3
 # β is chosen by `resta_fast.eval.tune` on validation prompts: the smallest β whose
@@ -126,10 +129,8 @@ def ensure_models(seed: int, *, retrain: bool = False) -> dict[str, Path]:
     with single_thread():
         for stage in T.STAGES:
             t0 = time.time()
-            if stage.parent is None:
-                model = T.build_model(world, seed)
-            else:
-                model = T.build_model(world, seed)
+            model = T.build_model(world, seed)
+            if stage.parent is not None:
                 model.load_state_dict(models[stage.parent].state_dict())
             losses = T.train_stage(model, tok, world, stage, seed)
             models[stage.name] = model
@@ -202,11 +203,21 @@ def choose_beta(stages: dict[str, Path], data: dict[str, Path], *, backend: str,
             f"≤ {MAX_TASK_DROP:g} below the fine-tune (resta_fast.eval.tune)")
     if res["chosen_beta"] is not None:
         return {"beta": res["chosen_beta"], "rule": rule, "tune": res}
-    kept = [r for r in res["rows"] if (r["utility_drop"] or {}).get("exact_match", 1.0) <= MAX_TASK_DROP]
-    pick = min(kept, key=lambda r: (r["harmful_rate"], r["beta"]))["beta"] if kept else min(BETAS)
-    return {"beta": pick, "tune": res,
+    return {"beta": fallback_beta(res["rows"]), "tune": res,
             "rule": f"fallback: no β met both targets; lowest validation harmful rate within the "
                     f"task budget ({rule.split(' (')[0]})"}
+
+
+def fallback_beta(rows: list[dict]) -> float:
+    """When no β meets both targets: the safest β that keeps the skill, else the gentlest β.
+
+    Args:
+        rows: tune's rows (``beta``, ``harmful_rate``, ``utility_drop``).
+    """
+    kept = [r for r in rows if (r["utility_drop"] or {}).get("exact_match", 1.0) <= MAX_TASK_DROP]
+    if not kept:
+        return min(r["beta"] for r in rows)
+    return min(kept, key=lambda r: (r["harmful_rate"], r["beta"]))["beta"]
 
 
 def _rate_ci(k: int, n: int) -> dict:
@@ -398,6 +409,7 @@ def run_demo(out, seed: int = DEFAULT_SEED, *, retrain: bool = False, backend: s
         "backend": ", ".join(sorted(_BACKENDS_USED)),
         "eval_sizes": {k.split("_")[0]: sum(1 for _ in open(p, encoding="utf-8"))
                        for k, p in data.items() if k.endswith("_test")},
+        "eval_dir": str(out / "eval"), "tune_dir": str(out / "tune"),
         "rows": rows, "checks": checks, "passed": all(checks.values()),
         "seconds": {"train_or_load": round(t_trained - t_start, 1),
                     "tune": round(t_tuned - t_trained, 1),
