@@ -23,6 +23,7 @@ from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.writer import AtomicOutputDir, check_output_location
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.reference import store
+from resta_fast.lora import LoraFinetuned, is_adapter
 from resta_fast.pipeline.cpu import DEFAULT_CHUNK_ELEMS, Inputs, run_plan
 from resta_fast.plan import BetaRule, Plan, build_plan, parse_dtype
 
@@ -155,11 +156,15 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
           beta_rules=(), dtype: str | None = None, backend: str = "auto", device: str = "cpu",
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS, gpu_pool_bytes: int | None = None) -> dict:
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS, gpu_pool_bytes: int | None = None,
+          base=None) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out``.
 
     Args:
-        finetuned: fine-tuned model (HF directory or .safetensors file).
+        finetuned: fine-tuned model (HF directory or .safetensors file), or a
+            PEFT LoRA adapter directory, merged in fp32 into ``base`` in-stream.
+        base: the model a LoRA adapter was trained on (default: aligned); the
+            output takes its layout and dtypes, and it is DARE's default base.
         out: output directory (created atomically; must not exist unless overwrite).
         aligned, unaligned: the pair defining V = aligned − unaligned; or
         vector: a precomputed V checkpoint (``make_vector``).
@@ -184,22 +189,42 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
     device = resolve_device(device)
     if vector is not None and unaligned is not None:
         raise RestaError("give either --aligned and --unaligned, or --vector (not both)")
-    if dare is not None and dare_base is None:
+    lora = is_adapter(finetuned)
+    if base is not None and not lora:
+        raise RestaError(f"--base is only for LoRA adapters, and {finetuned} has no adapter_config.json; "
+                         "drop --base for a full fine-tune")
+    if lora and base is None:
         if aligned is None:
+            raise RestaError(f"{finetuned} is a LoRA adapter: pass --base, the model it was trained on "
+                             "(with --vector there is no --aligned to default to)")
+        base = aligned
+    if dare is not None and dare_base is None:
+        if aligned is None and base is None:
             raise RestaError("--dare needs the model the fine-tune started from: pass --dare-base "
                              "(or --aligned)")
-        dare_base = aligned
+        dare_base = base if lora else aligned
     with ExitStack() as stack:
-        ft = _open(stack, finetuned, "finetuned")
         al = _open(stack, aligned, "aligned")
+        lora_base = None
+        if lora:
+            # Merged LoRA tensors read the base; sharing the aligned model's mmap when they are one.
+            lora_base = al if _same(base, aligned) else _open(stack, base, "base")
+            ft = LoraFinetuned(finetuned, lora_base)
+            stack.callback(ft.close)
+        else:
+            ft = _open(stack, finetuned, "finetuned")
         un = _open(stack, unaligned, "unaligned")
         vec = _open(stack, vector, "vector")
+        base_path = base
         base = al if (dare_base is not None and aligned is not None
                       and Path(dare_base).resolve() == Path(aligned).resolve()) \
+            else lora_base if lora and _same(dare_base, base_path) \
             else _open(stack, dare_base, "dare base")
         plan = build_plan(ft, aligned=al if vec is None else None, unaligned=un, vector=vec,
                           dare_base=base if dare is not None else None, beta=beta, include=include,
                           exclude=exclude, beta_rules=rules, dtype=out_dtype)
+        if lora:
+            plan.notes.insert(0, ft.summary())
         if dry_run:
             return {"dry_run": True, "plan": plan.to_json(), "plan_text": plan.format_table()}
         backend_name, kernel = choose_backend(backend, device)
@@ -210,14 +235,19 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
                   "exclude": list(exclude), "beta_rules": [f"{r.pattern}={r.beta}" for r in rules],
                   "dtype": out_dtype}
         roles = {"finetuned": ft, "aligned": al, "unaligned": un, "vector": vec,
-                 "dare_base": base if dare is not None else None}
+                 "dare_base": base if dare is not None else None, "base": lora_base}
         inputs = Inputs(ft, al, un, vec, base if dare is not None else None)
         return _execute(plan, inputs, Path(out), kernel=kernel, backend_name=backend_name,
                         device=device, beta=beta, dare=dare, seed=seed,
                         provenance=_provenance("patch", params, roles), threads=threads,
                         overwrite=overwrite, fsync=fsync, progress=progress, chunk_elems=chunk_elems,
-                        gpu_pool_bytes=gpu_pool_bytes, input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base)
-                                     if p is not None])
+                        gpu_pool_bytes=gpu_pool_bytes,
+                        input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base,
+                                                       base_path if lora else None) if p is not None])
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
 class _DifferenceKernel:

@@ -59,6 +59,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("patch", help="realign a fine-tuned checkpoint", epilog=PATCH_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common_patch_args(p)
+    p.add_argument("--base", help="for a LoRA adapter as --finetuned: the model it was trained on "
+                   "(default: --aligned)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -130,7 +132,7 @@ def cmd_patch(args) -> int:
         include=args.include, exclude=args.exclude, beta_rules=args.beta_rule, dtype=args.dtype,
         backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
         fsync=not args.no_fsync, dry_run=args.dry_run, gpu_pool_bytes=args.gpu_pool_mb << 20,
-        progress=not args.no_progress and sys.stderr.isatty())
+        progress=not args.no_progress and sys.stderr.isatty(), base=args.base)
     _print_result(report, args.json)
     return 0
 

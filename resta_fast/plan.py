@@ -9,6 +9,7 @@ fixes the output layout (the fine-tune's files, in the fine-tune's order).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from resta_fast.errors import RestaError
@@ -127,6 +128,78 @@ def _is_vocab_tensor(name: str) -> bool:
     return name.endswith(EMBED_SUFFIXES + LM_HEAD_SUFFIXES)
 
 
+def _cuts(name: str):
+    """Split points of ``name`` leaving a suffix of at least two dotted parts."""
+    starts = [0] + [i + 1 for i, c in enumerate(name) if c == "."]
+    return [i for i in starts if "." in name[i:]]
+
+
+def prefix_mapping(wanted, available) -> dict[str, str]:
+    """Map ``wanted`` names to ``available`` ones that differ only by a leading prefix.
+
+    (old, new) prefix pairs (``model.x`` vs ``x``, ``transformer.x`` vs
+    ``model.x``) are found from suffixes naming exactly one available tensor
+    and applied best-supported first; prefixes with a numeric part are never
+    used, so layer 1 is never mapped onto layer 0.
+
+    Returns:
+        {wanted name: available name} for every wanted name the pair maps.
+    Example:
+        >>> prefix_mapping(["model.norm.weight"], {"norm.weight"})
+        {'model.norm.weight': 'norm.weight'}
+    """
+    available = set(available)
+    by_suffix: dict[str, str | None] = {}
+    for s in available:
+        for i in _cuts(s):
+            rest = s[i:]
+            by_suffix[rest] = s if by_suffix.get(rest, s) == s else None  # unique suffixes only
+    votes: Counter = Counter()
+    for w in wanted:
+        for j in _cuts(w):
+            s = by_suffix.get(w[j:])
+            if s is not None:
+                old, new = w[:j], s[: len(s) - (len(w) - j)]
+                if not any(part.isdigit() for part in (old + new).split(".")):
+                    votes[(old, new)] += 1
+                break
+    mapping: dict[str, str] = {}
+    for (old, new), _ in votes.most_common():  # best-supported pair first
+        for w in wanted:
+            if w not in mapping and w.startswith(old) and new + w[len(old):] in available:
+                mapping[w] = new + w[len(old):]
+    return mapping
+
+
+def _match_source_names(finetuned, role: str, ck, notes: list[str]) -> None:
+    """Give ``ck`` aliases for fine-tune names it stores under another prefix or,
+    when it ties its LM head to its embedding, without an lm_head tensor."""
+    want = [n for f in finetuned.files.values() for n, i in f.tensors.items() if i.dtype in KERNEL_DTYPES]
+    missing = [n for n in want if n not in ck]
+    if not missing:
+        return
+    aliases = prefix_mapping(missing, ck.location)
+    if aliases:
+        first = next(iter(aliases))
+        notes.append(f"{role} stores {len(aliases)} tensor(s) under other names: mapped by prefix, "
+                     f"e.g. finetuned {first} = {role} {aliases[first]}")
+    embed = next((n for n in ck.location if n.endswith(EMBED_SUFFIXES)), None)
+    if (embed and ck.config.get("tie_word_embeddings", False)
+            and not any(n.endswith(LM_HEAD_SUFFIXES) for n in ck.location)):
+        for n in missing:
+            if n.endswith(LM_HEAD_SUFFIXES) and n not in aliases:
+                aliases[n] = embed
+                notes.append(f"{role} ties its LM head to {embed} (no {n} on disk): used {embed} for {n}")
+    if aliases:
+        ck.add_aliases(aliases)
+    if want and not any(n in ck for n in want):
+        raise RestaError(
+            f"{role} {ck.path} shares no tensor names with finetuned {finetuned.path} "
+            f"(finetuned has {', '.join(want[:3])}; {role} has {', '.join(list(ck.location)[:3])}), "
+            "even allowing for a different prefix. Are they the same architecture? Rename the tensors "
+            "or pass matching models")
+
+
 def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
                unaligned: Checkpoint | None = None, vector: Checkpoint | None = None,
                dare_base: Checkpoint | None = None, beta: float = 1.0,
@@ -152,8 +225,19 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
     sources = [("vector", vector)] if vector is not None else [("aligned", aligned), ("unaligned", unaligned)]
     if dare_base is not None:
         sources.append(("dare base", dare_base))
-    tied = finetuned.tied_embeddings()
+    for role, ck in [("finetuned", finetuned)] + sources:
+        quant = ck.quantization() if hasattr(ck, "quantization") else None
+        if quant:
+            raise RestaError(f"{role} {ck.path}: {quant}. RESTA needs unquantized BF16/FP16/FP32 "
+                             "weights (arithmetic on quantized integers would be silently wrong); "
+                             "pass the unquantized model, or dequantize and save it first")
     notes: list[str] = []
+    for role, ck in sources:
+        _match_source_names(finetuned, role, ck, notes)
+    tied = finetuned.tied_embeddings()
+    # A LoRA fine-tune hands merged tensors over as exact fp32; they keep the base's dtype.
+    stored_dtype = getattr(finetuned, "stored_dtype", None)
+    is_merged = getattr(finetuned, "is_merged", None)
     errors: list[str] = []
     missing: dict[str, list[str]] = {}
     mixed_dtypes = set()
@@ -161,7 +245,8 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
     for fname, sfile in finetuned.files.items():
         tensors = []
         for name, info in sfile.tensors.items():
-            out_dtype = dtype if (dtype and info.dtype in KERNEL_DTYPES) else info.dtype
+            stored = stored_dtype(name) if stored_dtype else info.dtype
+            out_dtype = dtype if (dtype and info.dtype in KERNEL_DTYPES) else stored
 
             def copy(reason, name=name, info=info, out_dtype=out_dtype):
                 tensors.append(TensorPlan(name, "copy", reason, info.shape, info.dtype, out_dtype))
@@ -189,7 +274,7 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
                 errors.append(f"{name}: finetuned is {info.dtype} but {', '.join(bad_dtypes)}; "
                               "a float tensor must be BF16/F16/F32 in every input")
                 continue
-            if any(ck.info(name).dtype != info.dtype for _, ck in sources):
+            if any(ck.info(name).dtype != stored for _, ck in sources):
                 mixed_dtypes.add(name)
             ref_shape = next(iter(shapes.values()))
             if any(s != ref_shape for s in shapes.values()):
@@ -209,6 +294,8 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
                 patched = ref_shape[0] * ref_shape[1]
                 reason = (f"rows {ref_shape[0]}..{info.shape[0] - 1} are new vocabulary: "
                           "kept from the fine-tune")
+            if is_merged and is_merged(name):
+                reason = (reason + "; " if reason else "") + "LoRA merged in fp32"
             tensor_beta = next((b for p, b in rules if p.search(name)), beta)
             seed_name = name
             if tied and name == tied[1]:

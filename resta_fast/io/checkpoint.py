@@ -25,6 +25,14 @@ SIDE_FILE_PATTERNS = (
 )
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+# Tensor-name endings that only quantized checkpoints have.
+QUANTIZED_SUFFIXES = (
+    (".qweight", "GPTQ/AWQ"), (".qzeros", "GPTQ/AWQ"), (".g_idx", "GPTQ"),
+    (".absmax", "bitsandbytes 4-bit"), (".quant_map", "bitsandbytes 4-bit"),
+    (".quant_state.bitsandbytes__nf4", "bitsandbytes 4-bit"),
+    (".quant_state.bitsandbytes__fp4", "bitsandbytes 4-bit"), (".SCB", "bitsandbytes 8-bit"),
+    (".weight_scale_inv", "FP8 block"), (".weight_scale", "FP8/compressed-tensors"),
+)
 
 
 class Checkpoint:
@@ -56,6 +64,7 @@ class Checkpoint:
             self.is_dir = True
             self._open_directory()
         self.location: dict[str, str] = {}
+        self._stored: dict[str, str] = {}  # alias -> stored name (see add_aliases)
         for fname, f in self.files.items():
             for name in f.tensors:
                 if name in self.location:
@@ -80,12 +89,12 @@ class Checkpoint:
             self._open_files([SINGLE_NAME], root)
         else:
             found = sorted(p.name for p in root.glob("*.safetensors"))
-            if len(found) == 1:
-                self._open_files(found, root)
-                return
             if (root / "adapter_config.json").is_file():
                 raise CheckpointError(f"{self.role} {root}: is a PEFT adapter, not a full model; "
                                       "pass it as --finetuned together with --base")
+            if len(found) == 1:
+                self._open_files(found, root)
+                return
             bins = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
             if bins:
                 raise CheckpointError(
@@ -141,14 +150,14 @@ class Checkpoint:
         return list(self.location)
 
     def info(self, name: str) -> TensorInfo:
-        return self.files[self.location[name]].tensors[name]
+        return self.files[self.location[name]].tensors[self._stored.get(name, name)]
 
     def file_of(self, name: str) -> SafetensorsFile:
         return self.files[self.location[name]]
 
     def tensor_view(self, name: str):
         """Flat zero-copy torch view of tensor ``name`` in its stored dtype."""
-        return self.file_of(name).view(name)
+        return self.file_of(name).view(self._stored.get(name, name))
 
     def prefetch(self, name: str, byte_lo: int, byte_hi: int) -> None:
         """Start reading bytes [lo, hi) of tensor ``name`` ahead of use."""
@@ -163,6 +172,30 @@ class Checkpoint:
         hi = min(byte_hi, info.nbytes)
         if hi > byte_lo:
             self.file_of(name).release(info.start + byte_lo, hi - byte_lo)
+
+    def add_aliases(self, aliases: dict[str, str]) -> None:
+        """Make each ``alias`` read stored tensor ``aliases[alias]`` (e.g. the fine-tune's
+        ``model.x`` for this checkpoint's ``x``); the stored names stay valid."""
+        for alias, stored in aliases.items():
+            self.location[alias] = self.location[stored]
+            self._stored[alias] = self._stored.get(stored, stored)
+
+    def quantization(self) -> str | None:
+        """Why the weights are quantized (config or tensor names), or None.
+
+        Quantized weights are integers plus scales: RESTA arithmetic on them
+        would be silently wrong, so callers refuse them.
+        """
+        qc = self.config.get("quantization_config")
+        if isinstance(qc, dict):
+            method = qc.get("quant_method") or ("bitsandbytes" if any(
+                k.startswith(("load_in_4bit", "load_in_8bit", "bnb_")) for k in qc) else "unknown")
+            return f"config.json has a quantization_config ({method})"
+        for name in self.location:
+            for suffix, method in QUANTIZED_SUFFIXES:
+                if name.endswith(suffix):
+                    return f"tensor {name!r} is {method} quantization data"
+        return None
 
     def side_files(self) -> list[Path]:
         """Config/tokenizer/generation files to copy next to the output weights."""
