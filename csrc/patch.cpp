@@ -33,16 +33,20 @@
 namespace resta {
 namespace {
 
-// Elements per block: five fp32 staging arrays plus the random words make
-// 24 KiB, which stays in a 32 KiB L1d. Measured on 2 cores of an AMD EPYC
-// (Zen 4, x86-64-v4 variant), 64M bf16 elements, 1 thread:
-// block 512/1024/2048/4096 -> plain 3.70/3.78/3.77/3.61 GB/s.
-constexpr int64_t kBlock = 1024;
+// Elements per block. A block's five fp32 staging arrays and Philox words
+// (12 KiB at 512) must share L1d with the input lines being streamed; at 1024
+// they reach ~32 KiB, Zen 4's whole L1d. Measured on a shared 2-core Zen 4
+// (x86-64-v4 variant, 1 thread, 32M bf16 elements from DRAM, medians of 4
+// interleaved rounds, GB/s by CPU time): block 256/512/1024/2048 -> plain
+// 18.5/19.4/11.4/7.4, DARE 9.2/9.1/5.7/5.8. In cache 256..1024 are equal.
+constexpr int64_t kBlock = 512;
 
-// Below this many elements one thread does the whole job: starting an OpenMP
-// team costs more than it saves. Measured (plain bf16, 2 threads vs 1 on the
-// same machine): 2 threads first win at about 64K elements.
-constexpr int64_t kParallelMin = 1 << 16;
+// Below this many elements one thread does the whole job: waking an OpenMP
+// team costs more than it saves. Measured on the same machine, bf16, 10th
+// percentile of 400 calls, 1 vs 2 threads: plain 8K 3.3/4.0 us, 16K 5.9/5.5,
+// 64K 21.6/13.2; DARE 8K 8.2/6.7, 16K 15.5/10.4, 64K 60.7/33.0. Two threads
+// win from about 16K elements; 32K leaves a margin for a busy second core.
+constexpr int64_t kParallelMin = 1 << 15;
 
 RESTA_INLINE uint32_t f32_bits(float f) {
   uint32_t u;
@@ -127,7 +131,7 @@ RESTA_INLINE void f16_encode_portable(unsigned char* dst, const float* __restric
 // F16C conversions for the v3/v4 variants (x86-64-v3 implies F16C). They are
 // bit-identical to the portable ones above, NaN payloads included (tests
 // check all 65536 halves and the rounding boundaries), and about 3x faster:
-// in-cache plain fp16 patch went from 1.2 to 3.5 G elements/s on Zen 4.
+// in-cache plain fp16 patch went from 1.24 to 4.37 G elements/s (1 thread, Zen 4).
 // Immediate rounding (not MXCSR) picks round-to-nearest-even.
 __attribute__((target("avx2,f16c"))) void f16_decode_f16c(float* __restrict dst, const unsigned char* src,
                                                           int64_t len) {
