@@ -70,7 +70,7 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
              input_paths: list[Path], gpu_pool_bytes: int | None = None) -> dict:
     """Run a plan into an atomic output directory and write its report."""
     check_output_location(out, input_paths, overwrite)
-    metadata = {"format": "pt", "resta_fast": json.dumps(provenance, sort_keys=True)}
+    metadata = output_metadata(provenance)
     total = sum(t.numel * _itemsize(t.out_dtype) for t in plan.tensors())
     bar, update = _progress_bar(total, progress, f"resta-fast -> {out.name}")
     with AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
@@ -83,32 +83,49 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
             stats = run_plan(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare, seed=seed,
                              metadata=metadata, threads=threads, chunk_elems=chunk_elems,
                              progress=update)
-        files = dict(stats.sha256)
-        ft = inputs.finetuned
-        if ft.is_dir and (ft.root / INDEX_NAME).is_file():
-            files[INDEX_NAME] = _write_index(outdir.tmp, plan)
-        for side in ft.side_files():
-            shutil.copyfile(side, outdir.tmp / side.name)
-            files[side.name] = _sha256_file(outdir.tmp / side.name)
-        report = {
-            **provenance,
-            # Only here, not in the weight files: same inputs -> byte-identical weights.
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "backend": backend_name, "device": device, "fsync": fsync,
-            "plan": plan.to_json(),
-            "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
-                      "bytes_written": stats.bytes_written,
-                      "nonfinite_outputs": stats.nonfinite},
-            "files": files,
-        }
-        if stats.nonfinite:
-            plan.notes.append(f"{sum(stats.nonfinite.values())} non-finite output value(s) in "
-                              f"{len(stats.nonfinite)} tensor(s) (non-finite inputs or overflow), e.g. "
-                              f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs")
-            report["plan"]["notes"] = plan.notes
-        (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        report = finish_output(outdir.tmp, plan, inputs.finetuned, stats, provenance,
+                               backend_name=backend_name, device=device, fsync=fsync)
         outdir.commit()
     report["out"] = str(out)
+    return report
+
+
+def output_metadata(provenance: dict) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of every output weight file."""
+    return {"format": "pt", "resta_fast": json.dumps(provenance, sort_keys=True)}
+
+
+def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict, *, backend_name: str,
+                  device: str, fsync: bool, extra: dict | None = None) -> dict:
+    """Complete an output directory whose weight files are written: index, the
+    fine-tune's side files, and ``resta_fast.json`` (with every file's sha256).
+
+    Returns the report dict (``extra`` keys are added to it).
+    """
+    files = dict(stats.sha256)
+    if ft.is_dir and (ft.root / INDEX_NAME).is_file():
+        files[INDEX_NAME] = _write_index(tmp, plan)
+    for side in ft.side_files():
+        shutil.copyfile(side, tmp / side.name)
+        files[side.name] = _sha256_file(tmp / side.name)
+    report = {
+        **provenance,
+        # Only here, not in the weight files: same inputs -> byte-identical weights.
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend_name, "device": device, "fsync": fsync,
+        "plan": plan.to_json(),
+        "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
+                  "bytes_written": stats.bytes_written,
+                  "nonfinite_outputs": stats.nonfinite},
+        "files": files,
+        **(extra or {}),
+    }
+    if stats.nonfinite:
+        plan.notes.append(f"{sum(stats.nonfinite.values())} non-finite output value(s) in "
+                          f"{len(stats.nonfinite)} tensor(s) (non-finite inputs or overflow), e.g. "
+                          f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs")
+        report["plan"]["notes"] = plan.notes
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
 
@@ -140,6 +157,15 @@ def _open(stack: ExitStack, path, role: str) -> Checkpoint | None:
     ck = Checkpoint(path, role=role)
     stack.callback(ck.close)
     return ck
+
+
+def patch_params(beta: float, dare: float | None, seed: int, include, exclude, rules: list[BetaRule],
+                 out_dtype: str | None) -> dict:
+    """The ``params`` of a patch's provenance (batch uses it too: same params,
+    same header metadata, identical files)."""
+    return {"beta": beta, "dare": dare, "seed": seed, "include": list(include),
+            "exclude": list(exclude), "beta_rules": [f"{r.pattern}={r.beta}" for r in rules],
+            "dtype": out_dtype}
 
 
 def _provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None]) -> dict:
@@ -231,9 +257,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
         if device.startswith("cuda") and backend_name != "triton":
             raise RestaError(f"--device {device} runs the triton backend; --backend {backend_name} "
                              "is CPU-only (use --backend triton or auto, or --device cpu)")
-        params = {"beta": beta, "dare": dare, "seed": seed, "include": list(include),
-                  "exclude": list(exclude), "beta_rules": [f"{r.pattern}={r.beta}" for r in rules],
-                  "dtype": out_dtype}
+        params = patch_params(beta, dare, seed, include, exclude, rules, out_dtype)
         roles = {"finetuned": ft, "aligned": al, "unaligned": un, "vector": vec,
                  "dare_base": base if dare is not None else None, "base": lora_base}
         inputs = Inputs(ft, al, un, vec, base if dare is not None else None)

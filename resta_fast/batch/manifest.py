@@ -1,0 +1,419 @@
+"""Batch manifests: many patch jobs in one YAML or JSON file.
+
+Keys mirror the ``patch`` flags. Top-level keys are defaults, each entry of
+``jobs`` is one fine-tune with its ``out`` and any overrides; relative paths
+resolve against the manifest's folder::
+
+    aligned: models/llama-2-7b-chat
+    unaligned: models/llama-2-7b-chat-shadow
+    beta: 0.5
+    group_size: 8            # jobs fused into one pass (one Ray task / Slurm element)
+    jobs:
+      - {finetuned: ft/math, out: restored/math}
+      - {finetuned: ft/code, out: restored/code, beta: 0.7, dare: 0.3, seed: 1}
+
+Jobs that share the aligned/unaligned pair (or vector), device and backend are
+grouped, in manifest order, ``group_size`` at a time; a group is the unit of
+fused execution, of a Ray task and of a Slurm array element.
+
+``load_manifest`` validates everything before a byte is written: key names and
+types, parameters, that inputs exist, duplicate or nested outputs, outputs
+inside inputs, and (``deep``) that every job's plan builds — one error listing
+every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resta_fast.errors import RestaError
+
+PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
+PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype",
+                          "backend", "device")
+JOB_KEYS = ("finetuned", "out", "name")
+TOP_KEYS = ("jobs", "group_size", "num_cpus", "num_gpus", "threads", "fsync", "slurm")
+BACKENDS = ("auto", "cpp", "triton", "torch")
+# Eight fine-tunes per pass already cut the shared reads to a quarter of a
+# model per job; larger groups mostly cost parallelism across Ray/Slurm workers.
+DEFAULT_GROUP_SIZE = 8
+MAX_SEED = 2**64 - 1
+
+
+class ManifestError(RestaError):
+    """The manifest cannot run as written; the message lists every problem."""
+
+
+@dataclass
+class JobSpec:
+    """One job: ``patch`` arguments with absolute paths."""
+
+    index: int
+    name: str
+    finetuned: Path
+    out: Path
+    aligned: Path | None = None
+    unaligned: Path | None = None
+    vector: Path | None = None
+    dare_base: Path | None = None
+    base: Path | None = None
+    beta: float = 1.0
+    dare: float | None = None
+    seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    beta_rules: tuple[str, ...] = ()
+    dtype: str | None = None
+    backend: str = "auto"
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        return f"jobs[{self.index}] ({self.name})"
+
+    def input_paths(self) -> list[Path]:
+        return [p for p in (self.finetuned, *(getattr(self, k) for k in PATH_KEYS)) if p is not None]
+
+    def patch_kwargs(self) -> dict:
+        """Keyword arguments of ``api.patch`` that run this job alone.
+
+        Example:
+            >>> api.patch(job.finetuned, job.out, **job.patch_kwargs())  # doctest: +SKIP
+        """
+        kw = {k: (None if getattr(self, k) is None else str(getattr(self, k))) for k in PATH_KEYS}
+        kw.update(beta=self.beta, dare=self.dare, seed=self.seed, include=list(self.include),
+                  exclude=list(self.exclude), beta_rules=list(self.beta_rules), dtype=self.dtype,
+                  backend=self.backend, device=self.device)
+        return kw
+
+    def group_key(self) -> tuple:
+        return (str(self.aligned), str(self.unaligned), str(self.vector), self.device, self.backend)
+
+
+@dataclass
+class Group:
+    """Jobs run together: one fused pass, one Ray task, one Slurm array element."""
+
+    index: int
+    jobs: list[JobSpec]
+
+    @property
+    def device(self) -> str:
+        return self.jobs[0].device
+
+
+@dataclass
+class Manifest:
+    path: Path
+    jobs: list[JobSpec]
+    groups: list[Group]
+    group_size: int = DEFAULT_GROUP_SIZE
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    threads: int | None = None
+    fsync: bool = True
+    slurm: dict[str, str] = field(default_factory=dict)
+    out_bytes: dict[int, int] = field(default_factory=dict)  # job index -> weight bytes (deep check)
+
+    def select(self, groups: list[int] | None) -> list[Group]:
+        """The groups to run (all when ``groups`` is None)."""
+        if groups is None:
+            return list(self.groups)
+        bad = [g for g in groups if not 0 <= g < len(self.groups)]
+        if bad:
+            raise RestaError(f"--group {bad[0]}: {self.path} has {len(self.groups)} group(s), "
+                             f"numbered 0..{len(self.groups) - 1}")
+        return [self.groups[g] for g in groups]
+
+
+def load_manifest(path, *, group_size: int | None = None, deep: bool = True,
+                  groups: list[int] | None = None, here: bool = True) -> Manifest:
+    """Read, normalise and validate a manifest; raise ManifestError listing every problem.
+
+    Args:
+        path: YAML (``.yaml``/``.yml``) or JSON manifest.
+        group_size: overrides the manifest's ``group_size``.
+        deep: also open every job's checkpoints and build its plan (as ``patch``
+            would), and check existing outputs belong to the job.
+        groups: limit the deep check to these group indices (a Slurm element).
+        here: the jobs will run on this machine, so check that the devices and
+            backends exist here; False (Ray, Slurm) checks only their spelling,
+            and each worker checks its own.
+    Returns:
+        The Manifest (``out_bytes`` filled when deep).
+
+    Example:
+        >>> m = load_manifest("batch.yaml")  # doctest: +SKIP
+        >>> [len(g.jobs) for g in m.groups]
+    """
+    path = Path(path)
+    problems: list[str] = []
+    manifest = _parse(path, problems, group_size)
+    if manifest is not None:
+        _check_static(manifest, problems, here)
+        if deep and not problems:
+            from resta_fast.batch.local import check_jobs
+            check_jobs(manifest, manifest.select(groups), problems, here=here)
+    if problems:
+        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+        raise ManifestError(f"manifest {path}: {len(problems)} problem(s); nothing was written:\n  - "
+                            + "\n  - ".join(shown))
+    return manifest
+
+
+def _read(path: Path):
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"manifest {path}: cannot read it ({exc.strerror})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"manifest {path}: not valid JSON ({exc})") from None
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"manifest {path}: not valid YAML ({exc})") from None
+
+
+def _unknown(key: str, allowed, where: str) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+def _parse(path: Path, problems: list[str], group_size: int | None) -> Manifest | None:
+    raw = _read(path)
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest {path}: expected a mapping with a 'jobs' list at the top, "
+                            f"got {type(raw).__name__}")
+    root = path.resolve().parent
+    defaults: dict = {}
+    for key, value in raw.items():
+        if key in PATCH_KEYS:
+            defaults[key] = value
+        elif key not in TOP_KEYS:
+            extra = " (it is set per job)" if key in JOB_KEYS else ""
+            problems.append(_unknown(key, PATCH_KEYS + TOP_KEYS, "top level") + extra)
+    jobs_raw = raw.get("jobs")
+    if not isinstance(jobs_raw, list) or not jobs_raw:
+        problems.append("top level: 'jobs' must be a non-empty list of {finetuned, out, ...}")
+        return None
+    opts = _parse_options(raw, problems, group_size)
+    jobs, names = [], set()
+    for i, entry in enumerate(jobs_raw):
+        where = f"jobs[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected a mapping with finetuned and out, got {type(entry).__name__}")
+            continue
+        for key in entry:
+            if key not in PATCH_KEYS + JOB_KEYS:
+                problems.append(_unknown(key, PATCH_KEYS + JOB_KEYS, where)
+                                + (" (it is a top-level setting)" if key in TOP_KEYS else ""))
+        merged = {**defaults, **{k: v for k, v in entry.items() if k in PATCH_KEYS + JOB_KEYS}}
+        job = _parse_job(i, merged, root, problems)
+        if job is None:
+            continue
+        if job.name in names:
+            problems.append(f"{where}: name {job.name!r} is used by another job; names must be unique")
+        names.add(job.name)
+        jobs.append(job)
+    if len(jobs) != len(jobs_raw):
+        return None
+    return Manifest(path=path, jobs=jobs, groups=make_groups(jobs, opts["group_size"]), **opts)
+
+
+def _parse_options(raw: dict, problems: list[str], group_size: int | None) -> dict:
+    opts: dict = {"group_size": group_size if group_size is not None else raw.get("group_size",
+                                                                                  DEFAULT_GROUP_SIZE)}
+    if not _is_int(opts["group_size"]) or opts["group_size"] < 1:
+        problems.append(f"group_size must be an integer >= 1, got {opts['group_size']!r}")
+        opts["group_size"] = DEFAULT_GROUP_SIZE
+    for key, low in (("num_cpus", 0.0), ("num_gpus", 0.0)):
+        value = raw.get(key)
+        if value is not None and (not _is_number(value) or value < low or (key == "num_cpus" and value == 0)):
+            problems.append(f"{key} must be a number {'> 0' if key == 'num_cpus' else '>= 0'}, got {value!r}")
+            value = None
+        opts[key] = value
+    threads = raw.get("threads")
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        problems.append(f"threads must be an integer >= 1, got {threads!r}")
+        threads = None
+    opts["threads"] = threads
+    fsync = raw.get("fsync", True)
+    if not isinstance(fsync, bool):
+        problems.append(f"fsync must be true or false, got {fsync!r}")
+        fsync = True
+    opts["fsync"] = fsync
+    slurm = raw.get("slurm") or {}
+    if not isinstance(slurm, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float)) and "\n" not in f"{k}{v}"
+            for k, v in slurm.items()):
+        problems.append("slurm must map sbatch option names to single-line values, "
+                        "e.g. {partition: gpu, time: '04:00:00'}")
+        slurm = {}
+    opts["slurm"] = {k: str(v) for k, v in slurm.items()}
+    return opts
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _parse_job(i: int, d: dict, root: Path, problems: list[str]) -> JobSpec | None:
+    where = f"jobs[{i}]"
+    start = len(problems)
+
+    def path(key, required=False):
+        value = d.get(key)
+        if value is None:
+            if required:
+                problems.append(f"{where}: '{key}' is required")
+            return None
+        if not isinstance(value, str) or not value or "\x00" in value:
+            problems.append(f"{where}: {key} must be a path string, got {value!r}")
+            return None
+        # abspath, not resolve: the path is recorded in the output's provenance
+        # exactly as `patch` would record it when given this path.
+        return Path(os.path.abspath(root / os.path.expanduser(value)))
+
+    def strings(key):
+        value = d.get(key) or ()
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{where}: {key} must be a string or a list of strings, got {value!r}")
+            return ()
+        return tuple(value)
+
+    finetuned, out = path("finetuned", True), path("out", True)
+    paths = {k: path(k) for k in PATH_KEYS}
+    beta = d.get("beta", 1.0)
+    if not _is_number(beta):
+        problems.append(f"{where}: beta must be a finite number, got {beta!r}")
+    dare = d.get("dare")
+    if dare is not None and (not _is_number(dare) or not 0 <= dare < 1):
+        problems.append(f"{where}: dare must be a drop probability in [0, 1) or null, got {dare!r}")
+    seed = d.get("seed", 0)
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        problems.append(f"{where}: seed must be an integer in [0, 2**64), got {seed!r}")
+    rules = d.get("beta_rules") or ()
+    if isinstance(rules, dict):  # {REGEX: BETA} is the same as ["REGEX=BETA", ...]
+        rules = [f"{k}={v}" for k, v in rules.items()]
+    elif isinstance(rules, str):
+        rules = [rules]
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, str) for r in rules):
+        problems.append(f"{where}: beta_rules must be a list of 'REGEX=BETA' or a mapping "
+                        f"{{REGEX: BETA}}, got {rules!r}")
+        rules = ()
+    rules = tuple(rules)
+    dtype = d.get("dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        problems.append(f"{where}: dtype must be a string (bfloat16, float16, float32), got {dtype!r}")
+    backend = d.get("backend", "auto")
+    if backend not in BACKENDS:
+        problems.append(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = d.get("device", "cpu")
+    if not isinstance(device, str):
+        problems.append(f"{where}: device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    name = d.get("name")
+    if name is None and out is not None:
+        name = out.name
+    if not isinstance(name, str) or not name or any(c in name for c in "\n\r\x00"):
+        problems.append(f"{where}: name must be a non-empty single-line string, got {name!r}")
+    include, exclude = strings("include"), strings("exclude")
+    if len(problems) > start:
+        return None
+    return JobSpec(index=i, name=name, finetuned=finetuned, out=out, **paths, beta=float(beta),
+                   dare=None if dare is None else float(dare), seed=seed, include=include,
+                   exclude=exclude, beta_rules=rules, dtype=dtype, backend=backend, device=device)
+
+
+def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:
+    """Jobs sharing the shared inputs, device and backend, in manifest order,
+    ``group_size`` at a time. Deterministic: a Slurm element's ``--group K``
+    always names the same jobs, finished or not."""
+    by_key: dict[tuple, list[list[JobSpec]]] = {}
+    order: list[list[JobSpec]] = []
+    for job in jobs:
+        chunks = by_key.setdefault(job.group_key(), [])
+        if not chunks or len(chunks[-1]) >= group_size:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(job)
+    return [Group(i, g) for i, g in enumerate(order)]
+
+
+def _check_static(manifest: Manifest, problems: list[str], here: bool) -> None:
+    """Checks that need no checkpoint opened: paths, outputs, parameters."""
+    from resta_fast.api import resolve_device
+    from resta_fast.io.writer import check_output_location
+    from resta_fast.plan import BetaRule, parse_dtype
+    outs: dict[str, JobSpec] = {}
+    inputs = [(job, p) for job in manifest.jobs for p in job.input_paths()]
+    for job in manifest.jobs:
+        where = job.label
+        for key in ("finetuned",) + PATH_KEYS:
+            p = getattr(job, key)
+            if p is not None and not p.exists():
+                problems.append(f"{where}: {key} {p} does not exist")
+        if job.vector is not None and job.unaligned is not None:
+            problems.append(f"{where}: give either aligned and unaligned, or vector (not both)")
+        elif job.vector is None and (job.aligned is None or job.unaligned is None):
+            problems.append(f"{where}: needs aligned and unaligned, or vector")
+        if job.dare is not None and job.dare_base is None and job.aligned is None and job.base is None:
+            problems.append(f"{where}: dare needs the model the fine-tune started from: set dare_base "
+                            "(or aligned)")
+        checks = [(parse_dtype, job.dtype), (resolve_device if here else _device_spelling, job.device)]
+        checks += [(BetaRule.parse, r) for r in job.beta_rules]
+        checks += [(_regex, p, "include") for p in job.include]
+        checks += [(_regex, p, "exclude") for p in job.exclude]
+        for fn, *args in checks:
+            try:
+                fn(*args)
+            except RestaError as exc:
+                problems.append(f"{where}: {exc}")
+        real = os.path.realpath(job.out)
+        if real in outs:
+            problems.append(f"{where}: out {job.out} is also the out of {outs[real].label}")
+        outs[real] = job
+        # overwrite=True: an existing out is judged later (finished, corrupt, foreign).
+        try:
+            check_output_location(job.out, [], overwrite=True)
+        except RestaError as exc:
+            problems.append(f"{where}: {exc}")
+        out_real = Path(real)
+        for other, p in inputs:
+            in_real = Path(os.path.realpath(p))
+            if out_real == in_real or out_real.is_relative_to(in_real) or in_real.is_relative_to(out_real):
+                whose = "its own" if other is job else f"{other.label}'s"
+                problems.append(f"{where}: out {job.out} overlaps {whose} input {p}; outputs must be "
+                                "outside every input (inputs are never modified)")
+    for a, job_a in outs.items():
+        for b, job_b in outs.items():
+            if a != b and Path(b).is_relative_to(Path(a)):
+                problems.append(f"{job_b.label}: out {job_b.out} is inside {job_a.label}'s out {job_a.out}")
+
+
+def _regex(pattern: str, key: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise RestaError(f"{key} {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _device_spelling(device: str) -> None:
+    if device not in ("cpu", "auto") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise RestaError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
