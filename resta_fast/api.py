@@ -12,7 +12,7 @@ import datetime
 import json
 import math
 import shutil
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -20,11 +20,13 @@ import torch
 from resta_fast import __version__
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
-from resta_fast.io.writer import AtomicOutputDir, check_output_location
+from resta_fast.io.lock import OutputLock, clean_stale_temps
+from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_location
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.reference import store
 from resta_fast.lora import LoraFinetuned, is_adapter
 from resta_fast.pipeline.cpu import DEFAULT_CHUNK_ELEMS, Inputs, run_plan
+from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
 from resta_fast.plan import BetaRule, Plan, build_plan, parse_dtype
 
 REPORT_NAME = "resta_fast.json"
@@ -61,7 +63,27 @@ def _progress_bar(total: int, enabled: bool, desc: str):
         count[0] += 1
         bar.update(nbytes)
         bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
+        raise_if_interrupted()  # every pipeline reports each finished tensor here
     return bar, update
+
+
+@contextmanager
+def _output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: str):
+    """Own ``out`` for one run: lock it, re-check it, clear dead runs' leftovers.
+
+    Also defers Ctrl-C to tensor boundaries, and turns an OSError from the
+    body (disk full while copying side files or writing the report) into
+    one clean RestaError after the temp output has been removed.
+    """
+    # Signals first: a Ctrl-C while the lock is being taken must not leave its file behind.
+    with tensor_boundary_signals(), OutputLock(out, command=command):
+        check_output_location(out, input_paths, overwrite)  # again: the lock makes it authoritative
+        clean_stale_temps(out)
+        try:
+            yield
+        except OSError as exc:
+            # filename2 is the destination when shutil.copyfile fails.
+            raise _write_error(Path(exc.filename2 or exc.filename or out), exc) from None
 
 
 def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str, device: str,
@@ -73,7 +95,8 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
     metadata = output_metadata(provenance)
     total = sum(t.numel * _itemsize(t.out_dtype) for t in plan.tensors())
     bar, update = _progress_bar(total, progress, f"resta-fast -> {out.name}")
-    with AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
+    with _output_guard(out, input_paths, overwrite, provenance.get("command", "patch")), \
+            AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
         if device.startswith("cuda"):
             from resta_fast.pipeline.gpu import DEFAULT_POOL_BYTES, run_plan_gpu
             stats = run_plan_gpu(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare,
@@ -85,6 +108,7 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
                              progress=update)
         report = finish_output(outdir.tmp, plan, inputs.finetuned, stats, provenance,
                                backend_name=backend_name, device=device, fsync=fsync)
+        raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
         outdir.commit()
     report["out"] = str(out)
     return report

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from resta_fast.errors import CheckpointError
-from resta_fast.io.reader import SafetensorsFile, TensorInfo
+from resta_fast.io.reader import MAX_HEADER_BYTES, SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,6 +33,23 @@ QUANTIZED_SUFFIXES = (
     (".quant_state.bitsandbytes__fp4", "bitsandbytes 4-bit"), (".SCB", "bitsandbytes 8-bit"),
     (".weight_scale_inv", "FP8 block"), (".weight_scale", "FP8/compressed-tensors"),
 )
+
+
+def _link_target_allowed(root: Path, real: str) -> bool:
+    """Whether a weight file that resolves to ``real`` may be read for model ``root``.
+
+    Its own directory, or, for a Hugging Face hub cache snapshot
+    (``.../models--org--name/snapshots/REV/``), that repository's ``blobs/``
+    directory, where the hub keeps the files its snapshot links point to.
+    """
+    root_real = os.path.realpath(root)
+    parent = os.path.dirname(real)
+    if parent == root_real:
+        return True
+    snapshots = os.path.dirname(root_real)
+    if os.path.basename(snapshots) == "snapshots":
+        return parent == os.path.join(os.path.dirname(snapshots), "blobs")
+    return False
 
 
 class Checkpoint:
@@ -80,8 +97,11 @@ class Checkpoint:
         if config.is_file():
             try:
                 self.config = json.loads(config.read_text())
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RecursionError) as exc:
                 raise CheckpointError(f"{config}: not valid JSON ({exc}); fix or remove it") from None
+            if not isinstance(self.config, dict):
+                raise CheckpointError(f"{config}: must be a JSON object, got "
+                                      f"{type(self.config).__name__}; fix or remove it")
         index = root / INDEX_NAME
         if index.is_file():
             self._open_index(index)
@@ -107,7 +127,12 @@ class Checkpoint:
 
     def _open_index(self, index: Path) -> None:
         try:
+            if index.stat().st_size > MAX_HEADER_BYTES:  # same bound as a header: real ones are < 10 MB
+                raise CheckpointError(f"{index}: {index.stat().st_size} bytes is over the "
+                                      f"{MAX_HEADER_BYTES}-byte cap; the index is corrupt, regenerate it")
             obj = json.loads(index.read_text())
+        except RecursionError:
+            raise CheckpointError(f"{index}: JSON nested too deeply; regenerate the index") from None
         except (ValueError, OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{index}: not valid JSON ({exc}); regenerate the index") from None
         weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
@@ -115,14 +140,13 @@ class Checkpoint:
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor -> shard file")
         self.index_metadata = obj.get("metadata") or {}
-        root_real = os.path.realpath(self.path)
         for shard in sorted(set(weight_map.values())):
             if (not shard or "/" in shard or "\\" in shard or shard in (".", "..")
                     or os.path.isabs(shard) or "\x00" in shard):
                 raise CheckpointError(f"{index}: shard name {shard!r} is not a plain file name; "
                                       "refusing to read outside the model directory")
             real = os.path.realpath(self.path / shard)
-            if os.path.dirname(real) != root_real:
+            if not _link_target_allowed(self.path, real):
                 raise CheckpointError(f"{index}: shard {shard!r} is a link pointing outside the "
                                       f"model directory ({real}); refusing to read it")
             if not (self.path / shard).is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from resta_fast.errors import CheckpointError
 # checkpoint shard's header is well under 1 MB, so this only stops hostile files
 # from making us allocate and parse gigabytes of JSON.
 MAX_HEADER_BYTES = 100_000_000
+# A valid header is 3 levels deep ({name: {"shape": [...]}}); anything deeper is hostile.
 MAX_JSON_DEPTH = 8
+# Headers at least this big get their object count checked before parsing (see
+# _container_budget_exceeded); ~10k tensors' worth, so real headers rarely do.
+BUDGET_CHECK_BYTES = 1 << 20
+# No real checkpoint has a tensor of rank > 64 (numpy's and most kernels' limit);
+# bounding it keeps a hostile `shape` list from being an allocation bomb.
+MAX_RANK = 64
 
 DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
     "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1),
@@ -65,6 +73,18 @@ class TensorInfo:
         return self.end - self.start
 
 
+def _clip(value, limit: int = 80) -> str:
+    """repr() short enough for a one-line error, whatever a hostile file put there."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_int(text: str):
+    # JSON "-0" is an integer to Python but a float to serde (the official
+    # loader rejects it as a shape/offset): make it a float so we reject it too.
+    return -0.0 if text == "-0" else int(text)
+
+
 def _reject_duplicates(pairs):
     out = {}
     for key, value in pairs:
@@ -74,49 +94,110 @@ def _reject_duplicates(pairs):
     return out
 
 
-def _json_depth(obj, depth=0) -> int:
-    if isinstance(obj, dict):
-        return max([_json_depth(v, depth + 1) for v in obj.values()], default=depth + 1)
-    if isinstance(obj, list):
-        return max([_json_depth(v, depth + 1) for v in obj], default=depth + 1)
-    return depth
+def _json_depth(obj) -> int:
+    """Nesting depth, iteratively: a recursive walk could itself overflow."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((v, depth) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+# Unrolled-loop form: linear time, no backtracking on long strings.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _container_budget_exceeded(header: bytes) -> tuple[int, int] | None:
+    """(found, allowed) when the header holds more JSON objects/lists than a valid one can.
+
+    A valid header has one object per tensor entry plus two lists (shape,
+    data_offsets), the top-level object and ``__metadata__``. Counting before
+    json.loads stops a header of ``[{},{},...]`` from costing ~20x its size in
+    Python objects. Braces inside strings (JSON metadata values) are not
+    structure, so the exact count strips strings first; the raw count is a
+    cheap upper bound that settles almost every real header. Headers under
+    1 MB are cheap to parse whatever they hold, and skip the check so their
+    errors can name the offending tensor.
+    """
+    if len(header) < BUDGET_CHECK_BYTES:
+        return None
+    allowed = 2 + 3 * header.count(b'"data_offsets"')
+    if header.count(b"{") + header.count(b"[") <= allowed:
+        return None
+    bare = _JSON_STRING.sub(b'""', header)
+    found = bare.count(b"{") + bare.count(b"[")
+    return (found, allowed) if found > allowed else None
+
+
+def _valid_utf8(text: str) -> bool:
+    """False for strings JSON escapes can build but UTF-8 cannot hold (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_header(path: Path, header: bytes, file_size: int):
     """Validate a raw header; return (metadata, {name: TensorInfo} in file order)."""
     def bad(msg, tensor=None):
-        where = f"{path}" + (f", tensor {tensor!r}" if tensor is not None else "")
+        where = f"{path}" + (f", tensor {_clip(tensor, 200)}" if tensor is not None else "")
         return CheckpointError(f"{where}: {msg}")
 
     try:
         text = header.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except UnicodeDecodeError as exc:
+        raise bad(f"header is not valid UTF-8 (byte {exc.start} of the header); tensor names and "
+                  "metadata must be UTF-8 — the file is corrupt or not safetensors") from None
+    excess = _container_budget_exceeded(header)
+    if excess is not None:
+        raise bad(f"header JSON holds {excess[0]} objects/lists where a valid header can hold at most "
+                  f"{excess[1]}; the file is corrupt or hostile")
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_int=_parse_int)
+    except RecursionError:
+        raise bad("header JSON is nested deeper than safetensors allows; the file is corrupt") from None
+    except ValueError as exc:
         raise bad(f"header is not valid JSON ({exc}); the file is corrupt or not "
                   "safetensors — re-export or re-download it") from None
     if not isinstance(obj, dict):
         raise bad("header must be a JSON object of tensors; the file is corrupt")
     if _json_depth(obj) > MAX_JSON_DEPTH:
         raise bad("header JSON is nested deeper than safetensors allows; the file is corrupt")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise bad("__metadata__ must map strings to strings")
+        raise bad("__metadata__ must map strings to strings; the file is corrupt")
+    if not all(_valid_utf8(k) and _valid_utf8(v) for k, v in metadata.items()):
+        raise bad("__metadata__ holds a string that is not valid UTF-8 (a lone surrogate escape)")
     data_start = 8 + len(header)
     data_len = file_size - data_start
     infos = []
     for name, entry in obj.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise bad("entry must be an object with exactly dtype, shape, data_offsets", name)
+        if not _valid_utf8(name):
+            raise bad("tensor name is not valid UTF-8 (a lone surrogate escape); the file is corrupt",
+                      name)  # repr() escapes the surrogate, so the message itself stays printable
+        if not isinstance(entry, dict):
+            raise bad(f"entry is a JSON {type(entry).__name__}, not an object with dtype, shape, "
+                      "data_offsets; the file is corrupt", name)
+        if set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry has keys {_clip(sorted(entry))}; it must have exactly dtype, shape, "
+                      "data_offsets — the file is corrupt", name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise bad(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-        if not isinstance(shape, list) or not all(
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise bad(f"unknown dtype {_clip(dtype)} (known: {', '.join(DTYPES)})", name)
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
                 type(d) is int and 0 <= d < 2**62 for d in shape):
-            raise bad(f"shape must be a list of non-negative integers, got {shape!r}", name)
+            raise bad(f"shape must be a list of at most {MAX_RANK} non-negative integers, "
+                      f"got {_clip(shape)}", name)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(
                 type(o) is int and 0 <= o < 2**63 for o in offsets) and offsets[0] <= offsets[1]):
-            raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}", name)
+            raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {_clip(offsets)}",
+                      name)
         numel = 1
         for d in shape:
             numel *= d
@@ -205,7 +286,11 @@ class SafetensorsFile:
         torch_dtype = DTYPES[info.dtype][0]
         if info.nbytes == 0:
             return torch.empty(0, dtype=torch_dtype)
-        raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        mapping = self._map()
+        if info.end > len(mapping):  # validated at open; re-checked so no kernel sees a bad range
+            raise CheckpointError(f"{self.path}, tensor {name!r}: byte range [{info.start}, {info.end}) "
+                                  f"is past the mapping ({len(mapping)} bytes)")
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return raw.view(torch_dtype)
 
     def raw(self, name: str) -> memoryview:

@@ -60,10 +60,13 @@ class TensorFileWriter:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.ftruncate(self.fd, self.size)
-            write_all(self.fd, memoryview(self.header), 0, path)
+            write_all(self.fd, memoryview(self.header), 0, path)  # raises RestaError itself
         except OSError as exc:
             os.close(self.fd)
             raise _write_error(path, exc) from None
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def close(self, fsync: bool) -> None:
         if self.fd < 0:
@@ -92,7 +95,10 @@ def write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
 
 def _write_error(path: Path, exc: OSError) -> RestaError:
     hint = {28: "the disk is full; free space or choose another --out",
-            27: "the file-size limit was hit (ulimit -f); raise it or choose another --out"}
+            27: "the file-size limit was hit (ulimit -f); raise it or choose another --out",
+            122: "the disk quota is exhausted; free space or choose another --out",
+            # pwrite from an mmap'd input whose file shrank underneath us.
+            14: "an input file was probably truncated during the run; rerun once inputs are stable"}
     return RestaError(f"{path}: write failed ({exc.strerror}); "
                       f"{hint.get(exc.errno, 'check the output location')}. Nothing was kept.")
 
@@ -149,6 +155,12 @@ class AtomicOutputDir:
 
     def commit(self) -> None:
         """fsync the files and directory, then rename into place."""
+        try:
+            self._commit()
+        except OSError as exc:
+            raise _write_error(Path(exc.filename or self.tmp), exc) from None
+
+    def _commit(self) -> None:
         if self.fsync:
             for child in self.tmp.iterdir():
                 if child.is_file():
@@ -165,7 +177,12 @@ class AtomicOutputDir:
                                  "(pass --overwrite to replace)")
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, trash)
-        os.rename(self.tmp, self.out)
+        try:
+            os.rename(self.tmp, self.out)
+        except OSError:
+            if trash is not None:
+                os.rename(trash, self.out)  # put the previous output back
+            raise
         self.committed = True
         if self.fsync:
             _fsync_dir(self.out.parent)

@@ -25,6 +25,7 @@ from resta_fast import rng
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import DTYPES
 from resta_fast.io.writer import TensorFileWriter
+from resta_fast.pipeline.interrupt import raise_if_interrupted
 from resta_fast.pipeline.stream import StagedWriter, WriteJob, new_hasher
 from resta_fast.plan import Plan, TensorPlan
 
@@ -71,6 +72,19 @@ class _Source:
         self.info = ckpt.info(name)
         self.view = ckpt.tensor_view(name)
         self.itemsize = self.view.element_size()
+        file_of = getattr(ckpt, "file_of", None)  # virtual (LoRA-merged) inputs have no file
+        self.file = file_of(name) if file_of is not None else None
+
+    def check(self):
+        """Raise CheckpointError if the input file was truncated or replaced.
+
+        Called before each chunk is read: touching a page of a truncated mmap
+        kills the process with SIGBUS, so this narrows that window to one chunk.
+        A truncation inside that window still ends the run with SIGBUS; like a
+        SIGKILL it leaves only a temp dir, which the next run removes.
+        """
+        if self.file is not None:
+            self.file.check_unchanged()
 
     def prefetch(self, lo, hi):
         self.ckpt.prefetch(self.name, lo * self.itemsize, hi * self.itemsize)
@@ -112,6 +126,7 @@ def run_plan(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: 
                               chunk_elems, stats)
                 if progress is not None:
                     progress(t.numel * DTYPES[t.out_dtype][1], t.name)
+                raise_if_interrupted()
             writer.drain()
             for ck in inputs.all():
                 ck.check_unchanged()
@@ -142,6 +157,7 @@ def _write_tensor(t: TensorPlan, inputs: Inputs, out: TensorFileWriter, writer: 
         tensor_seed = rng.tensor_seed(seed, t.seed_name or t.name) if dare is not None else 0
         for lo, hi in _chunks(patched, chunk_elems):
             for s in srcs:
+                s.check()
                 s.prefetch(hi, min(patched, hi + chunk_elems))
             buf = writer.acquire()
             try:
@@ -180,6 +196,7 @@ def _write_unpatched(t: TensorPlan, f: _Source, out: TensorFileWriter, writer: S
             step = writer.buffer_bytes
             for lo in range(patched * f.itemsize, n * f.itemsize, step):
                 hi = min(n * f.itemsize, lo + step)
+                f.check()
                 f.ckpt.prefetch(t.name, hi, hi + step)
                 writer.submit(WriteJob(out.fd, dst_start + lo, _bytes(raw[lo:hi]), out.path, None,
                                        on_done=_releaser(f.ckpt, t.name, lo, hi), hasher=hasher))
@@ -187,6 +204,7 @@ def _write_unpatched(t: TensorPlan, f: _Source, out: TensorFileWriter, writer: S
         else:
             for lo, hi in _chunks(n - patched, chunk_elems):
                 lo, hi = lo + patched, hi + patched
+                f.check()
                 buf = writer.acquire()
                 dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
                 try:

@@ -1,0 +1,176 @@
+"""`resta-fast verify`: hashes, headers, and bit-exact recomputation of a seeded sample."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from checkpoints import three_models
+from safetensors.torch import load_file, save_file
+
+from resta_fast import api, rng
+from resta_fast.cli import main
+from resta_fast.kernels import reference
+from resta_fast.verify import patch_at, uniform_at, verify
+
+SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}
+
+
+def checks(result) -> dict:
+    return {c["name"]: c for c in result["checks"]}
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory):
+    """A sharded DARE patch with per-pattern β and an exclude, and its inputs."""
+    root = tmp_path_factory.mktemp("verify")
+    ft, al, un = three_models(root, shards=2, **SMALL)
+    out = root / "out"
+    api.patch(ft, out, aligned=al, unaligned=un, beta=0.5, dare=0.3, seed=7, beta_rules=[r"mlp\.=0.25"],
+              exclude=["norm"], backend="torch", fsync=False)
+    return root, ft, al, un, out
+
+
+def test_clean_output_passes_every_check(patched, capsys):
+    _, ft, al, un, out = patched
+    for against in ([], [str(ft), str(al), str(un)]):
+        result = verify(out, against, samples=100_000)  # more than the elements: all are checked
+        assert result["ok"], result
+        c = checks(result)
+        assert set(c) == {"report", "sha256", "headers", "inputs", "plan", "sample"}
+        assert c["sample"]["detail"].endswith("match bit for bit (seed 0)")
+    assert main(["verify", str(out), "--against", "--samples", "2000"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[-1] == "PASS" and "sample: " in text
+
+
+def test_a_single_flipped_bit_is_caught(patched, tmp_path, capsys):
+    _, ft, al, un, out = patched
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    shard = bad / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(bad), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    c = checks(result)
+    assert not result["ok"] and not c["sha256"]["ok"] and c["headers"]["ok"]
+    assert c["sha256"]["problems"] == [
+        f"{shard.name}: sha256 {c['sha256']['problems'][0].split()[2]} but resta_fast.json records "
+        f"{json.loads((bad / 'resta_fast.json').read_text())['files'][shard.name][:16]}..."]
+    assert main(["verify", str(bad)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "FAIL"
+
+
+def test_sample_catches_a_wrong_value_even_with_matching_hashes(patched, tmp_path):
+    """A wrong element whose file hash was 'fixed' up too: only recomputation can tell."""
+    _, ft, al, un, out = patched
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    shard = bad / "model-00001-of-00002.safetensors"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    if name not in load_file(str(shard)):
+        shard = bad / "model-00002-of-00002.safetensors"
+    from resta_fast.io.reader import SafetensorsFile
+    f = SafetensorsFile(shard)
+    start = f.tensors[name].start + 2 * 5  # element 5 (bf16)
+    f.close()
+    data = bytearray(shard.read_bytes())
+    data[start] ^= 0x01
+    shard.write_bytes(bytes(data))
+    report = json.loads((bad / "resta_fast.json").read_text())
+    report["files"][shard.name] = api._sha256_file(shard)
+    (bad / "resta_fast.json").write_text(json.dumps(report))
+    assert verify(bad)["ok"]  # hashes and headers alone cannot see it
+    result = verify(bad, [], samples=100_000)
+    c = checks(result)
+    assert not result["ok"] and c["sha256"]["ok"] and not c["sample"]["ok"]
+    assert c["sample"]["problems"][0].startswith(f"{name}: 1 of 64 sampled elements differ, e.g. element 5:")
+
+
+def test_wrong_inputs_are_reported(patched, tmp_path):
+    root, ft, al, un, out = patched
+    # Swapped aligned/unaligned: same headers, so the (header-only) fingerprints agree;
+    # the recomputed values do not.
+    c = checks(verify(out, [str(ft), str(un), str(al)], samples=5000))
+    assert c["inputs"]["ok"] and not c["sample"]["ok"]
+    other, _, _ = three_models(tmp_path, vocab=24, hidden=8, layers=1, inter=12)
+    result = verify(out, [str(other), str(al), str(un)], samples=5000)
+    c = checks(result)
+    assert not result["ok"] and not c["inputs"]["ok"] and not c["plan"]["ok"]
+    assert c["inputs"]["problems"][0].startswith(f"finetuned {other}: files ['model.safetensors'] but the "
+                                                 "run read ['model-00001-of-00002.safetensors'")
+
+
+def test_unrecorded_weight_file_and_missing_report(patched, tmp_path, capsys):
+    _, _, _, _, out = patched
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    save_file({"x": torch.zeros(2)}, str(bad / "extra.safetensors"))
+    c = checks(verify(bad))
+    assert c["sha256"]["problems"] == ["extra.safetensors: weight file not recorded in resta_fast.json; "
+                                       "loaders would read it"]
+    (bad / "resta_fast.json").unlink()
+    result = verify(bad)
+    assert not result["ok"] and checks(result)["report"]["problems"][0].endswith(
+        "is missing: this is not a finished resta-fast output")
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_vector_mode_dtype_override_and_extra_vocab(tmp_path):
+    ft, al, un = three_models(tmp_path, ft_extra_rows=3, dtype=torch.float16, **SMALL)
+    vec = tmp_path / "vec"
+    api.make_vector(al, un, vec, fsync=False)
+    assert verify(vec, [str(al), str(un)], samples=100_000)["ok"]
+    out = tmp_path / "out"
+    api.patch(ft, out, vector=vec, dare_base=al, beta=0.75, dare=0.5, seed=3, dtype="bfloat16",
+              exclude=["norm"], backend="torch", fsync=False)
+    result = verify(out, [str(ft), str(vec)], dare_base=str(al), samples=100_000)
+    assert result["ok"], result
+    with pytest.raises(Exception, match="pass it with --dare-base"):
+        verify(out, [str(ft), str(vec)])
+
+
+def test_uniform_at_and_patch_at_match_the_reference_backend():
+    seed = rng.tensor_seed(5, "w")
+    idx = torch.arange(3, 1000, dtype=torch.int64)
+    assert torch.equal(uniform_at(seed, idx), rng.uniform(seed, 3, len(idx)))
+    g = torch.Generator().manual_seed(0)
+    f, a, u, b = (torch.randn(len(idx), generator=g).to(torch.bfloat16) for _ in range(4))
+    want = torch.empty(len(idx), dtype=torch.bfloat16)
+    reference.patch_into(want, f, a, u, b, beta=0.7, p=0.4, seed=seed, offset=3)
+    got = torch.empty_like(want)
+    patch_at(got, f, a, u, b, beta=0.7, p=0.4, seed=seed, idx=idx)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_lora_output_recomputes_through_the_merge(tmp_path):
+    """A LoRA patch: verify opens the adapter on its base and recomputes the merged values."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    base = tmp_path / "base"
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(base)
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    un = tmp_path / "un"
+    un.mkdir()
+    t = {k: (v.float() + 0.01).to(v.dtype) for k, v in load_file(str(base / "model.safetensors")).items()}
+    save_file(t, str(un / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(base / "config.json", un / "config.json")
+    out = tmp_path / "out"
+    api.patch(tmp_path / "adapter", out, aligned=base, unaligned=un, beta=0.5, dare=0.1, seed=2,
+              backend="torch", fsync=False)
+    result = verify(out, [], samples=100_000)
+    assert result["ok"], result
+    total = sum(v.numel() for v in load_file(str(out / "model.safetensors")).values())
+    assert checks(result)["sample"]["detail"].startswith(f"{total} elements")  # every element
