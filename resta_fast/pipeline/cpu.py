@@ -560,6 +560,8 @@ def _write_fused(name: str, items: list[tuple[_JobRun, TensorPlan]], kernel, thr
 def _fused_chunk(w: _FusedItem, lo: int, hi: int, kernel, threads) -> None:
     t, writer, stats, dare = w.t, w.run.writer, w.run.job.stats, w.run.job.dare
     out_torch, out_itemsize = DTYPES[t.out_dtype]
+    for s in w.sources():
+        s.check()  # a truncated input fails this job here, not the process with SIGBUS
     buf = writer.acquire()
     try:
         dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
