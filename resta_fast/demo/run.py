@@ -191,14 +191,18 @@ def choose_beta(stages: dict[str, Path], data: dict[str, Path], *, backend: str,
     Returns:
         {"beta": β, "rule": text, "tune": tune's result}.
     """
-    from resta_fast.eval.tune import tune
+    from resta_fast.eval.tune import format_table, tune
 
+    # out=None: per-candidate eval reports would cost a plot each; tune.md is written below.
     res = tune(stages["finetuned"], list(BETAS), prompts=str(data["harmful_val"]),
                max_harmful=VAL_MAX_HARMFUL, aligned=str(stages["aligned"]),
                unaligned=str(stages["unaligned"]), max_utility_drop=MAX_TASK_DROP,
                utility=str(data["task_val"]), judges=[refusal_judge()],
                patch_options={"backend": backend, "fsync": False}, eval_options=dict(EVAL_OPTIONS),
-               workdir=workdir, out=out)
+               workdir=workdir, out=None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    (out / "tune.md").write_text(f"{format_table(res)}\n\n`{res['tune_line']}`\n", encoding="utf-8")
     rule = (f"smallest β with validation harmful rate ≤ {VAL_MAX_HARMFUL:g} and task exact match "
             f"≤ {MAX_TASK_DROP:g} below the fine-tune (resta_fast.eval.tune)")
     if res["chosen_beta"] is not None:
@@ -342,6 +346,10 @@ def run_demo(out, seed: int = DEFAULT_SEED, *, retrain: bool = False, backend: s
     t_start = time.time()
     _BACKENDS_USED.clear()
     out = Path(out)
+    if (out / "demo.json").is_file():
+        # A previous demo run: drop its per-model outputs so none from another β grid linger.
+        for sub in ("tune", "eval", "models"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     models_dir = out / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     stages = ensure_models(seed, retrain=retrain)
