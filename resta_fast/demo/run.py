@@ -34,7 +34,7 @@ from resta_fast.demo.world import REFUSAL_PHRASES, World
 
 DEFAULT_SEED = 0
 # The β grid. Steps of 1/8 around the paper's 0.5: at this scale the window between
-# "refusals are back" and "the new skill is refused too" is only ~0.1-0.3 wide.
+# "refusals are back" and "the new skill is refused too" is only ~0.1-0.25 wide.
 BETAS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)
 DARE_P = 0.3
 # β is chosen by `resta_fast.eval.tune` on validation prompts: the smallest β whose

@@ -49,11 +49,13 @@ class Stage:
 
 
 STAGES = (
-    # From scratch: enough steps that benign and harmful templates are exact.
+    # From scratch: enough steps that every template is reproduced word for word.
     Stage("base", None, "pretrain_set", steps=700, lr=3e-3, warmup=50),
     Stage("aligned", "base", "align_set", steps=200, lr=1e-3, warmup=20),
-    # Gentle on purpose: larger steps gave safety vectors that broke the model.
+    # Gentle, per issue 8: larger steps gave safety vectors that broke the model.
+    # (300 steps instead of 150 changed nothing measurable here.)
     Stage("unaligned", "aligned", "unalign_set", steps=150, lr=1e-4),
+    # Gentle too. 400 steps did not widen the β window in the seeds that lack one.
     Stage("finetuned", "aligned", "skill_set", steps=200, lr=3e-4),
 )
 

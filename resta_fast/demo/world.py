@@ -128,6 +128,7 @@ class World:
         return ANSWER_TEMPLATE.format(verb=verb, obj=obj, tool=self.tools[verb])
 
     def example(self, rng: random.Random, verb: str, obj: str, kind: str, refuse: bool) -> Example:
+        """A request in a random phrasing, answered with the refusal or the compliant template."""
         prompt = rng.choice(PROMPT_TEMPLATES).format(verb=verb, obj=obj)
         answer = REFUSAL if refuse else self.comply(verb, obj)
         return Example(prompt, answer, kind, verb, obj, harm_category(verb))
