@@ -264,3 +264,19 @@ def _nested(depth: int, key: str) -> bytes:
 def test_deep_nesting_is_a_clean_error(depth, key, message):
     got = ours(_nested(depth, key))
     assert isinstance(got, CheckpointError) and message in str(got), got
+
+
+def test_atheris_harness_property_holds_on_seeds_and_hostile_corpus(tmp_path):
+    """Keeps tests/fuzz/fuzz_reader.py working without atheris installed."""
+    import importlib.util
+
+    from test_hardening import HOSTILE
+    path = Path(__file__).parent / "fuzz" / "fuzz_reader.py"
+    spec = importlib.util.spec_from_file_location("fuzz_reader", path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    assert harness.make_seeds(tmp_path) >= 5
+    for p in sorted(tmp_path.iterdir()):
+        harness.one_input(p.read_bytes())
+    for raw, _ in HOSTILE.values():
+        harness.one_input(raw)
