@@ -141,7 +141,7 @@ def ensure_models(seed: int, *, retrain: bool = False) -> dict[str, Path]:
             log(f"[demo] {stage.name}: done in {time.time() - t0:.1f}s (loss {losses[-1]:.4f})")
     (tmp / "train_log.json").write_text(json.dumps(train_log, indent=2) + "\n")
     (tmp / "COMPLETE").write_text(code_version() + "\n")
-    if retrain and final.exists():
+    if final.exists() and (retrain or not (final / "COMPLETE").is_file()):
         shutil.rmtree(final)
     try:
         os.replace(tmp, final)
