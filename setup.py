@@ -14,6 +14,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 SOURCES = ["csrc/patch.cpp", "csrc/bindings.cpp"]
+# Headers: a change rebuilds the extension, and sdists ship them.
+HEADERS = ["csrc/patch.h", "csrc/philox.h"]
 
 
 class OptionalBuildExt(build_ext):
@@ -58,7 +60,7 @@ def native_extensions():
     # native kernel is bit-identical to the torch and Triton backends.
     flags = ["-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
     flags += ["-O0", "-g"] if debug else ["-O3"]
-    return [Pybind11Extension("resta_fast._C", SOURCES, extra_compile_args=flags,
+    return [Pybind11Extension("resta_fast._C", SOURCES, depends=HEADERS, extra_compile_args=flags,
                               extra_link_args=["-fopenmp"], cxx_std=17)]
 
 

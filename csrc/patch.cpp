@@ -24,6 +24,10 @@
 #include <atomic>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "philox.h"
 
 #ifdef __FAST_MATH__
@@ -357,18 +361,38 @@ struct Variant {
   float (*mul_add)(float, float, float);
 };
 
+// The IEEE default floating-point environment for the duration of a range:
+// round to nearest even, no flush-to-zero or denormals-are-zero, exceptions
+// masked. A caller that set FTZ/DAZ (torch.set_flush_denormal(True) does)
+// would otherwise change subnormal results, and OpenMP workers, which keep
+// the environment they started with, would disagree with the calling thread.
+class IeeeEnvironment {
+ public:
+#if defined(__x86_64__) && defined(__GNUC__)
+  IeeeEnvironment() : saved_(_mm_getcsr()) { _mm_setcsr(kDefaultMxcsr); }
+  ~IeeeEnvironment() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kDefaultMxcsr = 0x1F80;  // all exceptions masked, RNE
+  unsigned saved_;
+#endif
+};
+
 // One variant per instruction set: the always_inline bodies above are
 // compiled again inside each wrapper with that wrapper's target.
 // mul_add_* exists to prove -ffp-contract=off took effect in each variant.
 #define RESTA_VARIANT(suffix, target_attr, isa)                                              \
   target_attr float mul_add_##suffix(float a, float b, float c) { return a * b + c; }       \
   target_attr int64_t patch_##suffix(const PatchArgs& g, int64_t begin, int64_t end) {      \
+    IeeeEnvironment ieee;                                                                    \
     return patch_range<isa>(g, begin, end);                                                  \
   }                                                                                          \
   target_attr int64_t convert_##suffix(const PatchArgs& g, int64_t begin, int64_t end) {    \
+    IeeeEnvironment ieee;                                                                    \
     return convert_range<isa>(g, begin, end);                                                \
   }                                                                                          \
   target_attr int64_t uniform_##suffix(const PatchArgs& g, int64_t begin, int64_t end) {    \
+    IeeeEnvironment ieee;                                                                    \
     return uniform_range<isa>(g, begin, end);                                                \
   }
 
@@ -394,10 +418,18 @@ const Variant kVariants[] = {
 
 std::atomic<const Variant*> g_variant{nullptr};
 
+// __builtin_cpu_supports needs this first when called from a constructor or
+// before libgcc's own initializer; harmless otherwise.
+void cpu_init() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+#endif
+}
+
 const Variant& current() {
   const Variant* v = g_variant.load(std::memory_order_acquire);
   if (v == nullptr) {
-    __builtin_cpu_init();
+    cpu_init();
     for (const Variant& candidate : kVariants) {
       if (candidate.supported()) {
         v = &candidate;
@@ -461,7 +493,7 @@ void uniform(float* out, uint64_t seed, int64_t offset, int64_t n, int threads) 
 std::string isa() { return current().name; }
 
 std::vector<std::string> isa_supported() {
-  __builtin_cpu_init();
+  cpu_init();
   std::vector<std::string> names;
   for (const Variant& v : kVariants)
     if (v.supported()) names.emplace_back(v.name);
@@ -475,7 +507,7 @@ std::vector<std::string> isa_compiled() {
 }
 
 bool set_isa(const std::string& name) {
-  __builtin_cpu_init();
+  cpu_init();
   for (const Variant& v : kVariants) {
     if (name == v.name) {
       if (!v.supported()) return false;

@@ -147,13 +147,17 @@ def oracle_values(t):
 def _oracle_cached(key):
     out_dtype, n, dtypes, case_seed, use_u, use_b, specials, beta, p, seed, offset = key
     f, a, u, b = make_case(n, dtypes, case_seed, specials)
-    u = u if use_u else None
-    b = b if use_b else None
+    return _patch_oracle(out_dtype, f, a, u if use_u else None, b if use_b else None, beta=beta, p=p,
+                         seed=seed, offset=offset)
+
+
+def _patch_oracle(out_dtype, f, a, u, b, *, beta, p, seed, offset):
+    """tests/elementwise.py over given tensors."""
     cols = [oracle_values(t) for t in (f, a, u, b)]
-    with np.errstate(all="ignore"):  # NaN/inf inputs are the point here
+    with np.errstate(all="ignore"):
         bits = [elementwise.patch_element(cols[0][i], cols[1][i], None if u is None else cols[2][i],
                                           None if b is None else cols[3][i], beta, p, seed, offset + i,
-                                          NAME[out_dtype]) for i in range(n)]
+                                          NAME[out_dtype]) for i in range(f.numel())]
     return from_bits(bits, out_dtype)
 
 
@@ -261,6 +265,21 @@ def test_in_place_output_over_finetuned(backend):
     want = run(ref, BF16, f, a, u, b, beta=0.5, p=0.3, seed=1)
     backend.patch_into(f, f, a, u, b, beta=0.5, p=0.3, seed=1)
     assert_same_bits(f, want, f"{backend.__name__}: in place")
+
+
+def test_caller_flush_to_zero_does_not_change_results(cpp):
+    # Inputs whose differences and outputs are fp32 subnormals.
+    dtypes = (F32, F32, F32, F32)
+    f, a, u, b = (x * 1e-38 for x in make_case(1023, dtypes, seed=31, specials=False))
+    want = _patch_oracle(F32, f, a, u, b, beta=0.5, p=0.3, seed=6, offset=0)
+    assert (want.abs() < 1.2e-38).any() and (want != 0).any()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = run(cpp, F32, f, a, u, b, poison=0x5A5A, beta=0.5, p=0.3, seed=6, threads=1)
+    finally:
+        torch.set_flush_denormal(False)
+    assert_same_bits(got, want, "cpp under the caller's flush-to-zero")
 
 
 def test_cpp_counts_nonfinite_outputs(cpp):
