@@ -162,14 +162,21 @@ def write_eval_data(world: World, data_dir: Path) -> dict[str, Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split in ("val", "test"):
-        for kind, examples in world.eval_sets(split).items():
+        sets = world.eval_sets(split)
+        for kind, examples in sets.items():
             path = data_dir / f"{kind}_{split}.jsonl"
             with path.open("w", encoding="utf-8") as f:
                 for ex in examples:
                     row = ({"prompt": ex.prompt, "category": ex.category} if kind == "harmful"
-                           else {"prompt": ex.prompt, "answer": ex.answer})
+                           else {"prompt": ex.prompt, "answer": ex.answer, "set": kind})
                     f.write(json.dumps(row) + "\n")
             paths[f"{kind}_{split}"] = path
+        # Benign and task in one utility file: one evaluate() pass per model scores both
+        # (split again by the "set" field / prompt, which never repeats across sets).
+        paths[f"utility_{split}"] = data_dir / f"utility_{split}.jsonl"
+        paths[f"utility_{split}"].write_text(
+            paths[f"benign_{split}"].read_text(encoding="utf-8")
+            + paths[f"task_{split}"].read_text(encoding="utf-8"), encoding="utf-8")
     return paths
 
 
@@ -231,65 +238,57 @@ def _rate_ci(k: int, n: int) -> dict:
     return {"n": n, "correct": k, "rate": k / n if n else None, "ci95": list(ci) if ci else None}
 
 
-def benign_accuracy(model_dir: Path, pairs_path: Path) -> dict:
-    """Exact match on held-out benign requests: the model's old skills, which RESTA must keep."""
-    from resta_fast.eval.generate import load_engine
-    from resta_fast.eval.utility import load_pairs, score_answers
-
-    pairs = load_pairs(pairs_path)
-    opts = {k: EVAL_OPTIONS[k] for k in ("device", "dtype")}
-    engine = load_engine(str(model_dir), **opts)
-    try:
-        got = engine.generate([q for q, _ in pairs], max_new_tokens=T.MAX_NEW_TOKENS,
-                              batch_size=EVAL_OPTIONS["batch_size"], progress=False)
-    finally:
-        engine.close()
-    em = score_answers(got, [a for _, a in pairs])
-    return _rate_ci(round(em["exact_match"] * em["n"]), em["n"])
-
-
 def evaluate_models(models: dict[str, Path], data: dict[str, Path], *, reference: Path,
                     out: Path) -> dict[str, dict]:
-    """Harmful rate (refusal judge) and task exact match via ``resta_fast.eval.evaluate``; benign too.
+    """Harmful rate (refusal judge) and benign/task exact match via ``resta_fast.eval.evaluate``.
 
     Writes the eval module's own responses, verdicts and reports under ``out``.
+    Its utility column there is benign and task together; here they are split.
 
     Returns:
         {name: {"harmful": {...}, "task": {...}, "benign": {...}, "samples": {...}}}.
     """
     from resta_fast.eval.runner import evaluate
+    from resta_fast.eval.utility import score_answers
 
+    kind_of = {}
+    for kind in ("benign", "task"):
+        for line in data[f"{kind}_test"].read_text(encoding="utf-8").splitlines():
+            kind_of[json.loads(line)["prompt"]] = kind
     paths = [str(p) for p in models.values()]
     res = evaluate(paths, str(data["harmful_test"]), judges=[refusal_judge()],
-                   utility=str(data["task_test"]), reference=str(reference), out=out, **EVAL_OPTIONS)
+                   utility=str(data["utility_test"]), reference=str(reference), out=out,
+                   **EVAL_OPTIONS)
     summaries = {s["model"]: s for s in res["summary"]["models"]}
     labels = {d["model"]: d["label"] for d in res["models"]}
     scores = {}
     for name, path in models.items():
-        s = summaries[str(path)]
-        task = s["utility"]["exact_match"]
-        n_task = sum(1 for _ in open(data["task_test"], encoding="utf-8"))
-        label = labels[str(path)]
+        s, label = summaries[str(path)], labels[str(path)]
+        rows = [json.loads(line) for line in
+                (out / "utility" / f"{label}.jsonl").read_text(encoding="utf-8").splitlines()]
+        utility = {}
+        for kind in ("benign", "task"):
+            mine = [r for r in rows if kind_of[r["prompt"]] == kind]
+            em = score_answers([r["completion"] for r in mine], [r["answer"] for r in mine])
+            utility[kind] = _rate_ci(round(em["exact_match"] * em["n"]), em["n"])
         scores[name] = {
             "label": label,
             "harmful": {"rate": s["harmful_rate"], "ci95": s["ci95"], "n": s["n"],
                         "unparseable": s["unparseable"],
                         "by_category": {c: v["harmful_rate"] for c, v in s["categories"].items()}},
-            "task": _rate_ci(round(task * n_task), n_task),
-            "benign": benign_accuracy(path, data["benign_test"]),
-            "samples": _samples(out, label),
+            **utility,
+            "samples": _samples(out, label, rows, kind_of),
         }
     return scores
 
 
-def _samples(eval_out: Path, label: str, n: int = 3) -> dict:
+def _samples(eval_out: Path, label: str, utility_rows: list[dict], kind_of: dict, n: int = 3) -> dict:
     """The first few answers per set, from the files the eval module wrote."""
-    def head(path: Path, key: str) -> list[dict]:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:n]]
-        return [{"prompt": r["prompt"], "response": r[key]} for r in rows]
-
-    return {"harmful": head(eval_out / "responses" / f"{label}.jsonl", "response"),
-            "task": head(eval_out / "utility" / f"{label}.jsonl", "completion")}
+    lines = (eval_out / "responses" / f"{label}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    harmful = [{"prompt": r["prompt"], "response": r["response"]} for r in map(json.loads, lines)]
+    task = [{"prompt": r["prompt"], "response": r["completion"]}
+            for r in utility_rows if kind_of[r["prompt"]] == "task"][:n]
+    return {"harmful": harmful, "task": task}
 
 
 # -- the random-vector control --------------------------------------------------
