@@ -77,7 +77,7 @@ def markdown(result: dict) -> str:
         _row(result, lambda r: r["model"].startswith("fine-tuned")),
         _row(result, lambda r: r.get("chosen")),
         _row(result, lambda r: "DARE" in r["model"]),
-        _row(result, lambda r: "random" in r["model"]),
+        _row(result, lambda r: r.get("random")),
     ) if r]
     cats = list(picks[0]["harmful"]["by_category"])
     md += ["", "## Harmful rate by category", "",
@@ -116,7 +116,7 @@ def plot(result: dict, path: Path) -> None:
     ft = _row(result, lambda r: r["model"].startswith("fine-tuned"))
     # The fine-tune itself is the β = 0 point of the sweep.
     sweep = [ft] + [r for r in result["rows"]
-                    if "beta" in r and "dare" not in r and "random" not in r["model"]]
+                    if "beta" in r and "dare" not in r and not r.get("random")]
     betas = [0.0] + [r["beta"] for r in sweep[1:]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     harm = [r["harmful"]["rate"] for r in sweep]
@@ -127,7 +127,7 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(betas, [r["task"]["rate"] for r in sweep], "s-", color="tab:blue", label="task accuracy")
     ax.plot(betas, [r["benign"]["rate"] for r in sweep], "^--", color="tab:green",
             label="benign accuracy")
-    rnd = _row(result, lambda r: "random" in r["model"])
+    rnd = _row(result, lambda r: r.get("random"))
     if rnd:
         ax.plot([rnd["beta"]], [rnd["harmful"]["rate"]], "x", color="black", ms=10,
                 label="random vector, harmful rate")
