@@ -130,9 +130,9 @@ def check_sample(cpp, buf: Buffers, mode: str, slices: int = 4, width: int = 1 <
                                  f"got {got[i].item()!r}, want {want[i].item()!r}")
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t0
 
 
@@ -150,12 +150,12 @@ def measure(cpp, buf: Buffers, threads_list, rounds: int, with_torch: bool = Tru
             for threads in threads_list:
                 for mode in MODES:
                     times.setdefault(("cpp", mode, threads), []).append(
-                        timed(lambda: run_cpp(cpp, buf, mode, threads)))
+                        timed(run_cpp, cpp, buf, mode, threads))
                     times.setdefault(("memcpy", mode, threads), []).append(
-                        timed(lambda: run_memcpy(buf, mode, threads)))
+                        timed(run_memcpy, buf, mode, threads))
                     if with_torch:
                         times.setdefault(("torch", mode, threads), []).append(
-                            timed(lambda: run_torch(buf, mode, threads)))
+                            timed(run_torch, buf, mode, threads))
     finally:
         torch.set_num_threads(saved)
     rows = []

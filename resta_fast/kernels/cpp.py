@@ -24,10 +24,14 @@ def _load():
         try:
             from resta_fast import _C
         except ImportError as exc:
+            if isinstance(exc, ModuleNotFoundError):
+                hint = ("build it with `python setup.py build_ext --inplace` or reinstall with "
+                        "`pip install -e .` (with RESTA_FAST_BUILD_EXT unset or 1)")
+            else:
+                hint = "it is installed but failed to import; fix the cause above or rebuild it"
             raise BackendUnavailable(
                 f"native extension resta_fast._C did not load ({type(exc).__name__}: {exc}); "
-                "build it with `python setup.py build_ext --inplace` or reinstall with "
-                "`pip install -e .` (RESTA_FAST_BUILD_EXT must not be 0)") from exc
+                f"{hint}") from exc
         _native = _C
     return _native
 
