@@ -3,18 +3,20 @@
 // Work is split into blocks of kBlock elements. Per block every input is
 // decoded to fp32 staging arrays, the SPEC §2 arithmetic runs over the arrays,
 // and the result is rounded into the output. Each step is a branch-free loop
-// over the block that GCC auto-vectorizes; dtype and variant choices are made
-// once per block, never per element. Staging keeps the number of compiled
-// loops linear in the number of dtypes (3 decoders, 4 formulas, 3 encoders)
-// instead of one fused loop per dtype combination (3^4 x 3).
+// over the block (selects, not branches) that GCC auto-vectorizes; dtype and
+// formula choices are made once per block, never per element. Staging keeps
+// the number of compiled loops linear in the number of dtypes (3 decoders,
+// 6 formulas, 3 encoders) instead of one fused loop per dtype combination.
 //
 // Instruction sets: the loops are written once as always_inline functions and
 // instantiated into x86-64-v4, x86-64-v3 and baseline wrappers via GCC target
 // attributes; the best variant the CPU supports is chosen at first use and can
-// be forced (set_isa / RESTA_FAST_ISA) so tests check every variant bit for bit.
-// All loads and stores go through memcpy: safetensors pointers may be only
-// 2-byte aligned. Built with -ffp-contract=off and without -ffast-math, so each
-// fp32 operation below is one rounded IEEE operation in SPEC order.
+// be forced (set_isa / RESTA_FAST_ISA) so tests check every variant bit for
+// bit. Two steps GCC vectorizes poorly are hand-written for v3/v4: Philox
+// (philox.h) and fp16 conversion (F16C). All loads and stores of caller memory
+// go through memcpy: safetensors pointers may be only 2-byte aligned. Built
+// with -ffp-contract=off and without -ffast-math, so each fp32 operation below
+// is one rounded IEEE operation in SPEC order.
 
 #include "patch.h"
 
