@@ -30,6 +30,8 @@ from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_
 from resta_fast.plan import BetaRule, Plan, build_plan, parse_dtype
 
 REPORT_NAME = "resta_fast.json"
+# Present in an output that was written but failed --validate-prompts' gate.
+VALIDATION_FAILED = "VALIDATION_FAILED"
 MAX_SEED = 2**64 - 1
 
 
@@ -89,8 +91,14 @@ def _output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: 
 def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str, device: str,
              beta: float, dare: float | None, seed: int, provenance: dict, threads: int | None,
              overwrite: bool, fsync: bool, progress: bool, chunk_elems: int,
-             input_paths: list[Path], gpu_pool_bytes: int | None = None) -> dict:
-    """Run a plan into an atomic output directory and write its report."""
+             input_paths: list[Path], gpu_pool_bytes: int | None = None,
+             validate=None) -> dict:
+    """Run a plan into an atomic output directory and write its report.
+
+    ``validate`` (optional callable(model_dir) -> {"passed", ...}) evaluates the
+    finished output before it is renamed into place; the verdict is recorded in
+    the report, and a failed output is kept but marked (VALIDATION_FAILED).
+    """
     check_output_location(out, input_paths, overwrite)
     metadata = output_metadata(provenance)
     total = sum(t.numel * _itemsize(t.out_dtype) for t in plan.tensors())
@@ -108,6 +116,11 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
                              progress=update)
         report = finish_output(outdir.tmp, plan, inputs.finetuned, stats, provenance,
                                backend_name=backend_name, device=device, fsync=fsync)
+        if validate is not None:
+            report["validation"] = validate(outdir.tmp)
+            (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            if not report["validation"].get("passed", False):
+                (outdir.tmp / VALIDATION_FAILED).write_text(report["validation"].get("reason", "") + "\n")
         raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
         outdir.commit()
     report["out"] = str(out)
@@ -207,7 +220,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
           chunk_elems: int = DEFAULT_CHUNK_ELEMS, gpu_pool_bytes: int | None = None,
-          base=None) -> dict:
+          base=None, validate: dict | None = None) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out``.
 
     Args:
@@ -227,6 +240,10 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
         fsync: make the output durable before the final rename.
         dry_run: only build and return the plan.
         gpu_pool_bytes: pinned host (and device) staging memory for --device cuda.
+        validate: keyword arguments for ``resta_fast.eval.validate_checkpoint``
+            (``prompts``, ``max_harmful``, ``utility``, ``max_utility_drop`` ...):
+            evaluate the output (the fine-tune is the utility reference) and
+            record the verdict in ``report["validation"]``.
     Returns:
         The report dict (also written to ``out/resta_fast.json``).
 
@@ -290,8 +307,21 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
                         provenance=_provenance("patch", params, roles), threads=threads,
                         overwrite=overwrite, fsync=fsync, progress=progress, chunk_elems=chunk_elems,
                         gpu_pool_bytes=gpu_pool_bytes,
+                        validate=_validator(validate, None if lora else finetuned),
                         input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base,
                                                        base_path if lora else None) if p is not None])
+
+
+def _validator(options: dict | None, reference):
+    """A callable(model_dir) running the eval gate, or None."""
+    if not options:
+        return None
+    from resta_fast.eval import validate_checkpoint
+    options = dict(options)
+    options.setdefault("reference", reference)
+    if options.get("max_utility_drop") is not None and not (options.get("utility") or options.get("perplexity")):
+        raise RestaError("--max-utility-drop needs --validate-utility or --validate-perplexity")
+    return lambda model_dir: validate_checkpoint(model_dir, **options)
 
 
 def _same(a, b) -> bool:

@@ -1,0 +1,65 @@
+"""`patch --validate-prompts`: the one-command CI gate on a freshly written output."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from resta_fast.cli import main
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture()
+def models(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from resta_fast.eval.testing import build_tiny_llama
+    torch.set_num_threads(1)
+    # F answers with random words; A = F with the final norm zeroed (says "sorry"); U = F.
+    # θ = F + β(A − U) scales the norm by (1 − β): β = 1 refuses, β = 0.5 answers like F.
+    ft = build_tiny_llama(tmp_path / "ft", seed=1, first_word="sorry")
+    al, un = tmp_path / "aligned", tmp_path / "unaligned"
+    shutil.copytree(ft, un)
+    shutil.copytree(ft, al)
+    sd = load_file(str(al / "model.safetensors"))
+    sd["model.norm.weight"] = torch.zeros_like(sd["model.norm.weight"])
+    save_file(sd, str(al / "model.safetensors"), metadata={"format": "pt"})
+    return ft, al, un
+
+
+def run(tmp_path, models, beta, capsys, *extra):
+    ft, al, un = models
+    out = tmp_path / f"out{beta}"
+    code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
+                 "--beta", str(beta), "--out", str(out), "--backend", "torch", "--no-fsync", "--no-progress",
+                 "--validate-prompts", "builtin:smoke", "--max-harmful", "0.05",
+                 "--validate-max-new-tokens", "4", *extra])
+    return code, out, capsys.readouterr()
+
+
+def test_gate_passes_when_refusals_are_restored(tmp_path, models, capsys):
+    code, out, cap = run(tmp_path, models, 1.0, capsys)
+    assert code == 0, cap.err
+    report = json.loads((out / "resta_fast.json").read_text())
+    assert report["validation"]["passed"] is True
+    assert "RESTA_GATE: PASS" in cap.out
+    assert not (out / "VALIDATION_FAILED").exists()
+
+
+def test_gate_failure_exits_1_and_keeps_a_marked_output(tmp_path, models, capsys):
+    code, out, cap = run(tmp_path, models, 0.5, capsys)
+    assert code == 1
+    assert "RESTA_GATE: FAIL" in cap.out
+    report = json.loads((out / "resta_fast.json").read_text())
+    assert report["validation"]["passed"] is False and report["validation"]["reason"]
+    assert (out / "VALIDATION_FAILED").exists() and (out / "model.safetensors").exists()
+
+
+def test_gate_flags_need_prompts(tmp_path, models, capsys):
+    ft, al, un = models
+    code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
+                 "--out", str(tmp_path / "o"), "--max-harmful", "0.1"])
+    assert code == 2 and "--validate-prompts" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
