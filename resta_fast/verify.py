@@ -463,6 +463,14 @@ def verify(out, against: list[str] | None = None, *, dare_base: str | None = Non
         report_check.fail(f"{out / REPORT_NAME} is unreadable ({exc})")
     checks.append(report_check)
     if report is not None:
+        validation = report.get("validation")
+        if isinstance(validation, dict):  # patch --validate-prompts recorded a safety verdict
+            v = Check("validation", detail="the recorded safety validation passed")
+            if not validation.get("passed", False):
+                v.fail(f"patch --validate-prompts marked this output as failed: "
+                       f"{validation.get('reason') or 'no reason recorded'}")
+                v.detail = "the recorded safety validation failed"
+            checks.append(v)
         checks.append(check_hashes(out, report))
         header_check, out_ckpt = check_headers(out, report)
         checks.append(header_check)

@@ -119,6 +119,21 @@ def test_unrecorded_weight_file_and_missing_report(patched, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_a_recorded_failed_validation_fails_verify(patched, tmp_path):
+    _, _, _, _, out = patched
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    report = json.loads((bad / "resta_fast.json").read_text())
+    report["validation"] = {"passed": False, "reason": "harmful rate 40% > 10%"}
+    (bad / "resta_fast.json").write_text(json.dumps(report))
+    result = verify(bad)
+    assert not result["ok"] and checks(result)["validation"]["problems"] == [
+        "patch --validate-prompts marked this output as failed: harmful rate 40% > 10%"]
+    report["validation"]["passed"] = True
+    (bad / "resta_fast.json").write_text(json.dumps(report))
+    assert verify(bad)["ok"]
+
+
 def test_vector_mode_dtype_override_and_extra_vocab(tmp_path):
     ft, al, un = three_models(tmp_path, ft_extra_rows=3, dtype=torch.float16, **SMALL)
     vec = tmp_path / "vec"
