@@ -351,7 +351,7 @@ def add_eval_parser(subparsers):
     p = subparsers.add_parser(
         "eval",
         help="evaluate finished checkpoints for harmfulness and utility; gate releases",
-        description="Generate answers to harmful questions, judge them, report harmful rate (Wilson 95%% CI) "
+        description="Generate answers to harmful questions, judge them, report harmful rate (Wilson 95% CI) "
         "per category next to utility; with gate flags exit 1 when a threshold is crossed.",
     )
     p.add_argument(
