@@ -76,6 +76,13 @@ def build_models(root: Path, params: float, shard_bytes: float) -> list[Path]:
         cur.append(name)
         size += n
     groups.append(cur)
+    hidden = shapes["model.norm.weight"][0]
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16",
+              "vocab_size": shapes["lm_head.weight"][0], "hidden_size": hidden,
+              "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
+              "num_hidden_layers": sum(n.endswith("input_layernorm.weight") for n in shapes),
+              "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
     torch.manual_seed(0)
     for d, scale in zip(dirs, (0.02, 0.021, 0.019)):
         d.mkdir(parents=True)
@@ -86,7 +93,7 @@ def build_models(root: Path, params: float, shard_bytes: float) -> list[Path]:
                       str(d / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+        (d / "config.json").write_text(json.dumps(config))
     n_params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
     stamp.write_text(json.dumps({"params": n_params, "shards": len(groups)}))
     return dirs
@@ -153,6 +160,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "floor":
         floor_main(sys.argv[2:])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "build":
+        build_models(Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=1.3e9)
     ap.add_argument("--shard-bytes", type=float, default=1e9)
@@ -165,7 +175,12 @@ def main() -> None:
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     root = Path(args.dir)
-    ft, al, un = build_models(root / "models", args.params, args.shard_bytes)
+    # Built in a child: Linux charges a parent's peak RSS to the children it
+    # spawns (exec records the old mm's high-water mark), so this process must
+    # stay small for the children's peak-RSS numbers to mean anything.
+    subprocess.run([sys.executable, __file__, "build", str(root / "models"), str(args.params),
+                    str(args.shard_bytes)], check=True)
+    ft, al, un = (root / "models" / n for n in ("finetuned", "aligned", "unaligned"))
     inputs = sorted(str(p) for d in (ft, al, un) for p in d.glob("*.safetensors"))
     in_bytes = sum(os.path.getsize(p) for p in inputs)
     out_bytes = sum(os.path.getsize(p) for p in ft.glob("*.safetensors"))
@@ -200,6 +215,12 @@ def main() -> None:
             (root / "floor.bin").unlink(missing_ok=True)
             t, rss = run(cmd, env)
             results[name].append((t, rss))
+            if r == 0 and name.startswith("patch-"):
+                # Correct before fast: recompute 20k sampled elements from the
+                # inputs with the torch reference and compare bit for bit.
+                subprocess.run([py, "-m", "resta_fast", "verify", str(out), "--against", str(ft), str(al),
+                                str(un), "--samples", "20000"], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
             print(f"round {r + 1} {name:24s} {t:7.2f} s  {in_bytes / t / 1e9:6.2f} GB/s in  rss {rss:6.0f} MB",
                   flush=True)
     print(f"\ninputs {in_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, {args.rounds} rounds, medians:")

@@ -112,7 +112,7 @@ def run_plan(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: 
     """
     stats = RunStats()
     start = time.perf_counter()
-    writer = StagedWriter(n_buffers=2, buffer_bytes=chunk_elems * 4)
+    writer = StagedWriter(n_buffers=3, buffer_bytes=chunk_elems * 4)
     open_files: list[TensorFileWriter] = []
     try:
         for ofile in plan.files:

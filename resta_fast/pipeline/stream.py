@@ -1,10 +1,16 @@
-"""Device-independent staging: a bounded buffer pool and a writer thread.
+"""Device-independent staging: a bounded buffer pool, a writer and a hasher thread.
 
 The producer (kernel side) takes a buffer from the pool, fills it, and submits
-it with its destination; the writer thread pwrites it, hashes it (output files
-are written strictly in order, so a running sha256 per file costs no re-read)
-and returns the buffer to the pool. The pool size bounds memory and gives
-back-pressure; an error on either side stops both and is re-raised.
+it with its destination; the writer thread pwrites it and hands it to a hasher
+thread, which feeds the file's running sha256 (a file's ranges arrive in order)
+and returns the buffer to the pool. Hashing on its own thread matters: sha256
+runs at ~1.8 GB/s here, and inline it made the writer the critical path
+(1.3B-param patch: ~3.1 s with inline hashing vs ~1.4 s without); pipelined,
+chunk k is hashed while chunk k+1 is written and chunk k+2 computed, so use
+three or more buffers. Re-reading the written bytes from the page cache instead
+of hashing the buffer was measured too: the extra copy cost more than it freed.
+The pool size bounds memory and gives back-pressure; an error in any thread
+stops all and is re-raised.
 """
 
 from __future__ import annotations
@@ -54,20 +60,55 @@ class StagedWriter:
             buf.fill_(0)  # touch once now: first-touch page faults are slow here
             self._free.put(buf)
         self._jobs: queue.Queue = queue.Queue(maxsize=n_buffers + 2)
+        # Bounded so the hasher cannot fall arbitrarily far behind the writer.
+        self._hash_jobs: queue.Queue = queue.Queue(maxsize=n_buffers + 2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="resta-writer", daemon=True)
+        self._hash_thread = threading.Thread(target=self._run_hasher, name="resta-hasher", daemon=True)
         self._thread.start()
+        self._hash_thread.start()
 
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
             if job is _STOP:
+                self._hash_jobs.put(_STOP)
                 return
+            if isinstance(job, threading.Event):  # drain marker: pass it down the line
+                self._hash_jobs.put(job)
+                continue
+            handed_on = False
             try:
                 if self._error is None:
                     if job.before is not None:
                         job.before()
                     write_all(job.fd, job.data, job.offset, job.path)
+                    # Every job goes on to the hasher thread, in order, so a job's
+                    # on_done still runs after all earlier jobs are written and hashed.
+                    self._hash_jobs.put(job)
+                    handed_on = True
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                self._error = exc
+            finally:
+                if not handed_on:
+                    self._finish(job)
+
+    def _finish(self, job: WriteJob) -> None:
+        if job.buffer is not None:
+            self._free.put(job.buffer)
+        if job.release is not None:
+            job.release()
+
+    def _run_hasher(self) -> None:
+        while True:
+            job = self._hash_jobs.get()
+            if job is _STOP:
+                return
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            try:
+                if self._error is None:
                     if job.hasher is not None:
                         job.hasher.update(job.data)
                     if job.on_done is not None:
@@ -75,10 +116,7 @@ class StagedWriter:
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
                 self._error = exc
             finally:
-                if job.buffer is not None:
-                    self._free.put(job.buffer)
-                if job.release is not None:
-                    job.release()
+                self._finish(job)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -103,12 +141,12 @@ class StagedWriter:
         self._free.put(buffer)
 
     def drain(self) -> None:
-        """Wait until every submitted write is done; raise the first error."""
+        """Wait until every submitted write is done and hashed; raise the first error."""
         done = threading.Event()
-        self._jobs.put(WriteJob(-1, 0, memoryview(b""), None, None, done.set))
+        self._jobs.put(done)
         while not done.wait(0.1):
             self._check()
-            if not self._thread.is_alive():
+            if not (self._thread.is_alive() and self._hash_thread.is_alive()):
                 break
         self._check()
 
@@ -117,6 +155,7 @@ class StagedWriter:
         if self._thread.is_alive():
             self._jobs.put(_STOP)
             self._thread.join()
+        self._hash_thread.join()
 
 
 def new_hasher():
