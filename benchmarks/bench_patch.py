@@ -132,6 +132,16 @@ def run(cmd: list[str], env=None) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024
 
 
+def drop_page_cache() -> None:
+    """Write back dirty pages, then drop clean ones, so inputs come from the disk."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs to drop the page cache: {exc}") from None
+
+
 def mergekit_python(venv: Path) -> str:
     """A venv with mergekit (torch pinned first: unpinned pulls a CUDA build)."""
     py = venv / "bin" / "python"
@@ -173,6 +183,8 @@ def main() -> None:
     ap.add_argument("--dare", type=float, default=None)
     ap.add_argument("--modes", default="nofsync,fsync", help="nofsync, fsync or both")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every command (needs root; Linux)")
     args = ap.parse_args()
     root = Path(args.dir)
     # Built in a child: Linux charges a parent's peak RSS to the children it
@@ -213,6 +225,8 @@ def main() -> None:
         for name, cmd in cmds.items():
             shutil.rmtree(out, ignore_errors=True)
             (root / "floor.bin").unlink(missing_ok=True)
+            if args.cold:
+                drop_page_cache()
             t, rss = run(cmd, env)
             results[name].append((t, rss))
             if r == 0 and name.startswith("patch-"):
