@@ -84,7 +84,7 @@ def build_models(root: Path, params: float, shard_bytes: float) -> list[Path]:
               "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64,
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
     torch.manual_seed(0)
-    for d, scale in zip(dirs, (0.02, 0.021, 0.019)):
+    for d, scale in zip(dirs, (0.02, 0.021, 0.019), strict=True):
         d.mkdir(parents=True)
         weight_map = {}
         for k, names in enumerate(groups):
@@ -242,7 +242,7 @@ def main() -> None:
     for name, vals in results.items():
         mode = "fsync" if name.endswith("-fsync") and not name.endswith("nofsync") else "nofsync"
         floor = results.get(f"floor-{mode}") or results.get("floor-nofsync") or results.get("floor-fsync")
-        ratios = [t / f[0] for (t, _), f in zip(vals, floor)]
+        ratios = [t / f[0] for (t, _), f in zip(vals, floor, strict=True)]
         summary[name] = {"median_s": statistics.median(t for t, _ in vals),
                          "ratio_to_floor": statistics.median(ratios),
                          "peak_rss_mb": max(r for _, r in vals),
@@ -254,8 +254,10 @@ def main() -> None:
         if peer in results:
             for name in results:
                 if name.startswith("patch-") and name.endswith("nofsync"):
-                    sp = statistics.median(p[0] / o[0] for p, o in zip(results[peer], results[name]))
-                    allowed = statistics.median(p[0] / f[0] for p, f in zip(results[peer], results["floor-nofsync"]))
+                    pairs = zip(results[peer], results[name], strict=True)
+                    sp = statistics.median(p[0] / o[0] for p, o in pairs)
+                    pairs = zip(results[peer], results["floor-nofsync"], strict=True)
+                    allowed = statistics.median(p[0] / f[0] for p, f in pairs)
                     print(f"  speed-up of {name} over {peer}: {sp:.2f}x (the floor allows {allowed:.2f}x)")
                     summary[f"speedup_{name}_vs_{peer}"] = {"speedup": sp, "floor_allows": allowed}
     if args.json:

@@ -248,7 +248,7 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
             stored = stored_dtype(name) if stored_dtype else info.dtype
             out_dtype = dtype if (dtype and info.dtype in KERNEL_DTYPES) else stored
 
-            def copy(reason, name=name, info=info, out_dtype=out_dtype):
+            def copy(reason, name=name, info=info, out_dtype=out_dtype, tensors=tensors):
                 tensors.append(TensorPlan(name, "copy", reason, info.shape, info.dtype, out_dtype))
 
             if info.dtype not in KERNEL_DTYPES:

@@ -32,7 +32,7 @@ from resta_fast import rng
 from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.reader import DTYPES, KERNEL_DTYPES
-from resta_fast.kernels.reference import store
+from resta_fast.kernels.reference import patch_values, store
 from resta_fast.plan import BetaRule, build_plan
 
 REPORT_NAME = "resta_fast.json"  # api.REPORT_NAME; not imported so verify stays light
@@ -160,20 +160,7 @@ def patch_at(out, f, a, u, b, *, beta, p, seed, idx):
     The same separate, individually rounded fp32 ops in SPEC §2 order; only the
     DARE stream is drawn at ``idx`` instead of a contiguous offset.
     """
-    beta32 = torch.tensor(beta, dtype=torch.float32)
-    t2 = beta32 * a.float() if u is None else beta32 * (a.float() - u.float())
-    if b is None:
-        o = f.float() + t2
-    else:
-        one = torch.tensor(1.0, dtype=torch.float32)
-        p32 = torch.tensor(p, dtype=torch.float32)
-        r = one / (one - p32)
-        base = b.float()
-        d = f.float() - base
-        keep = uniform_at(seed, idx) >= p32
-        t1 = torch.where(keep, d * r, torch.zeros((), dtype=torch.float32))
-        o = (base + t1) + t2
-    store(out, o)
+    store(out, patch_values(f, a, u, b, beta=beta, p=p, uniforms=lambda: uniform_at(seed, idx)))
 
 
 def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, torch.Tensor]:

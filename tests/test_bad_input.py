@@ -5,8 +5,8 @@ import os
 import struct
 
 import pytest
-
 from checkpoints import three_models
+
 from resta_fast.cli import main
 
 

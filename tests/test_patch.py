@@ -7,14 +7,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
+from checkpoints import llama_config, llama_tensors, three_models, write_model
+from elementwise import patch_element, to_f32
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from checkpoints import llama_config, llama_tensors, three_models, write_model
-from elementwise import patch_element, to_f32
 from resta_fast import api, rng
 from resta_fast.errors import RestaError
 
@@ -247,17 +246,18 @@ def test_transformers_loads_output_with_expected_logits(tmp_path):
 def test_sigkill_mid_write_leaves_no_complete_looking_output(tmp_path):
     ft, al, un = three_models(tmp_path, vocab=4096, hidden=256, layers=2, inter=512, shards=2)
     out = tmp_path / "out"
+    args = ["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un), "--out", str(out),
+            "--backend", "torch", "--no-progress"]
     script = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        f"import sys, time; sys.path.insert(0, {os.getcwd()!r})\n"
         "import resta_fast.pipeline.cpu as cpu\n"
         "orig = cpu._write_tensor\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k); time.sleep(0.05)\n"
         "cpu._write_tensor = slow\n"
         "from resta_fast.cli import main\n"
-        "sys.exit(main(['patch', '--finetuned', %r, '--aligned', %r, '--unaligned', %r, '--out', %r,"
-        " '--backend', 'torch', '--no-progress']))\n"
-    ) % (os.getcwd(), str(ft), str(al), str(un), str(out))
+        f"sys.exit(main({args!r}))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
     while time.time() < deadline and not any(".resta-tmp-" in p.name for p in tmp_path.iterdir()):

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 import torch
-
 from checkpoints import three_models
+
 from resta_fast import api
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from elementwise import philox, uniform_at
+
 from resta_fast import rng
 
 

@@ -30,26 +30,35 @@ def store(out: torch.Tensor, o: torch.Tensor) -> None:
         out.copy_(o)  # fp32: identity; fp16: IEEE round-to-nearest-even
 
 
-def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None):
-    """Reference fused patch of one chunk; see ``resta_fast.kernels.patch_into``."""
-    del threads  # torch picks its own; results do not depend on it
+def patch_values(f, a, u, b, *, beta, p, uniforms) -> torch.Tensor:
+    """SPEC §2 in fp32 for whatever elements the inputs hold.
+
+    ``uniforms`` (the DARE stream at those elements) is only called when ``b``
+    is given: a callable returning a float32 tensor, so callers choose where
+    the elements are (a contiguous chunk here, scattered samples in verify).
+    """
     beta32 = torch.tensor(beta, dtype=torch.float32)
     if u is None:
         t2 = beta32 * a.float()
     else:
         t2 = beta32 * (a.float() - u.float())
     if b is None:
-        o = f.float() + t2
-    else:
-        one = torch.tensor(1.0, dtype=torch.float32)
-        p32 = torch.tensor(p, dtype=torch.float32)
-        r = one / (one - p32)
-        base = b.float()
-        d = f.float() - base
-        keep = rng.uniform(seed, offset, f.numel()) >= p32
-        t1 = torch.where(keep, d * r, torch.zeros((), dtype=torch.float32))
-        o = (base + t1) + t2
-    store(out, o)
+        return f.float() + t2
+    one = torch.tensor(1.0, dtype=torch.float32)
+    p32 = torch.tensor(p, dtype=torch.float32)
+    r = one / (one - p32)
+    base = b.float()
+    d = f.float() - base
+    keep = uniforms() >= p32
+    t1 = torch.where(keep, d * r, torch.zeros((), dtype=torch.float32))
+    return (base + t1) + t2
+
+
+def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None):
+    """Reference fused patch of one chunk; see ``resta_fast.kernels.patch_into``."""
+    del threads  # torch picks its own; results do not depend on it
+    store(out, patch_values(f, a, u, b, beta=beta, p=p,
+                            uniforms=lambda: rng.uniform(seed, offset, f.numel())))
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:

@@ -93,6 +93,20 @@ class _Source:
         self.ckpt.release(self.name, lo * self.itemsize, hi * self.itemsize)
 
 
+def patch_sources(f: _Source, inputs: Inputs, t: TensorPlan, dare, seed):
+    """The other operands of a patched tensor: (a, u, b, all sources, DARE seed).
+
+    ``a`` is the vector in vector mode (then ``u`` is None); ``b`` is the DARE
+    base or None; the seed is the tensor's mixed DARE seed (0 without DARE).
+    """
+    a = _Source(inputs.vector or inputs.aligned, t.name)
+    u = _Source(inputs.unaligned, t.name) if inputs.vector is None else None
+    b = _Source(inputs.dare_base, t.name) if dare is not None else None
+    srcs = [s for s in (f, a, u, b) if s is not None]
+    tensor_seed = rng.tensor_seed(seed, t.seed_name or t.name) if dare is not None else 0
+    return a, u, b, srcs, tensor_seed
+
+
 def _chunks(n: int, size: int):
     for lo in range(0, n, size):
         yield lo, min(n, lo + size)
@@ -150,11 +164,7 @@ def _write_tensor(t: TensorPlan, inputs: Inputs, out: TensorFileWriter, writer: 
     out_torch = DTYPES[t.out_dtype][0]
     patched = t.patched_elems if t.action == "patch" else 0
     if patched:
-        a = _Source(inputs.vector or inputs.aligned, t.name)
-        u = _Source(inputs.unaligned, t.name) if inputs.vector is None else None
-        b = _Source(inputs.dare_base, t.name) if dare is not None else None
-        srcs = [s for s in (f, a, u, b) if s is not None]
-        tensor_seed = rng.tensor_seed(seed, t.seed_name or t.name) if dare is not None else 0
+        a, u, b, srcs, tensor_seed = patch_sources(f, inputs, t, dare, seed)
         for lo, hi in _chunks(patched, chunk_elems):
             for s in srcs:
                 s.check()

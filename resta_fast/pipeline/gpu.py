@@ -25,10 +25,18 @@ import time
 
 import torch
 
-from resta_fast import rng
 from resta_fast.io.reader import DTYPES
 from resta_fast.io.writer import TensorFileWriter
-from resta_fast.pipeline.cpu import Inputs, RunStats, _bytes, _chunks, _releaser, _Source
+from resta_fast.kernels import reference
+from resta_fast.pipeline.cpu import (
+    Inputs,
+    RunStats,
+    _bytes,
+    _chunks,
+    _Source,
+    _write_unpatched,
+    patch_sources,
+)
 from resta_fast.pipeline.stream import StagedWriter, WriteJob, new_hasher
 from resta_fast.plan import Plan
 
@@ -172,11 +180,7 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
     out_item = DTYPES[t.out_dtype][1]
     patched = t.patched_elems if t.action == "patch" else 0
     if patched:
-        a = _Source(inputs.vector or inputs.aligned, t.name)
-        u = _Source(inputs.unaligned, t.name) if inputs.vector is None else None
-        b = _Source(inputs.dare_base, t.name) if dare is not None else None
-        srcs = [s for s in (f, a, u, b) if s is not None]
-        tensor_seed = rng.tensor_seed(seed, t.seed_name or t.name) if dare is not None else 0
+        a, u, b, srcs, tensor_seed = patch_sources(f, inputs, t, dare, seed)
         count = torch.zeros((), dtype=torch.int64, device=dev.device)
         counters[t.name] = count
         for lo, hi in _chunks(patched, chunk):
@@ -215,27 +219,6 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
             writer.submit(WriteJob(out.fd, dst_start + lo * out_item, _bytes(host_out), out.path, None,
                                    hasher=hasher, before=None if landed is None else landed.synchronize,
                                    release=lambda slot=slot: free.put(slot)))
-    if patched < t.numel:
-        _copy_rest(t, f, patched, out, dst_start, out_dtype, out_item, writer, hasher, stats)
-
-
-def _copy_rest(t, f: _Source, patched, out, dst_start, out_dtype, out_item, writer, hasher, stats):
-    """Unpatched elements go straight from the mmap to the file (no device trip)."""
-    from resta_fast.kernels.reference import convert_into
-    n = t.numel
-    if t.in_dtype == t.out_dtype:
-        raw = f.view.view(torch.uint8)
-        step = writer.buffer_bytes
-        for lo in range(patched * f.itemsize, n * f.itemsize, step):
-            hi = min(n * f.itemsize, lo + step)
-            writer.submit(WriteJob(out.fd, dst_start + lo, _bytes(raw[lo:hi]), out.path, None,
-                                   on_done=_releaser(f.ckpt, t.name, lo, hi), hasher=hasher))
-            stats.bytes_read += hi - lo
-        return
-    for lo, hi in _chunks(n - patched, writer.buffer_bytes // 4):
-        lo, hi = lo + patched, hi + patched
-        buf = writer.acquire()
-        dst = buf[: (hi - lo) * out_item].view(out_dtype)
-        convert_into(dst, f.view[lo:hi])
-        stats.bytes_read += (hi - lo) * f.itemsize
-        writer.submit(WriteJob(out.fd, dst_start + lo * out_item, _bytes(dst), out.path, buf, hasher=hasher))
+    # Unpatched elements go straight from the mmap to the file (no device trip);
+    # a dtype conversion, if asked, runs on the CPU with the reference kernel.
+    _write_unpatched(t, f, out, writer, hasher, reference, patched, chunk, stats)
