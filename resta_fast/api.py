@@ -117,10 +117,7 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
         report = finish_output(outdir.tmp, plan, inputs.finetuned, stats, provenance,
                                backend_name=backend_name, device=device, fsync=fsync)
         if validate is not None:
-            report["validation"] = validate(outdir.tmp)
-            (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-            if not report["validation"].get("passed", False):
-                (outdir.tmp / VALIDATION_FAILED).write_text(report["validation"].get("reason", "") + "\n")
+            record_validation(outdir.tmp, report, validate(outdir.tmp))
         raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
         outdir.commit()
     report["out"] = str(out)
@@ -307,12 +304,21 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
                         provenance=_provenance("patch", params, roles), threads=threads,
                         overwrite=overwrite, fsync=fsync, progress=progress, chunk_elems=chunk_elems,
                         gpu_pool_bytes=gpu_pool_bytes,
-                        validate=_validator(validate, None if lora else finetuned),
+                        validate=validator(validate, None if lora else finetuned),
                         input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base,
                                                        base_path if lora else None) if p is not None])
 
 
-def _validator(options: dict | None, reference):
+def record_validation(tmp: Path, report: dict, verdict: dict) -> None:
+    """Put the eval gate's verdict into the (not yet committed) output's report;
+    a failed output is kept but marked with a VALIDATION_FAILED file."""
+    report["validation"] = verdict
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if not verdict.get("passed", False):
+        (tmp / VALIDATION_FAILED).write_text(verdict.get("reason", "") + "\n")
+
+
+def validator(options: dict | None, reference):
     """A callable(model_dir) running the eval gate, or None."""
     if not options:
         return None

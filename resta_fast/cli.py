@@ -47,6 +47,18 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
 CORE_COMMANDS = ("patch", "vector", "env")
 
 
+def add_validation_args(p: argparse.ArgumentParser) -> None:
+    """The validate-while-patching flags shared by ``patch`` and ``batch``."""
+    g = p.add_argument_group("validate while patching (needs the [eval] extra)")
+    g.add_argument("--validate-prompts", action="append", metavar="FILE",
+                   help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails")
+    g.add_argument("--validate-utility", metavar="FILE", help="prompt/answer JSONL for exact-match utility")
+    g.add_argument("--validate-perplexity", metavar="FILE", help="text file for perplexity")
+    g.add_argument("--max-harmful", type=float, help="highest acceptable harmful rate (e.g. 0.05)")
+    g.add_argument("--max-utility-drop", type=float, help="highest acceptable utility drop vs the fine-tune")
+    g.add_argument("--validate-max-new-tokens", type=int, default=64)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``command`` (argv's first word) skips importing the
     optional subcommand modules when a core command is run (fast start-up)."""
@@ -67,14 +79,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before rename (see below)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    g = p.add_argument_group("validate while patching (needs the [eval] extra)")
-    g.add_argument("--validate-prompts", action="append", metavar="FILE",
-                   help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails")
-    g.add_argument("--validate-utility", metavar="FILE", help="prompt/answer JSONL for exact-match utility")
-    g.add_argument("--validate-perplexity", metavar="FILE", help="text file for perplexity")
-    g.add_argument("--max-harmful", type=float, help="highest acceptable harmful rate (e.g. 0.05)")
-    g.add_argument("--max-utility-drop", type=float, help="highest acceptable utility drop vs the fine-tune")
-    g.add_argument("--validate-max-new-tokens", type=int, default=64)
+    add_validation_args(p)
     p.set_defaults(func=cmd_patch)
 
     v = sub.add_parser("vector", help="write the safety vector aligned − unaligned")
@@ -132,7 +137,8 @@ def _print_result(report: dict, as_json: bool) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
-def _validation_options(args) -> dict | None:
+def validation_options(args) -> dict | None:
+    """``api.patch(validate=...)`` options from the parsed validation flags."""
     if not args.validate_prompts:
         if args.max_harmful is not None or args.max_utility_drop is not None:
             raise RestaError("--max-harmful/--max-utility-drop need --validate-prompts FILE")
@@ -153,7 +159,7 @@ def cmd_patch(args) -> int:
         include=args.include, exclude=args.exclude, beta_rules=args.beta_rule, dtype=args.dtype,
         backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
         fsync=not args.no_fsync, dry_run=args.dry_run, gpu_pool_bytes=args.gpu_pool_mb << 20,
-        validate=_validation_options(args),
+        validate=validation_options(args),
         progress=not args.no_progress and sys.stderr.isatty(), base=args.base)
     _print_result(report, args.json)
     validation = report.get("validation")

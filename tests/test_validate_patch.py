@@ -63,3 +63,21 @@ def test_gate_flags_need_prompts(tmp_path, models, capsys):
                  "--out", str(tmp_path / "o"), "--max-harmful", "0.1"])
     assert code == 2 and "--validate-prompts" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_batch_validates_every_job(tmp_path, models, capsys):
+    ft, al, un = models
+    manifest = tmp_path / "batch.json"
+    manifest.write_text(json.dumps({
+        "aligned": str(al), "unaligned": str(un), "backend": "torch", "fsync": False,
+        "jobs": [{"finetuned": str(ft), "out": "restored", "beta": 1.0, "name": "restored"},
+                 {"finetuned": str(ft), "out": "eroded", "beta": 0.5, "name": "eroded"}]}))
+    code = main(["batch", str(manifest), "--no-progress", "--json", "--validate-prompts", "builtin:smoke",
+                 "--max-harmful", "0.05", "--validate-max-new-tokens", "4"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 1
+    status = {j["name"]: j for j in summary["jobs"]}
+    assert status["restored"]["status"] == "done"
+    assert status["eroded"]["status"] == "failed" and "validation failed" in status["eroded"]["error"]
+    assert (tmp_path / "eroded" / "VALIDATION_FAILED").exists()
+    assert json.loads((tmp_path / "restored" / "resta_fast.json").read_text())["validation"]["passed"]

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from resta_fast.batch.local import JobResult, Reporter, format_table, human_bytes, summarize
+from resta_fast.cli import add_validation_args, validation_options
 
 EPILOG = """\
 Manifest (YAML or JSON): top-level keys are defaults for every job and mirror
@@ -54,6 +55,7 @@ def add_batch_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--summary", metavar="FILE", help="also write the JSON summary to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (status lines stay)")
+    add_validation_args(p)
     p.set_defaults(func=cmd_batch)
 
 
@@ -132,6 +134,10 @@ def cmd_batch(args) -> int:
     if args.chunk_elems is not None and args.chunk_elems < 1:
         raise RestaError(f"--chunk-elems must be >= 1, got {args.chunk_elems}")
     fused = {k: v for k, v in (("writers", args.writers), ("chunk_elems", args.chunk_elems)) if v}
+    validate = validation_options(args)
+    if validate:
+        validate["progress"] = False  # one batch bar; per-job eval bars would interleave
+        fused["validate"] = validate
     try:
         if args.executor == "ray":
             from resta_fast.batch.ray import run_ray

@@ -273,8 +273,13 @@ def check_jobs(manifest: Manifest, groups: list[Group], problems: list[str], *, 
 # --- execution --------------------------------------------------------------------------
 
 def run_batch(manifest: Manifest, groups: list[int] | None = None, *, reporter: Reporter | None = None,
-              fsync: bool | None = None, threads: int | None = None, **fused_options) -> list[JobResult]:
+              fsync: bool | None = None, threads: int | None = None, validate: dict | None = None,
+              **fused_options) -> list[JobResult]:
     """Run the selected groups here, one after another.
+
+    ``validate``: ``api.patch(validate=...)`` options; each new output is
+    evaluated before its rename, and a job whose output fails the gate is
+    reported failed (its output kept, marked VALIDATION_FAILED).
 
     Returns:
         One JobResult per job, in manifest order.
@@ -286,7 +291,7 @@ def run_batch(manifest: Manifest, groups: list[int] | None = None, *, reporter: 
     results = []
     for group in manifest.select(groups):
         results += run_group(manifest, group.index, reporter=reporter, fsync=fsync, threads=threads,
-                             **fused_options)
+                             validate=validate, **fused_options)
     return sorted(results, key=lambda r: r.index)
 
 
@@ -297,7 +302,7 @@ def _failed(job: JobSpec, group: int, exc: BaseException, seconds: float = 0.0) 
 
 
 def run_group(manifest: Manifest, gid: int, *, reporter: Reporter | None = None, fsync: bool | None = None,
-              threads: int | None = None, **fused_options) -> list[JobResult]:
+              threads: int | None = None, validate: dict | None = None, **fused_options) -> list[JobResult]:
     """Run one group: verify and skip finished jobs, then write the rest in one
     fused pass (CPU) or one by one (GPU). Never raises for a job's failure."""
     from resta_fast.pipeline.interrupt import tensor_boundary_signals
@@ -327,33 +332,45 @@ def run_group(manifest: Manifest, gid: int, *, reporter: Reporter | None = None,
             else:
                 todo.append((prep, state, detail))
         if todo and not todo[0][0].device.startswith("cuda"):
-            _run_fused_group(todo, gid, stack, reporter, finish, fsync, threads, fused_options)
+            _run_fused_group(todo, gid, stack, reporter, finish, fsync, threads, fused_options, validate)
         else:
             for prep, state, detail in todo:
-                _run_one(prep, state, detail, gid, reporter, finish, fsync, threads)
+                _run_one(prep, state, detail, gid, reporter, finish, fsync, threads, validate)
     return [results[job.index] for job in group.jobs]
 
 
-def _run_one(prep: PreparedJob, state: str, detail: str, gid: int, reporter, finish, fsync, threads) -> None:
+def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) -> JobResult:
+    """The JobResult of a written job: failed when its validation gate failed."""
+    verdict = report.get("validation")
+    if verdict is not None and not verdict.get("passed", False):
+        return JobResult(job.index, job.name, gid, str(job.out), "failed",
+                         error=f"validation failed (output kept, marked VALIDATION_FAILED): "
+                               f"{verdict.get('reason', '')}", **kw)
+    return JobResult(job.index, job.name, gid, str(job.out), status, **kw)
+
+
+def _run_one(prep: PreparedJob, state: str, detail: str, gid: int, reporter, finish, fsync, threads,
+             validate=None) -> None:
     """A job through ``api.patch`` (GPU groups: the GPU pipeline is per job)."""
     from resta_fast import api
     job = prep.job
     start = time.perf_counter()
     try:
         report = api.patch(job.finetuned, job.out, **job.patch_kwargs(), threads=threads,
-                           overwrite=state == "corrupt", fsync=fsync)
+                           overwrite=state == "corrupt", fsync=fsync, validate=validate)
     except Exception as exc:  # noqa: BLE001 - reported per job
         finish(_failed(job, gid, exc, time.perf_counter() - start))
         return
     reporter.job_progress(job, report["stats"]["bytes_written"])
-    finish(JobResult(job.index, job.name, gid, str(job.out), "redone" if state == "corrupt" else "done",
-                     note=f"previous output: {detail}" if detail else "",
-                     seconds=time.perf_counter() - start, bytes_written=report["stats"]["bytes_written"]))
+    finish(_validation_result(job, gid, report, "redone" if state == "corrupt" else "done",
+                              note=f"previous output: {detail}" if detail else "",
+                              seconds=time.perf_counter() - start,
+                              bytes_written=report["stats"]["bytes_written"]))
 
 
 def _run_fused_group(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsync: bool,
-                     threads, fused_options) -> None:
-    from resta_fast.api import finish_output, output_metadata
+                     threads, fused_options, validate=None) -> None:
+    from resta_fast.api import finish_output, output_metadata, record_validation, validator
     from resta_fast.io.lock import OutputLock, clean_stale_temps
     from resta_fast.io.writer import AtomicOutputDir, check_output_location
     from resta_fast.pipeline.cpu import FusedJob, run_fused
@@ -397,14 +414,17 @@ def _run_fused_group(todo, gid: int, stack: ExitStack, reporter: Reporter, finis
                                    backend_name=prep.backend_name, device=prep.device, fsync=fsync,
                                    extra={"batch": {"job": job.name, "index": job.index, "group": gid,
                                                     "jobs_in_pass": len(live)}})
+            if validate:
+                gate = validator(validate, None if _is_adapter(str(job.finetuned)) else job.finetuned)
+                record_validation(outdir.tmp, report, gate(outdir.tmp))
             raise_if_interrupted()
             outdir.commit()
         except Exception as exc:  # noqa: BLE001 - reported per job
             finish(_failed(job, gid, exc, seconds))
             continue
-        finish(JobResult(job.index, job.name, gid, str(job.out), "redone" if state == "corrupt" else "done",
-                         note=f"previous output: {detail}" if detail else "", seconds=round(seconds, 3),
-                         bytes_written=report["stats"]["bytes_written"]))
+        finish(_validation_result(job, gid, report, "redone" if state == "corrupt" else "done",
+                                  note=f"previous output: {detail}" if detail else "", seconds=round(seconds, 3),
+                                  bytes_written=report["stats"]["bytes_written"]))
 
 
 def summarize(results: list[JobResult]) -> dict:
