@@ -9,6 +9,7 @@ file and tensor; nothing else escapes.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
