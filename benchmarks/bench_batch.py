@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -80,6 +81,23 @@ def separate_main(argv) -> None:
                   threads=args.threads)
 
 
+def cli_commands(manifest: Path, out_root: Path, threads: int | None) -> list[str]:
+    """One `resta-fast patch` command line per job of a bench manifest: what a
+    user runs without batch, each paying its own interpreter and torch start-up."""
+    doc = json.loads(manifest.read_text())
+    lines = []
+    for job in doc["jobs"]:
+        cmd = [sys.executable, "-m", "resta_fast", "patch", "--finetuned", job["finetuned"],
+               "--out", str(out_root / Path(job["out"]).name), "--aligned", doc["aligned"],
+               "--unaligned", doc["unaligned"], "--beta", str(job["beta"]), "--backend", doc["backend"],
+               "--no-progress"]
+        cmd += ["--dare", str(doc["dare"]), "--seed", str(doc["seed"])] if doc.get("dare") else []
+        cmd += [] if doc["fsync"] else ["--no-fsync"]
+        cmd += ["--threads", str(threads)] if threads else []
+        lines.append(shlex.join(cmd) + " 2>/dev/null")
+    return lines
+
+
 def digests(out_root: Path) -> dict[str, str]:
     """sha256 of every output file but the report (which has a timestamp)."""
     result = {}
@@ -126,6 +144,8 @@ def main() -> None:
     ap.add_argument("--dare", type=float, default=None)
     ap.add_argument("--fsync", action="store_true", help="durable outputs (floor fsyncs too)")
     ap.add_argument("--threads", type=int, help="kernel threads for batch and separate (default: theirs)")
+    ap.add_argument("--separate-cli", action="store_true",
+                    help="also time N separate `resta-fast patch` processes (what a user runs without batch)")
     ap.add_argument("--writers", type=int, help="batch writer threads (default: batch's)")
     ap.add_argument("--chunk-elems", type=int, help="batch fused chunk (default: batch's)")
     ap.add_argument("--dir", default="/tmp/resta_fast_bench_batch")
@@ -163,6 +183,11 @@ def main() -> None:
                               *(["--chunk-elems", str(args.chunk_elems)] if args.chunk_elems else [])]
         cmds[f"separate-{n}"] = [py, __file__, "separate", str(man), "--out-root", str(sep_out), *tune]
         out_roots[f"batch-{n}"], out_roots[f"separate-{n}"] = batch_out, sep_out
+        if args.separate_cli:
+            cli_out = root / f"out-separatecli-{n}"
+            script = " && ".join(cli_commands(man, cli_out, args.threads))
+            cmds[f"separatecli-{n}"] = ["bash", "-c", script]
+            out_roots[f"separatecli-{n}"] = cli_out
     for path in [*shards(al), *shards(un), *[s for d in fts for s in shards(d)]]:
         with open(path, "rb") as fh:  # warm the page cache once
             while fh.read(16 << 20):
@@ -181,11 +206,11 @@ def main() -> None:
             rss[name] = max(rss.get(name, 0.0), peak)
             print(f"round {r + 1} {name:14s} {t:7.2f} s  rss {peak:6.0f} MB", flush=True)
             n = name.split("-")[-1]
-            if name.startswith("separate-") and n not in checked:
+            if name.startswith("separate") and name not in checked:
                 a, b = digests(out_roots[f"batch-{n}"]), digests(out_roots[name])
                 if a != b or len(a) < int(n):
-                    sys.exit(f"batch and separate outputs differ for N={n}; not reporting")
-                checked.add(n)
+                    sys.exit(f"batch and {name} outputs differ for N={n}; not reporting")
+                checked.add(name)
         floor_bin.unlink(missing_ok=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nshared inputs {shared_bytes / 1e9:.2f} GB, one fine-tune/output {out_bytes / 1e9:.2f} GB, "
@@ -203,6 +228,13 @@ def main() -> None:
         print(f"  {n:>3} {b:9.2f} {s:11.2f} {f:9.2f} {s / b:8.2f}x {b / f:11.2f}x "
               f"{'' if ratio is None else f'{ratio:.2f}x':>18} {rss[f'batch-{n}']:13.0f}")
     print(f"  floor-ft (read one fine-tune, write one output): {med['floor-ft']:.2f} s")
+    for n in ns:
+        if f"separatecli-{n}" in med:
+            c = med[f"separatecli-{n}"]
+            print(f"  N={n}: {n} separate `resta-fast patch` processes {c:.2f} s -> batch is "
+                  f"{c / med[f'batch-{n}']:.2f}x faster")
+            summary["n"][n]["separate_cli_s"] = c
+            summary["n"][n]["speedup_vs_cli"] = c / med[f"batch-{n}"]
     if args.json:
         Path(args.json).write_text(json.dumps({"times": times, "summary": summary}, indent=2))
 
