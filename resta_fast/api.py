@@ -92,7 +92,7 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
              beta: float, dare: float | None, seed: int, provenance: dict, threads: int | None,
              overwrite: bool, fsync: bool, progress: bool, chunk_elems: int,
              input_paths: list[Path], gpu_pool_bytes: int | None = None,
-             validate=None) -> dict:
+             validate=None, device_cache=None) -> dict:
     """Run a plan into an atomic output directory and write its report.
 
     ``validate`` (optional callable(model_dir) -> {"passed", ...}) evaluates the
@@ -109,7 +109,7 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
             from resta_fast.pipeline.gpu import DEFAULT_POOL_BYTES, run_plan_gpu
             stats = run_plan_gpu(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare,
                                  seed=seed, metadata=metadata, device=device, progress=update,
-                                 pool_bytes=gpu_pool_bytes or DEFAULT_POOL_BYTES)
+                                 pool_bytes=gpu_pool_bytes or DEFAULT_POOL_BYTES, cache=device_cache)
         else:
             stats = run_plan(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare, seed=seed,
                              metadata=metadata, threads=threads, chunk_elems=chunk_elems,
@@ -217,7 +217,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
           chunk_elems: int = DEFAULT_CHUNK_ELEMS, gpu_pool_bytes: int | None = None,
-          base=None, validate: dict | None = None) -> dict:
+          base=None, validate: dict | None = None, device_cache=None) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out``.
 
     Args:
@@ -241,6 +241,8 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
             (``prompts``, ``max_harmful``, ``utility``, ``max_utility_drop`` ...):
             evaluate the output (the fine-tune is the utility reference) and
             record the verdict in ``report["validation"]``.
+        device_cache: a ``pipeline.gpu.DeviceCache`` shared across calls (batch
+            mode) so shared inputs stay in GPU memory between fine-tunes.
     Returns:
         The report dict (also written to ``out/resta_fast.json``).
 
@@ -304,7 +306,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
                         provenance=_provenance("patch", params, roles), threads=threads,
                         overwrite=overwrite, fsync=fsync, progress=progress, chunk_elems=chunk_elems,
                         gpu_pool_bytes=gpu_pool_bytes,
-                        validate=validator(validate, None if lora else finetuned),
+                        validate=validator(validate, None if lora else finetuned), device_cache=device_cache,
                         input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base,
                                                        base_path if lora else None) if p is not None])
 

@@ -120,3 +120,42 @@ def test_gpu_pipeline_matches_cpu(tmp_path, models, dare):
     for f in cpu_out.glob("*.safetensors"):
         assert f.read_bytes() == (gpu_out / f.name).read_bytes()
     assert torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("budget", [0, 2_000, 1 << 30])
+def test_device_cache_across_jobs_gives_identical_bytes(tmp_path, models, budget):
+    ft, al, un = models
+    plan, inputs = plan_and_inputs(ft, al, un)
+    cache = gpu.DeviceCache("cpu", budget_bytes=budget)
+    kw = dict(kernel=reference, beta=0.5, dare=0.3, seed=4, metadata={"format": "pt"})
+    (tmp_path / "direct").mkdir()
+    direct = run_plan(plan, inputs, tmp_path / "direct", **kw)
+    for job in range(2):  # the second job reads the shared inputs from the cache
+        (tmp_path / f"job{job}").mkdir()
+        staged = gpu.run_plan_gpu(plan, inputs, tmp_path / f"job{job}", device="cpu", chunk_elems=64, slots=2,
+                                  cache=cache, **kw)
+        assert staged.sha256 == direct.sha256
+    assert cache.used <= budget
+    if budget == 0:
+        assert cache.hits == 0 and cache.used == 0
+    elif budget == 1 << 30:
+        # aligned, unaligned and the DARE base (= aligned, shared) for every patched tensor
+        patched = sum(t.action == "patch" for t in plan.tensors())
+        assert cache.hits >= 2 * patched
+        assert staged.bytes_read < direct.bytes_read
+    else:
+        assert 0 < cache.used and cache.misses > 0
+
+
+@pytest.mark.gpu
+def test_gpu_device_cache_matches_cpu(tmp_path, models):
+    ft, al, un = models
+    cache = gpu.DeviceCache("cuda")
+    api.patch(ft, tmp_path / "cpu", aligned=al, unaligned=un, beta=0.5, dare=0.3, seed=2, backend="torch",
+              fsync=False)
+    for job in range(2):
+        api.patch(ft, tmp_path / f"gpu{job}", aligned=al, unaligned=un, beta=0.5, dare=0.3, seed=2,
+                  backend="triton", device="cuda", fsync=False, device_cache=cache)
+        for f in (tmp_path / "cpu").glob("*.safetensors"):
+            assert f.read_bytes() == (tmp_path / f"gpu{job}" / f.name).read_bytes()
+    assert cache.hits > 0

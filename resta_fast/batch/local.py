@@ -333,9 +333,12 @@ def run_group(manifest: Manifest, gid: int, *, reporter: Reporter | None = None,
                 todo.append((prep, state, detail))
         if todo and not todo[0][0].device.startswith("cuda"):
             _run_fused_group(todo, gid, stack, reporter, finish, fsync, threads, fused_options, validate)
-        else:
+        elif todo:
+            # GPU groups run job by job, but the shared inputs stay on the device between jobs.
+            from resta_fast.pipeline.gpu import DeviceCache
+            cache = DeviceCache(todo[0][0].device)
             for prep, state, detail in todo:
-                _run_one(prep, state, detail, gid, reporter, finish, fsync, threads, validate)
+                _run_one(prep, state, detail, gid, reporter, finish, fsync, threads, validate, cache)
     return [results[job.index] for job in group.jobs]
 
 
@@ -350,14 +353,15 @@ def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) 
 
 
 def _run_one(prep: PreparedJob, state: str, detail: str, gid: int, reporter, finish, fsync, threads,
-             validate=None) -> None:
+             validate=None, device_cache=None) -> None:
     """A job through ``api.patch`` (GPU groups: the GPU pipeline is per job)."""
     from resta_fast import api
     job = prep.job
     start = time.perf_counter()
     try:
         report = api.patch(job.finetuned, job.out, **job.patch_kwargs(), threads=threads,
-                           overwrite=state == "corrupt", fsync=fsync, validate=validate)
+                           overwrite=state == "corrupt", fsync=fsync, validate=validate,
+                           device_cache=device_cache)
     except Exception as exc:  # noqa: BLE001 - reported per job
         finish(_failed(job, gid, exc, time.perf_counter() - start))
         return

@@ -97,6 +97,53 @@ class _Slot:
             buf.fill_(0)  # first touch now, not inside the timed stream
 
 
+class DeviceCache:
+    """Shared inputs kept on the device across the jobs of a batch group.
+
+    The vector, or the aligned/unaligned pair (and a DARE base that is one of
+    them), is the same for every job of a group: the first job uploads each
+    tensor once (while it fits ``budget_bytes``), later jobs read it from device
+    memory and skip its host staging and H2D copy. Tensors that do not fit are
+    streamed as usual, so the budget only trades memory for transfers.
+
+    Example:
+        >>> cache = DeviceCache("cuda", budget_bytes=40 << 30)  # doctest: +SKIP
+        >>> for job in jobs: api.patch(..., device="cuda", device_cache=cache)
+    """
+
+    def __init__(self, device: str, budget_bytes: int | None = None):
+        self.device = torch.device(device)
+        if budget_bytes is None:
+            # Half of what is free now: the rest stays for the slot pool and the kernel.
+            budget_bytes = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 0
+        self.budget = budget_bytes
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, source: _Source) -> torch.Tensor | None:
+        """The whole tensor on the device, uploading it on first use; None if it
+        does not fit the budget."""
+        key = (str(source.ckpt.path), source.name)
+        cached = self._tensors.get(key)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        nbytes = source.view.numel() * source.itemsize
+        if self.used + nbytes > self.budget:
+            self.misses += 1
+            return None
+        cached = torch.empty(source.view.numel(), dtype=source.view.dtype, device=self.device)
+        cached.copy_(source.view)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # visible to the compute stream
+        self._tensors[key] = cached
+        self.used += nbytes
+        self.misses += 1
+        return cached
+
+
 def chunk_elems_for_pool(pool_bytes: int, slots: int) -> int:
     """Largest chunk whose slots (MAX_INPUTS + 1 fp32 buffers each) fit the pool.
 
@@ -110,13 +157,16 @@ def chunk_elems_for_pool(pool_bytes: int, slots: int) -> int:
 def run_plan_gpu(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: float | None,
                  seed: int, metadata: dict[str, str], device: str = "cuda",
                  pool_bytes: int = DEFAULT_POOL_BYTES, slots: int = DEFAULT_SLOTS,
-                 chunk_elems: int | None = None, progress=None) -> RunStats:
+                 chunk_elems: int | None = None, progress=None,
+                 cache: DeviceCache | None = None) -> RunStats:
     """Execute ``plan`` through staged device buffers; same result as run_plan.
 
     Args:
         kernel: backend module whose patch_into runs on ``device`` tensors.
         pool_bytes/slots: bound pinned host and device memory (each ~pool_bytes).
         chunk_elems: override the chunk size derived from the pool (tests).
+        cache: a DeviceCache shared by the jobs of a batch group (shared inputs
+            are then read from device memory after the first job).
     Returns:
         RunStats (non-finite counts are accumulated on the device and read once
         per file, so they never stall the stream).
@@ -141,7 +191,7 @@ def run_plan_gpu(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, da
             counters: dict[str, torch.Tensor] = {}
             for t in ofile.tensors:
                 _tensor(t, inputs, out, writer, free, dev, hasher, kernel, dare, seed, beta, chunk,
-                        stats, counters)
+                        stats, counters, cache)
                 if progress is not None:
                     progress(t.numel * DTYPES[t.out_dtype][1], t.name)
             writer.drain()
@@ -173,7 +223,8 @@ def _acquire(free: queue.Queue, writer: StagedWriter) -> _Slot:
 
 
 def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free: queue.Queue,
-            dev: _Device, hasher, kernel, dare, seed, beta, chunk, stats: RunStats, counters) -> None:
+            dev: _Device, hasher, kernel, dare, seed, beta, chunk, stats: RunStats, counters,
+            cache: DeviceCache | None = None) -> None:
     f = _Source(inputs.finetuned, t.name)
     dst_start, _ = out.offsets[t.name]
     out_dtype = DTYPES[t.out_dtype][0]
@@ -181,6 +232,8 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
     patched = t.patched_elems if t.action == "patch" else 0
     if patched:
         a, u, b, srcs, tensor_seed = patch_sources(f, inputs, t, dare, seed)
+        # The fine-tune is per job; every other operand is shared by a batch group.
+        on_device = [None] + [cache.get(s) if cache is not None else None for s in srcs[1:]]
         count = torch.zeros((), dtype=torch.int64, device=dev.device)
         counters[t.name] = count
         for lo, hi in _chunks(patched, chunk):
@@ -189,6 +242,9 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
                 dev_views = []
                 with dev.on("copy"):
                     for k, s in enumerate(srcs):
+                        if on_device[k] is not None:
+                            dev_views.append(on_device[k][lo:hi])
+                            continue
                         nbytes = (hi - lo) * s.itemsize
                         host = slot.host_in[k][:nbytes]
                         host.copy_(s.view[lo:hi].view(torch.uint8))
@@ -215,7 +271,8 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
             except BaseException:
                 free.put(slot)
                 raise
-            stats.bytes_read += sum((hi - lo) * s.itemsize for s in srcs)
+            stats.bytes_read += sum((hi - lo) * s.itemsize for s, d in zip(srcs, on_device, strict=True)
+                                    if d is None)
             writer.submit(WriteJob(out.fd, dst_start + lo * out_item, _bytes(host_out), out.path, None,
                                    hasher=hasher, before=None if landed is None else landed.synchronize,
                                    release=lambda slot=slot: free.put(slot)))
