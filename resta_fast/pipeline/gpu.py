@@ -37,6 +37,7 @@ from resta_fast.pipeline.cpu import (
     _write_unpatched,
     patch_sources,
 )
+from resta_fast.pipeline.interrupt import raise_if_interrupted
 from resta_fast.pipeline.stream import StagedWriter, WriteJob, new_hasher
 from resta_fast.plan import Plan
 
@@ -194,6 +195,7 @@ def run_plan_gpu(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, da
                         stats, counters, cache)
                 if progress is not None:
                     progress(t.numel * DTYPES[t.out_dtype][1], t.name)
+                raise_if_interrupted()  # Ctrl-C: stop at a tensor boundary, as on the CPU path
             writer.drain()
             for name, count in counters.items():
                 if int(count):
@@ -245,6 +247,7 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
                         if on_device[k] is not None:
                             dev_views.append(on_device[k][lo:hi])
                             continue
+                        s.check()  # a truncated input: a clean error, not SIGBUS on the copy below
                         nbytes = (hi - lo) * s.itemsize
                         host = slot.host_in[k][:nbytes]
                         host.copy_(s.view[lo:hi].view(torch.uint8))
