@@ -8,6 +8,8 @@ broken build surfaces as ``BackendUnavailable`` carrying the original error.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import torch
 
@@ -22,9 +24,10 @@ def _load():
     global _native
     if _native is None:
         try:
-            from resta_fast import _C
+            _C = importlib.import_module("resta_fast._C")
         except ImportError as exc:
-            if isinstance(exc, ModuleNotFoundError):
+            # Not built at all (RESTA_FAST_BUILD_EXT=0, a failed build) vs built but broken.
+            if isinstance(exc, ModuleNotFoundError) and exc.name == "resta_fast._C":
                 hint = ("build it with `python setup.py build_ext --inplace` or reinstall with "
                         "`pip install -e .` (with RESTA_FAST_BUILD_EXT unset or 1)")
             else:
