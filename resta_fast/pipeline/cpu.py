@@ -124,9 +124,23 @@ def run_plan(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: 
     Returns:
         RunStats with bytes moved, per-file sha256 and non-finite counts.
     """
+    writer = StagedWriter(n_buffers=3, buffer_bytes=chunk_elems * 4)
+
+    def write_tensor(t, out, hasher, stats):
+        _write_tensor(t, inputs, out, writer, hasher, kernel, dare, seed, threads, chunk_elems, stats)
+    return write_files(plan, inputs, out_dir, metadata, writer, write_tensor, progress)
+
+
+def write_files(plan: Plan, inputs: Inputs, out_dir, metadata: dict[str, str], writer: StagedWriter,
+                write_tensor, progress=None, after_file=None) -> RunStats:
+    """The per-file driver both pipelines share: preallocate each output file,
+    write its tensors in order (``write_tensor(t, out, hasher, stats)``), stop
+    at tensor boundaries on Ctrl-C, wait for the writer, re-check the inputs,
+    close the file and record its sha256. ``after_file(stats)`` runs once a
+    file's writes are done. Closes ``writer``.
+    """
     stats = RunStats()
     start = time.perf_counter()
-    writer = StagedWriter(n_buffers=3, buffer_bytes=chunk_elems * 4)
     open_files: list[TensorFileWriter] = []
     try:
         for ofile in plan.files:
@@ -136,12 +150,13 @@ def run_plan(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: 
             hasher = new_hasher()
             hasher.update(out.header)
             for t in ofile.tensors:
-                _write_tensor(t, inputs, out, writer, hasher, kernel, dare, seed, threads,
-                              chunk_elems, stats)
+                write_tensor(t, out, hasher, stats)
                 if progress is not None:
                     progress(t.numel * DTYPES[t.out_dtype][1], t.name)
                 raise_if_interrupted()
             writer.drain()
+            if after_file is not None:
+                after_file(stats)
             for ck in inputs.all():
                 ck.check_unchanged()
             open_files.remove(out)
@@ -156,12 +171,36 @@ def run_plan(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, dare: 
     return stats
 
 
+def patch_chunk(writer: StagedWriter, kernel, t: TensorPlan, f, a, u, b, lo: int, hi: int, *, dare, seed,
+                threads, stats: RunStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel for elements [lo, hi) of ``t`` into a pooled buffer.
+
+    ``f/a/u/b`` are the operands' flat views (u, b may be None). Non-finite
+    outputs are counted into ``stats``; on an error the buffer goes back to the
+    pool. Returns (buffer, output view) for the caller to submit.
+    """
+    out_torch, out_itemsize = DTYPES[t.out_dtype]
+    buf = writer.acquire()
+    try:
+        dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
+        bad = kernel.patch_into(dst, f[lo:hi], a[lo:hi], None if u is None else u[lo:hi],
+                                None if b is None else b[lo:hi], beta=t.beta, p=dare or 0.0, seed=seed,
+                                offset=lo, threads=threads)
+        if bad is None:  # backends that do not count in-kernel
+            bad = _count_nonfinite(dst)
+    except BaseException:
+        writer.give_back(buf)
+        raise
+    if bad:
+        stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + bad
+    return buf, dst
+
+
 def _write_tensor(t: TensorPlan, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter,
                   hasher, kernel, dare, seed, threads, chunk_elems, stats: RunStats) -> None:
     f = _Source(inputs.finetuned, t.name)
     dst_start, _ = out.offsets[t.name]
     out_itemsize = DTYPES[t.out_dtype][1]
-    out_torch = DTYPES[t.out_dtype][0]
     patched = t.patched_elems if t.action == "patch" else 0
     if patched:
         a, u, b, srcs, tensor_seed = patch_sources(f, inputs, t, dare, seed)
@@ -169,21 +208,8 @@ def _write_tensor(t: TensorPlan, inputs: Inputs, out: TensorFileWriter, writer: 
             for s in srcs:
                 s.check()
                 s.prefetch(hi, min(patched, hi + chunk_elems))
-            buf = writer.acquire()
-            try:
-                dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
-                bad = kernel.patch_into(dst, f.view[lo:hi], a.view[lo:hi],
-                                  None if u is None else u.view[lo:hi],
-                                  None if b is None else b.view[lo:hi],
-                                  beta=t.beta, p=dare or 0.0, seed=tensor_seed, offset=lo,
-                                  threads=threads)
-                if bad is None:  # backends that do not count in-kernel
-                    bad = _count_nonfinite(dst)
-            except BaseException:
-                writer.give_back(buf)
-                raise
-            if bad:
-                stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + bad
+            buf, dst = patch_chunk(writer, kernel, t, f.view, a.view, u and u.view, b and b.view, lo, hi,
+                                   dare=dare, seed=tensor_seed, threads=threads, stats=stats)
             for s in srcs:
                 s.release(lo, hi)
             stats.bytes_read += sum((hi - lo) * s.itemsize for s in srcs)
@@ -569,23 +595,11 @@ def _write_fused(name: str, items: list[tuple[_JobRun, TensorPlan]], kernel, thr
 
 def _fused_chunk(w: _FusedItem, lo: int, hi: int, kernel, threads) -> None:
     t, writer, stats, dare = w.t, w.run.writer, w.run.job.stats, w.run.job.dare
-    out_torch, out_itemsize = DTYPES[t.out_dtype]
+    out_itemsize = DTYPES[t.out_dtype][1]
     for s in w.sources():
         s.check()  # a truncated input fails this job here, not the process with SIGBUS
-    buf = writer.acquire()
-    try:
-        dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
-        bad = kernel.patch_into(dst, w.f.view[lo:hi], w.a.view[lo:hi],
-                                None if w.u is None else w.u.view[lo:hi],
-                                None if w.b is None else w.b.view[lo:hi],
-                                beta=t.beta, p=dare or 0.0, seed=w.seed, offset=lo, threads=threads)
-        if bad is None:  # backends that do not count in-kernel
-            bad = _count_nonfinite(dst)
-    except BaseException:
-        writer.give_back(buf)
-        raise
-    if bad:
-        stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + bad
+    buf, dst = patch_chunk(writer, kernel, t, w.f.view, w.a.view, w.u and w.u.view, w.b and w.b.view, lo, hi,
+                           dare=dare, seed=w.seed, threads=threads, stats=stats)
     stats.bytes_read += sum((hi - lo) * s.itemsize for s in w.sources())
     writer.submit(WriteJob(w.out.fd, w.out.offsets[t.name][0] + lo * out_itemsize, _bytes(dst),
                            w.out.path, buf, hasher=w.hasher))

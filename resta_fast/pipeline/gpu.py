@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import time
 
 import torch
 
@@ -36,9 +35,9 @@ from resta_fast.pipeline.cpu import (
     _Source,
     _write_unpatched,
     patch_sources,
+    write_files,
 )
-from resta_fast.pipeline.interrupt import raise_if_interrupted
-from resta_fast.pipeline.stream import StagedWriter, WriteJob, new_hasher
+from resta_fast.pipeline.stream import StagedWriter, WriteJob
 from resta_fast.plan import Plan
 
 # 256 MiB of pinned host memory (and as much on the device) by default: three
@@ -179,39 +178,18 @@ def run_plan_gpu(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, da
         free.put(_Slot(dev, chunk))
     # The writer's own pool only stages dtype conversions of copied tensors.
     writer = StagedWriter(n_buffers=1, buffer_bytes=chunk * 4)
-    stats = RunStats()
-    start = time.perf_counter()
-    open_files: list[TensorFileWriter] = []
-    try:
-        for ofile in plan.files:
-            out = TensorFileWriter(out_dir / ofile.name, [(t.name, t.out_dtype, t.shape)
-                                                          for t in ofile.tensors], metadata)
-            open_files.append(out)
-            hasher = new_hasher()
-            hasher.update(out.header)
-            counters: dict[str, torch.Tensor] = {}
-            for t in ofile.tensors:
-                _tensor(t, inputs, out, writer, free, dev, hasher, kernel, dare, seed, beta, chunk,
-                        stats, counters, cache)
-                if progress is not None:
-                    progress(t.numel * DTYPES[t.out_dtype][1], t.name)
-                raise_if_interrupted()  # Ctrl-C: stop at a tensor boundary, as on the CPU path
-            writer.drain()
-            for name, count in counters.items():
-                if int(count):
-                    stats.nonfinite[name] = int(count)
-            for ck in inputs.all():
-                ck.check_unchanged()
-            open_files.remove(out)
-            out.close(fsync=False)
-            stats.sha256[ofile.name] = hasher.hexdigest()
-            stats.bytes_written += out.size
-    finally:
-        writer.close()  # joins after pending writes: no write targets a closed fd
-        for out in open_files:
-            out.close(fsync=False)
-    stats.seconds = time.perf_counter() - start
-    return stats
+    counters: dict[str, torch.Tensor] = {}
+
+    def write_tensor(t, out, hasher, stats):
+        _tensor(t, inputs, out, writer, free, dev, hasher, kernel, dare, seed, beta, chunk, stats, counters,
+                cache)
+
+    def collect_counts(stats):  # one device sync per file, never per chunk
+        for name, count in counters.items():
+            if int(count):
+                stats.nonfinite[name] = int(count)
+        counters.clear()
+    return write_files(plan, inputs, out_dir, metadata, writer, write_tensor, progress, collect_counts)
 
 
 def _acquire(free: queue.Queue, writer: StagedWriter) -> _Slot:
