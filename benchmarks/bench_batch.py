@@ -55,10 +55,10 @@ def make_finetunes(root: Path, first: Path, n: int) -> list[Path]:
 
 
 def write_manifest(path: Path, al: Path, un: Path, fts: list[Path], out_root: Path, backend: str,
-                   fsync: bool, dare: float | None) -> Path:
+                   fsync: bool, dare: float | None, device: str = "cpu") -> Path:
     jobs = [{"finetuned": str(ft), "out": str(out_root / f"job{k}"), "beta": 0.25 + 0.25 * k}
             for k, ft in enumerate(fts)]
-    doc = {"aligned": str(al), "unaligned": str(un), "backend": backend, "fsync": fsync,
+    doc = {"aligned": str(al), "unaligned": str(un), "backend": backend, "device": device, "fsync": fsync,
            "group_size": len(fts), "jobs": jobs}
     if dare:
         doc.update(dare=dare, seed=1)
@@ -90,7 +90,7 @@ def cli_commands(manifest: Path, out_root: Path, threads: int | None) -> list[st
         cmd = [sys.executable, "-m", "resta_fast", "patch", "--finetuned", job["finetuned"],
                "--out", str(out_root / Path(job["out"]).name), "--aligned", doc["aligned"],
                "--unaligned", doc["unaligned"], "--beta", str(job["beta"]), "--backend", doc["backend"],
-               "--no-progress"]
+               "--device", doc.get("device", "cpu"), "--no-progress"]
         cmd += ["--dare", str(doc["dare"]), "--seed", str(doc["seed"])] if doc.get("dare") else []
         cmd += [] if doc["fsync"] else ["--no-fsync"]
         cmd += ["--threads", str(threads)] if threads else []
@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--ns", default="1,2,4,8", help="numbers of fine-tunes")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", default="cpp")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda with --backend triton")
     ap.add_argument("--dare", type=float, default=None)
     ap.add_argument("--fsync", action="store_true", help="durable outputs (floor fsyncs too)")
     ap.add_argument("--threads", type=int, help="kernel threads for batch and separate (default: theirs)")
@@ -173,7 +174,7 @@ def main() -> None:
     for n in ns:
         batch_out, sep_out = root / f"out-batch-{n}", root / f"out-separate-{n}"
         man = write_manifest(root / f"batch-{n}.json", al, un, fts[:n], batch_out, args.backend,
-                             args.fsync, args.dare)
+                             args.fsync, args.dare, args.device)
         cmds[f"floor-{n}"] = [py, str(REPO / "benchmarks/bench_patch.py"), "floor", "--inputs",
                               *shards(al), *shards(un), *[s for d in fts[:n] for s in shards(d)],
                               "--out", str(floor_bin), "--out-bytes", str(n * out_bytes), *sync]
