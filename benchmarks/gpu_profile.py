@@ -4,7 +4,8 @@ gpu_check.py says *how fast* the end-to-end GPU pipeline is against its floor;
 this says *why*: the host's copy, read, hash and write rates on that machine,
 then `api.patch` (triton on the GPU, and cpp on its CPU cores) on three ~1.5 GB
 models, warm cache, with a cProfile of each pipeline thread (main, writer,
-hasher): the top functions by own time.
+hasher; on Python >= 3.12 one profile sees all threads): the top functions by
+own and by cumulative time.
 
     python benchmarks/gpu_profile.py --gb 1.5          # on the GPU machine
     python benchmarks/gpu_profile.py --gb 0.02 --devices cpu   # smoke, anywhere
@@ -31,7 +32,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-
 from gpu_check import build_checkpoints  # noqa: E402
 
 GB = 1e9
@@ -112,7 +112,7 @@ def host_rates(path: Path, cuda: bool) -> None:
                       ("pwrite from pageable", write_from(plain))]:
         print(f"  {label:42s} {rate(n, fn):7.2f} GB/s", flush=True)
     out_path.unlink(missing_ok=True)
-    del src
+    src = None  # drop the view before closing the map
     mm.close()
     os.close(fd)
 
@@ -131,8 +131,12 @@ class ThreadProfiles:
         profiles = self.profiles
 
         def run(writer):
-            prof = profiles.setdefault(name, cProfile.Profile())
-            prof.enable()
+            prof = cProfile.Profile()
+            try:
+                prof.enable()
+            except ValueError:  # Python >= 3.12: one profiler per process, and it sees every thread
+                return fn(writer)
+            profiles[name] = prof
             try:
                 fn(writer)
             finally:
@@ -152,13 +156,14 @@ class ThreadProfiles:
 
     def report(self, top: int) -> None:
         for name, prof in self.profiles.items():
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-            lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
-            start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
-            print(f"  -- thread {name}: top {top} by own time")
-            for ln in lines[start:start + top + 1]:
-                print("    " + ln[:150])
+            for key in ("tottime", "cumulative"):
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
+                lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+                start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
+                print(f"  -- thread {name}: top {top} by {key} time")
+                for ln in lines[start:start + top + 1]:
+                    print("    " + ln[:150])
 
 
 def profile_patch(dirs, root: Path, device: str, top: int, dare: bool) -> None:
