@@ -29,11 +29,14 @@ else:
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Provisional GPU launch shape, not yet measured on hardware: 4096 elements over
-# 8 warps is 16 elements per thread, i.e. two 16-byte vectors per bf16 input per
-# thread (four per fp32 input), enough bytes in flight per SM to cover HBM
-# latency while keeping a tail-wasting grid small. benchmarks/gpu_check.py sweeps
-# BLOCK x num_warps and prints the winner; update these with its result.
+# GPU launch shape, measured on an H200 (benchmarks/gpu_check.py, 2026-11-28;
+# benchmarks/results/gpu_check_h200.log): over BLOCK 1024-8192 x num_warps 4/8/16,
+# on 2^28 bf16 elements, every shape but three ran at 1.00-1.07x a torch device-to-device
+# copy of the same bytes (~4.1 TB/s), plain and DARE alike; the best (2048/4
+# plain 1.07x, 1024/4 DARE 1.06x) beat 4096/8 (1.05x / 1.02x) by 2-4% in one
+# sweep (one run each, not repeated), and the three to avoid were 1024/16 (0.63-0.85x) and 8192/4
+# DARE (0.88x). 4096/8 is kept: 16 elements per thread, two 16-byte vectors per
+# bf16 input, and fp32/fp16/vector mode measured 1.03-1.04x copy with it too.
 BLOCK_SIZE = 4096
 NUM_WARPS = 8
 # The interpreter pays per program and per op in Python, not per element: a big
