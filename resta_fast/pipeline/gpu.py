@@ -226,6 +226,10 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
                             dev_views.append(on_device[k][lo:hi])
                             continue
                         s.check()  # a truncated input: a clean error, not SIGBUS on the copy below
+                        # Read-ahead of the next chunk, as the CPU pipeline does: on a cold
+                        # cache the disk then works while this chunk is staged (H200 run
+                        # before this: cold 0.62x its floor, without it).
+                        s.prefetch(hi, min(patched, hi + chunk))
                         nbytes = (hi - lo) * s.itemsize
                         host = slot.host_in[k][:nbytes]
                         host.copy_(s.view[lo:hi].view(torch.uint8))
