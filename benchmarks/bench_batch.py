@@ -218,6 +218,8 @@ def main() -> None:
                     if key.endswith(f"-{n}"):
                         shutil.rmtree(path, ignore_errors=True)
         floor_bin.unlink(missing_ok=True)
+        if args.json:  # after every round, so a run cut short still leaves its times
+            Path(args.json).write_text(json.dumps({"times": times, "rounds_done": r + 1}, indent=2))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nshared inputs {shared_bytes / 1e9:.2f} GB, one fine-tune/output {out_bytes / 1e9:.2f} GB, "
           f"{args.rounds} round(s), medians; all batch outputs equal the separate runs' bit for bit")
@@ -242,7 +244,8 @@ def main() -> None:
             summary["n"][n]["separate_cli_s"] = c
             summary["n"][n]["speedup_vs_cli"] = c / med[f"batch-{n}"]
     if args.json:
-        Path(args.json).write_text(json.dumps({"times": times, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"times": times, "rounds_done": args.rounds, "summary": summary},
+                                              indent=2))
 
 
 if __name__ == "__main__":
