@@ -1,7 +1,8 @@
 """Command line: argument parsing, progress and exit codes; no logic of its own.
 
 Exit codes: 0 ok, 1 a gate/validation failed, 2 bad input or refused
-operation (one clear line on stderr), 130 interrupted.
+operation (one clear line on stderr), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM); either stops at a tensor boundary and leaves no partial output.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import sys
 
 from resta_fast import __version__
@@ -238,5 +240,8 @@ def main(argv=None) -> int:
         print(f"resta-fast: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("resta-fast: interrupted; partial output removed", file=sys.stderr)
-        return 130
+        from resta_fast.pipeline.interrupt import stop_signal
+        signum = stop_signal()
+        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        print(f"resta-fast: {what}; partial output removed", file=sys.stderr)
+        return 128 + signum

@@ -152,6 +152,39 @@ def test_resume_after_a_job_is_killed_midway(tmp_path):
         assert files_of(job.out) == reference(job, root)
 
 
+def test_sigterm_stops_cleanly_keeps_finished_jobs_and_rerun_resumes(tmp_path):
+    """SIGTERM (Slurm time limit, a cancelled CI job) mid-batch: exit 143, the finished
+    job stays committed, the running one leaves no temp dir or lock, and a rerun resumes."""
+    root = make_world(tmp_path)
+    path = write_manifest(root, JOBS[:3], group_size=1)
+    script = (
+        f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+        "import resta_fast.pipeline.cpu as cpu\n"
+        "orig = cpu._write_fused\n"
+        "def slow(*a, **k):\n"
+        "    orig(*a, **k); time.sleep(0.1)\n"
+        "cpu._write_fused = slow\n"
+        "from resta_fast.cli import main\n"
+        f"sys.exit(main(['batch', {str(path)!r}, '--no-progress']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (root / "outs/plain/resta_fast.json").exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # well into the second job (~20 tensors x 0.1 s each)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "resta-fast: terminated (SIGTERM); partial output removed"
+    assert (root / "outs/plain").exists() and not (root / "outs/sweep").exists()
+    assert not [p.name for p in (root / "outs").iterdir() if p.name.startswith(".")], "temp dir or lock left"
+    first = {p.name: p.stat().st_ino for p in (root / "outs/plain").iterdir()}
+    results = load_and_run(path)
+    assert [r.status for r in results] == ["skipped", "done", "done"]
+    assert {p.name: p.stat().st_ino for p in (root / "outs/plain").iterdir()} == first
+
+
 def test_one_failing_job_does_not_stop_or_spoil_the_others(tmp_path):
     root = make_world(tmp_path)
     manifest = load_manifest(write_manifest(root, JOBS[:3]))

@@ -617,30 +617,40 @@ def _calibrate(worker, tmp_path, argv_for, **req) -> float:
 TRIALS = 20
 
 
-def test_sigint_at_random_points(tmp_path, worker, capsys):
-    """SIGINT at 20 seeded random moments: exit 130 with nothing left, or a finished,
-    verified output; an interrupted run stops at a tensor boundary."""
+@pytest.mark.parametrize("signum, code_if_stopped, trials", [(signal.SIGINT, 130, TRIALS),
+                                                              (signal.SIGTERM, 143, TRIALS // 2)])
+def test_stop_signal_at_random_points(tmp_path, worker, capsys, signum, code_if_stopped, trials):
+    """SIGINT (20) or SIGTERM (10) at seeded random moments: exit 130 / 143 with nothing
+    left, or a finished, verified output; a stopped run stops at a tensor boundary.
+    A SIGTERM that lands before the run takes it over kills the child (as it would
+    kill any process); that must leave nothing either."""
     ft, al, un = three_models(tmp_path / "in", shards=2, **SMALL)
     before = snapshot(ft, al, un)
     work = tmp_path / "runs"
     work.mkdir()
     out = work / "out"
+    name = signal.Signals(signum).name
 
     def argv_for(o):
         return patch_argv(ft, al, un, o, "--no-fsync")
     span = 1.3 * _calibrate(worker, tmp_path, argv_for, delay=0.01)
-    rng = random.Random(20240901)
+    rng = random.Random(20240901 + signum)
     outcomes = []
-    for trial in range(TRIALS):
-        log, origin = tmp_path / f"sigint{trial}.log", tmp_path / f"origin{trial}"
+    for trial in range(trials):
+        log, origin = tmp_path / f"{name}{trial}.log", tmp_path / f"origin{trial}"
         pid = worker.start(argv=argv_for(out), log=str(log), delay=0.01, origin=str(origin))
         time.sleep(rng.uniform(0, span))
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signum)
         code = worker.wait()
-        if code == 130:
-            assert one_line_error(log).startswith("resta-fast: interrupted"), trial
-            assert not out.exists(), f"trial {trial}: an interrupted run left --out"
+        if code == code_if_stopped:
+            word = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+            assert one_line_error(log).startswith(f"resta-fast: {word}"), trial
+            assert not out.exists(), f"trial {trial}: a stopped run left --out"
             outcomes.append("stopped at a tensor boundary" if origin.exists() else "stopped before writing")
+        elif code == -signum:
+            assert signum == signal.SIGTERM, (trial, code)
+            assert not out.exists(), f"trial {trial}: a killed run left --out"
+            outcomes.append("killed before the run took the signal over")
         else:
             assert code == 0, (trial, code, log.read_text())
             assert verify(out)["ok"], trial
@@ -650,9 +660,9 @@ def test_sigint_at_random_points(tmp_path, worker, capsys):
     assert snapshot(ft, al, un) == before
     summary = {k: outcomes.count(k) for k in sorted(set(outcomes))}
     with capsys.disabled():
-        print(f"\nSIGINT trials: {TRIALS}: {summary}")
+        print(f"\n{name} trials: {trials}: {summary}")
     # Loose floors: timing varies on shared machines; they only prove the paths were exercised.
-    assert summary.get("stopped at a tensor boundary", 0) >= TRIALS // 4, summary
+    assert summary.get("stopped at a tensor boundary", 0) >= trials // 4, summary
 
 
 def test_sigkill_at_random_points_then_rerun(tmp_path, worker, capsys):

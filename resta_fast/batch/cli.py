@@ -2,7 +2,8 @@
 
 Exit codes: 0 every job done or already finished, 1 one or more jobs failed
 (the summary says which and why), 2 the manifest is invalid (nothing written),
-130 interrupted.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM): finished jobs stay committed,
+the running ones leave no partial output, and a rerun resumes.
 """
 
 from __future__ import annotations
