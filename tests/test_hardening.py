@@ -665,6 +665,25 @@ def test_stop_signal_at_random_points(tmp_path, worker, capsys, signum, code_if_
     assert summary.get("stopped at a tensor boundary", 0) >= trials // 4, summary
 
 
+def test_stop_signal_between_nested_runs_is_kept():
+    """A GPU batch group wraps each job's api.patch in its own signal context: a SIGTERM
+    that lands between two jobs must stop the next one, not be cleared by it; and the
+    handlers are back to what they were once the outer context ends."""
+    from resta_fast.pipeline import interrupt
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with interrupt.tensor_boundary_signals():
+        with interrupt.tensor_boundary_signals():  # job 1
+            interrupt.raise_if_interrupted()
+        os.kill(os.getpid(), signal.SIGTERM)  # between the jobs
+        time.sleep(0.05)  # the handler runs at the next bytecode boundary
+        with pytest.raises(KeyboardInterrupt), interrupt.tensor_boundary_signals():  # job 2
+            interrupt.raise_if_interrupted()
+        assert interrupt.stop_signal() == signal.SIGTERM
+    assert not interrupt.interrupt_requested()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_sigkill_at_random_points_then_rerun(tmp_path, worker, capsys):
     """SIGKILL at 20 seeded random moments: --out is absent or verifies; the next run
     for the same --out succeeds and leaves no temp dir, lock file or old output."""

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 _requested = threading.Event()
 _signal = [signal.SIGINT]  # the signal behind the last stop request
+_depth = [0]  # nesting of tensor_boundary_signals() in the main thread
 
 
 def raise_if_interrupted() -> None:
@@ -62,6 +63,17 @@ def tensor_boundary_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if _depth[0]:
+        # Nested (a GPU batch group runs each job through api.patch): the outer
+        # context owns the handlers and the flag, so a signal that arrives
+        # between two jobs is not cleared by the next one.
+        _depth[0] += 1
+        try:
+            yield
+        finally:
+            _depth[0] -= 1
+        return
+    _depth[0] = 1
     _requested.clear()
     _signal[0] = signal.SIGINT
     # A process started with SIGINT ignored (nohup, `cmd &` in some shells) keeps ignoring it.
@@ -81,3 +93,4 @@ def tensor_boundary_signals():
         if old_xfsz is not None:
             signal.signal(signal.SIGXFSZ, old_xfsz)
         _requested.clear()
+        _depth[0] = 0
