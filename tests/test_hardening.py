@@ -665,7 +665,16 @@ def test_stop_signal_at_random_points(tmp_path, worker, capsys, signum, code_if_
     assert summary.get("stopped at a tensor boundary", 0) >= trials // 4, summary
 
 
-def test_stop_signal_between_nested_runs_is_kept():
+@pytest.fixture()
+def default_sigterm():
+    """SIGTERM at its default action for the test (an in-process Ray, started by an
+    earlier test, installs its own), restored afterwards."""
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+def test_stop_signal_between_nested_runs_is_kept(default_sigterm):
     """A GPU batch group wraps each job's api.patch in its own signal context: a SIGTERM
     that lands between two jobs must stop the next one, not be cleared by it; and the
     handlers are back to what they were once the outer context ends."""
@@ -682,6 +691,21 @@ def test_stop_signal_between_nested_runs_is_kept():
         assert interrupt.stop_signal() == signal.SIGTERM
     assert not interrupt.interrupt_requested()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_host_sigterm_handler_is_left_alone():
+    """Whoever embeds us and handles SIGTERM (Ray's workers) keeps its handler."""
+    from resta_fast.pipeline import interrupt
+
+    def host_handler(signum, frame):
+        pass
+    old = signal.signal(signal.SIGTERM, host_handler)
+    try:
+        with interrupt.tensor_boundary_signals():
+            assert signal.getsignal(signal.SIGTERM) is host_handler
+        assert signal.getsignal(signal.SIGTERM) is host_handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_sigkill_at_random_points_then_rerun(tmp_path, worker, capsys):
