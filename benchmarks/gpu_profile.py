@@ -181,8 +181,10 @@ def profile_patch(dirs, root: Path, device: str, top: int, dare: bool) -> None:
                                unaligned=str(dirs["unaligned"]), beta=0.5, device=device, backend=backend,
                                overwrite=True, fsync=False, progress=False, **extra)
             wall = time.perf_counter() - t0
+        busy = ", ".join(f"{k} {v:.2f}" for k, v in report["stats"].get("busy_seconds", {}).items())
         print(f"{device} {report.get('backend')} {'dare' if dare else 'plain'} run {attempt + 1}: {wall:.2f} s, "
-              f"{in_bytes / wall / GB:.2f} GB/s of inputs", flush=True)
+              f"{in_bytes / wall / GB:.2f} GB/s of inputs; pipeline {report['stats']['seconds']:.2f} s, "
+              f"busy s: {busy}", flush=True)
     profs.report(top)
     shutil.rmtree(root / "out", ignore_errors=True)
 

@@ -150,6 +150,8 @@ def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict
         "plan": plan.to_json(),
         "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
                   "bytes_written": stats.bytes_written,
+                  # where the time went, per pipeline stage (overlapping; see pipeline/stream.py)
+                  "busy_seconds": {k: round(v, 6) for k, v in sorted(getattr(stats, "busy", {}).items())},
                   "nonfinite_outputs": stats.nonfinite},
         "files": files,
         **(extra or {}),

@@ -103,6 +103,24 @@ def test_error_in_a_stage_stops_and_leaves_no_output(tmp_path, models, monkeypat
     assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
 
 
+def test_busy_seconds_say_where_the_time_went(tmp_path, models):
+    """The report's per-stage busy times: every stage that ran is counted, and no
+    thread's total can exceed the run's wall time (a double count would)."""
+    ft, al, un = models
+    report = api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, beta=0.5, backend="torch", fsync=False)
+    busy, wall = report["stats"]["busy_seconds"], report["stats"]["seconds"]
+    assert set(busy) == {"kernel", "write", "hash", "wait_for_buffer"}
+    assert busy["kernel"] > 0 and busy["write"] > 0 and busy["hash"] > 0
+    assert all(0 <= v <= wall + 0.002 for v in busy.values()), (busy, wall)
+    plan, inputs = plan_and_inputs(ft, al, un)
+    (tmp_path / "staged").mkdir()
+    stats = gpu.run_plan_gpu(plan, inputs, tmp_path / "staged", kernel=reference, beta=0.5, dare=None, seed=0,
+                             metadata={"format": "pt"}, device="cpu", chunk_elems=64, slots=2)
+    assert {"stage", "kernel", "write", "hash", "wait_for_buffer"} <= set(stats.busy)
+    assert stats.busy["stage"] > 0 and stats.busy["hash"] > 0
+    assert all(0 <= v <= stats.seconds + 0.002 for v in stats.busy.values()), (stats.busy, stats.seconds)
+
+
 def test_chunk_size_from_pool():
     assert gpu.chunk_elems_for_pool(256 << 20, 3) * 20 * 3 <= 256 << 20
     assert gpu.chunk_elems_for_pool(1, 3) == 1024

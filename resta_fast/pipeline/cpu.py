@@ -55,6 +55,7 @@ class RunStats:
     seconds: float = 0.0
     nonfinite: dict[str, int] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)
+    busy: dict[str, float] = field(default_factory=dict)  # per-stage thread seconds (StagedWriter.busy)
 
 
 class _Source:
@@ -168,6 +169,7 @@ def write_files(plan: Plan, inputs: Inputs, out_dir, metadata: dict[str, str], w
         for out in open_files:
             out.close(fsync=False)
     stats.seconds = time.perf_counter() - start
+    stats.busy = dict(writer.busy)  # its threads are joined: the totals are final
     return stats
 
 
@@ -181,6 +183,7 @@ def patch_chunk(writer: StagedWriter, kernel, t: TensorPlan, f, a, u, b, lo: int
     """
     out_torch, out_itemsize = DTYPES[t.out_dtype]
     buf = writer.acquire()
+    t0 = time.perf_counter()
     try:
         dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
         bad = kernel.patch_into(dst, f[lo:hi], a[lo:hi], None if u is None else u[lo:hi],
@@ -191,6 +194,7 @@ def patch_chunk(writer: StagedWriter, kernel, t: TensorPlan, f, a, u, b, lo: int
     except BaseException:
         writer.give_back(buf)
         raise
+    writer.add_busy("kernel", time.perf_counter() - t0)
     if bad:
         stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + bad
     return buf, dst

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import time
 
 import torch
 
@@ -194,12 +195,16 @@ def run_plan_gpu(plan: Plan, inputs: Inputs, out_dir, *, kernel, beta: float, da
 
 def _acquire(free: queue.Queue, writer: StagedWriter) -> _Slot:
     """A free slot; blocks while all are in flight, surfacing writer errors."""
-    while True:
-        writer._check()
-        try:
-            return free.get(timeout=0.1)
-        except queue.Empty:
-            continue
+    t0 = time.perf_counter()
+    try:
+        while True:
+            writer._check()
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+    finally:
+        writer.add_busy("wait_for_buffer", time.perf_counter() - t0)
 
 
 def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free: queue.Queue,
@@ -218,6 +223,7 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
         counters[t.name] = count
         for lo, hi in _chunks(patched, chunk):
             slot = _acquire(free, writer)
+            t0 = time.perf_counter()
             try:
                 dev_views = []
                 with dev.on("copy"):
@@ -238,6 +244,8 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
                         dev_in.copy_(host, non_blocking=True)
                         dev_views.append(dev_in.view(s.view.dtype))
                     inputs_ready = dev.record("copy")
+                t1 = time.perf_counter()
+                writer.add_busy("stage", t1 - t0)  # host copies into pinned memory, H2D queued
                 dev.wait("compute", inputs_ready)
                 dst = slot.dev_out[: (hi - lo) * out_item].view(out_dtype)
                 fv, av, *rest = dev_views
@@ -253,6 +261,7 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
                 with dev.on("copy"):
                     host_out.copy_(slot.dev_out[: (hi - lo) * out_item], non_blocking=True)
                     landed = dev.record("copy")
+                writer.add_busy("kernel", time.perf_counter() - t1)  # on a GPU: launches only
             except BaseException:
                 free.put(slot)
                 raise

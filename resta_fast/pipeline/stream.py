@@ -11,6 +11,12 @@ three or more buffers. Re-reading the written bytes from the page cache instead
 of hashing the buffer was measured too: the extra copy cost more than it freed.
 The pool size bounds memory and gives back-pressure; an error in any thread
 stops all and is re-raised.
+
+``busy`` adds up, per stage, the seconds each thread spent working or waiting
+(writes, hashing, the producer waiting for a free buffer, and what the
+pipelines add: kernel, staging). The stages overlap, so they do not sum to the
+run's wall time; the largest one is the bottleneck. The patch report carries
+them (``stats.busy_seconds``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +70,8 @@ class StagedWriter:
         # Bounded so the hasher cannot fall arbitrarily far behind the writer.
         self._hash_jobs: queue.Queue = queue.Queue(maxsize=n_buffers + 2)
         self._error: BaseException | None = None
+        # Each key is written by one thread only (writer, hasher or producer).
+        self.busy: dict[str, float] = {"write": 0.0, "hash": 0.0, "wait_for_buffer": 0.0}
         self._thread = threading.Thread(target=self._run, name="resta-writer", daemon=True)
         self._hash_thread = threading.Thread(target=self._run_hasher, name="resta-hasher", daemon=True)
         self._thread.start()
@@ -80,9 +89,14 @@ class StagedWriter:
             handed_on = False
             try:
                 if self._error is None:
+                    t0 = time.perf_counter()
                     if job.before is not None:
                         job.before()
+                        t1 = time.perf_counter()
+                        self.busy["wait_for_device"] = self.busy.get("wait_for_device", 0.0) + t1 - t0
+                        t0 = t1
                     write_all(job.fd, job.data, job.offset, job.path)
+                    self.busy["write"] += time.perf_counter() - t0
                     # Every job goes on to the hasher thread, in order, so a job's
                     # on_done still runs after all earlier jobs are written and hashed.
                     self._hash_jobs.put(job)
@@ -110,7 +124,9 @@ class StagedWriter:
             try:
                 if self._error is None:
                     if job.hasher is not None:
+                        t0 = time.perf_counter()
                         job.hasher.update(job.data)
+                        self.busy["hash"] += time.perf_counter() - t0
                     if job.on_done is not None:
                         job.on_done()
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
@@ -124,13 +140,21 @@ class StagedWriter:
 
     def acquire(self) -> torch.Tensor:
         """A free buffer; blocks while all are in flight (back-pressure)."""
-        while True:
-            self._check()
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("resta_fast writer thread died") from self._error
+        t0 = time.perf_counter()
+        try:
+            while True:
+                self._check()
+                try:
+                    return self._free.get(timeout=0.1)
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise RuntimeError("resta_fast writer thread died") from self._error
+        finally:
+            self.busy["wait_for_buffer"] += time.perf_counter() - t0
+
+    def add_busy(self, stage: str, seconds: float) -> None:
+        """Count producer-side time (kernel, staging) under ``stage``."""
+        self.busy[stage] = self.busy.get(stage, 0.0) + seconds
 
     def submit(self, job: WriteJob) -> None:
         self._check()
