@@ -529,10 +529,12 @@ def section_pipeline(ctx) -> dict:
             ref_floor = floor if cold else warm_floor
             ratio = gbps / ref_floor
             bad = _check_pipeline_output(out, dirs, extra)
+            busy = report.get("stats", {}).get("busy_seconds", {})
             res[label] = {"seconds": wall, "input_gbps": gbps, "vs_floor": ratio,
-                          "backend": report.get("backend"), "sampled_mismatches": bad}
+                          "backend": report.get("backend"), "sampled_mismatches": bad, "busy_seconds": busy}
             print(f"  pipeline {label}: {wall:.2f} s, {gbps:.2f} GB/s of inputs, {ratio:.2f}x floor, "
                   f"backend {report.get('backend')}, sampled mismatches {bad}")
+            print("    busy s: " + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()))
             ok = ratio >= PIPELINE_TARGET and bad == 0
             ctx.row("pipeline", f"{label} ({in_bytes / GB:.1f} GB in)",
                     f"{gbps:.2f} GB/s = {ratio:.2f}x floor", f">= {PIPELINE_TARGET}x, 0 diff",
