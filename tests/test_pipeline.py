@@ -1,5 +1,6 @@
 """The staged (GPU) pipeline's scheduling, run on CPU buffers; GPU runs when CUDA exists."""
 
+import hashlib
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from resta_fast import api
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.kernels import reference
-from resta_fast.pipeline import gpu, stream
+from resta_fast.pipeline import cpu, gpu, stream
 from resta_fast.pipeline.cpu import Inputs, run_plan
 from resta_fast.plan import build_plan
 
@@ -119,6 +120,41 @@ def test_busy_seconds_say_where_the_time_went(tmp_path, models):
     assert {"stage", "kernel", "write", "hash", "wait_for_buffer"} <= set(stats.busy)
     assert stats.busy["stage"] > 0 and stats.busy["hash"] > 0
     assert all(0 <= v <= stats.seconds + 0.002 for v in stats.busy.values()), (stats.busy, stats.seconds)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_both_hash_modes_give_each_files_sha256(tmp_path, models, monkeypatch, staged):
+    """Following (a thread per file re-reading it) and inline hashing record the same
+    sha256, which is the file's, for every output file, on both pipelines."""
+    plan, inputs = plan_and_inputs(*models)
+    assert len(plan.files) == 2
+    kw = dict(kernel=reference, beta=0.5, dare=0.3, seed=4, metadata={"format": "pt"})
+    digests = {}
+    for mode in ("inline", "follow"):
+        monkeypatch.setattr(cpu, "HASH_MODE", mode)
+        (tmp_path / mode).mkdir()
+        run = (lambda *a, **k: gpu.run_plan_gpu(*a, device="cpu", chunk_elems=7, slots=2, **k)) if staged else \
+            (lambda *a, **k: run_plan(*a, chunk_elems=7, **k))
+        stats = run(plan, inputs, tmp_path / mode, **kw)
+        assert stats.sha256 == {name: hashlib.sha256((tmp_path / mode / name).read_bytes()).hexdigest()
+                                for name in stats.sha256}
+        assert stats.busy["hash"] > 0
+        digests[mode] = stats.sha256
+    assert digests["inline"] == digests["follow"] and len(digests["follow"]) == 2
+
+
+def test_file_hasher_reports_a_short_file_and_stops_when_aborted(tmp_path):
+    gate = threading.Semaphore(2)
+    path = tmp_path / "f"
+    path.write_bytes(b"H" + b"x" * 10)
+    short = stream.FileHasher(path, b"H", 20, gate)  # claims 20 bytes; only 11 exist
+    short.update(memoryview(b"y" * 19))
+    with pytest.raises(OSError, match="short read"):
+        short.hexdigest()
+    waiting = stream.FileHasher(path, b"H", 11, gate)  # nothing written yet: it waits
+    waiting.abort()
+    with pytest.raises(RuntimeError, match="hashed 1 of 11"):
+        waiting.hexdigest()  # returns (no hang) and says it never finished
 
 
 def test_chunk_size_from_pool():

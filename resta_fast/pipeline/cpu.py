@@ -14,6 +14,7 @@ running every job's kernel on it while it is still in cache.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,13 +27,17 @@ from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import DTYPES
 from resta_fast.io.writer import TensorFileWriter
 from resta_fast.pipeline.interrupt import raise_if_interrupted
-from resta_fast.pipeline.stream import StagedWriter, WriteJob, new_hasher
+from resta_fast.pipeline.stream import FileHasher, StagedWriter, WriteJob, new_hasher
 from resta_fast.plan import Plan, TensorPlan
 
 # 4M elements = 16 MB per fp32 buffer: large enough that per-chunk Python and
 # thread-handoff overhead is < 1% of the kernel time, small enough that two
 # buffers stay far below the RSS budget.
 DEFAULT_CHUNK_ELEMS = 4 * 1024 * 1024
+# How write_files hashes its outputs: "follow" (a FileHasher thread per file,
+# re-reading from the page cache) or "inline" (the StagedWriter's hasher thread
+# hashes each buffer before it is reused). benchmarks/bench_hash_modes.py compares them.
+HASH_MODE = "follow"
 
 
 @dataclass
@@ -143,13 +148,20 @@ def write_files(plan: Plan, inputs: Inputs, out_dir, metadata: dict[str, str], w
     stats = RunStats()
     start = time.perf_counter()
     open_files: list[TensorFileWriter] = []
+    follow = HASH_MODE == "follow"
+    hashers: list[tuple[str, FileHasher]] = []
+    gate = threading.Semaphore(max(2, (os.cpu_count() or 2) // 2))
     try:
         for ofile in plan.files:
             tensors = [(t.name, t.out_dtype, t.shape) for t in ofile.tensors]
             out = TensorFileWriter(out_dir / ofile.name, tensors, metadata)
             open_files.append(out)
-            hasher = new_hasher()
-            hasher.update(out.header)
+            if follow:
+                hasher = FileHasher(out.path, out.header, out.size, gate)
+                hashers.append((ofile.name, hasher))
+            else:
+                hasher = new_hasher()
+                hasher.update(out.header)
             for t in ofile.tensors:
                 write_tensor(t, out, hasher, stats)
                 if progress is not None:
@@ -162,14 +174,21 @@ def write_files(plan: Plan, inputs: Inputs, out_dir, metadata: dict[str, str], w
                 ck.check_unchanged()
             open_files.remove(out)
             out.close(fsync=False)
-            stats.sha256[ofile.name] = hasher.hexdigest()
+            if not follow:  # a follower may still be hashing: collected below
+                stats.sha256[ofile.name] = hasher.hexdigest()
             stats.bytes_written += out.size
+        for name, follower in hashers:
+            stats.sha256[name] = follower.hexdigest()
     finally:
         writer.close()  # first: no write may still target a file we close below
         for out in open_files:
             out.close(fsync=False)
+        for _, follower in hashers:
+            follower.abort()  # after an error; a finished one has already returned
     stats.seconds = time.perf_counter() - start
     stats.busy = dict(writer.busy)  # its threads are joined: the totals are final
+    if follow:
+        stats.busy["hash"] = sum(f.seconds for _, f in hashers)
     return stats
 
 

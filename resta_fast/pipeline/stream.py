@@ -2,26 +2,35 @@
 
 The producer (kernel side) takes a buffer from the pool, fills it, and submits
 it with its destination; the writer thread pwrites it and hands it to a hasher
-thread, which feeds the file's running sha256 (a file's ranges arrive in order)
-and returns the buffer to the pool. Hashing on its own thread matters: sha256
-runs at ~1.8 GB/s here, and inline it made the writer the critical path
-(1.3B-param patch: ~3.1 s with inline hashing vs ~1.4 s without); pipelined,
-chunk k is hashed while chunk k+1 is written and chunk k+2 computed, so use
-three or more buffers. Re-reading the written bytes from the page cache instead
-of hashing the buffer was measured too: the extra copy cost more than it freed.
-The pool size bounds memory and gives back-pressure; an error in any thread
-stops all and is re-raised.
+thread, which calls the job's ``hasher`` (jobs of one file arrive in order)
+and returns the buffer to the pool. Two kinds of hasher:
+
+- a plain sha256 (inline): the buffer is hashed before it is reused, so every
+  buffer waits on one sha256 stream (~1.8 GB/s per core here, 1.3 GB/s on the
+  H200 host), the slowest stage of a patch;
+- a ``FileHasher`` (follow, what ``write_files`` uses): ``update`` only moves
+  the file's written frontier, the buffer is free at once, and a thread per
+  file re-reads the written bytes from the page cache and hashes them. File k
+  is hashed while file k+1 is written, and several files hash in parallel.
+
+On 2 cores following ran at 0.95x the inline time (median of 6 alternated
+rounds, 0.56-1.07x; 1.3B params, 3 shards; ``benchmarks/bench_hash_modes.py``):
+the cores are busy either way. Where cores are free (the 16-core GPU host) it
+lets one sha256 stream run per file; that gain is not measured yet. The pool size bounds memory and gives
+back-pressure; an error in any thread stops all and is re-raised.
 
 ``busy`` adds up, per stage, the seconds each thread spent working or waiting
 (writes, hashing, the producer waiting for a free buffer, and what the
 pipelines add: kernel, staging). The stages overlap, so they do not sum to the
-run's wall time; the largest one is the bottleneck. The patch report carries
+run's wall time; the largest one is the bottleneck (following, ``hash`` is
+summed over the file hashers, which can run at once). The patch report carries
 them (``stats.busy_seconds``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -184,3 +193,89 @@ class StagedWriter:
 
 def new_hasher():
     return hashlib.sha256()
+
+
+class FileHasher:
+    """sha256 of one output file, on its own thread, following its writes.
+
+    Used as a WriteJob's ``hasher``: ``update(data)`` (from the StagedWriter's
+    hasher thread, after ``data`` was written at the file's next offset) only
+    moves the written frontier forward, so the buffer goes back to the pool at
+    once. The thread re-reads [pos, frontier) from the page cache and hashes it.
+    Hashing file k thus overlaps writing file k+1, and several files hash in
+    parallel (at most ``gate``'s count at a time, each with one read buffer),
+    where the inline hasher kept every buffer waiting on one sha256 stream.
+
+    Args:
+        path: the output file (opened read-only here).
+        header: its header bytes (already written at offset 0).
+        size: its final size.
+        gate: a semaphore bounding concurrently active hashers.
+    """
+
+    READ_BYTES = 8 << 20
+
+    def __init__(self, path, header: bytes, size: int, gate: threading.Semaphore):
+        self.path = path
+        self.size = size
+        self.seconds = 0.0  # busy time, for stats.busy["hash"]
+        self._hash = new_hasher()
+        self._hash.update(header)
+        self._pos = len(header)
+        self._frontier = len(header)
+        self._cond = threading.Condition()
+        self._aborted = False
+        self._error: BaseException | None = None
+        self._gate = gate
+        self._thread = threading.Thread(target=self._run, name="resta-file-hasher", daemon=True)
+        self._thread.start()
+
+    def update(self, data: memoryview) -> None:
+        with self._cond:
+            self._frontier += data.nbytes
+            self._cond.notify()
+
+    def abort(self) -> None:
+        """Stop the thread without a result (the run failed)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify()
+
+    def hexdigest(self) -> str:
+        """Wait for the whole file to be hashed; raise what the thread hit."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._pos != self.size:
+            raise RuntimeError(f"{self.path}: internal error: hashed {self._pos} of {self.size} bytes")
+        return self._hash.hexdigest()
+
+    def _run(self) -> None:
+        try:
+            with self._gate:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    self._follow(fd)
+                finally:
+                    os.close(fd)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by hexdigest()
+            self._error = exc
+
+    def _follow(self, fd: int) -> None:
+        buf = bytearray(min(self.READ_BYTES, max(1, self.size - self._pos)))
+        view = memoryview(buf)
+        while self._pos < self.size:
+            with self._cond:
+                while self._frontier <= self._pos and not self._aborted:
+                    self._cond.wait()
+                if self._aborted:
+                    return
+                end = self._frontier
+            t0 = time.perf_counter()
+            while self._pos < end:
+                n = os.preadv(fd, [view[: min(len(view), end - self._pos)]], self._pos)
+                if n <= 0:
+                    raise OSError(f"{self.path}: short read while hashing at byte {self._pos}")
+                self._hash.update(view[:n])
+                self._pos += n
+            self.seconds += time.perf_counter() - t0
