@@ -114,6 +114,24 @@ def test_perplexity_matches_transformers_loss(models):
         eng.perplexity("the")
 
 
+def test_close_frees_the_model_and_collects_only_for_a_cycle(models, monkeypatch):
+    import gc
+    import weakref
+
+    collects = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collects.append(1) or real_collect(*a))
+    eng = TransformersEngine(models["rand"], progress=False)
+    model = weakref.ref(eng.model)
+    eng.close()
+    assert model() is None and collects == []  # freed by reference counting alone
+    eng = TransformersEngine(models["rand"], progress=False)
+    eng.model.__dict__["_held_by_a_cycle"] = [eng.model]
+    model = weakref.ref(eng.model)
+    eng.close()
+    assert model() is None and collects == [1]  # the cycle needed the collector
+
+
 def test_bad_model_dir_device_engine(tmp_path, models):
     with pytest.raises(RestaError, match="no config.json.*hub names are not downloaded"):
         load_engine(tmp_path / "meta-llama/Llama-2-7b-chat-hf")
