@@ -119,9 +119,9 @@ def load_and_run(path, **kw):
     return local.run_batch(load_manifest(path), **kw)
 
 
-def test_resume_after_a_job_is_killed_midway(tmp_path):
-    root = make_world(tmp_path)
-    path = write_manifest(root, JOBS[:3], group_size=1)
+def slow_batch(path, **popen_kw) -> subprocess.Popen:
+    """`resta-fast batch path` in a child process, 0.1 s slower per fused tensor,
+    so a test can signal it mid-job."""
     script = (
         f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
         "import resta_fast.pipeline.cpu as cpu\n"
@@ -132,7 +132,13 @@ def test_resume_after_a_job_is_killed_midway(tmp_path):
         "from resta_fast.cli import main\n"
         f"sys.exit(main(['batch', {str(path)!r}, '--no-progress']))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-c", script], **popen_kw)
+
+
+def test_resume_after_a_job_is_killed_midway(tmp_path):
+    root = make_world(tmp_path)
+    path = write_manifest(root, JOBS[:3], group_size=1)
+    proc = slow_batch(path, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not (root / "outs/plain/resta_fast.json").exists():
         time.sleep(0.01)
@@ -157,18 +163,7 @@ def test_sigterm_stops_cleanly_keeps_finished_jobs_and_rerun_resumes(tmp_path):
     job stays committed, the running one leaves no temp dir or lock, and a rerun resumes."""
     root = make_world(tmp_path)
     path = write_manifest(root, JOBS[:3], group_size=1)
-    script = (
-        f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-        "import resta_fast.pipeline.cpu as cpu\n"
-        "orig = cpu._write_fused\n"
-        "def slow(*a, **k):\n"
-        "    orig(*a, **k); time.sleep(0.1)\n"
-        "cpu._write_fused = slow\n"
-        "from resta_fast.cli import main\n"
-        f"sys.exit(main(['batch', {str(path)!r}, '--no-progress']))\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
+    proc = slow_batch(path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (root / "outs/plain/resta_fast.json").exists():
         time.sleep(0.01)
