@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One prepared session on a lent GPU machine (at most 9 minutes), most important first:
+# One prepared session on a lent GPU machine (at most 9 minutes; 8 files come back), most important first:
 #   1. build the C++ extension in the background (the GPU tests compare against it)
 #   2. gpu_check.py: bit-identity on the GPU, kernel vs D2D copy (BLOCK x warps sweep),
 #      pinned transfers, end-to-end patch vs min(disk, H2D)
 #   3. the GPU-marked tests
-#   4. bench_batch.py on the machine's CPU cores (cpp) and on the GPU (triton, DeviceCache)
+#   4. gpu_profile.py: host rates and where one GPU (and one CPU) patch spends its time
+#   5. bench_hash_modes.py: per-file hashing threads vs one hasher, on that machine's cores
+#   6. bench_batch.py on the machine's CPU cores (cpp) and on the GPU (triton, DeviceCache)
 # Every step has its own timeout and the whole script a deadline (DEADLINE_S), so a
 # slow step skips the later ones instead of losing all output. Logs and JSON go to $OUT.
 #
@@ -44,16 +46,23 @@ BENCH_PARAMS=${BENCH_PARAMS:-0.5e9}
  echo "bench models rc=$? at $((SECONDS - START))s" >>"$OUT/build.log") &
 build_pid=$!
 
-step gpu_check 240 $PY benchmarks/gpu_check.py --out "$OUT" --ckpt-gb 1.5 --budget-s 210 >>"$log" 2>&1
+# 1M elements per identity case (4M took 50 s in the first session and found nothing)
+step gpu_check 170 $PY benchmarks/gpu_check.py --out "$OUT" --ckpt-gb 1.5 --check-elems 1048613 --budget-s 160 >>"$log" 2>&1
 wait $build_pid
 say "$(grep rc= "$OUT/build.log" | tr '\n' ' ')"
 step pytest_gpu 90 $PY -m pytest -m gpu tests/ -q -x -p no:cacheprovider -o addopts="" >"$OUT/pytest_gpu.log" 2>&1
 tail -3 "$OUT/pytest_gpu.log" | tee -a "$log"
+step gpu_profile 75 $PY benchmarks/gpu_profile.py --gb 1.5 --devices cuda,cpu --top 12 >"$OUT/profile.txt" 2>&1
+step hash_modes 90 $PY benchmarks/bench_hash_modes.py --params 1.3e9 --rounds 4 --dir /tmp/rf_hash_modes \
+    --json "$OUT/hash_modes.json" >>"$log" 2>&1
+rm -rf /tmp/rf_hash_modes
 
 # One bench_batch round took ~100 s on each backend there (N=1 and 8, with 8 separate
 # CLI processes on the CPU); the times are written to the JSON after every round.
 bench=(benchmarks/bench_batch.py --params "$BENCH_PARAMS" --ns 1,8 --rounds "${BENCH_ROUNDS:-2}" --dir $BENCH_DIR)
-step batch_cpu 230 $PY "${bench[@]}" --backend cpp --separate-cli --json "$OUT/batch_cpu.json" >>"$log" 2>&1
-step batch_gpu 230 $PY "${bench[@]}" --backend triton --device cuda --json "$OUT/batch_gpu.json" >>"$log" 2>&1
+step batch_cpu 150 $PY "${bench[@]}" --backend cpp --separate-cli --json "$OUT/batch_cpu.json" >>"$log" 2>&1
+step batch_gpu 150 $PY "${bench[@]}" --backend triton --device cuda --json "$OUT/batch_gpu.json" >>"$log" 2>&1
 rm -rf $BENCH_DIR
+# At most 8 files come back from the device: fold the build log into the session log.
+{ echo "== build.log (tail)"; tail -5 "$OUT/build.log"; } >>"$log" && rm -f "$OUT/build.log"
 say "done"
