@@ -150,7 +150,7 @@ def write_files(plan: Plan, inputs: Inputs, out_dir, metadata: dict[str, str], w
     open_files: list[TensorFileWriter] = []
     follow = HASH_MODE == "follow"
     hashers: list[tuple[str, FileHasher]] = []
-    gate = threading.Semaphore(max(2, (os.cpu_count() or 2) // 2))
+    gate = threading.Semaphore(max(2, usable_cores() // 2))  # file hashers at once, 8 MB each
     try:
         for ofile in plan.files:
             tensors = [(t.name, t.out_dtype, t.shape) for t in ofile.tensors]
@@ -489,6 +489,14 @@ class _FusedItem:
         return [s for s in (self.f, self.a, self.u, self.b) if s is not None]
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (honours Slurm/cgroup CPU sets, unlike cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def fused_workers(n_jobs: int, threads: int | None = None, writers: int | None = None,
                   cores: int | None = None) -> tuple[int, int]:
     """(kernel threads, writer threads) for a fused pass of ``n_jobs`` jobs.
@@ -500,10 +508,7 @@ def fused_workers(n_jobs: int, threads: int | None = None, writers: int | None =
     2-core box: 2 threads 66-90 M elem/s, 1 thread 506 M elem/s).
     """
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))  # honours Slurm/cgroup CPU sets
-        except AttributeError:
-            cores = os.cpu_count() or 1
+        cores = usable_cores()
     writers = max(1, min(n_jobs, writers if writers is not None else min(cores // 4, 8)))
     if threads is None:
         threads = max(1, cores - writers)
