@@ -157,6 +157,22 @@ def test_file_hasher_reports_a_short_file_and_stops_when_aborted(tmp_path):
         waiting.hexdigest()  # returns (no hang) and says it never finished
 
 
+def test_dare_base_that_is_the_aligned_model_is_staged_once(tmp_path, models):
+    """DARE's base defaults to the aligned model: the staged pipeline reads and uploads
+    it once per chunk (same bytes out as the direct pipeline, which reads it twice)."""
+    plan, inputs = plan_and_inputs(*models)
+    assert inputs.dare_base is inputs.aligned
+    kw = dict(kernel=reference, beta=0.5, dare=0.3, seed=4, metadata={"format": "pt"})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    direct = run_plan(plan, inputs, tmp_path / "a", **kw)
+    staged = gpu.run_plan_gpu(plan, inputs, tmp_path / "b", device="cpu", chunk_elems=7, slots=2, **kw)
+    assert staged.sha256 == direct.sha256
+    base_bytes = sum(t.patched_elems * inputs.aligned.tensor_view(t.name).element_size()
+                     for t in plan.tensors() if t.action == "patch")
+    assert base_bytes > 0 and staged.bytes_read == direct.bytes_read - base_bytes
+
+
 def test_chunk_size_from_pool():
     assert gpu.chunk_elems_for_pool(256 << 20, 3) * 20 * 3 <= 256 << 20
     assert gpu.chunk_elems_for_pool(1, 3) == 1024

@@ -219,6 +219,8 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
         a, u, b, srcs, tensor_seed = patch_sources(f, inputs, t, dare, seed)
         # The fine-tune is per job; every other operand is shared by a batch group.
         on_device = [None] + [cache.get(s) if cache is not None else None for s in srcs[1:]]
+        # The DARE base is usually the aligned model itself: stage and upload it once.
+        same_as = {k: j for k, s in enumerate(srcs) for j in range(k) if srcs[j].ckpt is s.ckpt}
         count = torch.zeros((), dtype=torch.int64, device=dev.device)
         counters[t.name] = count
         for lo, hi in _chunks(patched, chunk):
@@ -230,6 +232,9 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
                     for k, s in enumerate(srcs):
                         if on_device[k] is not None:
                             dev_views.append(on_device[k][lo:hi])
+                            continue
+                        if k in same_as:
+                            dev_views.append(dev_views[same_as[k]])
                             continue
                         s.check()  # a truncated input: a clean error, not SIGBUS on the copy below
                         # Read-ahead of the next chunk, as the CPU pipeline does: on a cold
@@ -265,8 +270,8 @@ def _tensor(t, inputs: Inputs, out: TensorFileWriter, writer: StagedWriter, free
             except BaseException:
                 free.put(slot)
                 raise
-            stats.bytes_read += sum((hi - lo) * s.itemsize for s, d in zip(srcs, on_device, strict=True)
-                                    if d is None)
+            stats.bytes_read += sum((hi - lo) * s.itemsize for k, (s, d) in enumerate(zip(srcs, on_device, strict=True))
+                                    if d is None and k not in same_as)
             writer.submit(WriteJob(out.fd, dst_start + lo * out_item, _bytes(host_out), out.path, None,
                                    hasher=hasher, before=None if landed is None else landed.synchronize,
                                    release=lambda slot=slot: free.put(slot)))
