@@ -27,6 +27,7 @@ from resta_fast.kernels.reference import store
 from resta_fast.lora import LoraFinetuned, is_adapter
 from resta_fast.pipeline.cpu import DEFAULT_CHUNK_ELEMS, Inputs, run_plan
 from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
+from resta_fast.pipeline.stream import sha256_file
 from resta_fast.plan import BetaRule, Plan, build_plan, parse_dtype
 
 REPORT_NAME = "resta_fast.json"
@@ -141,7 +142,7 @@ def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict
         files[INDEX_NAME] = _write_index(tmp, plan)
     for side in ft.side_files():
         shutil.copyfile(side, tmp / side.name)
-        files[side.name] = _sha256_file(tmp / side.name)
+        files[side.name] = sha256_file(tmp / side.name)
     report = {
         **provenance,
         # Only here, not in the weight files: same inputs -> byte-identical weights.
@@ -175,16 +176,7 @@ def _write_index(tmp: Path, plan: Plan) -> str:
     total = sum(t.numel * _itemsize(t.out_dtype) for t in plan.tensors())
     text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     (tmp / INDEX_NAME).write_text(text)
-    return _sha256_file(tmp / INDEX_NAME)
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(tmp / INDEX_NAME)
 
 
 def _open(stack: ExitStack, path, role: str) -> Checkpoint | None:

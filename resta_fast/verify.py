@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.reader import DTYPES, KERNEL_DTYPES
 from resta_fast.kernels.reference import patch_values, store
+from resta_fast.pipeline.stream import sha256_file
 from resta_fast.plan import BetaRule, build_plan
 
 REPORT_NAME = "resta_fast.json"  # api.REPORT_NAME; not imported so verify stays light
@@ -54,14 +54,6 @@ class Check:
     def fail(self, problem: str) -> None:
         self.ok = False
         self.problems.append(problem)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain_name(name: str) -> bool:
@@ -86,7 +78,7 @@ def check_hashes(out: Path, report: dict) -> Check:
             present[name] = digest
     # hashlib releases the GIL on large updates: shards hash in parallel.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        found = dict(zip(present, pool.map(lambda n: _sha256(out / n), present), strict=True))
+        found = dict(zip(present, pool.map(lambda n: sha256_file(out / n), present), strict=True))
     for name, digest in present.items():
         if found[name] != digest:
             c.fail(f"{name}: sha256 {found[name][:16]}... but {REPORT_NAME} records {str(digest)[:16]}...")

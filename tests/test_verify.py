@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from resta_fast import api, rng
 from resta_fast.cli import main
 from resta_fast.kernels import reference
+from resta_fast.pipeline.stream import sha256_file
 from resta_fast.verify import patch_at, uniform_at, verify
 
 SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}
@@ -80,7 +81,7 @@ def test_sample_catches_a_wrong_value_even_with_matching_hashes(patched, tmp_pat
     data[start] ^= 0x01
     shard.write_bytes(bytes(data))
     report = json.loads((bad / "resta_fast.json").read_text())
-    report["files"][shard.name] = api._sha256_file(shard)
+    report["files"][shard.name] = sha256_file(shard)
     (bad / "resta_fast.json").write_text(json.dumps(report))
     assert verify(bad)["ok"]  # hashes and headers alone cannot see it
     result = verify(bad, [], samples=100_000)

@@ -14,7 +14,6 @@ One job failing is reported and leaves the others alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from contextlib import ExitStack
@@ -238,17 +237,14 @@ def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, s
 
 def verify_files(out: Path, files: dict) -> str:
     """'' if every file has its recorded sha256, else the first problem."""
+    from resta_fast.pipeline.stream import sha256_file  # lazily: it brings in torch
     for name, digest in sorted(files.items()):
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or not isinstance(digest, str):
             return f"{REPORT_NAME} lists an invalid entry {name!r}"
         path = out / name
         if not path.is_file():
             return f"{name} is missing"
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(8 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
+        if sha256_file(path) != digest:
             return f"{name} does not match its recorded sha256"
     return ""
 

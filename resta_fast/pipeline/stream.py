@@ -195,6 +195,15 @@ def new_hasher():
     return hashlib.sha256()
 
 
+def sha256_file(path) -> str:
+    """sha256 of a whole file, read in 8 MB blocks (side files, reports, verification)."""
+    h = new_hasher()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class FileHasher:
     """sha256 of one output file, on its own thread, following its writes.
 
