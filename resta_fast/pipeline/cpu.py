@@ -27,6 +27,7 @@ from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import DTYPES
 from resta_fast.io.writer import TensorFileWriter
 from resta_fast.pipeline.interrupt import raise_if_interrupted
+from resta_fast.pipeline.job import Inputs, RunStats
 from resta_fast.pipeline.stream import FileHasher, StagedWriter, WriteJob, new_hasher
 from resta_fast.plan import Plan, TensorPlan
 
@@ -38,29 +39,6 @@ DEFAULT_CHUNK_ELEMS = 4 * 1024 * 1024
 # re-reading from the page cache) or "inline" (the StagedWriter's hasher thread
 # hashes each buffer before it is reused). benchmarks/bench_hash_modes.py compares them.
 HASH_MODE = "follow"
-
-
-@dataclass
-class Inputs:
-    finetuned: Checkpoint
-    aligned: Checkpoint | None = None
-    unaligned: Checkpoint | None = None
-    vector: Checkpoint | None = None
-    dare_base: Checkpoint | None = None
-
-    def all(self) -> list[Checkpoint]:
-        return [c for c in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base)
-                if c is not None]
-
-
-@dataclass
-class RunStats:
-    bytes_read: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    nonfinite: dict[str, int] = field(default_factory=dict)
-    sha256: dict[str, str] = field(default_factory=dict)
-    busy: dict[str, float] = field(default_factory=dict)  # per-stage thread seconds (StagedWriter.busy)
 
 
 class _Source:
