@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,7 +259,8 @@ class SafetensorsFile:
         self.size = stat.st_size
         self.metadata, self.tensors = parse_header(self.path, self.header_bytes, self.size)
         self._mmap: mmap.mmap | None = None
-        self._fd: int | None = None
+        self._fd: int | None = None  # for read_into (pread), opened on first use
+        self._fd_lock = threading.Lock()
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
@@ -298,6 +300,34 @@ class SafetensorsFile:
             return memoryview(b"")
         return memoryview(self._map())[info.start:info.end]
 
+    def read_into(self, buf: memoryview, start: int, tensor: str | None = None) -> None:
+        """Fill ``buf`` with the file's bytes from absolute offset ``start`` (pread).
+
+        Unlike touching a mapping, a file that shrank underneath us gives a clean
+        CheckpointError naming it, not a SIGBUS. Safe to call from several threads.
+        """
+        if self._fd is None:
+            with self._fd_lock:
+                if self._fd is None:
+                    fd = os.open(self.path, os.O_RDONLY)
+                    st = os.fstat(fd)
+                    if (st.st_size, st.st_ino, st.st_mtime_ns) != (
+                            self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
+                        os.close(fd)
+                        raise CheckpointError(f"{self.path}: file changed while resta_fast was reading "
+                                              "it; rerun once the file is stable")
+                    self._fd = fd
+        pos, n = 0, len(buf)
+        while pos < n:
+            got = os.preadv(self._fd, [buf[pos:]], start + pos)
+            if got <= 0:
+                where = f", tensor {tensor!r}" if tensor else ""
+                raise CheckpointError(
+                    f"{self.path}{where}: the file ends at byte {start + pos} but the data runs to byte "
+                    f"{start + n}; it was truncated during the run, so nothing was written. Rerun once "
+                    "the file is complete")
+            pos += got
+
     def prefetch(self, start: int, length: int) -> None:
         """Ask the kernel to start reading [start, start+length) ahead of use."""
         self._advise(start, length, getattr(mmap, "MADV_WILLNEED", None))
@@ -327,6 +357,9 @@ class SafetensorsFile:
                                   "the output would be inconsistent, so nothing was written")
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mmap is not None:
             try:
                 self._mmap.close()
