@@ -42,6 +42,7 @@ class FileHasher:
         self._ahead: dict[int, int] = {}  # written ranges past the frontier: start -> end
         self._cond = threading.Condition()
         self._aborted = False
+        self._writes_done = False
         self._error: BaseException | None = None
         self._gate = gate
         self._thread = threading.Thread(target=self._run, name="resta-file-hasher", daemon=True)
@@ -67,7 +68,11 @@ class FileHasher:
             self._cond.notify()
 
     def hexdigest(self) -> str:
-        """Wait for the whole file to be hashed; raise what the thread hit."""
+        """Once every write is done: wait for the hash of the whole file; raise
+        what the thread hit, or say which bytes were never written."""
+        with self._cond:
+            self._writes_done = True  # a gap now can never fill: stop waiting for it
+            self._cond.notify()
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -90,9 +95,9 @@ class FileHasher:
         view = memoryview(bytearray(min(self.READ_BYTES, max(1, self.size - self._pos))))
         while self._pos < self.size:
             with self._cond:
-                while self._frontier <= self._pos and not self._aborted:
+                while self._frontier <= self._pos and not (self._aborted or self._writes_done):
                     self._cond.wait()
-                if self._aborted:
+                if self._aborted or self._frontier <= self._pos:
                     return
                 end = self._frontier
             with self._gate:  # held while hashing, not while waiting for writes
