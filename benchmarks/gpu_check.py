@@ -11,7 +11,7 @@ Sections, each run on its own so one failure does not hide the rest:
 3. transfer   pinned H2D / D2H (and pageable H2D) GB/s.
 4. pipeline   resta_fast.api.patch(device="cuda") on a multi-GB synthetic sharded
               checkpoint vs min(cold disk read, pinned H2D) (target >= 0.7x), when
-              resta_fast.api and resta_fast.pipeline.gpu exist.
+              resta_fast.api and resta_fast.pipeline.engine exist.
 
 Prints one table at the end; writes gpu_check.log and gpu_check.json under $OUT
 (default ./gpu_check_out). The repo need not be pip-installed.
@@ -468,7 +468,7 @@ def section_pipeline(ctx) -> dict:
     import importlib.util
 
     torch = ctx.torch
-    needed = ("resta_fast.api", "resta_fast.pipeline.gpu")
+    needed = ("resta_fast.api", "resta_fast.pipeline.engine")
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if ctx.cuda and missing:
         print(f"  pipeline not available ({', '.join(missing)} missing); skipping")

@@ -118,41 +118,42 @@ def host_rates(path: Path, cuda: bool) -> None:
 
 
 class ThreadProfiles:
-    """cProfile every pipeline thread (main, writer, hasher) of one run."""
+    """cProfile the pipeline's threads (main = the scheduler, writer, a file hasher) of one run."""
 
     def __init__(self):
-        from resta_fast.pipeline import stream
+        from resta_fast.pipeline import hashing, writer
 
-        self.stream = stream
+        self.targets = [(writer.Writer, "_run", "writer"), (hashing.FileHasher, "_follow", "hasher")]
         self.profiles: dict[str, cProfile.Profile] = {}
-        self._orig = (stream.StagedWriter._run, stream.StagedWriter._run_hasher)
+        self._orig = [getattr(cls, attr) for cls, attr, _ in self.targets]
 
     def _wrap(self, fn, name):
         profiles = self.profiles
 
-        def run(writer):
+        def run(obj, *args):
             prof = cProfile.Profile()
             try:
                 prof.enable()
             except ValueError:  # Python >= 3.12: one profiler per process, and it sees every thread
-                return fn(writer)
-            profiles[name] = prof
+                return fn(obj, *args)
+            profiles.setdefault(name, prof)  # the first thread of each kind
             try:
-                fn(writer)
+                return fn(obj, *args)
             finally:
                 prof.disable()
         return run
 
     def __enter__(self):
-        self.stream.StagedWriter._run = self._wrap(self._orig[0], "writer")
-        self.stream.StagedWriter._run_hasher = self._wrap(self._orig[1], "hasher")
+        for (cls, attr, name), fn in zip(self.targets, self._orig, strict=True):
+            setattr(cls, attr, self._wrap(fn, name))
         self.profiles["main"] = main = cProfile.Profile()
         main.enable()
         return self
 
     def __exit__(self, *exc):
         self.profiles["main"].disable()
-        self.stream.StagedWriter._run, self.stream.StagedWriter._run_hasher = self._orig
+        for (cls, attr, _), fn in zip(self.targets, self._orig, strict=True):
+            setattr(cls, attr, fn)
 
     def report(self, top: int) -> None:
         for name, prof in self.profiles.items():

@@ -5,8 +5,9 @@
 #      pinned transfers, end-to-end patch vs min(disk, H2D)
 #   3. the GPU-marked tests
 #   4. gpu_profile.py: host rates and where one GPU (and one CPU) patch spends its time
-#   5. bench_hash_modes.py: per-file hashing threads vs one hasher, on that machine's cores
-#   6. bench_batch.py on the machine's CPU cores (cpp) and on the GPU (triton, DeviceCache)
+#   5. bench_staging.py: the engine's host side on that machine's cores (mmap vs pread staging,
+#      the GPU configuration on a CPU stand-in vs the CPU path)
+#   6. bench_batch.py on the machine's CPU cores (cpp) and on the GPU (triton: a fused GPU group)
 # Every step has its own timeout and the whole script a deadline (DEADLINE_S), so a
 # slow step skips the later ones instead of losing all output. Logs and JSON go to $OUT.
 #
@@ -53,9 +54,9 @@ say "$(grep rc= "$OUT/build.log" | tr '\n' ' ')"
 step pytest_gpu 90 $PY -m pytest -m gpu tests/ -q -x -p no:cacheprovider -o addopts="" >"$OUT/pytest_gpu.log" 2>&1
 tail -3 "$OUT/pytest_gpu.log" | tee -a "$log"
 step gpu_profile 75 $PY benchmarks/gpu_profile.py --gb 1.5 --devices cuda,cpu --top 12 >"$OUT/profile.txt" 2>&1
-step hash_modes 90 $PY benchmarks/bench_hash_modes.py --params 1.3e9 --rounds 4 --dir /tmp/rf_hash_modes \
-    --json "$OUT/hash_modes.json" >>"$log" 2>&1
-rm -rf /tmp/rf_hash_modes
+step staging 90 $PY benchmarks/bench_staging.py --params 1.3e9 --rounds 3 --root /tmp/rf_staging \
+    --json "$OUT/staging.json" >>"$log" 2>&1
+rm -rf /tmp/rf_staging
 
 # One bench_batch round took ~100 s on each backend there (N=1 and 8, with 8 separate
 # CLI processes on the CPU); the times are written to the JSON after every round.
