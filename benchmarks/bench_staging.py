@@ -64,8 +64,9 @@ else:
     from resta_fast.pipeline.engine import run_jobs
     from resta_fast.pipeline.job import Inputs, Job
     job = Job(plan, Inputs(F, A, U), out, None, 0, meta)
+    gpu_chunk = chunk_elems_for_pool(DEFAULT_POOL_BYTES, DEFAULT_SLOTS)
     kw = {"cpu-mmap": dict(staging="mmap"), "cpu-read": dict(staging="read"),
-          "gpu-standin": dict(staging="read", chunk_elems=chunk_elems_for_pool(DEFAULT_POOL_BYTES, DEFAULT_SLOTS))}[mode]
+          "gpu-standin": dict(staging="read", chunk_elems=gpu_chunk)}[mode]
     t0 = time.perf_counter()
     run_jobs([job], kernel=kernel, device="cpu", **kw)
     seconds = time.perf_counter() - t0
