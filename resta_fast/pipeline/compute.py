@@ -91,8 +91,18 @@ class Compute:
         return landed, None
 
     def new_counter(self) -> torch.Tensor | None:
-        """A non-finite counter for one tensor of one job (GPU only)."""
-        return torch.zeros((), dtype=torch.int64, device=self.device) if self.cuda else None
+        """A non-finite counter for one tensor of one job (GPU only), zeroed on the
+        stream that adds to it."""
+        if not self.cuda:
+            return None
+        with torch.cuda.stream(self.h2d):
+            return torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def synchronize(self) -> None:
+        """Wait for all queued device work (before counters are read)."""
+        if self.cuda:
+            self.h2d.synchronize()
+            self.d2h.synchronize()
 
     def inputs_done(self):
         """An event after which this chunk's staged host buffers may be reused (None: now)."""

@@ -160,8 +160,9 @@ def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | Non
                 for run in runs:
                     if run.writer is writer and not run.failed:
                         run.job.error = exc
+        compute.synchronize()  # device counters are read next
         for run in runs:
-            run.guard(run.finish, compute)
+            run.guard(run.finish)
     finally:
         for writer in pool:
             writer.close()  # first: no write may still target a file we close below
@@ -264,7 +265,7 @@ class _JobRun:
             stats.bytes_written += out.size
         self.writer.submit(WriteJob(-1, 0, memoryview(b""), on_done=close, path=out.path))
 
-    def finish(self, compute: Compute) -> None:
+    def finish(self) -> None:
         """After the writers drained: record digests and counts, re-check the inputs."""
         stats = self.job.stats
         for fname in self.file_plans:
