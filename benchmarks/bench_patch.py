@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--dare", type=float, default=None)
     ap.add_argument("--modes", default="nofsync,fsync", help="nofsync, fsync or both")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--old-repo", help="an older checkout (its _C built): its patch runs alternate with this one's")
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before every command (needs root; Linux)")
     args = ap.parse_args()
@@ -210,6 +211,8 @@ def main() -> None:
                                                "--aligned", str(al), "--unaligned", str(un), "--beta", "0.5",
                                                "--out", str(out), "--overwrite", "--no-progress",
                                                "--backend", backend, *dare, *sync]
+            if args.old_repo:
+                cmds[f"old-patch-{backend}-{mode}"] = cmds[f"patch-{backend}-{mode}"]
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     if "naive" in peers and not args.dare:
         cmds["naive"] = [py, str(REPO / "benchmarks/peers/naive_patch.py"), "--finetuned", str(ft), "--aligned",
@@ -220,6 +223,7 @@ def main() -> None:
         cmds["mergekit"] = [str(Path(mk).parent / "mergekit-yaml"), str(cfg), str(out), "--lazy-unpickle",
                             "--no-copy-tokenizer", "--out-shard-size", "1B"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    old_env = dict(os.environ, PYTHONPATH=str(args.old_repo)) if args.old_repo else None
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
     for r in range(args.rounds):
         for name, cmd in cmds.items():
@@ -227,9 +231,9 @@ def main() -> None:
             (root / "floor.bin").unlink(missing_ok=True)
             if args.cold:
                 drop_page_cache()
-            t, rss = run(cmd, env)
+            t, rss = run(cmd, old_env if name.startswith("old-") else env)
             results[name].append((t, rss))
-            if r == 0 and name.startswith("patch-"):
+            if r == 0 and name.startswith(("patch-", "old-patch-")):
                 # Correct before fast: recompute 20k sampled elements from the
                 # inputs with the torch reference and compare bit for bit.
                 subprocess.run([py, "-m", "resta_fast", "verify", str(out), "--against", str(ft), str(al),
@@ -260,6 +264,12 @@ def main() -> None:
                     allowed = statistics.median(p[0] / f[0] for p, f in pairs)
                     print(f"  speed-up of {name} over {peer}: {sp:.2f}x (the floor allows {allowed:.2f}x)")
                     summary[f"speedup_{name}_vs_{peer}"] = {"speedup": sp, "floor_allows": allowed}
+    for name in results:
+        if name.startswith("old-"):
+            new = name[len("old-"):]
+            ratio = statistics.median(o[0] / n[0] for o, n in zip(results[name], results[new], strict=True))
+            print(f"  {new}: this checkout is {ratio:.2f}x as fast as {args.old_repo} (median of per-round ratios)")
+            summary[f"speedup_{new}_vs_old"] = ratio
     if args.json:
         Path(args.json).write_text(json.dumps({"in_bytes": in_bytes, "out_bytes": out_bytes,
                                                "rounds": results, "summary": summary}, indent=2))
