@@ -75,7 +75,10 @@ def separate_main(argv) -> None:
     ap.add_argument("--out-root")
     ap.add_argument("--threads", type=int)
     args = ap.parse_args(argv)
-    m = load_manifest(args.manifest, deep=False)
+    try:  # commits before the batch prepare step opened every job in load_manifest unless deep=False
+        m = load_manifest(args.manifest, deep=False)
+    except TypeError:
+        m = load_manifest(args.manifest)
     for job in m.jobs:
         api.patch(job.finetuned, Path(args.out_root) / job.out.name, **job.patch_kwargs(), fsync=m.fsync,
                   threads=args.threads)
@@ -149,6 +152,7 @@ def main() -> None:
                     help="also time N separate `resta-fast patch` processes (what a user runs without batch)")
     ap.add_argument("--writers", type=int, help="batch writer threads (default: batch's)")
     ap.add_argument("--chunk-elems", type=int, help="batch fused chunk (default: batch's)")
+    ap.add_argument("--old-repo", help="an older checkout (its _C built): its batch runs alternate with this one's")
     ap.add_argument("--dir", default="/tmp/resta_fast_bench_batch")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
@@ -165,6 +169,7 @@ def main() -> None:
     shared_bytes = sum(os.path.getsize(p) for d in (al, un) for p in shards(d))
     py = sys.executable
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    old_env = dict(os.environ, PYTHONPATH=str(args.old_repo)) if args.old_repo else None
     sync = ["--fsync"] if args.fsync else []
     floor_bin = root / "floor.bin"
     cmds: dict[str, list[str]] = {
@@ -182,8 +187,14 @@ def main() -> None:
         cmds[f"batch-{n}"] = [py, "-m", "resta_fast", "batch", str(man), "--no-progress", *tune,
                               *(["--writers", str(args.writers)] if args.writers else []),
                               *(["--chunk-elems", str(args.chunk_elems)] if args.chunk_elems else [])]
+        out_roots[f"batch-{n}"] = batch_out
+        if args.old_repo:  # the same manifest, written elsewhere, by the older checkout
+            old_man = write_manifest(root / f"batch-old-{n}.json", al, un, fts[:n], root / f"out-oldbatch-{n}",
+                                     args.backend, args.fsync, args.dare, args.device)
+            cmds[f"oldbatch-{n}"] = [*cmds[f"batch-{n}"][:4], str(old_man), *cmds[f"batch-{n}"][5:]]
+            out_roots[f"oldbatch-{n}"] = root / f"out-oldbatch-{n}"
         cmds[f"separate-{n}"] = [py, __file__, "separate", str(man), "--out-root", str(sep_out), *tune]
-        out_roots[f"batch-{n}"], out_roots[f"separate-{n}"] = batch_out, sep_out
+        out_roots[f"separate-{n}"] = sep_out
         if args.separate_cli:
             cli_out = root / f"out-separatecli-{n}"
             script = " && ".join(cli_commands(man, cli_out, args.threads))
@@ -203,12 +214,12 @@ def main() -> None:
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
             if name in out_roots:
                 target.mkdir()
-            t, peak = run(cmd, env)
+            t, peak = run(cmd, old_env if name.startswith("old") else env)
             times[name].append(t)
             rss[name] = max(rss.get(name, 0.0), peak)
             print(f"round {r + 1} {name:14s} {t:7.2f} s  rss {peak:6.0f} MB", flush=True)
             n = name.split("-")[-1]
-            if name.startswith("separate") and name not in checked:
+            if name.startswith(("separate", "oldbatch")) and name not in checked:
                 a, b = digests(out_roots[f"batch-{n}"]), digests(out_roots[name])
                 if a != b or len(a) < int(n):
                     sys.exit(f"batch and {name} outputs differ for N={n}; not reporting")
@@ -236,6 +247,12 @@ def main() -> None:
         print(f"  {n:>3} {b:9.2f} {s:11.2f} {f:9.2f} {s / b:8.2f}x {b / f:11.2f}x "
               f"{'' if ratio is None else f'{ratio:.2f}x':>18} {rss[f'batch-{n}']:13.0f}")
     print(f"  floor-ft (read one fine-tune, write one output): {med['floor-ft']:.2f} s")
+    for n in ns:
+        if f"oldbatch-{n}" in times:
+            ratio = statistics.median(o / b for o, b in zip(times[f"oldbatch-{n}"], times[f"batch-{n}"], strict=True))
+            print(f"  N={n}: this checkout's batch is {ratio:.2f}x as fast as {args.old_repo}'s "
+                  "(median of per-round ratios)")
+            summary["n"][n]["speedup_vs_old"] = ratio
     for n in ns:
         if f"separatecli-{n}" in med:
             c = med[f"separatecli-{n}"]

@@ -1,4 +1,9 @@
-"""The public Python API: patch(), make_vector().
+"""The public Python API: prepare() and execute(), and patch() / make_vector() built on them.
+
+``prepare`` is the one preparation step of every entry point (patch, vector,
+batch, verify): inputs opened once, roles resolved, the plan, the backend, the
+provenance. ``execute`` runs a prepared patch into an atomic output directory
+through the streaming engine and writes its report.
 
 Example:
     >>> from resta_fast import api
@@ -8,52 +13,254 @@ Example:
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import shutil
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from resta_fast import __version__
-from resta_fast.errors import RestaError
-from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
+from resta_fast.errors import OptionError
+from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.lock import OutputLock, clean_stale_temps
 from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_location
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.reference import store
-from resta_fast.lora import LoraFinetuned, is_adapter
-from resta_fast.pipeline.cpu import DEFAULT_CHUNK_ELEMS, Inputs, run_plan
+from resta_fast.lora import LoraFinetuned
+from resta_fast.options import MAX_SEED, PatchOptions, Roles, check_device_spelling, resolve_roles
+from resta_fast.pipeline.engine import run_jobs
 from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
-from resta_fast.pipeline.stream import sha256_file
-from resta_fast.plan import BetaRule, Plan, build_plan, parse_dtype
+from resta_fast.pipeline.job import Inputs, Job
+from resta_fast.plan import Plan, build_plan
+from resta_fast.report import (
+    REPORT_NAME,
+    VALIDATION_FAILED,
+    finish_output,
+    output_bytes,
+    output_metadata,
+    provenance,
+    record_validation,
+)
 
-REPORT_NAME = "resta_fast.json"
-# Present in an output that was written but failed --validate-prompts' gate.
-VALIDATION_FAILED = "VALIDATION_FAILED"
-MAX_SEED = 2**64 - 1
+__all__ = ["MAX_SEED", "REPORT_NAME", "VALIDATION_FAILED", "Opener", "PatchOptions", "PreparedPatch", "execute",
+           "finish_output", "make_vector", "open_roles", "output_metadata", "patch", "plan_patch", "prepare",
+           "prepare_vector", "record_validation", "resolve_device"]
 
-
-def _check_params(beta: float, dare: float | None, seed: int) -> None:
-    if not math.isfinite(beta):
-        raise RestaError(f"--beta must be a finite number, got {beta}")
-    if dare is not None and not 0.0 <= dare < 1.0:
-        raise RestaError(f"--dare must be a drop probability in [0, 1), got {dare}")
-    if not 0 <= seed <= MAX_SEED:
-        raise RestaError(f"--seed must be an integer in [0, 2**64), got {seed}")
+Validator = Callable[[Path], dict]
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a cuda device must be visible."""
+    check_device_spelling(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise RestaError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RestaError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        raise OptionError("device", "{device} {got}: no CUDA GPU is visible; use {device} cpu", got=device)
     return device
+
+
+class Opener:
+    """Checkpoints by path, each opened once and closed with ``stack``: inputs
+    shared by several roles, or by the jobs of a batch group, are one object
+    (read once per chunk by the engine)."""
+
+    def __init__(self, stack: ExitStack):
+        self.stack = stack
+        self.cache: dict[str, Checkpoint] = {}
+
+    def __call__(self, path, role: str) -> Checkpoint | None:
+        if path is None:
+            return None
+        key = str(path)
+        if key not in self.cache:
+            ck = Checkpoint(path, role=role)
+            self.stack.callback(ck.close)
+            self.cache[key] = ck
+        return self.cache[key]
+
+    def lora(self, adapter, base: Checkpoint) -> LoraFinetuned:
+        """A LoRA fine-tune merged into ``base`` in-stream (one per job: it holds the adapter)."""
+        ft = LoraFinetuned(adapter, base)
+        self.stack.callback(ft.close)
+        return ft
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def open_roles(roles: Roles, opener: Opener, *, dare: bool) -> tuple[dict[str, Checkpoint | None], Inputs]:
+    """Open the inputs of ``roles``: ({role: checkpoint} as the provenance records them, engine Inputs).
+
+    The DARE base that is the aligned model (or the LoRA base) is that same
+    object, and so is a LoRA base that is the aligned model.
+    """
+    al = opener(roles.aligned, "aligned")
+    lora_base = None
+    if roles.lora:
+        # Merged LoRA tensors read the base; sharing the aligned model's mmap when they are one.
+        lora_base = al if _same(roles.base, roles.aligned) else opener(roles.base, "base")
+        ft = opener.lora(roles.finetuned, lora_base)
+    else:
+        ft = opener(roles.finetuned, "finetuned")
+    un = opener(roles.unaligned, "unaligned")
+    vec = opener(roles.vector, "vector")
+    dbase = al if _same(roles.dare_base, roles.aligned) \
+        else lora_base if roles.lora and _same(roles.dare_base, roles.base) \
+        else opener(roles.dare_base, "dare base")
+    dbase = dbase if dare else None
+    checkpoints = {"finetuned": ft, "aligned": al, "unaligned": un, "vector": vec, "dare_base": dbase,
+                   "base": lora_base}
+    return checkpoints, Inputs(ft, al, un, vec, dbase)
+
+
+def plan_patch(inputs: Inputs, options: PatchOptions) -> Plan:
+    """The plan of a patch of ``inputs`` with ``options`` (what ``prepare`` and ``verify`` build)."""
+    plan = build_plan(inputs.finetuned, aligned=inputs.aligned if inputs.vector is None else None,
+                      unaligned=inputs.unaligned, vector=inputs.vector, dare_base=inputs.dare_base,
+                      beta=options.beta, include=options.include, exclude=options.exclude,
+                      beta_rules=options.beta_rules, dtype=options.out_dtype)
+    if isinstance(inputs.finetuned, LoraFinetuned):
+        plan.notes.insert(0, inputs.finetuned.summary())
+    return plan
+
+
+@dataclass
+class PreparedPatch:
+    """A patch ready to run: inputs open, roles resolved, plan built, backend chosen.
+
+    Use it as a context manager (or call ``close``) to close the inputs it
+    opened; inputs of a shared ``Opener`` are closed with the opener's stack.
+    ``kernel`` is None when prepared with ``here=False`` (checked for another
+    machine: Ray, Slurm).
+    """
+
+    command: str
+    options: PatchOptions
+    roles: Roles
+    plan: Plan
+    inputs: Inputs
+    checkpoints: dict[str, Checkpoint | None]
+    provenance: dict
+    input_paths: list[Path]
+    device: str
+    backend_name: str
+    kernel: ModuleType | None
+    stack: ExitStack | None = None
+
+    @property
+    def out_bytes(self) -> int:
+        """Bytes of tensor data the output will hold."""
+        return output_bytes(self.plan)
+
+    def job(self, out_dir: Path, progress=None) -> Job:
+        """The engine's Job writing this patch into ``out_dir``."""
+        return Job(self.plan, self.inputs, Path(out_dir), self.options.dare, self.options.seed,
+                   output_metadata(self.provenance), progress=progress)
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+
+    def __enter__(self) -> PreparedPatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextmanager
+def _own_stack(opener: Opener | None):
+    """(opener, the stack the caller will own or None); closes what was opened if preparing fails."""
+    if opener is not None:
+        yield opener, None
+        return
+    stack = ExitStack()
+    try:
+        yield Opener(stack), stack
+    except BaseException:
+        stack.close()
+        raise
+
+
+def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, dare_base=None,
+            options: PatchOptions | None = None, opener: Opener | None = None, here: bool = True) -> PreparedPatch:
+    """Open the inputs, resolve their roles, build the plan, choose the backend.
+
+    Args:
+        finetuned: fine-tuned model (HF directory or .safetensors file), or a
+            PEFT LoRA adapter directory, merged in fp32 into ``base`` in-stream.
+        aligned, unaligned: the pair defining V = aligned − unaligned; or
+        vector: a precomputed V checkpoint (``make_vector``).
+        base: the model a LoRA adapter was trained on (default: aligned).
+        dare_base: DARE base (default: the LoRA base, else aligned).
+        options: PatchOptions (default: all defaults).
+        opener: share opened checkpoints with other prepared patches (a batch
+            group); its stack closes them. None: the PreparedPatch owns its inputs.
+        here: it runs on this machine: check the device exists and load the
+            backend. False (checking for another machine) leaves ``kernel`` None.
+    Returns:
+        A PreparedPatch (a context manager closing its inputs).
+
+    Example:
+        >>> with prepare("ft", aligned="chat", unaligned="shadow", options=PatchOptions(beta=0.5)) as p:
+        ...     print(p.plan.format_table())  # doctest: +SKIP
+    """
+    options = options if options is not None else PatchOptions()
+    device = resolve_device(options.device) if here else options.device
+    roles = resolve_roles(finetuned, aligned=aligned, unaligned=unaligned, vector=vector, base=base,
+                          dare_base=dare_base, dare=options.dare is not None)
+    with _own_stack(opener) as (opener, stack):
+        checkpoints, inputs = open_roles(roles, opener, dare=options.dare is not None)
+        plan = plan_patch(inputs, options)
+        backend_name, kernel = options.backend, None
+        if here:
+            backend_name, kernel = choose_backend(options.backend, device)
+            if device.startswith("cuda") and backend_name != "triton":
+                raise OptionError("backend", "{device} {dev} runs the triton backend; {backend} {name} is CPU-only "
+                                  "(use {backend} triton or auto, or {device} cpu)", dev=device, name=backend_name)
+        return PreparedPatch("patch", options, roles, plan, inputs, checkpoints,
+                             provenance("patch", options.params(), checkpoints), roles.paths(), device,
+                             backend_name, kernel, stack)
+
+
+class _DifferenceKernel:
+    """Kernel adapter for make_vector: out = round(fp32(A) − fp32(U)), F unused."""
+
+    @staticmethod
+    def patch_into(out, f, a, u=None, b=None, **_):
+        store(out, a.float() - u.float())
+
+    @staticmethod
+    def convert_into(out, x):
+        raise AssertionError("make_vector copies no tensors")
+
+
+def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(),
+                   opener: Opener | None = None) -> PreparedPatch:
+    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``)."""
+    options = PatchOptions(dtype=dtype, include=include, exclude=exclude)
+    roles = Roles(str(aligned), aligned=str(aligned), unaligned=str(unaligned))
+    with _own_stack(opener) as (opener, stack):
+        al = opener(aligned, "aligned")
+        un = opener(unaligned, "unaligned")
+        plan = build_plan(al, aligned=al, unaligned=un, include=options.include, exclude=options.exclude,
+                          dtype=options.out_dtype)
+        dropped = [t.name for t in plan.tensors() if t.action != "patch"]
+        for f in plan.files:
+            f.tensors = [t for t in f.tensors if t.action == "patch"]
+            for t in f.tensors:
+                t.out_dtype, t.beta, t.reason = options.out_dtype, 1.0, "aligned − unaligned"
+        plan.files = [f for f in plan.files if f.tensors]
+        if dropped:
+            plan.notes.append(f"{len(dropped)} tensor(s) not in the vector (non-float or missing), "
+                              f"e.g. {dropped[0]}")
+        params = {"dtype": options.out_dtype, "include": list(options.include), "exclude": list(options.exclude)}
+        checkpoints = {"aligned": al, "unaligned": un}
+        return PreparedPatch("vector", options, roles, plan, Inputs(al, al, un), checkpoints,
+                             provenance("vector", params, checkpoints), [Path(aligned), Path(unaligned)], "cpu",
+                             "torch", _DifferenceKernel, stack)
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
@@ -70,53 +277,75 @@ def _progress_bar(total: int, enabled: bool, desc: str):
     return bar, update
 
 
+def claim_output(stack: ExitStack, out: Path, input_paths: list[Path], overwrite: bool, command: str) -> None:
+    """Own ``out`` until ``stack`` closes: lock it, re-check it, clear dead runs' leftovers."""
+    stack.enter_context(OutputLock(out, command=command))
+    check_output_location(out, input_paths, overwrite)  # again: the lock makes it authoritative
+    clean_stale_temps(out)
+
+
+@contextmanager
+def clean_write_errors(out: Path):
+    """Turn an OSError (disk full while copying side files or writing the report)
+    into one clean RestaError naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        # filename2 is the destination when shutil.copyfile fails.
+        raise _write_error(Path(exc.filename2 or exc.filename or out), exc) from None
+
+
 @contextmanager
 def _output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: str):
-    """Own ``out`` for one run: lock it, re-check it, clear dead runs' leftovers.
-
-    Also defers Ctrl-C to tensor boundaries, and turns an OSError from the
-    body (disk full while copying side files or writing the report) into
-    one clean RestaError after the temp output has been removed.
-    """
+    """Own ``out`` for one run (``claim_output``), defer Ctrl-C to tensor
+    boundaries, and clean OSErrors from the body (``clean_write_errors``); the
+    temp output is removed before the error surfaces."""
     # Signals first: a Ctrl-C while the lock is being taken must not leave its file behind.
-    with tensor_boundary_signals(), OutputLock(out, command=command):
-        check_output_location(out, input_paths, overwrite)  # again: the lock makes it authoritative
-        clean_stale_temps(out)
-        try:
+    with tensor_boundary_signals(), ExitStack() as stack:
+        claim_output(stack, out, input_paths, overwrite, command)
+        with clean_write_errors(out):
             yield
-        except OSError as exc:
-            # filename2 is the destination when shutil.copyfile fails.
-            raise _write_error(Path(exc.filename2 or exc.filename or out), exc) from None
 
 
-def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str, device: str,
-             beta: float, dare: float | None, seed: int, provenance: dict, threads: int | None,
-             overwrite: bool, fsync: bool, progress: bool, chunk_elems: int,
-             input_paths: list[Path], gpu_pool_bytes: int | None = None,
-             validate=None, device_cache=None) -> dict:
-    """Run a plan into an atomic output directory and write its report.
+def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: bool = True, progress: bool = False,
+            validate: Validator | None = None, device_cache=None) -> dict:
+    """Run a prepared patch into the atomic output directory ``out`` and write its report.
 
-    ``validate`` (optional callable(model_dir) -> {"passed", ...}) evaluates the
-    finished output before it is renamed into place; the verdict is recorded in
-    the report, and a failed output is kept but marked (VALIDATION_FAILED).
+    Args:
+        prepared: from ``prepare`` or ``prepare_vector`` (with ``here=True``).
+        out: output directory (must not exist unless ``overwrite``).
+        fsync: make the output durable before the final rename.
+        validate: ``callable(model_dir) -> {"passed", "reason", ...}`` run on the
+            finished output before its rename (``resta_fast.eval.make_validator``);
+            the verdict goes into the report, and a failed output is kept but
+            marked (VALIDATION_FAILED).
+        device_cache: a device cache shared by runs over the same inputs (GPU).
+    Returns:
+        The report dict (also written to ``out/resta_fast.json``).
+
+    Example:
+        >>> with prepare("ft", vector="v") as p:  # doctest: +SKIP
+        ...     execute(p, "restored")
     """
-    check_output_location(out, input_paths, overwrite)
-    metadata = output_metadata(provenance)
-    total = sum(t.numel * _itemsize(t.out_dtype) for t in plan.tensors())
-    bar, update = _progress_bar(total, progress, f"resta-fast -> {out.name}")
-    with _output_guard(out, input_paths, overwrite, provenance.get("command", "patch")), \
+    if prepared.kernel is None:
+        raise ValueError("execute needs a patch prepared with here=True (it has no kernel)")
+    if validate is not None and not callable(validate):
+        raise TypeError("validate takes a callable(model_dir) -> verdict; build one from evaluation options "
+                        "with resta_fast.eval.make_validator")
+    out = Path(out)
+    options = prepared.options
+    check_output_location(out, prepared.input_paths, overwrite)
+    bar, update = _progress_bar(prepared.out_bytes, progress, f"resta-fast -> {out.name}")
+    with _output_guard(out, prepared.input_paths, overwrite, prepared.provenance.get("command", "patch")), \
             AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
-        if device.startswith("cuda"):
-            from resta_fast.pipeline.gpu import DEFAULT_POOL_BYTES, run_plan_gpu
-            stats = run_plan_gpu(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare,
-                                 seed=seed, metadata=metadata, device=device, progress=update,
-                                 pool_bytes=gpu_pool_bytes or DEFAULT_POOL_BYTES, cache=device_cache)
-        else:
-            stats = run_plan(plan, inputs, outdir.tmp, kernel=kernel, beta=beta, dare=dare, seed=seed,
-                             metadata=metadata, threads=threads, chunk_elems=chunk_elems,
-                             progress=update)
-        report = finish_output(outdir.tmp, plan, inputs.finetuned, stats, provenance,
-                               backend_name=backend_name, device=device, fsync=fsync)
+        job = prepared.job(outdir.tmp, progress=update)
+        run_jobs([job], kernel=prepared.kernel, device=prepared.device, threads=options.threads,
+                 chunk_elems=options.chunk_elems, cache=device_cache, pool_bytes=options.gpu_pool_bytes)
+        if job.error is not None:
+            raise job.error
+        report = finish_output(outdir.tmp, prepared.plan, prepared.inputs.finetuned, job.stats,
+                               prepared.provenance, backend_name=prepared.backend_name, device=prepared.device,
+                               fsync=fsync)
         if validate is not None:
             record_validation(outdir.tmp, report, validate(outdir.tmp))
         raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
@@ -125,94 +354,14 @@ def _execute(plan: Plan, inputs: Inputs, out: Path, *, kernel, backend_name: str
     return report
 
 
-def output_metadata(provenance: dict) -> dict[str, str]:
-    """The safetensors ``__metadata__`` of every output weight file."""
-    return {"format": "pt", "resta_fast": json.dumps(provenance, sort_keys=True)}
-
-
-def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict, *, backend_name: str,
-                  device: str, fsync: bool, extra: dict | None = None) -> dict:
-    """Complete an output directory whose weight files are written: index, the
-    fine-tune's side files, and ``resta_fast.json`` (with every file's sha256).
-
-    Returns the report dict (``extra`` keys are added to it).
-    """
-    files = dict(stats.sha256)
-    if ft.is_dir and (ft.root / INDEX_NAME).is_file():
-        files[INDEX_NAME] = _write_index(tmp, plan)
-    for side in ft.side_files():
-        shutil.copyfile(side, tmp / side.name)
-        files[side.name] = sha256_file(tmp / side.name)
-    report = {
-        **provenance,
-        # Only here, not in the weight files: same inputs -> byte-identical weights.
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend_name, "device": device, "fsync": fsync,
-        "plan": plan.to_json(),
-        "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
-                  "bytes_written": stats.bytes_written,
-                  # where the time went, per pipeline stage (overlapping; see pipeline/stream.py)
-                  "busy_seconds": {k: round(v, 6) for k, v in sorted(getattr(stats, "busy", {}).items())},
-                  "nonfinite_outputs": stats.nonfinite},
-        "files": files,
-        **(extra or {}),
-    }
-    if stats.nonfinite:
-        plan.notes.append(f"{sum(stats.nonfinite.values())} non-finite output value(s) in "
-                          f"{len(stats.nonfinite)} tensor(s) (non-finite inputs or overflow), e.g. "
-                          f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs")
-        report["plan"]["notes"] = plan.notes
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    return report
-
-
-def _itemsize(dtype_name: str) -> int:
-    from resta_fast.io.reader import DTYPES
-    return DTYPES[dtype_name][1]
-
-
-def _write_index(tmp: Path, plan: Plan) -> str:
-    weight_map = {t.name: f.name for f in plan.files for t in f.tensors}
-    total = sum(t.numel * _itemsize(t.out_dtype) for t in plan.tensors())
-    text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
-    (tmp / INDEX_NAME).write_text(text)
-    return sha256_file(tmp / INDEX_NAME)
-
-
-def _open(stack: ExitStack, path, role: str) -> Checkpoint | None:
-    if path is None:
-        return None
-    ck = Checkpoint(path, role=role)
-    stack.callback(ck.close)
-    return ck
-
-
-def patch_params(beta: float, dare: float | None, seed: int, include, exclude, rules: list[BetaRule],
-                 out_dtype: str | None) -> dict:
-    """The ``params`` of a patch's provenance (batch uses it too: same params,
-    same header metadata, identical files)."""
-    return {"beta": beta, "dare": dare, "seed": seed, "include": list(include),
-            "exclude": list(exclude), "beta_rules": [f"{r.pattern}={r.beta}" for r in rules],
-            "dtype": out_dtype}
-
-
-def _provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None]) -> dict:
-    return {
-        "tool": "resta_fast", "version": __version__, "command": command,
-        "params": params,
-        "inputs": {role: {"path": str(ck.path), "files": ck.fingerprint()}
-                   for role, ck in inputs.items() if ck is not None},
-    }
-
-
 def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: float = 1.0,
           dare: float | None = None, seed: int = 0, dare_base=None, include=(), exclude=(),
           beta_rules=(), dtype: str | None = None, backend: str = "auto", device: str = "cpu",
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS, gpu_pool_bytes: int | None = None,
-          base=None, validate: dict | None = None, device_cache=None) -> dict:
-    """Realign ``finetuned`` with RESTA and write the result to ``out``.
+          chunk_elems: int | None = None, gpu_pool_bytes: int | None = None,
+          base=None, validate: Validator | None = None, device_cache=None) -> dict:
+    """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
     Args:
         finetuned: fine-tuned model (HF directory or .safetensors file), or a
@@ -228,118 +377,30 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
         include/exclude: regexes over tensor names.
         dtype: output dtype (``bfloat16``/``float16``/``float32``; default fine-tune's).
         backend: auto | cpp | triton | torch; device: cpu | cuda[:N] | auto.
+        threads, chunk_elems, gpu_pool_bytes: engine tuning (see PatchOptions).
         fsync: make the output durable before the final rename.
         dry_run: only build and return the plan.
-        gpu_pool_bytes: pinned host (and device) staging memory for --device cuda.
-        validate: keyword arguments for ``resta_fast.eval.validate_checkpoint``
-            (``prompts``, ``max_harmful``, ``utility``, ``max_utility_drop`` ...):
-            evaluate the output (the fine-tune is the utility reference) and
-            record the verdict in ``report["validation"]``.
-        device_cache: a ``pipeline.gpu.DeviceCache`` shared across calls (batch
-            mode) so shared inputs stay in GPU memory between fine-tunes.
+        validate: ``callable(model_dir) -> verdict`` evaluating the output before
+            its rename (``resta_fast.eval.make_validator``); recorded in
+            ``report["validation"]``.
+        device_cache: a device cache shared across calls on the same inputs.
     Returns:
         The report dict (also written to ``out/resta_fast.json``).
 
     Example:
         >>> patch("ft", "restored", aligned="chat", unaligned="shadow", beta=0.5)  # doctest: +SKIP
     """
-    _check_params(beta, dare, seed)
-    rules = [r if isinstance(r, BetaRule) else BetaRule.parse(r) for r in beta_rules]
-    out_dtype = parse_dtype(dtype)
-    device = resolve_device(device)
-    if vector is not None and unaligned is not None:
-        raise RestaError("give either --aligned and --unaligned, or --vector (not both)")
-    lora = is_adapter(finetuned)
-    if base is not None and not lora:
-        raise RestaError(f"--base is only for LoRA adapters, and {finetuned} has no adapter_config.json; "
-                         "drop --base for a full fine-tune")
-    if lora and base is None:
-        if aligned is None:
-            raise RestaError(f"{finetuned} is a LoRA adapter: pass --base, the model it was trained on "
-                             "(with --vector there is no --aligned to default to)")
-        base = aligned
-    if dare is not None and dare_base is None:
-        if aligned is None and base is None:
-            raise RestaError("--dare needs the model the fine-tune started from: pass --dare-base "
-                             "(or --aligned)")
-        dare_base = base if lora else aligned
-    with ExitStack() as stack:
-        al = _open(stack, aligned, "aligned")
-        lora_base = None
-        if lora:
-            # Merged LoRA tensors read the base; sharing the aligned model's mmap when they are one.
-            lora_base = al if _same(base, aligned) else _open(stack, base, "base")
-            ft = LoraFinetuned(finetuned, lora_base)
-            stack.callback(ft.close)
-        else:
-            ft = _open(stack, finetuned, "finetuned")
-        un = _open(stack, unaligned, "unaligned")
-        vec = _open(stack, vector, "vector")
-        base_path = base
-        base = al if (dare_base is not None and aligned is not None
-                      and Path(dare_base).resolve() == Path(aligned).resolve()) \
-            else lora_base if lora and _same(dare_base, base_path) \
-            else _open(stack, dare_base, "dare base")
-        plan = build_plan(ft, aligned=al if vec is None else None, unaligned=un, vector=vec,
-                          dare_base=base if dare is not None else None, beta=beta, include=include,
-                          exclude=exclude, beta_rules=rules, dtype=out_dtype)
-        if lora:
-            plan.notes.insert(0, ft.summary())
-        if dry_run:
-            return {"dry_run": True, "plan": plan.to_json(), "plan_text": plan.format_table()}
-        backend_name, kernel = choose_backend(backend, device)
-        if device.startswith("cuda") and backend_name != "triton":
-            raise RestaError(f"--device {device} runs the triton backend; --backend {backend_name} "
-                             "is CPU-only (use --backend triton or auto, or --device cpu)")
-        params = patch_params(beta, dare, seed, include, exclude, rules, out_dtype)
-        roles = {"finetuned": ft, "aligned": al, "unaligned": un, "vector": vec,
-                 "dare_base": base if dare is not None else None, "base": lora_base}
-        inputs = Inputs(ft, al, un, vec, base if dare is not None else None)
-        return _execute(plan, inputs, Path(out), kernel=kernel, backend_name=backend_name,
-                        device=device, beta=beta, dare=dare, seed=seed,
-                        provenance=_provenance("patch", params, roles), threads=threads,
-                        overwrite=overwrite, fsync=fsync, progress=progress, chunk_elems=chunk_elems,
-                        gpu_pool_bytes=gpu_pool_bytes,
-                        validate=validator(validate, None if lora else finetuned), device_cache=device_cache,
-                        input_paths=[Path(p) for p in (finetuned, aligned, unaligned, vector, dare_base,
-                                                       base_path if lora else None) if p is not None])
-
-
-def record_validation(tmp: Path, report: dict, verdict: dict) -> None:
-    """Put the eval gate's verdict into the (not yet committed) output's report;
-    a failed output is kept but marked with a VALIDATION_FAILED file."""
-    report["validation"] = verdict
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    if not verdict.get("passed", False):
-        (tmp / VALIDATION_FAILED).write_text(verdict.get("reason", "") + "\n")
-
-
-def validator(options: dict | None, reference):
-    """A callable(model_dir) running the eval gate, or None."""
-    if not options:
-        return None
-    from resta_fast.eval import validate_checkpoint
-    options = dict(options)
-    options.setdefault("reference", reference)
-    if options.get("max_utility_drop") is not None and not (options.get("utility") or options.get("perplexity")):
-        raise RestaError("--max-utility-drop needs --validate-utility or --validate-perplexity")
-    return lambda model_dir: validate_checkpoint(model_dir, **options)
-
-
-def _same(a, b) -> bool:
-    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
-
-
-class _DifferenceKernel:
-    """Kernel adapter for make_vector: out = round(fp32(A) − fp32(U)), F unused."""
-
-    @staticmethod
-    def patch_into(out, f, a, u=None, b=None, **_):
-        store(out, a.float() - u.float())
-
-    @staticmethod
-    def convert_into(out, x):
-        raise AssertionError("make_vector copies no tensors")
+    options = PatchOptions(beta=beta, dare=dare, seed=seed, include=include, exclude=exclude,
+                           beta_rules=beta_rules, dtype=dtype, backend=backend, device=device, threads=threads,
+                           chunk_elems=chunk_elems, gpu_pool_bytes=gpu_pool_bytes)
+    inputs = {"aligned": aligned, "unaligned": unaligned, "vector": vector, "base": base, "dare_base": dare_base}
+    if dry_run:
+        resolve_device(options.device)
+        with prepare(finetuned, **inputs, options=options, here=False) as prepared:
+            return {"dry_run": True, "plan": prepared.plan.to_json(), "plan_text": prepared.plan.format_table()}
+    with prepare(finetuned, **inputs, options=options) as prepared:
+        return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, validate=validate,
+                       device_cache=device_cache)
 
 
 def make_vector(aligned, unaligned, out, *, dtype: str = "float32", include=(), exclude=(),
@@ -352,25 +413,5 @@ def make_vector(aligned, unaligned, out, *, dtype: str = "float32", include=(), 
     Example:
         >>> make_vector("chat", "shadow", "safety_vector")  # doctest: +SKIP
     """
-    out_dtype = parse_dtype(dtype)
-    with ExitStack() as stack:
-        al = _open(stack, aligned, "aligned")
-        un = _open(stack, unaligned, "unaligned")
-        plan = build_plan(al, aligned=al, unaligned=un, include=include, exclude=exclude,
-                          dtype=out_dtype)
-        dropped = [t.name for t in plan.tensors() if t.action != "patch"]
-        for f in plan.files:
-            f.tensors = [t for t in f.tensors if t.action == "patch"]
-            for t in f.tensors:
-                t.out_dtype, t.beta, t.reason = out_dtype, 1.0, "aligned − unaligned"
-        plan.files = [f for f in plan.files if f.tensors]
-        if dropped:
-            plan.notes.append(f"{len(dropped)} tensor(s) not in the vector (non-float or missing), "
-                              f"e.g. {dropped[0]}")
-        params = {"dtype": out_dtype, "include": list(include), "exclude": list(exclude)}
-        return _execute(plan, Inputs(al, al, un), Path(out), kernel=_DifferenceKernel,
-                        backend_name="torch", device="cpu", beta=1.0, dare=None, seed=0,
-                        provenance=_provenance("vector", params, {"aligned": al, "unaligned": un}),
-                        threads=None, overwrite=overwrite, fsync=fsync, progress=progress,
-                        chunk_elems=DEFAULT_CHUNK_ELEMS,
-                        input_paths=[Path(aligned), Path(unaligned)])
+    with prepare_vector(aligned, unaligned, dtype=dtype, include=include, exclude=exclude) as prepared:
+        return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress)

@@ -14,7 +14,8 @@ import signal
 import sys
 
 from resta_fast import __version__
-from resta_fast.errors import RestaError
+from resta_fast.errors import RestaError, cli_flag
+from resta_fast.options import BACKEND_CHOICES
 
 PATCH_EPILOG = """\
 --no-fsync skips flushing the output to disk before the final rename: faster,
@@ -39,7 +40,7 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta-rule", action="append", default=[], metavar="REGEX=BETA",
                    help="per-pattern beta; the first matching rule wins (repeatable)")
     p.add_argument("--dtype", help="output dtype (bfloat16, float16, float32; default: fine-tune's)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--threads", type=int, help="CPU kernel threads (default: all cores)")
     p.add_argument("--gpu-pool-mb", type=int, default=256,
@@ -140,7 +141,7 @@ def _print_result(report: dict, as_json: bool) -> None:
 
 
 def validation_options(args) -> dict | None:
-    """``api.patch(validate=...)`` options from the parsed validation flags."""
+    """``eval.make_validator`` options from the parsed validation flags."""
     if not args.validate_prompts:
         if args.max_harmful is not None or args.max_utility_drop is not None:
             raise RestaError("--max-harmful/--max-utility-drop need --validate-prompts FILE")
@@ -153,15 +154,25 @@ def validation_options(args) -> dict | None:
             "progress": not args.no_progress and sys.stderr.isatty()}
 
 
+def make_validator(options: dict | None, finetuned):
+    """The validate-while-patching callable for ``options`` (None: no validation)."""
+    if not options:
+        return None
+    from resta_fast.eval.runner import make_validator as build
+    return build(options, finetuned)
+
+
 def cmd_patch(args) -> int:
     from resta_fast import api
+    checks = validation_options(args)
+    validate = None if args.dry_run else make_validator(checks, args.finetuned)
     report = api.patch(
         args.finetuned, args.out, aligned=args.aligned, unaligned=args.unaligned, vector=args.vector,
         beta=args.beta, dare=args.dare, seed=args.seed, dare_base=args.dare_base,
         include=args.include, exclude=args.exclude, beta_rules=args.beta_rule, dtype=args.dtype,
         backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
         fsync=not args.no_fsync, dry_run=args.dry_run, gpu_pool_bytes=args.gpu_pool_mb << 20,
-        validate=validation_options(args),
+        validate=validate,
         progress=not args.no_progress and sys.stderr.isatty(), base=args.base)
     _print_result(report, args.json)
     validation = report.get("validation")
@@ -237,7 +248,7 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except RestaError as exc:
-        print(f"resta-fast: error: {exc}", file=sys.stderr)
+        print(f"resta-fast: error: {exc.render(cli_flag)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         from resta_fast.pipeline.interrupt import stop_signal

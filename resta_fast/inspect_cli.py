@@ -19,9 +19,9 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from resta_fast.errors import RestaError
+from resta_fast.errors import RestaError, cli_flag
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
-from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter, LoraFinetuned, is_adapter
+from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter, is_adapter
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
@@ -124,7 +124,6 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
     Returns:
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
-    from resta_fast.plan import BetaRule, build_plan, parse_dtype
     models = list(models)
     if not models:
         raise RestaError("inspect needs at least one model directory")
@@ -149,38 +148,21 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
             return result
     compat_only = vector is None and unaligned is None
     try:
+        from resta_fast import api
+        from resta_fast.options import PatchOptions, resolve_roles
+        options = PatchOptions(beta=beta, include=include, exclude=exclude, beta_rules=beta_rules, dtype=dtype)
+        # With no unaligned model the fine-tune is checked against the aligned one alone.
+        roles = resolve_roles(ft_path, aligned=aligned, unaligned=aligned if compat_only else unaligned,
+                              vector=vector, base=base, dare_base=dare_base, dare=dare_base is not None)
         with ExitStack() as stack:
-            def open_(p, role):
-                if p is None:
-                    return None
-                ck = Checkpoint(p, role=role)
-                stack.callback(ck.close)
-                return ck
-            al = open_(aligned, "aligned")
-            un = al if compat_only else open_(unaligned, "unaligned")
-            vec = open_(vector, "vector")
-            if is_adapter(ft_path):
-                b = base if base is not None else aligned
-                if b is None:
-                    raise RestaError(f"{ft_path} is a LoRA adapter: pass --base, the model it was trained on")
-                base_ck = al if al is not None and Path(b).resolve() == Path(aligned).resolve() \
-                    else open_(b, "base")
-                ft = LoraFinetuned(ft_path, base_ck)
-                stack.callback(ft.close)
-            else:
-                ft = open_(ft_path, "finetuned")
-            db = open_(dare_base, "dare base")
-            plan = build_plan(ft, aligned=al if vec is None else None, unaligned=un if vec is None else None,
-                              vector=vec, dare_base=db, beta=beta, include=include, exclude=exclude,
-                              beta_rules=[BetaRule.parse(r) for r in beta_rules], dtype=parse_dtype(dtype))
-            if isinstance(ft, LoraFinetuned):
-                plan.notes.insert(0, ft.summary())
+            _, inputs = api.open_roles(roles, api.Opener(stack), dare=dare_base is not None)
+            plan = api.plan_patch(inputs, options)
             if compat_only:
                 plan.notes.insert(0, "no unaligned model given: checked the fine-tune against the aligned "
                                      "model only (names, shapes, dtypes)")
             result["plan"] = {**plan.to_json(), "groups": group_plan(plan), "table": plan.format_table()}
     except RestaError as exc:
-        result["plan_error"] = str(exc)
+        result["plan_error"] = exc.render(cli_flag)  # inspect's flags are patch's
     return result
 
 

@@ -9,54 +9,15 @@ fixes the output layout (the fine-tune's files, in the fine-tune's order).
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from resta_fast.errors import RestaError
+from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
 from resta_fast.io.reader import DTYPES, FLOAT_DTYPES, KERNEL_DTYPES
 
-DTYPE_ALIASES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
-                 "float32": "F32", "fp32": "F32", "float": "F32"}
-
-
-def parse_dtype(name: str | None) -> str | None:
-    """User dtype spelling (``bfloat16``, ``fp16`` ...) -> safetensors name."""
-    if name is None:
-        return None
-    key = name.lower()
-    if key not in DTYPE_ALIASES:
-        raise RestaError(f"--dtype {name!r} is not supported; choose bfloat16, float16 or float32")
-    return DTYPE_ALIASES[key]
-
-
-@dataclass
-class BetaRule:
-    """Tensors whose name matches ``pattern`` (re.search) get ``beta``."""
-
-    pattern: str
-    beta: float
-
-    @classmethod
-    def parse(cls, text: str) -> BetaRule:
-        """Parse ``'REGEX=0.3'`` (the last '=' splits, so the regex may contain '=')."""
-        pattern, sep, value = text.rpartition("=")
-        try:
-            beta = float(value)
-        except ValueError:
-            beta = None
-        if not sep or not pattern or beta is None:
-            raise RestaError(f"--beta-rule {text!r}: expected REGEX=BETA, e.g. 'mlp\\.=0.3'")
-        _compile(pattern, "--beta-rule")
-        return cls(pattern, beta)
-
-
-def _compile(pattern: str, flag: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise RestaError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
+# BetaRule and parse_dtype live with the other options; re-exported for their users here.
+from resta_fast.options import DTYPE_ALIASES, BetaRule, compile_pattern, parse_dtype  # noqa: F401
 
 
 @dataclass
@@ -216,10 +177,10 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
         A Plan. Raises RestaError on shape disagreements (all of them listed).
     """
     if (vector is None) == (aligned is None or unaligned is None):
-        raise RestaError("give either --aligned and --unaligned, or --vector (not both)")
-    includes = [_compile(p, "--include") for p in include]
-    excludes = [_compile(p, "--exclude") for p in exclude]
-    rules = [(_compile(r.pattern, "--beta-rule"), r.beta) for r in beta_rules]
+        raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
+    includes = [compile_pattern(p, "include") for p in include]
+    excludes = [compile_pattern(p, "exclude") for p in exclude]
+    rules = [(compile_pattern(r.pattern, "beta_rules"), r.beta) for r in beta_rules]
     sources = [("vector", vector)] if vector is not None else [("aligned", aligned), ("unaligned", unaligned)]
     if dare_base is not None:
         sources.append(("dare base", dare_base))

@@ -31,12 +31,12 @@ import torch
 from resta_fast import rng
 from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
+from resta_fast.io.digest import sha256_file
 from resta_fast.io.reader import DTYPES, KERNEL_DTYPES
 from resta_fast.kernels.reference import patch_values, store
-from resta_fast.pipeline.stream import sha256_file
-from resta_fast.plan import BetaRule, build_plan
+from resta_fast.options import PatchOptions, resolve_roles
+from resta_fast.report import REPORT_NAME
 
-REPORT_NAME = "resta_fast.json"  # api.REPORT_NAME; not imported so verify stays light
 MAX_LISTED = 10  # problems printed per check; --json has them all
 PLAN_FIELDS = ("action", "shape", "in_dtype", "out_dtype", "beta", "patched_elems", "seed_name")
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -283,27 +283,19 @@ def _resolve_inputs(report: dict, against: list[str], dare_base: str | None,
     return paths
 
 
-def _open_inputs(paths: dict[str, str], stack: ExitStack) -> dict:
-    """Open each role once (a role sharing another's path shares its Checkpoint)."""
-    cks: dict = {}
-    by_path: dict[str, Checkpoint] = {}
-    for role in ("aligned", "unaligned", "vector", "base", "dare_base", "finetuned"):
-        path = paths.get(role)
-        if path is None:
-            continue
-        key = os.path.realpath(path)
-        if role == "finetuned" and "base" in paths:
-            from resta_fast.lora import LoraFinetuned
-            ck = LoraFinetuned(path, cks["base"])
-        elif key in by_path:
-            cks[role] = by_path[key]
-            continue
-        else:
-            ck = Checkpoint(path, role=role)
-            by_path[key] = ck
-        stack.callback(ck.close)
-        cks[role] = ck
-    return cks
+def _open_inputs(paths: dict[str, str], params: dict, command: str, stack: ExitStack) -> dict:
+    """Open each role's input as ``patch`` did (``api.open_roles``: a DARE or LoRA
+    base that is the aligned model is that same object); role -> Checkpoint."""
+    from resta_fast import api
+    opener = api.Opener(stack)
+    if command == "vector":
+        return {role: opener(paths[role], role) for role in ("aligned", "unaligned")}
+    dare = params.get("dare") is not None
+    roles = resolve_roles(paths["finetuned"], aligned=paths.get("aligned"), unaligned=paths.get("unaligned"),
+                          vector=paths.get("vector"), base=paths.get("base"), dare_base=paths.get("dare_base"),
+                          dare=dare)
+    cks, _ = api.open_roles(roles, opener, dare=dare)
+    return {role: ck for role, ck in cks.items() if ck is not None}
 
 
 def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_base: str | None,
@@ -314,7 +306,7 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
     params = report.get("params") or {}
     paths = _resolve_inputs(report, against, dare_base, base)
     with ExitStack() as stack:
-        cks = _open_inputs(paths, stack)
+        cks = _open_inputs(paths, params, command, stack)
         for role, ck in cks.items():
             _input_fingerprints(report, role, ck, inputs_c)
         inputs_c.detail = (f"fingerprints of {', '.join(cks)} match" if inputs_c.ok
@@ -331,12 +323,12 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
             u_src = cks.get("unaligned")
             b_src = cks.get("dare_base")
             try:
-                plan = build_plan(
-                    ft, aligned=cks.get("aligned"), unaligned=u_src, vector=cks.get("vector"),
-                    dare_base=b_src, beta=float(params.get("beta", 1.0)),
-                    include=params.get("include") or (), exclude=params.get("exclude") or (),
-                    beta_rules=[BetaRule.parse(r) for r in params.get("beta_rules") or ()],
-                    dtype=params.get("dtype"))
+                from resta_fast import api
+                from resta_fast.pipeline.job import Inputs
+                options = PatchOptions(beta=float(params.get("beta", 1.0)), include=params.get("include") or (),
+                                       exclude=params.get("exclude") or (),
+                                       beta_rules=params.get("beta_rules") or (), dtype=params.get("dtype"))
+                plan = api.plan_patch(Inputs(ft, cks.get("aligned"), u_src, cks.get("vector"), b_src), options)
             except RestaError as exc:
                 plan_c.fail(f"cannot rebuild the plan from the inputs: {exc}")
                 return [inputs_c, plan_c]

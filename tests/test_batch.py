@@ -120,15 +120,15 @@ def load_and_run(path, **kw):
 
 
 def slow_batch(path, **popen_kw) -> subprocess.Popen:
-    """`resta-fast batch path` in a child process, 0.1 s slower per fused tensor,
+    """`resta-fast batch path` in a child process, 0.1 s slower per tensor of the engine's pass,
     so a test can signal it mid-job."""
     script = (
         f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-        "import resta_fast.pipeline.cpu as cpu\n"
-        "orig = cpu._write_fused\n"
+        "import resta_fast.pipeline.engine as engine\n"
+        "orig = engine._Pass._finish_tensor\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k); time.sleep(0.1)\n"
-        "cpu._write_fused = slow\n"
+        "engine._Pass._finish_tensor = slow\n"
         "from resta_fast.cli import main\n"
         f"sys.exit(main(['batch', {str(path)!r}, '--no-progress']))\n"
     )
@@ -250,8 +250,9 @@ def test_manifest_validation_lists_every_problem_and_writes_nothing(tmp_path, ca
         assert needle in msg, needle
     jobs[1]["finetuned"], jobs[2]["out"], jobs[3]["out"] = "ft", "outs/a2", "outs/inside"
     path = write_manifest(root, jobs)
+    manifest = load_manifest(path)  # data only: the plan checks are the batch command's deep check
     with pytest.raises(ManifestError) as info:
-        load_manifest(path)
+        local.check_manifest(manifest)
     msg = str(info.value)
     assert "jobs[4] (wide)" in msg and "disagree" in msg
     assert "jobs[6] (foreign)" in msg and "not a resta_fast output" in msg
@@ -264,8 +265,9 @@ def test_a_finished_output_of_another_job_is_never_replaced(tmp_path):
     root = make_world(tmp_path)
     local.run_batch(load_manifest(write_manifest(root, JOBS[:1])))
     changed = dict(JOBS[0], beta=0.9)
+    manifest = load_manifest(write_manifest(root, [changed]))
     with pytest.raises(ManifestError, match=r"different job's finished output \(beta 0.5 on disk vs 0.9 now"):
-        load_manifest(write_manifest(root, [changed]))
+        local.check_manifest(manifest)
 
 
 def test_slurm_script_passes_bash_n_and_names_every_job(tmp_path, capsys):
@@ -425,3 +427,74 @@ def test_lora_adapter_jobs_match_patch(tmp_path):
     assert [r.status for r in results] == ["done"] * 3, local.format_table(results)
     for job in manifest.jobs:
         assert files_of(job.out) == reference(job, tmp_path), job.name
+
+
+# --- the prepare step on the batch path ---------------------------------------------------
+
+def test_a_write_error_in_a_batch_job_is_a_clean_failure_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from resta_fast import report as report_mod
+    root = make_world(tmp_path)
+    manifest = load_manifest(write_manifest(root, JOBS[:2]))
+
+    def disk_full(src, dst, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+    monkeypatch.setattr(report_mod.shutil, "copyfile", disk_full)  # copying the fine-tune's side files
+    results = local.run_batch(manifest)
+    assert [r.status for r in results] == ["failed", "failed"]
+    for r in results:
+        assert r.error.endswith("write failed (No space left on device); the disk is full; free space or "
+                                "choose another --out. Nothing was kept."), r.error
+        assert "config.json" in r.error and not r.error.startswith("OSError") and not r.transient
+    assert list((root / "outs").iterdir()) == []  # no output, temp dir or lock left
+
+
+def test_manifest_errors_name_options_as_keys_not_flags(tmp_path):
+    root = make_world(tmp_path)
+    jobs = [{"finetuned": "ft", "out": "outs/a", "beta": float("inf"), "dtype": "int8", "device": "tpu",
+             "beta_rules": ["noequals"]},
+            {"finetuned": "ft", "out": "outs/b", "vector": "vec", "dare": 0.1}]
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write_manifest(root, jobs, name="batch.json"))
+    msg = str(info.value)
+    for needle in ("jobs[0]: beta must be a finite number, got inf", "jobs[0]: dtype 'int8' is not supported",
+                   "jobs[0]: device 'tpu': expected", "jobs[0]: beta_rules 'noequals': expected REGEX=BETA"):
+        assert needle in msg, needle
+    assert "--" not in msg, msg
+    jobs = [{"finetuned": "ft", "out": "outs/b", "vector": "vec", "unaligned": None, "aligned": None, "dare": 0.1}]
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write_manifest(root, jobs))
+    assert "jobs[0] (b): dare needs the model the fine-tune started from: pass dare_base (or aligned)" \
+        in str(info.value)
+    assert "--" not in str(info.value)
+
+
+def test_manifest_loading_is_data_only():
+    code = ("import sys, resta_fast.batch.manifest; "
+            "print([m for m in ('resta_fast.batch.local', 'resta_fast.api') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_batch_opens_and_plans_each_input_once(tmp_path, monkeypatch):
+    """check_manifest prepares every group; run_batch runs those prepared jobs
+    without opening anything again, and shared inputs are one object."""
+    from resta_fast import api
+    root = make_world(tmp_path)
+    manifest = load_manifest(write_manifest(root, JOBS))
+    opened, planned = [], []
+    real_init, real_plan = api.Checkpoint.__init__, api.build_plan
+
+    def counting_init(self, path, role="model"):
+        opened.append(str(path))
+        real_init(self, path, role)
+    monkeypatch.setattr(api.Checkpoint, "__init__", counting_init)
+    monkeypatch.setattr(api, "build_plan", lambda *a, **k: planned.append(1) or real_plan(*a, **k))
+    with local.check_manifest(manifest) as prepared:
+        assert sorted(manifest.out_bytes) == [0, 1, 2, 3, 4]
+        assert sorted(opened) == sorted([str(root / p) for p in ("aligned", "unaligned", "ft", "ft_single",
+                                                                 "ft_extra", "vec", "ft", "aligned")])
+        results = local.run_batch(manifest, prepared=prepared)
+    assert [r.status for r in results] == ["done"] * 5, local.format_table(results)
+    assert len(opened) == 8 and len(planned) == 5  # nothing opened or planned again by the run

@@ -356,19 +356,22 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
         for job in ("plain", "dare", "extra"):
             outs[f"batch_{job}@{b}"] = bdir / job
 
-    # The GPU pipeline's staged path on CPU buffers (torch reference kernel).
+    # The engine in its GPU configuration (inputs preaded into reusable buffers by
+    # reader threads), on CPU buffers with the torch reference kernel.
     from resta_fast.io.checkpoint import Checkpoint
     from resta_fast.kernels import reference
-    from resta_fast.pipeline import gpu
-    from resta_fast.pipeline.cpu import Inputs
+    from resta_fast.pipeline.engine import run_jobs
+    from resta_fast.pipeline.job import Inputs, Job
     from resta_fast.plan import build_plan
     staged = out / "staged_cpu"
     staged.mkdir()
     F, A, U = Checkpoint(inp["ft"]), Checkpoint(inp["aligned"]), Checkpoint(inp["unaligned"])
     try:
         plan = build_plan(F, aligned=A, unaligned=U, dare_base=A, beta=0.5)
-        gpu.run_plan_gpu(plan, Inputs(F, A, U, None, A), staged, kernel=reference, beta=0.5, dare=0.3,
-                         seed=7, metadata={"format": "pt"}, device="cpu", chunk_elems=29, slots=2)
+        job = Job(plan, Inputs(F, A, U, None, A), staged, 0.3, 7, {"format": "pt"})
+        run_jobs([job], kernel=reference, device="cpu", staging="read", chunk_elems=29)
+        if job.error is not None:
+            raise job.error
     finally:
         for ck in (F, A, U):
             ck.close()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from resta_fast import api, rng
 from resta_fast.cli import main
-from resta_fast.errors import RestaError
+from resta_fast.errors import RestaError, cli_flag
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -392,11 +392,14 @@ def test_unsupported_adapters_get_a_clear_error(tmp_path, adapter_setup, capsys,
 
 def test_base_flag_errors(tmp_path, adapter_setup):
     base, adapter = adapter_setup
-    with pytest.raises(RestaError, match="--base is only for LoRA adapters"):
+    # The library speaks of its options by name; the CLI renders them as its flags.
+    with pytest.raises(RestaError, match="^base is only for LoRA adapters") as info:
         api.patch(base, tmp_path / "o", aligned=base, unaligned=base, base=base)
+    assert info.value.render(cli_flag).startswith("--base is only for LoRA adapters")
     api.make_vector(base, base, tmp_path / "vec", fsync=False)
-    with pytest.raises(RestaError, match="is a LoRA adapter: pass --base"):
+    with pytest.raises(RestaError, match="is a LoRA adapter: pass base,") as info:
         api.patch(adapter, tmp_path / "o", vector=tmp_path / "vec")
+    assert "is a LoRA adapter: pass --base," in info.value.render(cli_flag)
     with pytest.raises(RestaError, match="PEFT adapter, not a full model"):
         api.patch(base, tmp_path / "o", aligned=adapter, unaligned=base)
 
@@ -410,6 +413,30 @@ def test_vector_mode_with_base(tmp_path, adapter_setup):
     api.patch(adapter, vec, vector=tmp_path / "vec", base=base, beta=0.5, dare=0.2, seed=3,
               backend="torch", fsync=False)
     assert_bits_equal(load_file(str(vec / "model.safetensors")), pair)
+
+
+def test_prepare_shares_the_lora_base_with_aligned_and_dare(tmp_path, adapter_setup):
+    """The LoRA base that is the aligned model, and the DARE base that is the
+    LoRA base, are the same Checkpoint object (staged once per chunk)."""
+    from resta_fast.lora import LoraFinetuned
+    base, adapter = adapter_setup
+    un = shadow(base, tmp_path / "un")
+    options = api.PatchOptions(dare=0.2, backend="torch")
+    with api.prepare(adapter, aligned=base, unaligned=un, options=options) as prepared:
+        cks = prepared.checkpoints
+        assert prepared.roles.lora and prepared.roles.base == str(base) == prepared.roles.dare_base
+        assert isinstance(cks["finetuned"], LoraFinetuned)
+        assert cks["base"] is cks["aligned"] is cks["dare_base"] is prepared.inputs.dare_base
+        assert prepared.input_paths == [adapter, base, un, base, base]
+        assert prepared.plan.notes[0].startswith(cks["finetuned"].summary()[:20])
+    other = tmp_path / "base_copy"
+    other.mkdir()
+    for f in base.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    with api.prepare(adapter, aligned=base, unaligned=un, base=other, options=options) as prepared:
+        cks = prepared.checkpoints
+        assert cks["base"] is not cks["aligned"] and cks["dare_base"] is cks["base"]
+        assert str(cks["base"].path) == str(other)
 
 
 def test_modules_to_save_on_one_side_of_tied_embeddings_is_refused(tmp_path):

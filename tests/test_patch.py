@@ -250,11 +250,11 @@ def test_sigkill_mid_write_leaves_no_complete_looking_output(tmp_path):
             "--backend", "torch", "--no-progress"]
     script = (
         f"import sys, time; sys.path.insert(0, {os.getcwd()!r})\n"
-        "import resta_fast.pipeline.cpu as cpu\n"
-        "orig = cpu._write_tensor\n"
+        "import resta_fast.pipeline.engine as engine\n"
+        "orig = engine._Pass._finish_tensor\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k); time.sleep(0.05)\n"
-        "cpu._write_tensor = slow\n"
+        "engine._Pass._finish_tensor = slow\n"
         "from resta_fast.cli import main\n"
         f"sys.exit(main({args!r}))\n"
     )
@@ -269,3 +269,61 @@ def test_sigkill_mid_write_leaves_no_complete_looking_output(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
     assert leftovers, "the test should have killed the run mid-write"
     assert not (leftovers[0] / "resta_fast.json").exists()
+
+
+# --- the prepare step --------------------------------------------------------
+
+def test_prepare_resolves_roles_and_shares_the_dare_base_with_aligned(tmp_path):
+    ft, al, un = three_models(tmp_path, **SMALL)
+    options = api.PatchOptions(beta=0.5, dare=0.2, seed=7, backend="torch")
+    with api.prepare(ft, aligned=al, unaligned=un, options=options) as prepared:
+        inputs, cks = prepared.inputs, prepared.checkpoints
+        assert inputs.dare_base is inputs.aligned is cks["aligned"] is cks["dare_base"]  # one object, read once
+        assert inputs.finetuned is cks["finetuned"] and inputs.unaligned is cks["unaligned"]
+        assert inputs.vector is None and cks["base"] is None
+        assert prepared.roles.dare_base == str(al) and not prepared.roles.lora
+        assert prepared.input_paths == [ft, al, un, al]
+        assert (prepared.command, prepared.device, prepared.backend_name) == ("patch", "cpu", "torch")
+        assert prepared.kernel is not None and prepared.plan.summary()["patch"] > 0
+        assert prepared.provenance["params"] == options.params()
+        assert set(prepared.provenance["inputs"]) == {"finetuned", "aligned", "unaligned", "dare_base"}
+        report = api.execute(prepared, tmp_path / "out", fsync=False)
+    assert report["params"] == options.params()
+    files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.name != api.REPORT_NAME}
+    api.patch(ft, tmp_path / "ref", aligned=al, unaligned=un, beta=0.5, dare=0.2, seed=7, backend="torch",
+              fsync=False)
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir() if p.name != api.REPORT_NAME}
+    # the inputs were closed when the with block ended
+    assert all(f._fd is None for ck in inputs.all() for f in ck.files.values())
+
+
+def test_prepare_with_a_shared_opener_gives_one_object_per_path(tmp_path):
+    from contextlib import ExitStack
+    ft, al, un = three_models(tmp_path, **SMALL)
+    with ExitStack() as stack:
+        opener = api.Opener(stack)
+        a = api.prepare(ft, aligned=al, unaligned=un, opener=opener, options=api.PatchOptions(backend="torch"))
+        b = api.prepare(ft, aligned=al, unaligned=un, opener=opener,
+                        options=api.PatchOptions(beta=0.3, dare=0.1, backend="torch"))
+        assert a.inputs.aligned is b.inputs.aligned is b.inputs.dare_base
+        assert a.inputs.unaligned is b.inputs.unaligned and a.inputs.finetuned is b.inputs.finetuned
+        assert a.stack is None  # the opener's stack owns the inputs
+    with pytest.raises(RestaError, match="^dare needs the model"):
+        api.prepare(ft, vector=al, options=api.PatchOptions(dare=0.1))
+
+
+def test_prepare_here_false_checks_without_a_kernel(tmp_path):
+    ft, al, un = three_models(tmp_path, **SMALL)
+    with api.prepare(ft, aligned=al, unaligned=un, options=api.PatchOptions(device="cuda:3"),
+                     here=False) as prepared:
+        assert prepared.kernel is None and prepared.device == "cuda:3"
+        with pytest.raises(ValueError, match="here=True"):
+            api.execute(prepared, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_imports_nothing_from_eval():
+    code = ("import sys, resta_fast.api, resta_fast.cli, resta_fast.verify; "
+            "print(sorted(m for m in sys.modules if m.startswith('resta_fast.eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

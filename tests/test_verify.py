@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from resta_fast import api, rng
 from resta_fast.cli import main
+from resta_fast.io.digest import sha256_file
 from resta_fast.kernels import reference
-from resta_fast.pipeline.stream import sha256_file
 from resta_fast.verify import patch_at, uniform_at, verify
 
 SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}

@@ -107,6 +107,7 @@ def _status_line(r: JobResult, done: int, total: int) -> str:
 
 
 def cmd_batch(args) -> int:
+    from resta_fast.batch.local import check_manifest
     from resta_fast.batch.manifest import load_manifest
     from resta_fast.errors import RestaError
     if args.group_size is not None and args.group_size < 1:
@@ -114,8 +115,18 @@ def cmd_batch(args) -> int:
     # Jobs running elsewhere (Ray, Slurm) are checked here except for their
     # devices and backends; each worker checks its own group again.
     here = args.executor == "local" and not args.emit_slurm
-    manifest = load_manifest(args.manifest, group_size=args.group_size, groups=args.group, here=here)
+    manifest = load_manifest(args.manifest, group_size=args.group_size)
     selected = manifest.select(args.group)
+    # The deep check (every job opened and planned) runs before anything is
+    # written; a local run then reuses the prepared jobs.
+    with check_manifest(manifest, args.group, here=here) as prepared:
+        if args.emit_slurm or args.dry_run or args.executor != "local":
+            prepared.close()  # Slurm and Ray workers prepare their own groups
+        return _run(args, manifest, selected, prepared)
+
+
+def _run(args, manifest, selected, prepared) -> int:
+    from resta_fast.errors import RestaError
     if args.emit_slurm:
         from resta_fast.batch.slurm import emit_slurm
         path = emit_slurm(manifest, args.emit_slurm, num_cpus=args.num_cpus,
@@ -147,8 +158,8 @@ def cmd_batch(args) -> int:
                               **fused)
         else:
             from resta_fast.batch.local import run_batch
-            results = run_batch(manifest, args.group, reporter=reporter, fsync=fsync, threads=args.threads,
-                                **fused)
+            results = run_batch(manifest, args.group, prepared=prepared, reporter=reporter, fsync=fsync,
+                                threads=args.threads, **fused)
     finally:
         reporter.close()
     summary = summarize(results)

@@ -1,9 +1,13 @@
-"""The local batch executor: fused multi-output passes, resumable, job by job.
+"""The local batch executor: one engine pass per group, resumable, job by job.
 
-Each group of jobs (see ``manifest``) runs as one fused pass on the CPU
-(``pipeline.cpu.run_fused``): the shared aligned/unaligned chunk is read once
-and every job's output for it is produced before moving on. GPU groups run job
-by job through ``api.patch``.
+Each group of jobs (see ``manifest``) is prepared once (``api.prepare`` with a
+shared ``api.Opener``: the shared aligned/unaligned pair or vector, and a
+fine-tune used by several jobs, are one object) and written by one call of the
+streaming engine (``pipeline.engine.run_jobs``), on the CPU or a GPU: each
+shared chunk is read once and every job's output for it is produced before
+moving on. ``check_manifest``, the batch command's deep check, prepares every
+group before anything is written; ``run_batch`` then runs those prepared groups
+without opening their inputs again.
 
 Every job's output is its own atomic directory (temp dir + rename) holding
 ``resta_fast.json`` with the sha256 of every file, so the batch's state is the
@@ -17,13 +21,12 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from resta_fast.batch.manifest import Group, JobSpec, Manifest
+from resta_fast.batch.manifest import Group, JobSpec, Manifest, problems_error
 from resta_fast.errors import RestaError
-
-REPORT_NAME = "resta_fast.json"
+from resta_fast.report import REPORT_NAME
 
 
 @dataclass
@@ -61,121 +64,66 @@ class Reporter:
         pass
 
 
-@dataclass
-class PreparedJob:
-    """A job opened and planned exactly as ``api.patch`` would."""
+class PreparedGroup:
+    """A group's jobs opened and planned once, as ``patch`` would (``api.prepare``).
 
-    job: JobSpec
-    plan: object
-    inputs: object
-    provenance: dict
-    input_paths: list[Path]
-    backend_name: str
-    kernel: object
-    device: str
-
-    @property
-    def out_bytes(self) -> int:
-        from resta_fast.plan import dtype_itemsize
-        return sum(t.numel * dtype_itemsize(t.out_dtype) for t in self.plan.tensors())
-
-
-class _Opener:
-    """Checkpoints by path, opened once per group: shared inputs (and a
-    fine-tune used by several jobs) are then one object, read once."""
-
-    def __init__(self, stack: ExitStack):
-        self.stack = stack
-        self.cache: dict[str, object] = {}
-
-    def __call__(self, path, role: str):
-        if path is None:
-            return None
-        key = str(path)
-        if key not in self.cache:
-            from resta_fast.io.checkpoint import Checkpoint
-            ck = Checkpoint(path, role=role)
-            self.stack.callback(ck.close)
-            self.cache[key] = ck
-        return self.cache[key]
-
-
-def _same(a, b) -> bool:
-    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
-
-
-def prepare_job(job: JobSpec, opener: _Opener, *, here: bool = True) -> PreparedJob:
-    """Open the job's inputs and build its plan and provenance.
-
-    Mirrors ``api.patch`` step for step (defaults, which checkpoint serves as
-    DARE base, roles), so the header metadata and hence the files are
-    byte-identical to running ``patch`` on the job; tests/test_batch.py checks it.
-    ``here=False`` (validating for another machine) skips the device and
-    backend checks and leaves ``kernel`` None.
+    ``jobs`` maps a job's index to its ``api.PreparedPatch``, or to the
+    exception preparing it raised. Shared inputs are one object for the whole
+    group; ``close`` (or leaving the ``with`` block) closes them all.
+    ``here=False`` (checked for another machine) leaves the kernels unloaded:
+    such a group is checked, not run.
     """
-    from resta_fast.api import _check_params, _provenance, patch_params, resolve_device
-    from resta_fast.kernels import choose_backend
-    from resta_fast.pipeline.cpu import Inputs
-    from resta_fast.plan import BetaRule, build_plan, parse_dtype
-    _check_params(job.beta, job.dare, job.seed)
-    rules = [BetaRule.parse(r) for r in job.beta_rules]
-    out_dtype = parse_dtype(job.dtype)
-    device = resolve_device(job.device) if here else job.device
-    s = {k: None if getattr(job, k) is None else str(getattr(job, k))
-         for k in ("finetuned", "aligned", "unaligned", "vector", "dare_base", "base")}
-    aligned, base, dare_base = s["aligned"], s["base"], s["dare_base"]
-    if s["vector"] is not None and s["unaligned"] is not None:
-        raise RestaError("give either aligned and unaligned, or vector (not both)")
-    lora = _is_adapter(s["finetuned"])
-    if base is not None and not lora:
-        raise RestaError(f"base is only for LoRA adapters, and {s['finetuned']} has no "
-                         "adapter_config.json; drop base for a full fine-tune")
-    if lora and base is None:
-        if aligned is None:
-            raise RestaError(f"{s['finetuned']} is a LoRA adapter: set base, the model it was trained on")
-        base = aligned
-    if job.dare is not None and dare_base is None:
-        if aligned is None and base is None:
-            raise RestaError("dare needs the model the fine-tune started from: set dare_base (or aligned)")
-        dare_base = base if lora else aligned
-    al = opener(aligned, "aligned")
-    lora_base = None
-    if lora:
-        from resta_fast.lora import LoraFinetuned
-        lora_base = al if _same(base, aligned) else opener(base, "base")
-        ft = LoraFinetuned(s["finetuned"], lora_base)
-        opener.stack.callback(ft.close)
-    else:
-        ft = opener(s["finetuned"], "finetuned")
-    un = opener(s["unaligned"], "unaligned")
-    vec = opener(s["vector"], "vector")
-    dbase = al if (dare_base is not None and aligned is not None and _same(dare_base, aligned)) \
-        else lora_base if lora and _same(dare_base, base) \
-        else opener(dare_base, "dare base")
-    plan = build_plan(ft, aligned=al if vec is None else None, unaligned=un, vector=vec,
-                      dare_base=dbase if job.dare is not None else None, beta=job.beta,
-                      include=job.include, exclude=job.exclude, beta_rules=rules, dtype=out_dtype)
-    if lora:
-        plan.notes.insert(0, ft.summary())
-    backend_name, kernel = choose_backend(job.backend, device) if here else (job.backend, None)
-    if here and device.startswith("cuda") and backend_name != "triton":
-        raise RestaError(f"device {device} runs the triton backend; backend {backend_name} is CPU-only")
-    params = patch_params(job.beta, job.dare, job.seed, job.include, job.exclude, rules, out_dtype)
-    roles = {"finetuned": ft, "aligned": al, "unaligned": un, "vector": vec,
-             "dare_base": dbase if job.dare is not None else None, "base": lora_base}
-    inputs = Inputs(ft, al, un, vec, dbase if job.dare is not None else None)
-    input_paths = [Path(p) for p in (s["finetuned"], aligned, s["unaligned"], s["vector"], dare_base)
-                   if p is not None] + ([Path(base)] if lora else [])
-    return PreparedJob(job, plan, inputs, _provenance("patch", params, roles), input_paths,
-                       backend_name, kernel, device)
+
+    def __init__(self, group: Group, *, here: bool = True):
+        from resta_fast import api
+        self.group = group
+        self.here = here
+        self.stack = ExitStack()
+        self.jobs: dict[int, object] = {}
+        opener = api.Opener(self.stack)
+        try:
+            for job in group.jobs:
+                try:
+                    self.jobs[job.index] = api.prepare(str(job.finetuned), **job.input_kwargs(),
+                                                       options=job.options(), opener=opener, here=here)
+                except Exception as exc:  # noqa: BLE001 - reported per job
+                    self.jobs[job.index] = exc
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def prepared(self, job: JobSpec):
+        """The job's PreparedPatch; raises what preparing it raised."""
+        prep = self.jobs[job.index]
+        if isinstance(prep, BaseException):
+            raise prep
+        return prep
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def __enter__(self) -> PreparedGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _is_adapter(path: str) -> bool:
-    try:
-        from resta_fast.lora import is_adapter
-    except ImportError:  # a build without LoRA support
-        return False
-    return is_adapter(path)
+@dataclass
+class PreparedBatch:
+    """The groups ``check_manifest`` prepared, by group index, still open for ``run_batch``."""
+
+    groups: dict[int, PreparedGroup] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()
+
+    def __enter__(self) -> PreparedBatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- state of an existing output ---------------------------------------------------------
@@ -237,7 +185,7 @@ def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, s
 
 def verify_files(out: Path, files: dict) -> str:
     """'' if every file has its recorded sha256, else the first problem."""
-    from resta_fast.pipeline.stream import sha256_file  # lazily: it brings in torch
+    from resta_fast.io.digest import sha256_file
     for name, digest in sorted(files.items()):
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or not isinstance(digest, str):
             return f"{REPORT_NAME} lists an invalid entry {name!r}"
@@ -249,34 +197,64 @@ def verify_files(out: Path, files: dict) -> str:
     return ""
 
 
-# --- validation -------------------------------------------------------------------------
+# --- the deep check --------------------------------------------------------------------
 
-def check_jobs(manifest: Manifest, groups: list[Group], problems: list[str], *, here: bool = True) -> None:
-    """Deep check for ``load_manifest``: open and plan every job of ``groups``
-    (as patch would) and check existing outputs belong to their job."""
-    for group in groups:
-        with ExitStack() as stack:
-            opener = _Opener(stack)
+def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here: bool = True) -> PreparedBatch:
+    """The batch command's deep check: open and plan every job of the selected
+    groups (``api.prepare``, as patch would), and check that existing outputs
+    belong to their job. Fills ``manifest.out_bytes``.
+
+    Args:
+        groups: limit the check to these group indices (a Slurm element).
+        here: the jobs will run on this machine, so check that their devices and
+            backends exist here; False (Ray, Slurm) leaves that to each worker.
+    Returns:
+        The prepared groups, inputs still open: pass them to
+        ``run_batch(prepared=...)`` so the run does not open them again, and
+        close them (a context manager) when done.
+    Raises:
+        ManifestError listing every problem (nothing was written).
+
+    Example:
+        >>> manifest = load_manifest("batch.yaml")  # doctest: +SKIP
+        >>> with check_manifest(manifest) as prepared:  # doctest: +SKIP
+        ...     results = run_batch(manifest, prepared=prepared)
+    """
+    batch = PreparedBatch()
+    problems: list[str] = []
+    try:
+        for group in manifest.select(groups):
+            prepared = batch.groups[group.index] = PreparedGroup(group, here=here)
             for job in group.jobs:
                 try:
-                    prep = prepare_job(job, opener, here=here)
+                    prep = prepared.prepared(job)
                     manifest.out_bytes[job.index] = prep.out_bytes
                     existing_state(job.out, prep.provenance, verify=False)
                 except RestaError as exc:
                     problems.append(f"{job.label}: {exc}")
+    except BaseException:
+        batch.close()
+        raise
+    if problems:
+        batch.close()
+        raise problems_error(manifest.path, problems)
+    return batch
 
 
 # --- execution --------------------------------------------------------------------------
 
-def run_batch(manifest: Manifest, groups: list[int] | None = None, *, reporter: Reporter | None = None,
-              fsync: bool | None = None, threads: int | None = None, validate: dict | None = None,
-              **fused_options) -> list[JobResult]:
+def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: PreparedBatch | None = None,
+              reporter: Reporter | None = None, fsync: bool | None = None, threads: int | None = None,
+              validate: dict | None = None, **engine_options) -> list[JobResult]:
     """Run the selected groups here, one after another.
 
-    ``validate``: ``api.patch(validate=...)`` options; each new output is
-    evaluated before its rename, and a job whose output fails the gate is
-    reported failed (its output kept, marked VALIDATION_FAILED).
-
+    Args:
+        prepared: from ``check_manifest``: its groups run without being opened
+            again (and are closed once run); others are prepared when they run.
+        validate: ``eval.make_validator`` options; each new output is evaluated
+            before its rename, and a job whose output fails the gate is reported
+            failed (its output kept, marked VALIDATION_FAILED).
+        engine_options: ``pipeline.engine.run_jobs`` tuning (writers, chunk_elems, cores ...).
     Returns:
         One JobResult per job, in manifest order.
 
@@ -286,8 +264,9 @@ def run_batch(manifest: Manifest, groups: list[int] | None = None, *, reporter: 
     """
     results = []
     for group in manifest.select(groups):
-        results += run_group(manifest, group.index, reporter=reporter, fsync=fsync, threads=threads,
-                             validate=validate, **fused_options)
+        ready = prepared.groups.pop(group.index, None) if prepared is not None else None
+        results += run_group(manifest, group.index, prepared=ready, reporter=reporter, fsync=fsync,
+                             threads=threads, validate=validate, **engine_options)
     return sorted(results, key=lambda r: r.index)
 
 
@@ -297,10 +276,12 @@ def _failed(job: JobSpec, group: int, exc: BaseException, seconds: float = 0.0) 
                      transient=isinstance(exc, OSError))
 
 
-def run_group(manifest: Manifest, gid: int, *, reporter: Reporter | None = None, fsync: bool | None = None,
-              threads: int | None = None, validate: dict | None = None, **fused_options) -> list[JobResult]:
+def run_group(manifest: Manifest, gid: int, *, prepared: PreparedGroup | None = None,
+              reporter: Reporter | None = None, fsync: bool | None = None, threads: int | None = None,
+              validate: dict | None = None, **engine_options) -> list[JobResult]:
     """Run one group: verify and skip finished jobs, then write the rest in one
-    fused pass (CPU) or one by one (GPU). Never raises for a job's failure."""
+    engine pass. ``prepared`` (this group from ``check_manifest``) is used and
+    closed; without it the group is prepared here. Never raises for a job's failure."""
     from resta_fast.pipeline.interrupt import tensor_boundary_signals
     group = manifest.groups[gid]
     reporter = reporter or Reporter()
@@ -314,11 +295,15 @@ def run_group(manifest: Manifest, gid: int, *, reporter: Reporter | None = None,
 
     # Signals first: a Ctrl-C while a lock is being taken must not leave its file behind.
     with tensor_boundary_signals(), ExitStack() as stack:
-        opener = _Opener(stack)
+        if prepared is None or not prepared.here:
+            if prepared is not None:
+                prepared.close()  # checked for another machine: no kernels loaded
+            prepared = PreparedGroup(group)
+        stack.enter_context(prepared)  # closed last: after the outputs' temp dirs and locks
         todo = []
         for job in group.jobs:
             try:
-                prep = prepare_job(job, opener)
+                prep = prepared.prepared(job)
                 state, detail = existing_state(job.out, prep.provenance, verify=True)
             except Exception as exc:  # noqa: BLE001 - reported per job
                 finish(_failed(job, gid, exc))
@@ -326,15 +311,9 @@ def run_group(manifest: Manifest, gid: int, *, reporter: Reporter | None = None,
             if state == "finished":
                 finish(JobResult(job.index, job.name, gid, str(job.out), "skipped", note=detail))
             else:
-                todo.append((prep, state, detail))
-        if todo and not todo[0][0].device.startswith("cuda"):
-            _run_fused_group(todo, gid, stack, reporter, finish, fsync, threads, fused_options, validate)
-        elif todo:
-            # GPU groups run job by job, but the shared inputs stay on the device between jobs.
-            from resta_fast.pipeline.gpu import DeviceCache
-            cache = DeviceCache(todo[0][0].device)
-            for prep, state, detail in todo:
-                _run_one(prep, state, detail, gid, reporter, finish, fsync, threads, validate, cache)
+                todo.append((job, prep, state, detail))
+        if todo:
+            _run_pass(todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate)
     return [results[job.index] for job in group.jobs]
 
 
@@ -348,42 +327,20 @@ def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) 
     return JobResult(job.index, job.name, gid, str(job.out), status, **kw)
 
 
-def _run_one(prep: PreparedJob, state: str, detail: str, gid: int, reporter, finish, fsync, threads,
-             validate=None, device_cache=None) -> None:
-    """A job through ``api.patch`` (GPU groups: the GPU pipeline is per job)."""
+def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsync: bool, threads,
+              engine_options: dict, validate: dict | None = None) -> None:
+    """Claim every job's output, write them all in one ``run_jobs`` pass, then finish each."""
     from resta_fast import api
-    job = prep.job
-    start = time.perf_counter()
-    try:
-        report = api.patch(job.finetuned, job.out, **job.patch_kwargs(), threads=threads,
-                           overwrite=state == "corrupt", fsync=fsync, validate=validate,
-                           device_cache=device_cache)
-    except Exception as exc:  # noqa: BLE001 - reported per job
-        finish(_failed(job, gid, exc, time.perf_counter() - start))
-        return
-    reporter.job_progress(job, report["stats"]["bytes_written"])
-    finish(_validation_result(job, gid, report, "redone" if state == "corrupt" else "done",
-                              note=f"previous output: {detail}" if detail else "",
-                              seconds=time.perf_counter() - start,
-                              bytes_written=report["stats"]["bytes_written"]))
-
-
-def _run_fused_group(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsync: bool,
-                     threads, fused_options, validate=None) -> None:
-    from resta_fast.api import finish_output, output_metadata, record_validation, validator
-    from resta_fast.io.lock import OutputLock, clean_stale_temps
-    from resta_fast.io.writer import AtomicOutputDir, check_output_location
-    from resta_fast.pipeline.cpu import FusedJob, run_fused
+    from resta_fast.io.writer import AtomicOutputDir
+    from resta_fast.pipeline.engine import run_jobs
     from resta_fast.pipeline.interrupt import raise_if_interrupted
+    from resta_fast.report import finish_output, record_validation
     start = time.perf_counter()
     live = []
-    for prep, state, detail in todo:
-        job = prep.job
+    for job, prep, state, detail in todo:
         try:
             redo = state == "corrupt"
-            stack.enter_context(OutputLock(job.out, command="batch"))
-            check_output_location(job.out, prep.input_paths, overwrite=redo)
-            clean_stale_temps(job.out)
+            api.claim_output(stack, job.out, prep.input_paths, redo, "batch")
             outdir = stack.enter_context(AtomicOutputDir(job.out, overwrite=redo, fsync=fsync))
         except Exception as exc:  # noqa: BLE001 - reported per job
             finish(_failed(job, gid, exc))
@@ -393,32 +350,33 @@ def _run_fused_group(todo, gid: int, stack: ExitStack, reporter: Reporter, finis
             reporter.job_progress(job, nbytes)
             raise_if_interrupted()  # Ctrl-C: stop at a tensor boundary, temp outputs removed
 
-        fused = FusedJob(prep.plan, prep.inputs, outdir.tmp, prep.job.dare, prep.job.seed,
-                         output_metadata(prep.provenance), progress=progress)
-        live.append((prep, state, detail, outdir, fused))
+        live.append((job, prep, state, detail, outdir, prep.job(outdir.tmp, progress=progress)))
     if not live:
         return
+    first = live[0][1]
     try:
-        run_fused([f for *_, f in live], kernel=live[0][0].kernel, threads=threads, **fused_options)
+        run_jobs([e[-1] for e in live], kernel=first.kernel, device=first.device, threads=threads,
+                 **engine_options)
     except Exception as exc:  # noqa: BLE001 - e.g. no memory for the buffers: every job fails
-        for *_, fused in live:
-            fused.error = fused.error or exc
-    for prep, state, detail, outdir, fused in live:
-        job = prep.job
+        for *_, engine_job in live:
+            engine_job.error = engine_job.error or exc
+    for job, prep, state, detail, outdir, engine_job in live:
         seconds = time.perf_counter() - start
-        if fused.error is not None:
-            finish(_failed(job, gid, fused.error, seconds))
+        if engine_job.error is not None:
+            finish(_failed(job, gid, engine_job.error, seconds))
             continue
         try:
-            report = finish_output(outdir.tmp, prep.plan, prep.inputs.finetuned, fused.stats, prep.provenance,
-                                   backend_name=prep.backend_name, device=prep.device, fsync=fsync,
-                                   extra={"batch": {"job": job.name, "index": job.index, "group": gid,
-                                                    "jobs_in_pass": len(live)}})
-            if validate:
-                gate = validator(validate, None if _is_adapter(str(job.finetuned)) else job.finetuned)
-                record_validation(outdir.tmp, report, gate(outdir.tmp))
-            raise_if_interrupted()
-            outdir.commit()
+            with api.clean_write_errors(job.out):
+                report = finish_output(outdir.tmp, prep.plan, prep.inputs.finetuned, engine_job.stats,
+                                       prep.provenance, backend_name=prep.backend_name, device=prep.device,
+                                       fsync=fsync, extra={"batch": {"job": job.name, "index": job.index,
+                                                                     "group": gid, "jobs_in_pass": len(live)}})
+                if validate:
+                    from resta_fast.eval.runner import make_validator
+                    gate = make_validator(validate, job.finetuned)
+                    record_validation(outdir.tmp, report, gate(outdir.tmp))
+                raise_if_interrupted()
+                outdir.commit()
         except Exception as exc:  # noqa: BLE001 - reported per job
             finish(_failed(job, gid, exc, seconds))
             continue

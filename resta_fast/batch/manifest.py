@@ -16,10 +16,13 @@ Jobs that share the aligned/unaligned pair (or vector), device and backend are
 grouped, in manifest order, ``group_size`` at a time; a group is the unit of
 fused execution, of a Ray task and of a Slurm array element.
 
-``load_manifest`` validates everything before a byte is written: key names and
-types, parameters, that inputs exist, duplicate or nested outputs, outputs
-inside inputs, and (``deep``) that every job's plan builds — one error listing
-every problem.
+``load_manifest`` reads the manifest and checks everything that needs no
+checkpoint opened — key names and types, parameters (``options.PatchOptions``),
+input roles, that inputs exist, duplicate or nested outputs, outputs inside
+inputs — and raises one error listing every problem. It is data only: the deep
+check (every job's inputs opened and its plan built, existing outputs belong to
+their job) is ``batch.local.check_manifest``, a step of the batch command whose
+prepared jobs then run without being opened again.
 """
 
 from __future__ import annotations
@@ -28,22 +31,20 @@ import difflib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resta_fast.errors import RestaError
+from resta_fast.errors import OptionError, RestaError
+from resta_fast.options import PatchOptions, resolve_roles
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
 PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype",
                           "backend", "device")
 JOB_KEYS = ("finetuned", "out", "name")
 TOP_KEYS = ("jobs", "group_size", "num_cpus", "num_gpus", "threads", "fsync", "slurm")
-BACKENDS = ("auto", "cpp", "triton", "torch")
 # Eight fine-tunes per pass already cut the shared reads to a quarter of a
 # model per job; larger groups mostly cost parallelism across Ray/Slurm workers.
 DEFAULT_GROUP_SIZE = 8
-MAX_SEED = 2**64 - 1
 
 
 class ManifestError(RestaError):
@@ -92,6 +93,16 @@ class JobSpec:
                   backend=self.backend, device=self.device)
         return kw
 
+    def options(self, **tuning) -> PatchOptions:
+        """The job's PatchOptions (``tuning``: threads, chunk_elems ...)."""
+        return PatchOptions(beta=self.beta, dare=self.dare, seed=self.seed, include=self.include,
+                            exclude=self.exclude, beta_rules=self.beta_rules, dtype=self.dtype,
+                            backend=self.backend, device=self.device, **tuning)
+
+    def input_kwargs(self) -> dict:
+        """The input paths of ``api.prepare`` (as strings, None where unset)."""
+        return {k: (None if getattr(self, k) is None else str(getattr(self, k))) for k in PATH_KEYS}
+
     def group_key(self) -> tuple:
         return (str(self.aligned), str(self.unaligned), str(self.vector), self.device, self.backend)
 
@@ -132,21 +143,16 @@ class Manifest:
         return [self.groups[g] for g in groups]
 
 
-def load_manifest(path, *, group_size: int | None = None, deep: bool = True,
-                  groups: list[int] | None = None, here: bool = True) -> Manifest:
-    """Read, normalise and validate a manifest; raise ManifestError listing every problem.
+def load_manifest(path, *, group_size: int | None = None) -> Manifest:
+    """Read, normalise and statically check a manifest; raise ManifestError listing every problem.
+
+    Opens no checkpoint: ``batch.local.check_manifest`` is the deep check.
 
     Args:
         path: YAML (``.yaml``/``.yml``) or JSON manifest.
         group_size: overrides the manifest's ``group_size``.
-        deep: also open every job's checkpoints and build its plan (as ``patch``
-            would), and check existing outputs belong to the job.
-        groups: limit the deep check to these group indices (a Slurm element).
-        here: the jobs will run on this machine, so check that the devices and
-            backends exist here; False (Ray, Slurm) checks only their spelling,
-            and each worker checks its own.
     Returns:
-        The Manifest (``out_bytes`` filled when deep).
+        The Manifest.
 
     Example:
         >>> m = load_manifest("batch.yaml")  # doctest: +SKIP
@@ -156,15 +162,17 @@ def load_manifest(path, *, group_size: int | None = None, deep: bool = True,
     problems: list[str] = []
     manifest = _parse(path, problems, group_size)
     if manifest is not None:
-        _check_static(manifest, problems, here)
-        if deep and not problems:
-            from resta_fast.batch.local import check_jobs
-            check_jobs(manifest, manifest.select(groups), problems, here=here)
+        _check_static(manifest, problems)
     if problems:
-        shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-        raise ManifestError(f"manifest {path}: {len(problems)} problem(s); nothing was written:\n  - "
-                            + "\n  - ".join(shown))
+        raise problems_error(path, problems)
     return manifest
+
+
+def problems_error(path: Path, problems: list[str]) -> ManifestError:
+    """One ManifestError listing ``problems`` (the first 50) of the manifest at ``path``."""
+    shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
+    return ManifestError(f"manifest {path}: {len(problems)} problem(s); nothing was written:\n  - "
+                         + "\n  - ".join(shown))
 
 
 def _read(path: Path):
@@ -300,15 +308,6 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str]) -> JobSpec | No
 
     finetuned, out = path("finetuned", True), path("out", True)
     paths = {k: path(k) for k in PATH_KEYS}
-    beta = d.get("beta", 1.0)
-    if not _is_number(beta):
-        problems.append(f"{where}: beta must be a finite number, got {beta!r}")
-    dare = d.get("dare")
-    if dare is not None and (not _is_number(dare) or not 0 <= dare < 1):
-        problems.append(f"{where}: dare must be a drop probability in [0, 1) or null, got {dare!r}")
-    seed = d.get("seed", 0)
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        problems.append(f"{where}: seed must be an integer in [0, 2**64), got {seed!r}")
     rules = d.get("beta_rules") or ()
     if isinstance(rules, dict):  # {REGEX: BETA} is the same as ["REGEX=BETA", ...]
         rules = [f"{k}={v}" for k, v in rules.items()]
@@ -319,26 +318,23 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str]) -> JobSpec | No
                         f"{{REGEX: BETA}}, got {rules!r}")
         rules = ()
     rules = tuple(rules)
-    dtype = d.get("dtype")
-    if dtype is not None and not isinstance(dtype, str):
-        problems.append(f"{where}: dtype must be a string (bfloat16, float16, float32), got {dtype!r}")
-    backend = d.get("backend", "auto")
-    if backend not in BACKENDS:
-        problems.append(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    device = d.get("device", "cpu")
-    if not isinstance(device, str):
-        problems.append(f"{where}: device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    include, exclude = strings("include"), strings("exclude")
+    values = {"beta": d.get("beta", 1.0), "dare": d.get("dare"), "seed": d.get("seed", 0), "include": include,
+              "exclude": exclude, "beta_rules": rules, "dtype": d.get("dtype"),
+              "backend": d.get("backend", "auto"), "device": d.get("device", "cpu")}
+    problems += [f"{where}: {exc}" for exc in PatchOptions.problems_of(**values)]
     name = d.get("name")
     if name is None and out is not None:
         name = out.name
     if not isinstance(name, str) or not name or any(c in name for c in "\n\r\x00"):
         problems.append(f"{where}: name must be a non-empty single-line string, got {name!r}")
-    include, exclude = strings("include"), strings("exclude")
     if len(problems) > start:
         return None
-    return JobSpec(index=i, name=name, finetuned=finetuned, out=out, **paths, beta=float(beta),
-                   dare=None if dare is None else float(dare), seed=seed, include=include,
-                   exclude=exclude, beta_rules=rules, dtype=dtype, backend=backend, device=device)
+    dare = values["dare"]
+    return JobSpec(index=i, name=name, finetuned=finetuned, out=out, **paths, beta=float(values["beta"]),
+                   dare=None if dare is None else float(dare), seed=values["seed"], include=include,
+                   exclude=exclude, beta_rules=rules, dtype=values["dtype"], backend=values["backend"],
+                   device=values["device"])
 
 
 def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:
@@ -356,11 +352,9 @@ def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:
     return [Group(i, g) for i, g in enumerate(order)]
 
 
-def _check_static(manifest: Manifest, problems: list[str], here: bool) -> None:
-    """Checks that need no checkpoint opened: paths, outputs, parameters."""
-    from resta_fast.api import resolve_device
+def _check_static(manifest: Manifest, problems: list[str]) -> None:
+    """Checks that need no checkpoint opened: paths, roles, outputs."""
     from resta_fast.io.writer import check_output_location
-    from resta_fast.plan import BetaRule, parse_dtype
     outs: dict[str, JobSpec] = {}
     inputs = [(job, p) for job in manifest.jobs for p in job.input_paths()]
     for job in manifest.jobs:
@@ -369,22 +363,10 @@ def _check_static(manifest: Manifest, problems: list[str], here: bool) -> None:
             p = getattr(job, key)
             if p is not None and not p.exists():
                 problems.append(f"{where}: {key} {p} does not exist")
-        if job.vector is not None and job.unaligned is not None:
-            problems.append(f"{where}: give either aligned and unaligned, or vector (not both)")
-        elif job.vector is None and (job.aligned is None or job.unaligned is None):
-            problems.append(f"{where}: needs aligned and unaligned, or vector")
-        if job.dare is not None and job.dare_base is None and job.aligned is None and job.base is None:
-            problems.append(f"{where}: dare needs the model the fine-tune started from: set dare_base "
-                            "(or aligned)")
-        checks = [(parse_dtype, job.dtype), (resolve_device if here else _device_spelling, job.device)]
-        checks += [(BetaRule.parse, r) for r in job.beta_rules]
-        checks += [(_regex, p, "include") for p in job.include]
-        checks += [(_regex, p, "exclude") for p in job.exclude]
-        for fn, *args in checks:
-            try:
-                fn(*args)
-            except RestaError as exc:
-                problems.append(f"{where}: {exc}")
+        try:
+            resolve_roles(job.finetuned, **job.input_kwargs(), dare=job.dare is not None)
+        except OptionError as exc:
+            problems.append(f"{where}: {exc}")
         real = os.path.realpath(job.out)
         if real in outs:
             problems.append(f"{where}: out {job.out} is also the out of {outs[real].label}")
@@ -405,15 +387,3 @@ def _check_static(manifest: Manifest, problems: list[str], here: bool) -> None:
         for b, job_b in outs.items():
             if a != b and Path(b).is_relative_to(Path(a)):
                 problems.append(f"{job_b.label}: out {job_b.out} is inside {job_a.label}'s out {job_a.out}")
-
-
-def _regex(pattern: str, key: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise RestaError(f"{key} {pattern!r} is not a valid regular expression ({exc})") from None
-
-
-def _device_spelling(device: str) -> None:
-    if device not in ("cpu", "auto") and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise RestaError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")

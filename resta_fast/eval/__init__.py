@@ -12,7 +12,7 @@ Example:
 
 from resta_fast.eval.judges import ClassifierJudge, OpenAIJudge, RefusalJudge, Verdict, make_judge
 from resta_fast.eval.prompts import Columns, Prompt, PromptSet, load_prompts, prompts_from_texts
-from resta_fast.eval.runner import evaluate, validate_checkpoint
+from resta_fast.eval.runner import evaluate, make_validator, validate_checkpoint
 from resta_fast.eval.tune import tune
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "evaluate",
     "load_prompts",
     "make_judge",
+    "make_validator",
     "prompts_from_texts",
     "tune",
     "validate_checkpoint",

@@ -424,6 +424,34 @@ def validate_checkpoint(
     }
 
 
+def make_validator(options: dict | None, finetuned=None):
+    """The validate-while-patching callable of ``api.execute`` / ``api.patch``, or None.
+
+    Args:
+        options: keyword arguments of :func:`validate_checkpoint` (``prompts``,
+            ``max_harmful``, ``utility``, ``max_utility_drop`` ...); None or empty: no validation.
+        finetuned: the fine-tune being patched: the utility reference, unless it
+            is a LoRA adapter (which cannot be evaluated on its own) or
+            ``options`` names a ``reference``.
+
+    Returns:
+        ``callable(model_dir) -> {"passed", "reason", "gate_line", "summary"}``, or None.
+
+    Example:
+        >>> gate = make_validator({"prompts": "catqa.json", "max_harmful": 0.05}, "ft")  # doctest: +SKIP
+        >>> api.patch("ft", "out", vector="v", validate=gate)  # doctest: +SKIP
+    """
+    if not options:
+        return None
+    from resta_fast.lora import is_adapter
+
+    options = dict(options)
+    options.setdefault("reference", None if finetuned is None or is_adapter(finetuned) else finetuned)
+    if options.get("max_utility_drop") is not None and not (options.get("utility") or options.get("perplexity")):
+        raise RestaError("--max-utility-drop needs --validate-utility or --validate-perplexity")
+    return lambda model_dir: validate_checkpoint(model_dir, **options)
+
+
 def print_summary(result: dict, *, as_json: bool, gated: bool, file=None) -> None:
     """Print the CLI's output: the JSON summary or a table, and the gate line when gated.
 
