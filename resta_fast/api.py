@@ -340,7 +340,8 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
             AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
         job = prepared.job(outdir.tmp, progress=update)
         run_jobs([job], kernel=prepared.kernel, device=prepared.device, threads=options.threads,
-                 chunk_elems=options.chunk_elems, cache=device_cache, pool_bytes=options.gpu_pool_bytes)
+                 chunk_elems=options.chunk_elems, cache=device_cache, pool_bytes=options.gpu_pool_bytes,
+                 staging=None if options.staging == "auto" else options.staging)
         if job.error is not None:
             raise job.error
         report = finish_output(outdir.tmp, prepared.plan, prepared.inputs.finetuned, job.stats,
@@ -360,7 +361,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
           chunk_elems: int | None = None, gpu_pool_bytes: int | None = None,
-          base=None, validate: Validator | None = None, device_cache=None) -> dict:
+          base=None, validate: Validator | None = None, device_cache=None, staging: str = "auto") -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
     Args:
@@ -377,7 +378,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
         include/exclude: regexes over tensor names.
         dtype: output dtype (``bfloat16``/``float16``/``float32``; default fine-tune's).
         backend: auto | cpp | triton | torch; device: cpu | cuda[:N] | auto.
-        threads, chunk_elems, gpu_pool_bytes: engine tuning (see PatchOptions).
+        threads, chunk_elems, gpu_pool_bytes, staging: engine tuning (see PatchOptions).
         fsync: make the output durable before the final rename.
         dry_run: only build and return the plan.
         validate: ``callable(model_dir) -> verdict`` evaluating the output before
@@ -392,7 +393,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
     """
     options = PatchOptions(beta=beta, dare=dare, seed=seed, include=include, exclude=exclude,
                            beta_rules=beta_rules, dtype=dtype, backend=backend, device=device, threads=threads,
-                           chunk_elems=chunk_elems, gpu_pool_bytes=gpu_pool_bytes)
+                           chunk_elems=chunk_elems, gpu_pool_bytes=gpu_pool_bytes, staging=staging)
     inputs = {"aligned": aligned, "unaligned": unaligned, "vector": vector, "base": base, "dare_base": dare_base}
     if dry_run:
         resolve_device(options.device)

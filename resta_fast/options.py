@@ -28,6 +28,7 @@ MAX_SEED = 2**64 - 1
 DTYPE_ALIASES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16", "f16": "F16",
                  "float32": "F32", "fp32": "F32", "float": "F32", "f32": "F32"}
 BACKEND_CHOICES = ("auto", *BACKENDS)
+STAGING_CHOICES = ("auto", "mmap", "read")
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -111,6 +112,9 @@ class PatchOptions:
         threads: CPU kernel threads (None: all cores); chunk_elems: elements per
             chunk (None: the engine's default); gpu_pool_bytes: pinned staging
             memory for a GPU (None: the engine's default).
+        staging: how inputs are read: ``mmap`` (zero-copy views), ``read`` (pread
+            into reusable buffers: an input truncated mid-run is a clean error)
+            or ``auto`` (mmap on the CPU, where it measured faster; read on a GPU).
 
     Example:
         >>> PatchOptions(beta_rules=["mlp=0.3"]).beta_rules
@@ -129,6 +133,7 @@ class PatchOptions:
     threads: int | None = None
     chunk_elems: int | None = None
     gpu_pool_bytes: int | None = None
+    staging: str = "auto"
     out_dtype: str | None = field(init=False, default=None)  # dtype as a safetensors name (BF16 ...)
 
     def __post_init__(self):
@@ -185,6 +190,9 @@ class PatchOptions:
         if self.backend not in BACKEND_CHOICES:
             found.append(OptionError("backend", "{backend} must be one of " + ", ".join(BACKEND_CHOICES)
                                      + ", got {got}", got=_shown(self.backend)))
+        if self.staging not in STAGING_CHOICES:
+            found.append(OptionError("staging", "{staging} must be one of " + ", ".join(STAGING_CHOICES)
+                                     + ", got {got}", got=_shown(self.staging)))
         for key in ("threads", "chunk_elems"):
             if not _is_count(getattr(self, key)):
                 found.append(OptionError(key, "{" + key + "} must be an integer >= 1, got {got}",

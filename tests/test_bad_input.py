@@ -151,3 +151,30 @@ def test_triton_backend_without_gpu_or_interpreter_says_what_is_needed(tmp_path,
     assert proc.returncode == 2, proc.stderr
     assert "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_input_truncated_during_the_run_is_one_clean_error_with_read_staging(tmp_path, capsys, monkeypatch):
+    """``--staging read`` (the GPU default) preads every input chunk: an input that
+    shrinks mid-run is exit 2 with one line naming it, where a mapping would SIGBUS.
+    The per-chunk stat check would usually catch it first, so it is switched off here:
+    only the pread stands between the truncation and the kernel."""
+    from resta_fast.io.reader import SafetensorsFile
+    from resta_fast.pipeline import engine
+    ft, al, un = three_models(tmp_path, vocab=64, hidden=32, layers=2, inter=48)
+    victim = un / "model.safetensors"
+    real, done = engine._Pass._finish_tensor, [0]
+
+    def truncate_after_the_first_tensor(self, tensor):
+        real(self, tensor)
+        done[0] += 1
+        if done[0] == 1:
+            os.truncate(victim, victim.stat().st_size // 2)
+    monkeypatch.setattr(engine._Pass, "_finish_tensor", truncate_after_the_first_tensor)
+    monkeypatch.setattr(SafetensorsFile, "check_unchanged", lambda self: None)
+    code, err, out = run_cli(capsys, tmp_path, ft, al, un, "--staging", "read")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("resta-fast: error: "), err
+    assert str(victim) in err and "truncated during the run" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]

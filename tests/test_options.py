@@ -28,6 +28,7 @@ def test_options_keep_values_as_given_and_parse_rules_and_dtype():
     ("device", "tpu", "device 'tpu': expected auto, cpu, cuda or cuda:N", "--device 'tpu': expected"),
     ("backend", "gpu", "backend must be one of auto, cpp, triton, torch, got 'gpu'", "--backend must be"),
     ("threads", 0, "threads must be an integer >= 1, got 0", "--threads must be"),
+    ("staging", "disk", "staging must be one of auto, mmap, read, got 'disk'", "--staging must be"),
 ])
 def test_a_bad_option_is_named_in_library_words_and_rendered_as_a_flag(field, value, library, cli):
     with pytest.raises(OptionError) as info:

@@ -52,6 +52,9 @@ def add_batch_parser(subparsers) -> None:
                         "(default: cores/4, at most 8)")
     p.add_argument("--chunk-elems", type=int, metavar="N",
                    help="elements per fused chunk (default 1M; the shared chunk is reused while hot)")
+    p.add_argument("--staging", choices=("auto", "mmap", "read"), default="auto",
+                   help="how inputs are read: mmap (zero-copy; the CPU default), read (reader threads pread "
+                        "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before each job's final rename")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--summary", metavar="FILE", help="also write the JSON summary to FILE")
@@ -146,6 +149,8 @@ def _run(args, manifest, selected, prepared) -> int:
     if args.chunk_elems is not None and args.chunk_elems < 1:
         raise RestaError(f"--chunk-elems must be >= 1, got {args.chunk_elems}")
     fused = {k: v for k, v in (("writers", args.writers), ("chunk_elems", args.chunk_elems)) if v}
+    if args.staging != "auto":
+        fused["staging"] = args.staging
     validate = validation_options(args)
     if validate:
         validate["progress"] = False  # one batch bar; per-job eval bars would interleave
