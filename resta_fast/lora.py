@@ -442,6 +442,15 @@ class LoraFinetuned:
             return self.adapter.file.view(key)
         return self.base.tensor_view(name)
 
+    def array(self, name: str):
+        """``tensor_view`` as a numpy array (BF16 as uint16 bits), for the engine's host side."""
+        if name in self.modules:
+            return self._merge(self.modules[name]).numpy()
+        key = self.replaced.get(name)
+        if key is not None:
+            return self.adapter.file.array(key)
+        return self.base.array(name)
+
     def _weight(self, name: str) -> torch.Tensor:
         info = self._base_info(name)
         key = self.replaced.get(name)

@@ -548,3 +548,45 @@ def test_build_info(cpp):
     assert info["fp_contract_off"] is True, "the build contracts a*b+c into FMA; SPEC §2 forbids it"
     assert info["openmp_max_threads"] >= 1
     assert info["module"].endswith((".so", ".pyd"))
+
+
+def _host(t):
+    """The engine's host form of a tensor: numpy, BF16 as its uint16 bits."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == BF16 else t.numpy()
+
+
+@pytest.mark.parametrize("dtypes", [(BF16,) * 4, (F16,) * 4, (F32, BF16, F16, F32)],
+                         ids=lambda d: "-".join(NAME[x] for x in d))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=NAME.get)
+@pytest.mark.parametrize("form", ["vector", "a-u", "dare"])
+def test_numpy_entry_points_match_the_torch_ones(cpp, dtypes, out_dtype, form):
+    """patch_arrays / convert_arrays (the engine's torch-free host path) give the
+    same bits and the same non-finite count as patch_into / convert_into."""
+    n = 4099
+    f, a, u, b = make_case(n, dtypes, seed=11)
+    u = None if form == "vector" else u
+    b = b if form == "dare" else None
+    kw = dict(beta=0.5, p=0.3 if b is not None else 0.0, seed=77, offset=5)
+    want = poisoned(n, out_dtype, 0x7FBF)
+    want_bad = cpp.patch_into(want, f, a, u, b, **kw)
+    got = poisoned(n, out_dtype, 0x7FBF)
+    got_bad = cpp.patch_arrays(_host(got), _host(f), _host(a), None if u is None else _host(u),
+                               None if b is None else _host(b), **kw)
+    assert_same_bits(got, want, f"patch_arrays {form}")
+    assert got_bad == want_bad and want_bad > 0  # the specials make some outputs non-finite
+    conv_want, conv_got = poisoned(n, out_dtype, 0x7FBF), poisoned(n, out_dtype, 0x7FBF)
+    cpp.convert_into(conv_want, f)
+    cpp.convert_arrays(_host(conv_got), _host(f))
+    assert_same_bits(conv_got, conv_want, "convert_arrays")
+
+
+def test_numpy_entry_point_checks_its_arguments(cpp):
+    x = np.zeros(8, np.float32)
+    with pytest.raises(TypeError, match="dtype float64"):
+        cpp.patch_arrays(x, np.zeros(8), x, beta=1.0)
+    with pytest.raises(ValueError, match="has 4 elements but out has 8"):
+        cpp.patch_arrays(x, x[:4], x, beta=1.0)
+    with pytest.raises(ValueError, match="flat contiguous"):
+        cpp.patch_arrays(x[::2], x[::2], x[::2], beta=1.0)
+    with pytest.raises(TypeError, match="numpy array"):
+        cpp.patch_arrays(x, torch.zeros(8), x, beta=1.0)

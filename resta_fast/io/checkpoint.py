@@ -183,6 +183,10 @@ class Checkpoint:
         """Flat zero-copy torch view of tensor ``name`` in its stored dtype."""
         return self.file_of(name).view(self._stored.get(name, name))
 
+    def array(self, name: str):
+        """Flat zero-copy numpy view of tensor ``name`` (BF16 as uint16 bits; see reader.NUMPY_STORAGE)."""
+        return self.file_of(name).array(self._stored.get(name, name))
+
     def prefetch(self, name: str, byte_lo: int, byte_hi: int) -> None:
         """Start reading bytes [lo, hi) of tensor ``name`` ahead of use."""
         info = self.info(name)

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from resta_fast.errors import CheckpointError
@@ -42,6 +43,15 @@ DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
     "F32": (torch.float32, 4), "I64": (torch.int64, 8), "U64": (torch.uint64, 8),
     "F64": (torch.float64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1),
     "F8_E5M2": (torch.float8_e5m2, 1),
+}
+ITEMSIZE: dict[str, int] = {name: size for name, (_, size) in DTYPES.items()}
+# How the engine holds each dtype in host memory (numpy arrays, no torch): numpy
+# has no bfloat16, so BF16 is carried as its uint16 bits (the kernels take raw
+# storage and know the dtype from it), FP8 as bytes.
+NUMPY_STORAGE: dict[str, type] = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
+    "BF16": np.uint16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64,
+    "F64": np.float64, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 # Dtypes the fused kernels compute with (SPEC §2); other floats are copied.
 KERNEL_DTYPES = ("BF16", "F16", "F32")
@@ -292,6 +302,18 @@ class SafetensorsFile:
                                   f"is past the mapping ({len(mapping)} bytes)")
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return raw.view(torch_dtype)
+
+    def array(self, name: str) -> np.ndarray:
+        """Flat zero-copy numpy view of ``name`` in its storage type (``NUMPY_STORAGE``)."""
+        info = self.tensors[name]
+        storage = NUMPY_STORAGE[info.dtype]
+        if info.nbytes == 0:
+            return np.empty(0, dtype=storage)
+        mapping = self._map()
+        if info.end > len(mapping):  # validated at open; re-checked so no kernel sees a bad range
+            raise CheckpointError(f"{self.path}, tensor {name!r}: byte range [{info.start}, {info.end}) "
+                                  f"is past the mapping ({len(mapping)} bytes)")
+        return np.frombuffer(mapping, dtype=np.uint8, count=info.nbytes, offset=info.start).view(storage)
 
     def raw(self, name: str) -> memoryview:
         """The tensor's bytes as a memoryview into the mapping (zero-copy)."""

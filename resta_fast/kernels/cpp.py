@@ -112,6 +112,59 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
                    n, float(beta), float(p32), float(r), int(seed), int(offset), _threads(threads))
 
 
+# The engine's host arrays: numpy has no bfloat16, so BF16 travels as its uint16 bits.
+_NUMPY_CODES = {np.dtype(np.uint16): "DTYPE_BF16", np.dtype(np.float16): "DTYPE_F16",
+                np.dtype(np.float32): "DTYPE_F32"}
+
+
+def _array_code(C, name: str, arr, numel: int) -> int:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}")
+    code = _NUMPY_CODES.get(arr.dtype)
+    if code is None:
+        raise TypeError(f"{name} has dtype {arr.dtype}; expected uint16 (bf16 bits), float16 or float32")
+    if arr.ndim != 1 or not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be a flat contiguous array (shape {arr.shape})")
+    if arr.size != numel:
+        raise ValueError(f"{name} has {arr.size} elements but out has {numel}; "
+                         "all arrays of one call must have the same length")
+    return getattr(C, code)
+
+
+def patch_arrays(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None) -> int:
+    """``patch_into`` over flat numpy arrays (BF16 as uint16 bits): the engine's host path, no torch.
+
+    Example:
+        >>> x = np.zeros(4, np.float32)
+        >>> patch_arrays(x, x, np.ones(4, np.float32), beta=0.5), x.tolist()  # doctest: +SKIP
+        (0, [0.5, 0.5, 0.5, 0.5])
+    """
+    C = _load()
+    n = out.size if isinstance(out, np.ndarray) else 0
+    codes = {name: _array_code(C, name, arr, n) for name, arr in (("out", out), ("f", f), ("a", a), ("u", u),
+                                                                  ("b", b)) if arr is not None}
+    p32 = np.float32(p)
+    if not (np.float32(0) <= p32 < np.float32(1)):
+        raise ValueError(f"p must satisfy 0 <= p < 1 (as float32), got {p!r}")
+    r = np.float32(1) / (np.float32(1) - p32)  # SPEC §2: computed once, in fp32, on the host
+    if not 0 <= seed <= _MASK64:
+        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return C.patch(out.ctypes.data, codes["out"], f.ctypes.data, codes["f"], a.ctypes.data, codes["a"],
+                   0 if u is None else u.ctypes.data, codes.get("u", 0),
+                   0 if b is None else b.ctypes.data, codes.get("b", 0),
+                   n, float(beta), float(p32), float(r), int(seed), int(offset), _threads(threads))
+
+
+def convert_arrays(out, x, *, threads: int | None = None) -> None:
+    """``convert_into`` over flat numpy arrays (BF16 as uint16 bits)."""
+    C = _load()
+    n = out.size if isinstance(out, np.ndarray) else 0
+    C.convert(out.ctypes.data, _array_code(C, "out", out, n), x.ctypes.data, _array_code(C, "x", x, n), n,
+              _threads(threads))
+
+
 def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = None) -> None:
     """Copy ``x`` into ``out`` converting dtype with the SPEC's rounding.
 

@@ -13,13 +13,19 @@ import queue
 import time
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
 
-def host_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
-    """``nbytes`` of host memory (page-locked when ``pinned``), touched once."""
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    buf.fill_(0)
+def host_buffer(nbytes: int, pinned: bool = False) -> np.ndarray:
+    """``nbytes`` of host memory as a uint8 numpy array (page-locked when ``pinned``,
+    which needs torch with CUDA), touched once."""
+    if pinned:
+        import torch  # only the GPU path pins memory
+        pinned_buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        pinned_buf.fill_(0)
+        return pinned_buf.numpy()  # shares the memory and keeps the tensor alive
+    buf = np.empty(nbytes, dtype=np.uint8)
+    buf.fill(0)
     return buf
 
 
@@ -43,7 +49,7 @@ class BufferPool:
         self._check = check
         self.waited = 0.0  # seconds acquire() blocked: the consumer is the bottleneck
 
-    def acquire(self) -> torch.Tensor:
+    def acquire(self) -> np.ndarray:
         """A free buffer; blocks while all are in flight."""
         try:
             buf, after = self._free.get_nowait()
@@ -65,6 +71,6 @@ class BufferPool:
             after.synchronize()  # an async device copy may still read it
         return buf
 
-    def give(self, buf: torch.Tensor, after=None) -> None:
+    def give(self, buf: np.ndarray, after=None) -> None:
         """Return ``buf``; with ``after`` (an event), reusable once it completes."""
         self._free.put((buf, after))

@@ -33,10 +33,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from resta_fast import rng
-from resta_fast.io.reader import DTYPES
+from resta_fast.io.reader import ITEMSIZE, NUMPY_STORAGE
 from resta_fast.io.writer import TensorFileWriter
 from resta_fast.pipeline.compute import DEFAULT_POOL_BYTES, DEFAULT_SLOTS, Compute, chunk_elems_for_pool
 from resta_fast.pipeline.hashing import FileHasher
@@ -133,11 +133,13 @@ def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | Non
     staging = staging or ("read" if cuda else CPU_STAGING)
     buffer_bytes = chunk_elems * 4  # room for fp32, the widest kernel dtype
     compute = Compute(kernel, device, threads)
-    pool = [Writer(n_buffers, buffer_bytes, pinned=cuda) for _ in range(n_writers)]
+    pool: list[Writer] = []
     stager = None
     runs: list[_JobRun] = []
     gate = threading.Semaphore(max(2, usable_cores() // 2))  # file hashers at once, 8 MB each
     try:
+        for _ in range(n_writers):
+            pool.append(Writer(n_buffers, buffer_bytes, pinned=cuda))
         if staging == "read":
             # Two chunks (this one and the next) of every distinct input at most.
             distinct = {id(c) for job in jobs for c in job.inputs.all()}
@@ -203,7 +205,7 @@ class _JobRun:
         self.left = {f.name: len(f.tensors) for f in job.plan.files}
         self.outs: dict[str, TensorFileWriter] = {}
         self.hashers: dict[str, FileHasher] = {}
-        self.counters: dict[str, torch.Tensor] = {}  # non-finite counts on the device (GPU)
+        self.counters: dict[str, object] = {}  # non-finite counts on the device (GPU): torch scalars
         self.kernel_seconds = 0.0
         # Each tensor the visiting order has goes in that tensor's slot; the
         # job's other tensors go just before the next such tensor of the job's
@@ -251,7 +253,7 @@ class _JobRun:
 
     def tensor_done(self, t: TensorPlan) -> None:
         if self.job.progress is not None:
-            self.job.progress(t.numel * DTYPES[t.out_dtype][1], t.name)
+            self.job.progress(t.numel * ITEMSIZE[t.out_dtype], t.name)
         fname = self.file_of[t.name]
         self.left[fname] -= 1
         if self.left[fname] == 0:
@@ -294,7 +296,7 @@ class _Item:
     f: Source | None = None
     operands: tuple = ()  # keys of (f, a, u, b) in the tensor's sources; u/b may be None
     seed: int = 0
-    counter: torch.Tensor | None = None
+    counter: object = None  # a device scalar (GPU)
 
 
 class _Tensor:
@@ -304,7 +306,7 @@ class _Tensor:
         self.name = name
         self.items = items
         self.sources: dict[int, Source] = {}
-        self.cached: dict[int, torch.Tensor] = {}
+        self.cached: dict[int, object] = {}  # whole tensors from the DeviceCache
 
     def source(self, ckpt, cache, shared: bool) -> int:
         key = id(ckpt)
@@ -428,7 +430,7 @@ class _Pass:
 
     def _compute(self, chunk: _Chunk) -> None:
         tickets, tensor = chunk.tickets or {}, chunk.tensor
-        views: dict[int, torch.Tensor] = {}
+        views: dict[int, object] = {}  # host arrays, or device tensors on a GPU
         try:
             for key, ticket in tickets.items():
                 try:
@@ -446,17 +448,17 @@ class _Pass:
             for ticket in tickets.values():
                 ticket.release(after=done)
 
-    def _patch_chunk(self, item: _Item, chunk: _Chunk, views: dict[int, torch.Tensor]) -> None:
+    def _patch_chunk(self, item: _Item, chunk: _Chunk, views: dict) -> None:
         run, t = item.run, item.t
         lo, hi = chunk.lo, min(chunk.hi, t.patched_elems)
         n = hi - lo
-        out_torch, out_itemsize = DTYPES[t.out_dtype]
+        out_storage, out_itemsize = NUMPY_STORAGE[t.out_dtype], ITEMSIZE[t.out_dtype]
         f, a, u, b = (None if k is None else views[k][: n] for k in item.operands)
         out = run.out_for(t.name)
         buf = run.writer.acquire()
         t0 = time.perf_counter()
         try:
-            dst = buf[: n * out_itemsize].view(out_torch)
+            dst = buf[: n * out_itemsize].view(out_storage)
             landed, bad = self.compute.patch(dst, f, a, u, b, beta=t.beta, p=run.job.dare or 0.0, seed=item.seed,
                                              offset=lo, counter=item.counter)
         except BaseException:
@@ -489,7 +491,7 @@ class _Pass:
         hasher = run.hashers[run.file_of[t.name]]
         writer, stats = run.writer, run.job.stats
         dst_start = out.offsets[t.name][0]
-        out_torch, out_itemsize = DTYPES[t.out_dtype]
+        out_storage, out_itemsize = NUMPY_STORAGE[t.out_dtype], ITEMSIZE[t.out_dtype]
         same = t.in_dtype == t.out_dtype
         # Elements per piece: a whole output buffer of raw bytes, or a chunk to convert.
         step = writer.buffer_bytes // f.itemsize if same else self.chunk
@@ -498,7 +500,7 @@ class _Pass:
             if same and (f.file is None or isinstance(self.stager, MmapStaging)):
                 # Straight from the mapping (or memory) to the file, no copy of ours.
                 ticket = self.stager.request(f, lo, hi) if f.file is not None else None
-                raw = (f.view[lo:hi] if ticket is None else ticket.get()).view(torch.uint8)
+                raw = (f.view[lo:hi] if ticket is None else ticket.get()).view(np.uint8)
                 writer.submit(WriteJob(out.fd, dst_start + lo * out_itemsize, _bytes(raw), None, hasher=hasher,
                                        on_done=None if ticket is None else ticket.release, path=out.path))
                 stats.bytes_read += (hi - lo) * f.itemsize
@@ -507,13 +509,13 @@ class _Pass:
             try:
                 if same:  # read staging: pread straight into the output buffer
                     f.check()
-                    f.file.read_into(memoryview(buf[: (hi - lo) * f.itemsize].numpy()),
-                                     f.info.start + lo * f.itemsize, tensor=t.name)
+                    f.file.read_into(buf[: (hi - lo) * f.itemsize].data, f.info.start + lo * f.itemsize,
+                                     tensor=t.name)
                     data = buf[: (hi - lo) * f.itemsize]
                 else:
                     ticket = self.stager.request(f, lo, hi)
                     try:
-                        dst = buf[: (hi - lo) * out_itemsize].view(out_torch)
+                        dst = buf[: (hi - lo) * out_itemsize].view(out_storage)
                         self.compute.convert(dst, ticket.get())
                     finally:
                         ticket.release()
@@ -530,5 +532,5 @@ def _raise(exc):
     raise exc
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy())
+def _bytes(x: np.ndarray) -> memoryview:
+    return x.view(np.uint8).data

@@ -15,34 +15,35 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+import numpy as np
 
-from resta_fast.io.reader import DTYPES
+from resta_fast.io.reader import ITEMSIZE, NUMPY_STORAGE
 from resta_fast.pipeline.buffers import BufferPool
 
 
 class Source:
     """One input tensor of one pass: a checkpoint and a tensor name.
 
+    Host data is numpy (BF16 as its uint16 bits: ``reader.NUMPY_STORAGE``).
     File-backed sources (a ``Checkpoint``) are staged from their file; virtual
     ones (a LoRA-merged fine-tune, whose merged tensors live in memory) are
-    read through their flat ``tensor_view``, made once per pass.
+    read through their flat ``array``, made once per pass.
     """
 
     def __init__(self, ckpt, name: str):
         self.ckpt = ckpt
         self.name = name
         self.info = ckpt.info(name)
-        self.dtype = DTYPES[self.info.dtype][0]
-        self.itemsize = DTYPES[self.info.dtype][1]
+        self.dtype = NUMPY_STORAGE[self.info.dtype]
+        self.itemsize = ITEMSIZE[self.info.dtype]
         file_of = getattr(ckpt, "file_of", None)  # virtual (LoRA-merged) inputs have no file
         self.file = file_of(name) if file_of is not None else None
-        self._view: torch.Tensor | None = None
+        self._view: np.ndarray | None = None
 
     @property
-    def view(self) -> torch.Tensor:
+    def view(self) -> np.ndarray:
         if self._view is None:
-            self._view = self.ckpt.tensor_view(self.name)
+            self._view = self.ckpt.array(self.name)
         return self._view
 
     def check(self) -> None:
@@ -58,7 +59,7 @@ class Ticket:
         self._view, self._future, self._buffer, self._pool = view, future, buffer, pool
         self._on_release = on_release
 
-    def get(self) -> torch.Tensor:
+    def get(self) -> np.ndarray:
         if self._future is not None:
             self._view = self._future.result()
             self._future = None
@@ -131,10 +132,10 @@ class ReadStaging:
         future = self._readers.submit(self._read, src, buf, start, nbytes)
         return Ticket(future=future, buffer=buf, pool=self.pool)
 
-    def _read(self, src: Source, buf: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+    def _read(self, src: Source, buf: np.ndarray, start: int, nbytes: int) -> np.ndarray:
         t0 = time.perf_counter()
         dst = buf[:nbytes]
-        src.file.read_into(memoryview(dst.numpy()), start, tensor=src.name)
+        src.file.read_into(dst.data, start, tensor=src.name)
         with self._lock:
             self.busy["stage"] += time.perf_counter() - t0
         return dst.view(src.dtype)
