@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import torch
+import numpy as np
 
 from resta_fast.errors import OptionError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.lock import OutputLock, clean_stale_temps
 from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_location
-from resta_fast.kernels import choose_backend
-from resta_fast.kernels.reference import store
+from resta_fast.kernels import BackendUnavailable, choose_backend, load_backend
 from resta_fast.lora import LoraFinetuned
 from resta_fast.options import MAX_SEED, PatchOptions, Roles, check_device_spelling, resolve_roles
 from resta_fast.pipeline.engine import run_jobs
@@ -53,6 +52,9 @@ Validator = Callable[[Path], dict]
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a cuda device must be visible."""
     check_device_spelling(device)
+    if device == "cpu":
+        return device  # no torch needed to decide
+    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -225,16 +227,42 @@ def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, 
                              backend_name, kernel, stack)
 
 
-class _DifferenceKernel:
+class _TorchDifference:
     """Kernel adapter for make_vector: out = round(fp32(A) − fp32(U)), F unused."""
 
     @staticmethod
     def patch_into(out, f, a, u=None, b=None, **_):
+        from resta_fast.kernels.reference import store
         store(out, a.float() - u.float())
 
     @staticmethod
     def convert_into(out, x):
         raise AssertionError("make_vector copies no tensors")
+
+
+class _CppDifference:
+    """make_vector on the C++ kernel (no torch): SPEC §2 with β = 1 and F = −0.0,
+    i.e. round(−0.0 + 1·(A − U)); 1·x and −0.0 + x are x for every x (−0.0 and NaN
+    included), so the bits equal ``_TorchDifference``'s."""
+
+    def __init__(self, cpp):
+        self.cpp = cpp
+        self._neg_zero = np.zeros(0, np.float32)
+
+    def patch_arrays(self, out, f, a, u=None, b=None, *, threads=None, **_):
+        if self._neg_zero.size < out.size:
+            self._neg_zero = np.full(out.size, -0.0, np.float32)
+        return self.cpp.patch_arrays(out, self._neg_zero[: out.size], a, u, beta=1.0, threads=threads)
+
+    def convert_arrays(self, out, x, **_):
+        raise AssertionError("make_vector copies no tensors")
+
+
+def _difference_kernel() -> tuple[str, object]:
+    try:
+        return "cpp", _CppDifference(load_backend("cpp"))
+    except BackendUnavailable:
+        return "torch", _TorchDifference
 
 
 def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(),
@@ -258,9 +286,10 @@ def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), ex
                               f"e.g. {dropped[0]}")
         params = {"dtype": options.out_dtype, "include": list(options.include), "exclude": list(options.exclude)}
         checkpoints = {"aligned": al, "unaligned": un}
+        backend_name, kernel = _difference_kernel()
         return PreparedPatch("vector", options, roles, plan, Inputs(al, al, un), checkpoints,
                              provenance("vector", params, checkpoints), [Path(aligned), Path(unaligned)], "cpu",
-                             "torch", _DifferenceKernel, stack)
+                             backend_name, kernel, stack)
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):

@@ -20,8 +20,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from resta_fast.errors import RestaError, cli_flag
-from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
-from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter, is_adapter
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
@@ -33,6 +31,9 @@ def describe_model(path) -> dict:
         >>> describe_model("llama-chat")["parameters"]  # doctest: +SKIP
         6738415616
     """
+    from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
+    from resta_fast.lora import is_adapter
+
     if is_adapter(path):
         return _describe_adapter(Path(path))
     ck = Checkpoint(path, role="model")
@@ -76,6 +77,7 @@ def describe_model(path) -> dict:
 
 
 def _describe_adapter(path: Path) -> dict:
+    from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter
     ad = LoraAdapter(path)
     try:
         modules = {re.sub(r"\.lora_(embedding_)?[AB](\..*)?$", "", k)
@@ -124,6 +126,7 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
     Returns:
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
+    from resta_fast.lora import is_adapter
     models = list(models)
     if not models:
         raise RestaError("inspect needs at least one model directory")

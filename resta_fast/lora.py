@@ -33,12 +33,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, SIDE_FILE_PATTERNS, Checkpoint
 from resta_fast.io.reader import KERNEL_DTYPES, SafetensorsFile, TensorInfo
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -459,6 +461,7 @@ class LoraFinetuned:
 
     def _merge(self, mod: LoraModule) -> torch.Tensor:
         """W + s·(B@A) in fp32, op for op as peft's get_delta_weight + merge."""
+        import torch  # merging is torch's fp32 matmul, op for op as peft
         ad = self.adapter.file
         w = self._weight(mod.target)
         if mod.kind == "bias":

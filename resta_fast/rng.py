@@ -8,7 +8,10 @@ so a mask depends only on (seed, tensor name, element index).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 MASK64 = (1 << 64) - 1
 FNV_OFFSET = 0xCBF29CE484222325
@@ -78,6 +81,7 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
 
 def random_words(seed: int, offset: int, n: int) -> torch.Tensor:
     """The raw uint32 words (as int64) for elements offset .. offset+n-1."""
+    import torch  # the reference stream is torch ops; the seeds above need none
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
     first_q, last_q = offset // 4, (offset + n - 1) // 4
@@ -96,6 +100,7 @@ def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
         >>> uniform(tensor_seed(0, "w"), 0, 4).shape
         torch.Size([4])
     """
+    import torch
     words = random_words(seed, offset, n)
     x = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
     x = torch.where(x < 0, -x - 1, x)  # x = ~x for negative x

@@ -19,27 +19,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from resta_fast import rng
 from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.digest import sha256_file
-from resta_fast.io.reader import DTYPES, KERNEL_DTYPES
-from resta_fast.kernels.reference import patch_values, store
+from resta_fast.io.reader import DTYPES, KERNEL_DTYPES, torch_dtype
 from resta_fast.options import PatchOptions, resolve_roles
 from resta_fast.report import REPORT_NAME
 
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 MAX_LISTED = 10  # problems printed per check; --json has them all
 PLAN_FIELDS = ("action", "shape", "in_dtype", "out_dtype", "beta", "patched_elems", "seed_name")
-_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass
@@ -137,6 +137,7 @@ def check_headers(out: Path, report: dict) -> tuple[Check, Checkpoint | None]:
 
 def uniform_at(seed: int, idx: torch.Tensor) -> torch.Tensor:
     """DARE uniforms of the flat elements ``idx`` (int64), equal to ``rng.uniform`` there."""
+    import torch
     q = idx // 4
     zero = torch.zeros_like(q)
     words = torch.stack(rng.philox4x32(q & 0xFFFFFFFF, q >> 32, zero, zero,
@@ -153,11 +154,13 @@ def patch_at(out, f, a, u, b, *, beta, p, seed, idx):
     The same separate, individually rounded fp32 ops in SPEC §2 order; only the
     DARE stream is drawn at ``idx`` instead of a contiguous offset.
     """
+    from resta_fast.kernels.reference import patch_values, store
     store(out, patch_values(f, a, u, b, beta=beta, p=p, uniforms=lambda: uniform_at(seed, idx)))
 
 
 def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, torch.Tensor]:
     """Seeded sample: at least one element per non-empty tensor, the rest by size."""
+    import torch
     sizes = [(t.name, t.numel) for t in plan_tensors if t.numel > 0]
     if not sizes or samples <= 0:
         return {}
@@ -177,8 +180,10 @@ def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, torch.Te
 
 def _same(got: torch.Tensor, want: torch.Tensor, dtype: str) -> torch.Tensor:
     """Elementwise bit equality; NaN equals NaN (SPEC §2 compares NaN-ness)."""
+    import torch
+    int_of_width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     width = DTYPES[dtype][1]
-    same = got.view(_INT_OF_WIDTH[width]) == want.view(_INT_OF_WIDTH[width])
+    same = got.view(int_of_width[width]) == want.view(int_of_width[width])
     if dtype in KERNEL_DTYPES:
         same |= torch.isnan(got) & torch.isnan(want)
     return same
@@ -186,7 +191,10 @@ def _same(got: torch.Tensor, want: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def _expected_values(t, idx, ft, a_src, u_src, b_src, params: dict, command: str) -> torch.Tensor:
     """What the output tensor ``t`` must hold at ``idx`` (in t.out_dtype)."""
-    out_torch = DTYPES[t.out_dtype][0]
+    import torch
+
+    from resta_fast.kernels.reference import store
+    out_torch = torch_dtype(t.out_dtype)
     want = torch.empty(len(idx), dtype=out_torch)
     patched = t.patched_elems if t.action == "patch" else 0
     head = idx < patched
@@ -463,33 +471,3 @@ def format_result(result: dict) -> str:
             lines.append(f"          ... {len(c['problems']) - MAX_LISTED} more (see --json)")
     lines.append("PASS" if result["ok"] else "FAIL")
     return "\n".join(lines)
-
-
-def cmd_verify(args) -> int:
-    result = verify(args.out, args.against, dare_base=args.dare_base, base=args.base,
-                    samples=args.samples, seed=args.seed)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_result(result), file=sys.stdout)
-    return 0 if result["ok"] else 1
-
-
-def add_verify_parser(subparsers) -> None:
-    """Register ``resta-fast verify``."""
-    v = subparsers.add_parser(
-        "verify", help="re-check an output's hashes and headers; with --against, recompute a sample",
-        description="Exit 0 when every check passes, 1 when one fails, 2 on bad arguments.")
-    v.add_argument("out", help="output directory written by `resta-fast patch` or `vector`")
-    v.add_argument("--against", nargs="*", metavar="MODEL",
-                   help="recompute sampled elements from the inputs: FINETUNED ALIGNED UNALIGNED "
-                        "(or FINETUNED VECTOR; ALIGNED UNALIGNED for a vector). With no paths, the "
-                        "paths recorded in resta_fast.json are used. Put OUT before --against.")
-    v.add_argument("--dare-base", help="DARE base model, when it was not the aligned model")
-    v.add_argument("--base", help="for a LoRA fine-tune: the model the adapter was merged into, "
-                                  "when it was not the aligned model")
-    v.add_argument("--samples", type=int, default=10000, help="elements to recompute (default 10000)")
-    v.add_argument("--seed", type=int, default=0, help="which elements are sampled (default 0)")
-    v.add_argument("--json", action="store_true", help="print the result as JSON")
-    v.set_defaults(func=cmd_verify)
-

@@ -256,6 +256,21 @@ def test_device_cache_across_passes_gives_identical_bytes(tmp_path, models, budg
         assert 0 < cache.used and cache.misses > 0
 
 
+def test_a_group_through_the_triton_kernel_matches_the_cpu_path(tmp_path, models):
+    """The GPU's compute backend in a fused group: the Triton kernel (its CPU
+    interpreter here) on torch views of the staged chunks, the pinned-style
+    read staging and small chunks; the same bytes as the torch reference."""
+    from resta_fast.kernels import BackendUnavailable, load_backend
+    try:
+        triton_kernel = load_backend("triton")
+    except BackendUnavailable as exc:
+        pytest.skip(f"triton unavailable: {exc}")
+    plan, inputs = plan_and_inputs(*models)
+    (ref,) = run(tmp_path, "ref", plan, inputs)
+    jobs = run(tmp_path, "tri", plan, inputs, n=2, kernel=triton_kernel, staging="read", chunk_elems=4096)
+    assert all(job.stats.sha256 == ref.stats.sha256 for job in jobs)
+
+
 def test_fused_workers_split_cores_between_kernel_and_writers():
     assert engine.fused_workers(8, cores=16) == (12, 4)
     assert engine.fused_workers(1, cores=2) == (1, 1)

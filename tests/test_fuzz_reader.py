@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as official_load
 
 from resta_fast.errors import CheckpointError
-from resta_fast.io.reader import DTYPES, SafetensorsFile
+from resta_fast.io.reader import DTYPES, SafetensorsFile, torch_dtype
 
 SCALE = float(os.environ.get("RESTA_FUZZ_EXAMPLES", "2400")) / 2400
 FUZZ = dict(deadline=None, derandomize=not os.environ.get("RESTA_FUZZ_RANDOM"), database=None,
@@ -120,7 +120,7 @@ def official(raw: bytes):
         loaded = official_load(raw)
     except Exception as exc:  # noqa: BLE001 - the official loader's verdict, any type
         return exc
-    names = {v: k for k, (v, _) in DTYPES.items()}
+    names = {torch_dtype(k): k for k in DTYPES}
     return {n: (names[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
             for n, t in loaded.items()}
 

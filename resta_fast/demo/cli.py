@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from resta_fast.demo.run import DEFAULT_SEED
+from resta_fast.demo import DEFAULT_SEED
+from resta_fast.extras import require
 
 DEMO_EPILOG = """\
 Trains four tiny Llama models once (base, aligned, unaligned, fine-tuned on a new
@@ -32,6 +33,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_demo(args) -> int:
+    require("transformers", "eval", "the demo")
     from resta_fast.demo.report import summary_text
     from resta_fast.demo.run import run_demo
 

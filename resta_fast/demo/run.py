@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from resta_fast import __version__
+from resta_fast.demo import DEFAULT_SEED  # noqa: F401 - part of this module's interface (run_demo's default)
 from resta_fast.demo import train as T
 from resta_fast.demo.world import REFUSAL_PHRASES, World
 
-DEFAULT_SEED = 0
 # The β grid. Steps of 1/8 around the paper's 0.5: at this scale the window between
 # "refusals are back" and "the new skill is refused too" is only ~0.1-0.25 wide.
 BETAS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5)

@@ -10,10 +10,25 @@ Example:
     {'passed': True, 'reason': '...'}
 """
 
-from resta_fast.eval.judges import ClassifierJudge, OpenAIJudge, RefusalJudge, Verdict, make_judge
-from resta_fast.eval.prompts import Columns, Prompt, PromptSet, load_prompts, prompts_from_texts
-from resta_fast.eval.runner import evaluate, make_validator, validate_checkpoint
-from resta_fast.eval.tune import tune
+import importlib
+
+# Attributes resolve on first use (PEP 562): importing a submodule, e.g. the CLI's
+# parsers in eval/cli.py, then does not import the judges, runner and tune.
+_WHERE = {
+    "ClassifierJudge": "judges", "OpenAIJudge": "judges", "RefusalJudge": "judges", "Verdict": "judges",
+    "make_judge": "judges", "Columns": "prompts", "Prompt": "prompts", "PromptSet": "prompts",
+    "load_prompts": "prompts", "prompts_from_texts": "prompts", "evaluate": "runner",
+    "make_validator": "runner", "validate_checkpoint": "runner", "tune": "tune",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'resta_fast.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"resta_fast.eval.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ClassifierJudge",

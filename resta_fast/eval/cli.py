@@ -232,6 +232,9 @@ def run_eval(args) -> int:
         >>> run_eval(args)  # doctest: +SKIP
         0
     """
+    if args.model:  # generating needs transformers; re-judging --responses with phrases does not
+        from resta_fast.extras import require
+        require("transformers", "eval", "`resta-fast eval --model`")
     from resta_fast.eval.runner import evaluate, print_summary
 
     result = evaluate(
@@ -278,6 +281,8 @@ def run_tune(args) -> int:
         ...     "--prompts", "builtin:smoke", "--max-harmful", "0.05"]))  # doctest: +SKIP
         0
     """
+    from resta_fast.extras import require
+    require("transformers", "eval", "`resta-fast tune`")
     from resta_fast.eval.prompts import load_prompts
     from resta_fast.eval.tune import format_table, tune
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from resta_fast.errors import CheckpointError
 
@@ -36,13 +35,16 @@ BUDGET_CHECK_BYTES = 1 << 20
 # bounding it keeps a hostile `shape` list from being an allocation bomb.
 MAX_RANK = 64
 
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1),
-    "I16": (torch.int16, 2), "U16": (torch.uint16, 2), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "I32": (torch.int32, 4), "U32": (torch.uint32, 4),
-    "F32": (torch.float32, 4), "I64": (torch.int64, 8), "U64": (torch.uint64, 8),
-    "F64": (torch.float64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+# safetensors dtype -> (the torch dtype's name, bytes per element). Names, not
+# torch objects, so reading headers and streaming on the CPU need no torch;
+# ``torch_dtype`` resolves one when a torch view is asked for.
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1),
+    "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "I32": ("int32", 4), "U32": ("uint32", 4),
+    "F32": ("float32", 4), "I64": ("int64", 8), "U64": ("uint64", 8),
+    "F64": ("float64", 8), "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 ITEMSIZE: dict[str, int] = {name: size for name, (_, size) in DTYPES.items()}
 # How the engine holds each dtype in host memory (numpy arrays, no torch): numpy
@@ -56,7 +58,12 @@ NUMPY_STORAGE: dict[str, type] = {
 # Dtypes the fused kernels compute with (SPEC §2); other floats are copied.
 KERNEL_DTYPES = ("BF16", "F16", "F32")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-TORCH_TO_NAME = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of safetensors dtype ``name`` (imports torch)."""
+    import torch
+    return getattr(torch, DTYPES[name][0])
 
 
 @dataclass(frozen=True)
@@ -290,18 +297,12 @@ class SafetensorsFile:
                 self._mmap.madvise(mmap.MADV_SEQUENTIAL)
         return self._mmap
 
-    def view(self, name: str) -> torch.Tensor:
-        """Flat zero-copy tensor for ``name`` in its stored dtype."""
-        info = self.tensors[name]
-        torch_dtype = DTYPES[info.dtype][0]
-        if info.nbytes == 0:
-            return torch.empty(0, dtype=torch_dtype)
-        mapping = self._map()
-        if info.end > len(mapping):  # validated at open; re-checked so no kernel sees a bad range
-            raise CheckpointError(f"{self.path}, tensor {name!r}: byte range [{info.start}, {info.end}) "
-                                  f"is past the mapping ({len(mapping)} bytes)")
-        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-        return raw.view(torch_dtype)
+    def view(self, name: str):
+        """Flat zero-copy torch tensor for ``name`` in its stored dtype (imports torch;
+        the engine reads ``array`` instead)."""
+        import torch
+        raw = torch.from_numpy(self.array(name).view(np.uint8))
+        return raw.view(torch_dtype(self.tensors[name].dtype))
 
     def array(self, name: str) -> np.ndarray:
         """Flat zero-copy numpy view of ``name`` in its storage type (``NUMPY_STORAGE``)."""

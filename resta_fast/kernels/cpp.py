@@ -9,11 +9,14 @@ broken build surfaces as ``BackendUnavailable`` carrying the original error.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from resta_fast.kernels import BackendUnavailable
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 _MASK64 = (1 << 64) - 1
 _native = None
@@ -45,6 +48,7 @@ def check_available() -> None:
 
 
 def _dtype_code(C, name: str, tensor: torch.Tensor) -> int:
+    import torch  # the torch-facing entry points only; the engine uses patch_arrays
     codes = {torch.bfloat16: C.DTYPE_BF16, torch.float16: C.DTYPE_F16, torch.float32: C.DTYPE_F32}
     code = codes.get(tensor.dtype)
     if code is None:
@@ -54,6 +58,7 @@ def _dtype_code(C, name: str, tensor: torch.Tensor) -> int:
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, numel: int) -> None:
+    import torch
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu":
@@ -89,27 +94,26 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
     Example:
         >>> patch_into(out, f, a, u, beta=0.5)  # doctest: +SKIP
     """
+    import torch
     C = _load()
     n = out.numel() if isinstance(out, torch.Tensor) else 0
-    named = {"out": out, "f": f, "a": a, "u": u, "b": b}
-    codes = {}
-    for name, tensor in named.items():
+    arrays = {}
+    for name, tensor in {"out": out, "f": f, "a": a, "u": u, "b": b}.items():
         if tensor is None and name in ("u", "b"):
             continue
         _check_tensor(name, tensor, n)
-        codes[name] = _dtype_code(C, name, tensor)
-    p32 = np.float32(p)
-    if not (np.float32(0) <= p32 < np.float32(1)):
-        raise ValueError(f"p must satisfy 0 <= p < 1 (as float32), got {p!r}")
-    r = np.float32(1) / (np.float32(1) - p32)  # SPEC §2: computed once, in fp32, on the host
-    if not 0 <= seed <= _MASK64:
-        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    return C.patch(out.data_ptr(), codes["out"], f.data_ptr(), codes["f"], a.data_ptr(), codes["a"],
-                   0 if u is None else u.data_ptr(), codes.get("u", 0),
-                   0 if b is None else b.data_ptr(), codes.get("b", 0),
-                   n, float(beta), float(p32), float(r), int(seed), int(offset), _threads(threads))
+        _dtype_code(C, name, tensor)
+        arrays[name] = _as_array(tensor)
+    return patch_arrays(arrays["out"], arrays["f"], arrays["a"], arrays.get("u"), arrays.get("b"), beta=beta, p=p,
+                        seed=seed, offset=offset, threads=threads)
+
+
+def _as_array(tensor) -> np.ndarray:
+    """A zero-copy numpy view of a checked CPU tensor (bf16 as its uint16 bits)."""
+    import torch
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
 
 
 # The engine's host arrays: numpy has no bfloat16, so BF16 travels as its uint16 bits.
@@ -171,12 +175,14 @@ def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = No
     Example:
         >>> convert_into(torch.empty(3, dtype=torch.bfloat16), torch.ones(3))  # doctest: +SKIP
     """
+    import torch
     C = _load()
     n = out.numel() if isinstance(out, torch.Tensor) else 0
     _check_tensor("out", out, n)
     _check_tensor("x", x, n)
-    C.convert(out.data_ptr(), _dtype_code(C, "out", out), x.data_ptr(), _dtype_code(C, "x", x), n,
-              _threads(threads))
+    _dtype_code(C, "out", out)
+    _dtype_code(C, "x", x)
+    convert_arrays(_as_array(out), _as_array(x), threads=threads)
 
 
 def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
@@ -190,6 +196,7 @@ def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
     """
     if not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+    import torch
     return torch.from_numpy(_load().uniform(seed, offset, n))
 
 

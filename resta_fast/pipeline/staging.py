@@ -85,8 +85,6 @@ class Ticket:
 class MmapStaging:
     """Zero-copy views of the mapped inputs; read-ahead and page release by madvise."""
 
-    name = "mmap"
-
     def __init__(self):
         self.busy: dict[str, float] = {}  # nothing is staged: no stage time
 
@@ -111,8 +109,6 @@ class ReadStaging:
         readers: reader threads.
         pinned: page-locked buffers (the GPU path copies from them asynchronously).
     """
-
-    name = "read"
 
     def __init__(self, buffers: int, buffer_bytes: int, readers: int, *, pinned: bool = False):
         self.pool = BufferPool(buffers, buffer_bytes, pinned=pinned)

@@ -27,7 +27,7 @@ def one_input(data: bytes) -> None:
     import torch
 
     from resta_fast.errors import CheckpointError
-    from resta_fast.io.reader import DTYPES, SafetensorsFile
+    from resta_fast.io.reader import DTYPES, SafetensorsFile, torch_dtype
 
     _FILE.write_bytes(data)
     try:
@@ -46,7 +46,7 @@ def one_input(data: bytes) -> None:
         theirs = load(data)
     except Exception as exc:  # noqa: BLE001 - any official rejection is a finding here
         raise AssertionError(f"we accepted a file the official loader rejects: {exc!r}") from None
-    names = {dt: name for name, (dt, _) in DTYPES.items()}
+    names = {torch_dtype(name): name for name in DTYPES}
     theirs = {n: (names.get(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
               for n, t in theirs.items()}
     if ours != theirs:
