@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "resta_bench")
     ap.add_argument("--old-repo", type=Path, help="an older checkout (with its _C built) to compare against")
     ap.add_argument("--modes", default="cpu-mmap,cpu-read,gpu-standin")
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "bench_staging.json")
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "bench_staging_1.2B.json")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_patch import build_models
