@@ -14,6 +14,7 @@ import signal
 import sys
 
 from resta_fast import __version__
+from resta_fast import cli_args as A
 from resta_fast.errors import RestaError, cli_flag
 from resta_fast.options import BACKEND_CHOICES, STAGING_CHOICES
 
@@ -29,9 +30,9 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligned", help="the safety-aligned model the fine-tune started from")
     p.add_argument("--unaligned", help="the aligned model fine-tuned to comply (shadow model)")
     p.add_argument("--vector", help="precomputed safety vector (from `resta-fast vector`)")
-    p.add_argument("--beta", type=float, default=1.0, help="scale of the safety vector (default 1.0)")
-    p.add_argument("--dare", type=float, metavar="P", help="DARE drop probability for the fine-tune delta")
-    p.add_argument("--seed", type=int, default=0, help="DARE seed (default 0)")
+    p.add_argument("--beta", type=A.finite, default=1.0, help="scale of the safety vector (default 1.0)")
+    p.add_argument("--dare", type=A.probability, metavar="P", help="DARE drop probability for the fine-tune delta")
+    p.add_argument("--seed", type=A.seed, default=0, help="DARE seed (default 0)")
     p.add_argument("--dare-base", help="DARE base model (default: --aligned)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="patch only tensors matching (repeatable)")
@@ -42,12 +43,12 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="output dtype (bfloat16, float16, float32; default: fine-tune's)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=int, help="CPU kernel threads (default: all cores)")
+    p.add_argument("--threads", type=A.count, help="CPU kernel threads (default: all cores)")
     p.add_argument("--staging", default="auto", choices=STAGING_CHOICES,
                    help="how inputs are read: mmap (zero-copy; the CPU default, measured faster), read (reader "
                         "threads pread into reusable buffers, so an input truncated mid-run is a clean error; "
                         "the GPU default)")
-    p.add_argument("--gpu-pool-mb", type=int, default=256,
+    p.add_argument("--gpu-pool-mb", type=A.count, default=256,
                    help="pinned host (and device) staging memory for --device cuda (default 256)")
 
 
@@ -59,17 +60,18 @@ def add_validation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validate while patching (needs the [eval] extra)")
     g.add_argument("--validate-prompts", action="append", metavar="FILE",
                    help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails")
-    g.add_argument("--validate-utility", metavar="FILE", help="prompt/answer JSONL for exact-match utility")
-    g.add_argument("--validate-perplexity", metavar="FILE", help="text file for perplexity")
-    g.add_argument("--max-harmful", type=float, help="highest acceptable harmful rate (e.g. 0.05)")
-    g.add_argument("--max-utility-drop", type=float, help="highest acceptable utility drop vs the fine-tune")
-    g.add_argument("--validate-max-new-tokens", type=int, default=64)
+    g.add_argument("--validate-utility", metavar="FILE", type=A.existing_file,
+                   help="prompt/answer JSONL for exact-match utility")
+    g.add_argument("--validate-perplexity", metavar="FILE", type=A.existing_file, help="text file for perplexity")
+    g.add_argument("--max-harmful", type=A.rate, help="highest acceptable harmful rate (e.g. 0.05)")
+    g.add_argument("--max-utility-drop", type=A.nonnegative, help="highest acceptable utility drop vs the fine-tune")
+    g.add_argument("--validate-max-new-tokens", type=A.count, default=64)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``command`` (argv's first word) skips importing the
     optional subcommand modules when a core command is run (fast start-up)."""
-    parser = argparse.ArgumentParser(prog="resta-fast", description=(
+    parser = A.Parser(prog="resta-fast", description=(
         "Restore safety to fine-tuned language models (RESTA): "
         "θ = θ_finetuned + β·(θ_aligned − θ_unaligned), optionally after DARE."))
     parser.add_argument("--version", action="version", version=f"resta_fast {__version__}")
@@ -80,7 +82,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_common_patch_args(p)
     p.add_argument("--base", help="for a LoRA adapter as --finetuned: the model it was trained on "
                    "(default: --aligned)")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, type=A.creatable_dir, help="output directory (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before rename (see below)")
@@ -92,7 +94,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v = sub.add_parser("vector", help="write the safety vector aligned − unaligned")
     v.add_argument("--aligned", required=True)
     v.add_argument("--unaligned", required=True)
-    v.add_argument("--out", required=True)
+    v.add_argument("--out", required=True, type=A.creatable_dir)
     v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
     v.add_argument("--overwrite", action="store_true")
     v.add_argument("--no-fsync", action="store_true")
@@ -248,7 +250,10 @@ def cmd_env(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except RestaError as exc:

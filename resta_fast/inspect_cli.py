@@ -19,6 +19,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from resta_fast import cli_args as A
 from resta_fast.errors import RestaError, cli_flag
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -239,7 +240,7 @@ def add_inspect_parser(subparsers) -> None:
     p.add_argument("--vector")
     p.add_argument("--base", help="for a LoRA adapter: the model it was trained on (default: aligned)")
     p.add_argument("--dare-base", help="show DARE's base in the plan")
-    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--beta", type=A.finite, default=1.0)
     p.add_argument("--beta-rule", action="append", default=[], metavar="REGEX=BETA")
     p.add_argument("--include", action="append", default=[], metavar="REGEX")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX")

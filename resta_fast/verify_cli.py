@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from resta_fast import cli_args as A
+
 
 def cmd_verify(args) -> int:
     from resta_fast.verify import format_result, verify
@@ -33,8 +35,8 @@ def add_verify_parser(subparsers) -> None:
     v.add_argument("--dare-base", help="DARE base model, when it was not the aligned model")
     v.add_argument("--base", help="for a LoRA fine-tune: the model the adapter was merged into, "
                                   "when it was not the aligned model")
-    v.add_argument("--samples", type=int, default=10000, help="elements to recompute (default 10000)")
-    v.add_argument("--seed", type=int, default=0, help="which elements are sampled (default 0)")
+    v.add_argument("--samples", type=A.index, default=10000, help="elements to recompute (default 10000)")
+    v.add_argument("--seed", type=A.seed, default=0, help="which elements are sampled (default 0)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.set_defaults(func=cmd_verify)
 

@@ -498,3 +498,65 @@ def test_a_batch_opens_and_plans_each_input_once(tmp_path, monkeypatch):
         results = local.run_batch(manifest, prepared=prepared)
     assert [r.status for r in results] == ["done"] * 5, local.format_table(results)
     assert len(opened) == 8 and len(planned) == 5  # nothing opened or planned again by the run
+
+
+def test_no_ray_address_starts_a_fresh_local_cluster_not_a_recorded_one(monkeypatch, tmp_path):
+    """Without --ray-address or RAY_ADDRESS, ray.init gets address="local": Ray's own
+    default would join the cluster recorded by an earlier `ray start`, and hang when it
+    has died. An explicit address is still checked and passed through."""
+    from resta_fast.batch import ray as batch_ray
+    from resta_fast.batch.manifest import Manifest
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kw):
+            calls.append(kw)
+            raise Stop
+
+    monkeypatch.setattr(batch_ray, "import_ray", lambda: FakeRay)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    manifest = Manifest.__new__(Manifest)
+    manifest.num_cpus = manifest.num_gpus = manifest.threads = None
+    monkeypatch.setattr(Manifest, "select", lambda self, groups: [], raising=False)
+    with pytest.raises(Stop):
+        batch_ray.run_ray(manifest)
+    monkeypatch.setattr(batch_ray, "check_reachable", lambda address: None)
+    with pytest.raises(Stop):
+        batch_ray.run_ray(manifest, address="10.0.0.1:6379")
+    assert [c["address"] for c in calls] == ["local", "10.0.0.1:6379"]
+
+
+@pytest.mark.slow
+def test_a_dead_recorded_ray_cluster_does_not_hang_a_batch(tmp_path):
+    """An earlier `ray start --head` recorded a cluster that has died (a closed local
+    port): `batch --executor ray` with no address starts its own local cluster and
+    finishes, where Ray's default joined the dead one and hung, ignoring SIGTERM."""
+    pytest.importorskip("ray")
+    import tempfile
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+        ft, al, un = three_models(tmp_path, vocab=16, hidden=8, layers=1, inter=12)
+        manifest = tmp_path / "m.json"
+        manifest.write_text(json.dumps({"aligned": str(al), "unaligned": str(un), "fsync": False,
+                                        "jobs": [{"finetuned": str(ft), "out": str(tmp_path / "o1")}]}))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
+        proc = subprocess.run([sys.executable, "-m", "resta_fast", "batch", str(manifest), "--executor", "ray",
+                               "--num-cpus", "1", "--no-progress"], env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "o1" / "resta_fast.json").is_file()
+    finally:
+        subprocess.run([sys.executable, "-c", "import ray; ray.shutdown()"], capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -238,8 +238,13 @@ def test_usage_errors_exit_2(models, data, capsys):
         run(["eval", "--model", models["sorry"]])
     with pytest.raises(RestaError, match="Nothing to evaluate"):
         run(["eval", "--prompts", "builtin:smoke"])
+    # A rate outside [0, 1]: refused while the CLI parses its flags (one line, exit 2),
+    # and still by the library for API callers.
+    assert main(["eval", "--model", models["sorry"], "--prompts", "builtin:smoke", "--max-harmful", "5"]) == 2
+    assert "--max-harmful must be a fraction in [0, 1], got 5.0" in capsys.readouterr().err
+    from resta_fast.eval.runner import evaluate
     with pytest.raises(RestaError, match="rate in \\[0, 1\\]"):
-        run(["eval", "--model", models["sorry"], "--prompts", "builtin:smoke", "--max-harmful", "5"])
+        evaluate([models["sorry"]], "builtin:smoke", max_harmful=5)
     assert main(["eval", "--model", "/nonexistent/model", "--prompts", "builtin:smoke"]) == 2
     assert "no config.json" in capsys.readouterr().err
 
@@ -269,8 +274,10 @@ def test_rejudge_saved_responses_without_a_model(models, tmp_path, capsys):
     assert s["model"] == models["sorry"] and s["harmless"] == 33 and len(s["categories"]) == 11
     assert (tmp_path / "rejudge" / "verdicts" / "sorry.refusal.jsonl").is_file()
     assert json.loads((tmp_path / "rejudge" / "report.json").read_text())["prompts"]["smoke_set"] is True
+    utility = tmp_path / "u.jsonl"  # exists: the flag's own check (an existing file) passes
+    utility.write_text('{"prompt": "q", "answer": "a"}\n')
     with pytest.raises(RestaError, match="saved responses carry no utility"):
-        run(["eval", "--responses", str(out / "responses" / "sorry.jsonl"), "--utility", "u.jsonl"])
+        run(["eval", "--responses", str(out / "responses" / "sorry.jsonl"), "--utility", str(utility)])
 
 
 def test_several_judges_agreement(models, tmp_path, monkeypatch):

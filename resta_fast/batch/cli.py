@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from resta_fast import cli_args as A
 from resta_fast.batch.local import JobResult, Reporter, format_table, human_bytes, summarize
 from resta_fast.cli import add_validation_args, validation_options
 
@@ -34,30 +35,31 @@ def add_batch_parser(subparsers) -> None:
     """Add the ``batch`` subcommand to the resta-fast CLI."""
     p = subparsers.add_parser("batch", help="realign many fine-tunes from a manifest (fused, resumable)",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", help="batch manifest (.yaml/.yml or .json)")
+    p.add_argument("manifest", type=A.existing_file, help="batch manifest (.yaml/.yml or .json)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: fused passes in this process (default); ray: one Ray task per group")
-    p.add_argument("--group", type=int, action="append", metavar="K",
+    p.add_argument("--group", type=A.index, action="append", metavar="K",
                    help="run only group K (repeatable); e.g. a Slurm array element")
-    p.add_argument("--group-size", type=int, metavar="N", help="jobs per fused pass (default: manifest, 8)")
+    p.add_argument("--group-size", type=A.count, metavar="N", help="jobs per fused pass (default: manifest, 8)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the groups; write nothing")
-    p.add_argument("--emit-slurm", metavar="DIR", help="write an sbatch array script (one element per group)")
-    p.add_argument("--num-cpus", type=float, help="CPUs per Ray task / Slurm element")
-    p.add_argument("--num-gpus", type=float, help="GPUs per Ray task")
+    p.add_argument("--emit-slurm", metavar="DIR", type=A.creatable_dir,
+                   help="write an sbatch array script (one element per group)")
+    p.add_argument("--num-cpus", type=A.positive, help="CPUs per Ray task / Slurm element")
+    p.add_argument("--num-gpus", type=A.nonnegative, help="GPUs per Ray task")
     p.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS, else a local one)")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=A.count,
                    help="kernel threads (default: manifest, else the cores the writers leave)")
-    p.add_argument("--writers", type=int, metavar="N",
+    p.add_argument("--writers", type=A.count, metavar="N",
                    help="writer threads per fused pass, each writing and hashing its jobs' files "
                         "(default: cores/4, at most 8)")
-    p.add_argument("--chunk-elems", type=int, metavar="N",
+    p.add_argument("--chunk-elems", type=A.count, metavar="N",
                    help="elements per fused chunk (default 1M; the shared chunk is reused while hot)")
     p.add_argument("--staging", choices=("auto", "mmap", "read"), default="auto",
                    help="how inputs are read: mmap (zero-copy; the CPU default), read (reader threads pread "
                         "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before each job's final rename")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.add_argument("--summary", metavar="FILE", help="also write the JSON summary to FILE")
+    p.add_argument("--summary", metavar="FILE", type=A.creatable_file, help="also write the JSON summary to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (status lines stay)")
     add_validation_args(p)
     p.set_defaults(func=cmd_batch)

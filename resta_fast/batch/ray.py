@@ -125,7 +125,10 @@ def run_ray(manifest: Manifest, groups: list[int] | None = None, *, address: str
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             check_reachable(address)
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        # No address: a fresh local cluster, as documented. Ray's own default joins the
+        # cluster an earlier `ray start` recorded on this machine, and hangs (ignoring
+        # Ctrl-C) when that cluster has died.
+        ray.init(address=address or "local", log_to_driver=False, include_dashboard=False)
         started_here = True
     try:
         remote = ray.remote(_group_task)

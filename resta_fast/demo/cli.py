@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from resta_fast import cli_args as A
 from resta_fast.demo import DEFAULT_SEED
 from resta_fast.extras import require
 
@@ -21,9 +22,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to the main CLI's subparsers."""
     p = subparsers.add_parser("demo", help="reproduce RESTA end to end on tiny models (CPU, minutes)",
                               epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="resta_fast_demo",
+    p.add_argument("--out", default="resta_fast_demo", type=A.creatable_dir,
                    help="directory for reports and patched models (default ./resta_fast_demo)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    p.add_argument("--seed", type=A.seed, default=DEFAULT_SEED,
                    help=f"seed for training, DARE and the random control (default {DEFAULT_SEED})")
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"],

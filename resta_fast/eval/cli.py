@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from resta_fast import cli_args as A
 from resta_fast.errors import RestaError
 
 
@@ -37,7 +38,7 @@ def _add_prompt_args(p) -> None:
     g.add_argument("--prompt-column", help="prompt column of flat files (default: prompt/question/goal/...)")
     g.add_argument("--category-column", help="category column (default: category/topic)")
     g.add_argument("--subcategory-column", help="subcategory column (default: subcategory/subtopic)")
-    g.add_argument("--limit", type=int, help="use only the first N prompts (quick checks)")
+    g.add_argument("--limit", type=A.count, help="use only the first N prompts (quick checks)")
 
 
 def _add_generation_args(p) -> None:
@@ -51,11 +52,11 @@ def _add_generation_args(p) -> None:
         help="model dtype for evaluation (default: the checkpoint's)",
     )
     g.add_argument(
-        "--batch-size", type=int, help="generation batch (default 8 on CPU, 32 on GPU; halved on OOM)"
+        "--batch-size", type=A.count, help="generation batch (default 8 on CPU, 32 on GPU; halved on OOM)"
     )
-    g.add_argument("--max-new-tokens", type=int, default=128, help="bound on each answer (default 128)")
+    g.add_argument("--max-new-tokens", type=A.count, default=128, help="bound on each answer (default 128)")
     g.add_argument(
-        "--utility-max-new-tokens", type=int, default=32, help="bound on utility answers (default 32)"
+        "--utility-max-new-tokens", type=A.count, default=32, help="bound on utility answers (default 32)"
     )
     g.add_argument("--system-prompt", help="system message for the chat template")
     g.add_argument(
@@ -64,8 +65,8 @@ def _add_generation_args(p) -> None:
         default=None,
         help="use the tokenizer's chat template (default: when it has one)",
     )
-    g.add_argument("--seed", type=int, default=0, help="generation seed (decoding is greedy)")
-    g.add_argument("--perplexity-window", type=int, default=1024, help="tokens per perplexity window")
+    g.add_argument("--seed", type=A.seed, default=0, help="generation seed (decoding is greedy)")
+    g.add_argument("--perplexity-window", type=A.count, default=1024, help="tokens per perplexity window")
 
 
 def _add_judge_args(p) -> None:
@@ -109,29 +110,31 @@ def _add_judge_args(p) -> None:
         default="OPENAI_API_KEY",
         help="environment variable holding the API key (default OPENAI_API_KEY)",
     )
-    g.add_argument("--judge-retries", type=int, default=3, help="retries per verdict (default 3)")
+    g.add_argument("--judge-retries", type=A.index, default=3, help="retries per verdict (default 3)")
     g.add_argument(
-        "--judge-backoff", type=float, default=1.0, help="first retry delay, doubled each time (s)"
+        "--judge-backoff", type=A.nonnegative, default=1.0, help="first retry delay, doubled each time (s)"
     )
-    g.add_argument("--judge-rps", type=float, help="rate limit, requests per second")
-    g.add_argument("--judge-concurrency", type=int, default=4, help="requests in flight (default 4)")
-    g.add_argument("--judge-cache", metavar="FILE", help="verdict cache (default: OUT/judge_cache.jsonl)")
+    g.add_argument("--judge-rps", type=A.positive, help="rate limit, requests per second")
+    g.add_argument("--judge-concurrency", type=A.count, default=4, help="requests in flight (default 4)")
+    g.add_argument("--judge-cache", metavar="FILE", type=A.creatable_file,
+                   help="verdict cache (default: OUT/judge_cache.jsonl)")
 
 
 def _add_util_gate_args(p, *, tune: bool) -> None:
     g = p.add_argument_group("utility and gate")
-    g.add_argument("--utility", metavar="FILE", help="JSONL of prompt/answer pairs (exact match, contains)")
-    g.add_argument("--perplexity", metavar="FILE", help="held-out text file for perplexity")
+    g.add_argument("--utility", metavar="FILE", type=A.existing_file,
+                   help="JSONL of prompt/answer pairs (exact match, contains)")
+    g.add_argument("--perplexity", metavar="FILE", type=A.existing_file, help="held-out text file for perplexity")
     g.add_argument(
         "--max-harmful",
-        type=float,
+        type=A.rate,
         required=tune,
         metavar="RATE",
         help="fail (exit 1) when the harmful rate is above RATE, e.g. 0.05",
     )
     g.add_argument(
         "--max-utility-drop",
-        type=float,
+        type=A.nonnegative,
         metavar="D",
         help="fail when exact match drops more than D (absolute) or perplexity rises more than "
         "D (relative) against the reference",
@@ -139,7 +142,7 @@ def _add_util_gate_args(p, *, tune: bool) -> None:
     if not tune:
         g.add_argument("--reference", metavar="DIR", help="model the utility drop is measured against")
     o = p.add_argument_group("output")
-    o.add_argument("--out", metavar="DIR", help="directory for responses, verdicts and reports")
+    o.add_argument("--out", metavar="DIR", type=A.creatable_dir, help="directory for responses, verdicts and reports")
     o.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     o.add_argument(
         "--progress",
@@ -288,6 +291,8 @@ def run_tune(args) -> int:
 
     if not args.prompts:
         raise RestaError("resta-fast tune needs --prompts FILE (or builtin:smoke).")
+    if args.workdir:  # checked as creatable when parsed; made now, before the baseline evaluation
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     patch_options = {
         "dare": args.dare,
         "seed": args.dare_seed,
@@ -406,13 +411,14 @@ def add_tune_parser(subparsers):
         "--vector", metavar="PATH", help="precomputed safety vector instead of --aligned/--unaligned"
     )
     m.add_argument("--betas", required=True, action="append", help="β values, e.g. 0.25,0.5,1,1.5")
-    m.add_argument("--dare", type=float, help="DARE drop probability p")
-    m.add_argument("--dare-seed", type=int, default=0, help="DARE seed (default 0)")
+    m.add_argument("--dare", type=A.probability, help="DARE drop probability p")
+    m.add_argument("--dare-seed", type=A.seed, default=0, help="DARE seed (default 0)")
     m.add_argument("--dare-base", metavar="DIR", help="DARE base model (default: --aligned)")
     m.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="candidate dtype")
     m.add_argument("--backend", default="auto", help="patch backend (default auto)")
     m.add_argument("--patch-device", default="cpu", help="device for patching (default cpu)")
-    m.add_argument("--workdir", metavar="DIR", help="where candidates are written (default: system temp)")
+    m.add_argument("--workdir", metavar="DIR", type=A.creatable_dir,
+                   help="where candidates are written (default: system temp)")
     m.add_argument("--keep-candidates", action="store_true", help="keep the patched candidates")
     m.add_argument("--stop-early", action="store_true", help="stop at the first β that meets the targets")
     _add_prompt_args(p)
@@ -436,11 +442,14 @@ def main(argv=None) -> int:
         >>> main(["eval", "--responses", "out/responses/m.jsonl", "--json"])  # doctest: +SKIP
         0
     """
-    ap = argparse.ArgumentParser(prog="resta-fast")
+    ap = A.Parser(prog="resta-fast")
     sub = ap.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
     add_tune_parser(sub)
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
+        return int(exc.code or 0)
     try:
         return args.func(args)
     except RestaError as e:

@@ -1,0 +1,139 @@
+"""What each command-line flag accepts, checked before any work starts, in one place.
+
+Every sub-command builds its flags with these ``type=`` callables, so a value
+that makes no sense (a negative count, a zero size, a non-finite number, a
+directory that cannot be created) is refused while the arguments are parsed:
+one line, exit 2, nothing written. ``Parser`` prints argparse's own errors
+(unknown flags, missing values) as that one line too.
+
+Example:
+    >>> count("3"), probability("0.25"), finite("-1.5")
+    (3, 0.25, -1.5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from resta_fast.options import MAX_SEED
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line in the CLI's words:
+    ``resta-fast: error: --threads must be an integer >= 1, got -1 (see resta-fast patch --help)``."""
+
+    def error(self, message: str):
+        flag = re.match(r"argument ([^:]+): (must be|needs|cannot|is |no such) ?(.*)$", message)
+        if flag:  # one of our types: "--flag must be ..."
+            message = f"{flag.group(1).split('/')[-1]} {flag.group(2)} {flag.group(3)}".rstrip()
+        sys.stderr.write(f"resta-fast: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 1 (threads, sizes, sample counts, token bounds)."""
+    value = _number(text, int, "an integer >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def index(text: str) -> int:
+    """An integer >= 0 (group numbers, retries)."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An integer in [0, 2**64)."""
+    value = _number(text, int, "an integer in [0, 2**64)")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {value}")
+    return value
+
+
+def finite(text: str) -> float:
+    """Any finite number (β may be negative or zero)."""
+    return _number(text, float, "a finite number")
+
+
+def nonnegative(text: str) -> float:
+    """A finite number >= 0 (seconds, utility drops, CPU and GPU shares)."""
+    value = _number(text, float, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0 (rates)."""
+    value = _number(text, float, "a finite number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A drop probability in [0, 1) (DARE's p)."""
+    value = _number(text, float, "a drop probability in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a drop probability in [0, 1), got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """A fraction in [0, 1] (a harmful-rate threshold)."""
+    value = _number(text, float, "a fraction in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """A file that exists (manifests, prompt and text files)."""
+    path = Path(text)
+    if not path.is_file():
+        found = "a directory" if path.is_dir() else "missing"
+        raise argparse.ArgumentTypeError(f"needs an existing file: {text} is {found}")
+    return text
+
+
+def creatable_dir(text: str) -> str:
+    """A directory that exists or can be created: not a file, below a writable directory."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"needs a directory: {text} is a file")
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"needs a directory that can be created: {parent} is a file")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"needs a directory that can be created: {parent} is not writable")
+    return text
+
+
+def creatable_file(text: str) -> str:
+    """A file that exists or can be created (summaries, caches)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"needs a file: {text} is a directory")
+    creatable_dir(str(path.parent))
+    return text
