@@ -12,6 +12,7 @@ each alike, each in a fresh process that times only the pipeline call:
 
     cpu-mmap     run_jobs(device="cpu", staging="mmap")   the CPU path (4M-element chunks)
     cpu-read     run_jobs(device="cpu", staging="read")
+    cpu-mmap-1t  cpu-mmap with one kernel thread (what share of 2 cores the kernel should take)
     gpu-standin  run_jobs(device="cpu", staging="read", chunk from the GPU pool size)
     floor        read every input byte once + write the output bytes
     old-cpu / old-gpu-standin   pipeline.cpu.run_plan / pipeline.gpu.run_plan_gpu(device="cpu")
@@ -66,6 +67,7 @@ else:
     job = Job(plan, Inputs(F, A, U), out, None, 0, meta)
     gpu_chunk = chunk_elems_for_pool(DEFAULT_POOL_BYTES, DEFAULT_SLOTS)
     kw = {"cpu-mmap": dict(staging="mmap"), "cpu-read": dict(staging="read"),
+          "cpu-mmap-1t": dict(staging="mmap", threads=1),  # the kernel leaves a core to the writer and hashers
           "gpu-standin": dict(staging="read", chunk_elems=gpu_chunk)}[mode]
     t0 = time.perf_counter()
     run_jobs([job], kernel=kernel, device="cpu", **kw)

@@ -5,7 +5,8 @@ re-validates every safetensors header with our reader (metadata format "pt",
 provenance equal to the report's, tensors laid out as the recorded plan says).
 With ``--against`` it also opens the inputs, checks their fingerprints, rebuilds
 the plan from the recorded parameters, and recomputes a seeded random sample of
-output elements with the torch reference arithmetic, comparing them bit for bit.
+output elements, comparing them bit for bit: with the C++ kernel on numpy gathers
+(no torch) where it is built, else with the torch reference arithmetic.
 
 Example:
     $ resta-fast verify restored/ --against ft/ chat/ shadow/ --samples 10000
@@ -31,7 +32,7 @@ from resta_fast import rng
 from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.digest import sha256_file
-from resta_fast.io.reader import DTYPES, KERNEL_DTYPES, torch_dtype
+from resta_fast.io.reader import DTYPES, KERNEL_DTYPES, NUMPY_STORAGE, torch_dtype
 from resta_fast.options import PatchOptions, resolve_roles
 from resta_fast.report import REPORT_NAME
 
@@ -158,9 +159,8 @@ def patch_at(out, f, a, u, b, *, beta, p, seed, idx):
     store(out, patch_values(f, a, u, b, beta=beta, p=p, uniforms=lambda: uniform_at(seed, idx)))
 
 
-def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded sample: at least one element per non-empty tensor, the rest by size."""
-    import torch
+def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded sample: at least one element per non-empty tensor, the rest by size (sorted int64)."""
     sizes = [(t.name, t.numel) for t in plan_tensors if t.numel > 0]
     if not sizes or samples <= 0:
         return {}
@@ -174,7 +174,7 @@ def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, torch.Te
     for name, n in sizes:
         k = min(n, 1 + (spare * n) // total)
         idx = np.arange(n, dtype=np.int64) if k == n else np.sort(gen.choice(n, size=k, replace=False))
-        picked[name] = torch.from_numpy(idx.astype(np.int64))
+        picked[name] = idx.astype(np.int64)
     return picked
 
 
@@ -222,6 +222,80 @@ def _expected_values(t, idx, ft, a_src, u_src, b_src, params: dict, command: str
             store(part, src.float())
             want[~head] = part
     return want
+
+
+def _native_kernel():
+    """The C++ kernel, to recompute samples without torch; None where it is not built."""
+    from resta_fast.kernels import BackendUnavailable, load_backend
+    try:
+        return load_backend("cpp")
+    except BackendUnavailable:
+        return None
+
+
+def _expected_native(cpp, t, idx: np.ndarray, ft, a_src, u_src, b_src, params: dict, command: str) -> np.ndarray:
+    """``_expected_values`` with the C++ kernel on numpy gathers (no torch).
+
+    The kernel is bit-identical to the torch reference (tests/test_patch_kernels.py);
+    with DARE each sampled element is recomputed at its own offset, so it draws the
+    stream at that element, as the pass did.
+    """
+    want = np.empty(len(idx), dtype=NUMPY_STORAGE[t.out_dtype])
+    patched = t.patched_elems if t.action == "patch" else 0
+    head = idx < patched
+    if head.any():
+        i = idx[head]
+        part = np.empty(len(i), dtype=want.dtype)
+        if command == "vector":  # round(-0.0 + 1*(A - U)): exactly round(A - U)
+            cpp.patch_arrays(part, np.full(len(i), -0.0, np.float32), a_src.array(t.name)[i],
+                             u_src.array(t.name)[i], beta=1.0)
+        else:
+            dare = params.get("dare")
+            f = ft.array(t.name)[i]
+            a = a_src.array(t.name)[i]
+            u = None if u_src is None else u_src.array(t.name)[i]
+            if dare is None:
+                cpp.patch_arrays(part, f, a, u, beta=t.beta)
+            else:
+                b = b_src.array(t.name)[i]
+                seed = rng.tensor_seed(int(params.get("seed") or 0), t.seed_name or t.name)
+                for k, j in enumerate(i.tolist()):
+                    cpp.patch_arrays(part[k:k + 1], f[k:k + 1], a[k:k + 1], None if u is None else u[k:k + 1],
+                                     b[k:k + 1], beta=t.beta, p=dare, seed=seed, offset=j)
+        want[head] = part
+    if not head.all():
+        i = idx[~head]
+        src = ft.array(t.name)[i]
+        if t.in_dtype == t.out_dtype:
+            want[~head] = src
+        else:
+            part = np.empty(len(i), dtype=want.dtype)
+            cpp.convert_arrays(part, np.ascontiguousarray(src))
+            want[~head] = part
+    return want
+
+
+def _same_native(got: np.ndarray, want: np.ndarray, dtype: str) -> np.ndarray:
+    """Elementwise bit equality of host arrays; NaN equals NaN for float dtypes."""
+    width = DTYPES[dtype][1]
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
+    same = got.view(bits) == want.view(bits)
+    if dtype in KERNEL_DTYPES:
+        same |= _isnan(got, dtype) & _isnan(want, dtype)
+    return same
+
+
+def _isnan(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (x.view(np.uint16) & 0x7FFF) > 0x7F80
+    return np.isnan(x)
+
+
+def _shown(x: np.ndarray, dtype: str) -> float:
+    """One host element as a number (BF16 bits widened to fp32)."""
+    if dtype == "BF16":
+        return float((x.astype(np.uint32) << 16).view(np.float32))
+    return x.item()
 
 
 def _input_fingerprints(report: dict, role: str, ck: Checkpoint, c: Check) -> None:
@@ -358,6 +432,7 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
                              else f"{len(plan_c.problems)} problem(s)")
         picked = _sample_indices(plan_tensors, samples, seed)
         by_name = {t.name: t for t in plan_tensors}
+        cpp = _native_kernel()  # torch only where the C++ kernel is not built
         checked = bad = 0
         for name, idx in picked.items():
             t = by_name[name]
@@ -369,16 +444,27 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
                 sample_c.fail(f"{name}: output is {info.dtype} {list(info.shape)}, expected "
                               f"{t.out_dtype} {list(t.shape)}")
                 continue
-            want = _expected_values(t, idx, ft, a_src, u_src, b_src, params, command)
-            got = out_ckpt.tensor_view(name)[idx]
-            same = _same(got, want, t.out_dtype)
+            if cpp is not None:
+                want = _expected_native(cpp, t, idx, ft, a_src, u_src, b_src, params, command)
+                got = out_ckpt.array(name)[idx]
+                same = _same_native(got, want, t.out_dtype)
+                wrong = np.flatnonzero(~same)
+                native = True
+            else:
+                import torch
+                want = _expected_values(t, torch.from_numpy(idx), ft, a_src, u_src, b_src, params, command)
+                got = out_ckpt.tensor_view(name)[torch.from_numpy(idx)]
+                same = _same(got, want, t.out_dtype).numpy()
+                wrong = np.flatnonzero(~same)
+                native = False
             checked += len(idx)
-            if not bool(same.all()):
-                wrong = (~same).nonzero().flatten()
+            if len(wrong):
                 bad += len(wrong)
                 i = int(wrong[0])
+                out_v, want_v = ((_shown(got[i], t.out_dtype), _shown(want[i], t.out_dtype)) if native
+                                 else (got[i].item(), want[i].item()))
                 sample_c.fail(f"{name}: {len(wrong)} of {len(idx)} sampled elements differ, e.g. "
-                              f"element {int(idx[i])}: output {got[i].item()!r}, expected {want[i].item()!r}")
+                              f"element {int(idx[i])}: output {out_v!r}, expected {want_v!r}")
         sample_c.detail = (f"{checked} elements in {len(picked)} tensors match bit for bit (seed {seed})"
                            if sample_c.ok else f"{bad} of {checked} sampled elements differ")
     return [inputs_c, plan_c, sample_c]

@@ -59,6 +59,7 @@ def test_help_and_argument_errors_import_nothing_heavy(argv):
 @needs_cpp
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
 def test_patch_vector_verify_and_inspect_on_the_cpu_never_import_torch(world, backend):
+    """Including ``verify --against``, which recomputes its sample with the C++ kernel."""
     root, ft, al, un = world
     out, vec, out_v = root / f"out_{backend}", root / f"vec_{backend}", root / f"out_vec_{backend}"
     steps = [
@@ -68,6 +69,8 @@ def test_patch_vector_verify_and_inspect_on_the_cpu_never_import_torch(world, ba
         ["patch", "--finetuned", ft, "--vector", vec, "--out", out_v, "--backend", backend, "--no-fsync",
          "--no-progress"],
         ["verify", out],
+        ["verify", out, "--against", ft, al, un, "--samples", "2000"],
+        ["verify", out_v, "--against", ft, vec, "--samples", "2000"],
         ["inspect", ft, "--aligned", al, "--unaligned", un],
     ]
     for argv in steps:

@@ -17,6 +17,18 @@ from resta_fast.verify import patch_at, uniform_at, verify
 SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}
 
 
+@pytest.fixture(params=["native", "torch"])
+def recompute(request, monkeypatch):
+    """Both ways verify recomputes its sample: the C++ kernel on numpy (no torch) and,
+    where the kernel is not built, the torch reference."""
+    from resta_fast import verify as verify_module
+    if request.param == "native" and verify_module._native_kernel() is None:
+        pytest.skip("the C++ kernel is not built")
+    if request.param == "torch":
+        monkeypatch.setattr(verify_module, "_native_kernel", lambda: None)
+    return request.param
+
+
 def checks(result) -> dict:
     return {c["name"]: c for c in result["checks"]}
 
@@ -32,7 +44,7 @@ def patched(tmp_path_factory):
     return root, ft, al, un, out
 
 
-def test_clean_output_passes_every_check(patched, capsys):
+def test_clean_output_passes_every_check(patched, capsys, recompute):
     _, ft, al, un, out = patched
     for against in ([], [str(ft), str(al), str(un)]):
         result = verify(out, against, samples=100_000)  # more than the elements: all are checked
@@ -64,7 +76,7 @@ def test_a_single_flipped_bit_is_caught(patched, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "FAIL"
 
 
-def test_sample_catches_a_wrong_value_even_with_matching_hashes(patched, tmp_path):
+def test_sample_catches_a_wrong_value_even_with_matching_hashes(patched, tmp_path, recompute):
     """A wrong element whose file hash was 'fixed' up too: only recomputation can tell."""
     _, ft, al, un, out = patched
     bad = tmp_path / "out"
@@ -135,7 +147,7 @@ def test_a_recorded_failed_validation_fails_verify(patched, tmp_path):
     assert verify(bad)["ok"]
 
 
-def test_vector_mode_dtype_override_and_extra_vocab(tmp_path):
+def test_vector_mode_dtype_override_and_extra_vocab(tmp_path, recompute):
     ft, al, un = three_models(tmp_path, ft_extra_rows=3, dtype=torch.float16, **SMALL)
     vec = tmp_path / "vec"
     api.make_vector(al, un, vec, fsync=False)
