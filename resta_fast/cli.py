@@ -43,7 +43,7 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="output dtype (bfloat16, float16, float32; default: fine-tune's)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=A.count, help="CPU kernel threads (default: all cores)")
+    p.add_argument("--threads", type=A.count, help="CPU kernel threads (default: all cores but the writer's)")
     p.add_argument("--staging", default="auto", choices=STAGING_CHOICES,
                    help="how inputs are read: mmap (zero-copy; the CPU default, measured faster), read (reader "
                         "threads pread into reusable buffers, so an input truncated mid-run is a clean error; "

@@ -109,7 +109,7 @@ class PatchOptions:
         include, exclude: regexes over tensor names.
         dtype: output dtype (``bfloat16``, ``float16``, ``float32``; None: the fine-tune's).
         backend: auto | cpp | triton | torch; device: auto | cpu | cuda | cuda:N.
-        threads: CPU kernel threads (None: all cores); chunk_elems: elements per
+        threads: CPU kernel threads (None: all cores but the writer's); chunk_elems: elements per
             chunk (None: the engine's default); gpu_pool_bytes: pinned staging
             memory for a GPU (None: the engine's default).
         staging: how inputs are read: ``mmap`` (zero-copy views), ``read`` (pread

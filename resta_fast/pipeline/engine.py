@@ -103,8 +103,8 @@ def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | Non
             jobs) read it once per chunk.
         kernel: a backend module (``patch_into``/``convert_into``) for ``device``.
         device: ``cpu`` or ``cuda[:N]``.
-        threads: kernel threads (default: all cores for one job, see
-            ``fused_workers`` for a group). writers: writer threads.
+        threads: kernel threads (default: the cores the writers leave, see
+            ``fused_workers``). writers: writer threads.
         chunk_elems: elements per chunk (default by device and group size).
         n_buffers: output buffers per writer.
         cache: a ``compute.DeviceCache`` shared by passes over the same inputs.
@@ -126,10 +126,10 @@ def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | Non
     if chunk_elems is None:
         chunk_elems = (chunk_elems_for_pool(pool_bytes or DEFAULT_POOL_BYTES, slots or DEFAULT_SLOTS) if cuda
                        else DEFAULT_CHUNK_ELEMS if len(jobs) == 1 else FUSED_CHUNK_ELEMS)
-    if len(jobs) == 1 and writers is None:
-        n_writers = 1  # one job: its kernel keeps the cores it asked for (OpenMP default)
-    else:
-        threads, n_writers = fused_workers(len(jobs), threads, writers, cores)
+    # One job too: the kernel leaves the writer and hasher threads a core. On 2 cores one
+    # kernel thread patched 1.2B params in 4.26 s against 5.50 s for OpenMP's default two
+    # (median of 4 alternated rounds, bench_staging.py --modes cpu-mmap,cpu-mmap-1t).
+    threads, n_writers = fused_workers(len(jobs), threads, writers, cores)
     staging = staging or ("read" if cuda else CPU_STAGING)
     buffer_bytes = chunk_elems * 4  # room for fp32, the widest kernel dtype
     compute = Compute(kernel, device, threads)
