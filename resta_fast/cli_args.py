@@ -45,65 +45,25 @@ def _number(text: str, kind, what: str):
     return value
 
 
-def count(text: str) -> int:
-    """An integer >= 1 (threads, sizes, sample counts, token bounds)."""
-    value = _number(text, int, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _bounded(kind, what: str, ok, doc: str):
+    """A ``type=`` callable: ``kind`` (int or finite float) satisfying ``ok``."""
+    def check(text: str):
+        value = _number(text, kind, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    check.__doc__ = doc
+    return check
 
 
-def index(text: str) -> int:
-    """An integer >= 0 (group numbers, retries)."""
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def seed(text: str) -> int:
-    """An integer in [0, 2**64)."""
-    value = _number(text, int, "an integer in [0, 2**64)")
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {value}")
-    return value
-
-
-def finite(text: str) -> float:
-    """Any finite number (β may be negative or zero)."""
-    return _number(text, float, "a finite number")
-
-
-def nonnegative(text: str) -> float:
-    """A finite number >= 0 (seconds, utility drops, CPU and GPU shares)."""
-    value = _number(text, float, "a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return value
-
-
-def positive(text: str) -> float:
-    """A finite number > 0 (rates)."""
-    value = _number(text, float, "a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A drop probability in [0, 1) (DARE's p)."""
-    value = _number(text, float, "a drop probability in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a drop probability in [0, 1), got {value}")
-    return value
-
-
-def rate(text: str) -> float:
-    """A fraction in [0, 1] (a harmful-rate threshold)."""
-    value = _number(text, float, "a fraction in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {value}")
-    return value
+count = _bounded(int, "an integer >= 1", lambda v: v >= 1, "An integer >= 1 (threads, sizes, token bounds).")
+index = _bounded(int, "an integer >= 0", lambda v: v >= 0, "An integer >= 0 (group numbers, retries).")
+seed = _bounded(int, "an integer in [0, 2**64)", lambda v: 0 <= v <= MAX_SEED, "A uint64 seed.")
+finite = _bounded(float, "a finite number", lambda v: True, "Any finite number (β may be negative or zero).")
+nonnegative = _bounded(float, "a finite number >= 0", lambda v: v >= 0, "Seconds, utility drops, GPU shares.")
+positive = _bounded(float, "a finite number > 0", lambda v: v > 0, "Rates, CPU shares.")
+probability = _bounded(float, "a drop probability in [0, 1)", lambda v: 0 <= v < 1, "DARE's p.")
+rate = _bounded(float, "a fraction in [0, 1]", lambda v: 0 <= v <= 1, "A harmful-rate threshold.")
 
 
 def existing_file(text: str) -> str:

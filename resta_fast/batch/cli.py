@@ -17,6 +17,7 @@ from pathlib import Path
 from resta_fast import cli_args as A
 from resta_fast.batch.local import JobResult, Reporter, format_table, human_bytes, summarize
 from resta_fast.cli import add_validation_args, validation_options
+from resta_fast.options import STAGING_CHOICES
 
 EPILOG = """\
 Manifest (YAML or JSON): top-level keys are defaults for every job and mirror
@@ -54,7 +55,7 @@ def add_batch_parser(subparsers) -> None:
                         "(default: cores/4, at most 8)")
     p.add_argument("--chunk-elems", type=A.count, metavar="N",
                    help="elements per fused chunk (default 1M; the shared chunk is reused while hot)")
-    p.add_argument("--staging", choices=("auto", "mmap", "read"), default="auto",
+    p.add_argument("--staging", choices=STAGING_CHOICES, default="auto",
                    help="how inputs are read: mmap (zero-copy; the CPU default), read (reader threads pread "
                         "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before each job's final rename")
@@ -114,9 +115,6 @@ def _status_line(r: JobResult, done: int, total: int) -> str:
 def cmd_batch(args) -> int:
     from resta_fast.batch.local import check_manifest
     from resta_fast.batch.manifest import load_manifest
-    from resta_fast.errors import RestaError
-    if args.group_size is not None and args.group_size < 1:
-        raise RestaError(f"--group-size must be >= 1, got {args.group_size}")
     # Jobs running elsewhere (Ray, Slurm) are checked here except for their
     # devices and backends; each worker checks its own group again.
     here = args.executor == "local" and not args.emit_slurm
@@ -131,7 +129,6 @@ def cmd_batch(args) -> int:
 
 
 def _run(args, manifest, selected, prepared) -> int:
-    from resta_fast.errors import RestaError
     if args.emit_slurm:
         from resta_fast.batch.slurm import emit_slurm
         path = emit_slurm(manifest, args.emit_slurm, num_cpus=args.num_cpus,
@@ -148,8 +145,6 @@ def _run(args, manifest, selected, prepared) -> int:
     reporter = ConsoleReporter(len(jobs), total, bar=not args.no_progress and sys.stderr.isatty())
     reporter.sizes = dict(manifest.out_bytes)
     fsync = False if args.no_fsync else None
-    if args.chunk_elems is not None and args.chunk_elems < 1:
-        raise RestaError(f"--chunk-elems must be >= 1, got {args.chunk_elems}")
     fused = {k: v for k, v in (("writers", args.writers), ("chunk_elems", args.chunk_elems)) if v}
     if args.staging != "auto":
         fused["staging"] = args.staging
