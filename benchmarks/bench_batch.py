@@ -159,7 +159,7 @@ def main() -> None:
     ns = sorted({int(n) for n in args.ns.split(",")})
     root = Path(args.dir)
     built = json.loads(subprocess.run(
-        [sys.executable, __file__, "build", "--root", str(root), "--params", str(args.params),
+        [sys.executable, str(Path(__file__).resolve()), "build", "--root", str(root), "--params", str(args.params),
          "--shard-bytes", str(args.shard_bytes), "--n", str(max(ns))],
         check=True, capture_output=True, text=True).stdout)
     al, un = Path(built["aligned"]), Path(built["unaligned"])
@@ -193,7 +193,7 @@ def main() -> None:
                                      args.backend, args.fsync, args.dare, args.device)
             cmds[f"oldbatch-{n}"] = [*cmds[f"batch-{n}"][:4], str(old_man), *cmds[f"batch-{n}"][5:]]
             out_roots[f"oldbatch-{n}"] = root / f"out-oldbatch-{n}"
-        cmds[f"separate-{n}"] = [py, __file__, "separate", str(man), "--out-root", str(sep_out), *tune]
+        cmds[f"separate-{n}"] = [py, str(Path(__file__).resolve()), "separate", str(man), "--out-root", str(sep_out), *tune]
         out_roots[f"separate-{n}"] = sep_out
         if args.separate_cli:
             cli_out = root / f"out-separatecli-{n}"

@@ -122,9 +122,15 @@ def floor_main(argv) -> None:
 
 
 def run(cmd: list[str], env=None) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of one command in a fresh process."""
+    """(seconds, peak RSS MB) of one command in a fresh process.
+
+    It runs in the checkout its PYTHONPATH names: ``python -m`` puts the working
+    directory first on sys.path, so run from elsewhere it could import that
+    directory's resta_fast instead (an --old-repo run would measure this one).
+    """
+    cwd = (env or {}).get("PYTHONPATH") or None
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -191,7 +197,7 @@ def main() -> None:
     # Built in a child: Linux charges a parent's peak RSS to the children it
     # spawns (exec records the old mm's high-water mark), so this process must
     # stay small for the children's peak-RSS numbers to mean anything.
-    subprocess.run([sys.executable, __file__, "build", str(root / "models"), str(args.params),
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "build", str(root / "models"), str(args.params),
                     str(args.shard_bytes)], check=True)
     ft, al, un = (root / "models" / n for n in ("finetuned", "aligned", "unaligned"))
     inputs = sorted(str(p) for d in (ft, al, un) for p in d.glob("*.safetensors"))
@@ -204,7 +210,7 @@ def main() -> None:
     cmds: dict[str, list[str]] = {}
     for mode in modes:
         sync = [] if mode == "fsync" else ["--no-fsync"]
-        cmds[f"floor-{mode}"] = [py, __file__, "floor", "--inputs", *inputs, "--out", str(root / "floor.bin"),
+        cmds[f"floor-{mode}"] = [py, str(Path(__file__).resolve()), "floor", "--inputs", *inputs, "--out", str(root / "floor.bin"),
                                  "--out-bytes", str(out_bytes)] + (["--fsync"] if mode == "fsync" else [])
         for backend in args.backends.split(","):
             cmds[f"patch-{backend}-{mode}"] = [py, "-m", "resta_fast", "patch", "--finetuned", str(ft),
