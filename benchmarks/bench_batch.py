@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SELF = str(Path(__file__).resolve())  # children may run in another working directory
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -159,7 +160,7 @@ def main() -> None:
     ns = sorted({int(n) for n in args.ns.split(",")})
     root = Path(args.dir)
     built = json.loads(subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "build", "--root", str(root), "--params", str(args.params),
+        [sys.executable, SELF, "build", "--root", str(root), "--params", str(args.params),
          "--shard-bytes", str(args.shard_bytes), "--n", str(max(ns))],
         check=True, capture_output=True, text=True).stdout)
     al, un = Path(built["aligned"]), Path(built["unaligned"])
@@ -193,7 +194,7 @@ def main() -> None:
                                      args.backend, args.fsync, args.dare, args.device)
             cmds[f"oldbatch-{n}"] = [*cmds[f"batch-{n}"][:4], str(old_man), *cmds[f"batch-{n}"][5:]]
             out_roots[f"oldbatch-{n}"] = root / f"out-oldbatch-{n}"
-        cmds[f"separate-{n}"] = [py, str(Path(__file__).resolve()), "separate", str(man), "--out-root", str(sep_out), *tune]
+        cmds[f"separate-{n}"] = [py, SELF, "separate", str(man), "--out-root", str(sep_out), *tune]
         out_roots[f"separate-{n}"] = sep_out
         if args.separate_cli:
             cli_out = root / f"out-separatecli-{n}"

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SELF = str(Path(__file__).resolve())  # children may run in another working directory
 sys.path.insert(0, str(REPO))
 
 
@@ -197,7 +198,7 @@ def main() -> None:
     # Built in a child: Linux charges a parent's peak RSS to the children it
     # spawns (exec records the old mm's high-water mark), so this process must
     # stay small for the children's peak-RSS numbers to mean anything.
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "build", str(root / "models"), str(args.params),
+    subprocess.run([sys.executable, SELF, "build", str(root / "models"), str(args.params),
                     str(args.shard_bytes)], check=True)
     ft, al, un = (root / "models" / n for n in ("finetuned", "aligned", "unaligned"))
     inputs = sorted(str(p) for d in (ft, al, un) for p in d.glob("*.safetensors"))
@@ -210,7 +211,7 @@ def main() -> None:
     cmds: dict[str, list[str]] = {}
     for mode in modes:
         sync = [] if mode == "fsync" else ["--no-fsync"]
-        cmds[f"floor-{mode}"] = [py, str(Path(__file__).resolve()), "floor", "--inputs", *inputs, "--out", str(root / "floor.bin"),
+        cmds[f"floor-{mode}"] = [py, SELF, "floor", "--inputs", *inputs, "--out", str(root / "floor.bin"),
                                  "--out-bytes", str(out_bytes)] + (["--fsync"] if mode == "fsync" else [])
         for backend in args.backends.split(","):
             cmds[f"patch-{backend}-{mode}"] = [py, "-m", "resta_fast", "patch", "--finetuned", str(ft),
