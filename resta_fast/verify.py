@@ -32,7 +32,7 @@ from resta_fast import rng
 from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.digest import sha256_file
-from resta_fast.io.reader import DTYPES, KERNEL_DTYPES, NUMPY_STORAGE, torch_dtype
+from resta_fast.io.reader import DTYPES, KERNEL_DTYPES, NUMPY_STORAGE
 from resta_fast.options import PatchOptions, resolve_roles
 from resta_fast.report import REPORT_NAME
 
@@ -178,52 +178,6 @@ def _sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, np.ndarr
     return picked
 
 
-def _same(got: torch.Tensor, want: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Elementwise bit equality; NaN equals NaN (SPEC §2 compares NaN-ness)."""
-    import torch
-    int_of_width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    width = DTYPES[dtype][1]
-    same = got.view(int_of_width[width]) == want.view(int_of_width[width])
-    if dtype in KERNEL_DTYPES:
-        same |= torch.isnan(got) & torch.isnan(want)
-    return same
-
-
-def _expected_values(t, idx, ft, a_src, u_src, b_src, params: dict, command: str) -> torch.Tensor:
-    """What the output tensor ``t`` must hold at ``idx`` (in t.out_dtype)."""
-    import torch
-
-    from resta_fast.kernels.reference import store
-    out_torch = torch_dtype(t.out_dtype)
-    want = torch.empty(len(idx), dtype=out_torch)
-    patched = t.patched_elems if t.action == "patch" else 0
-    head = idx < patched
-    if bool(head.any()):
-        i = idx[head]
-        part = torch.empty(len(i), dtype=out_torch)
-        if command == "vector":
-            store(part, a_src.tensor_view(t.name)[i].float() - u_src.tensor_view(t.name)[i].float())
-        else:
-            dare = params.get("dare")
-            seed = (rng.tensor_seed(int(params.get("seed") or 0), t.seed_name or t.name)
-                    if dare is not None else 0)
-            patch_at(part, ft.tensor_view(t.name)[i], a_src.tensor_view(t.name)[i],
-                     None if u_src is None else u_src.tensor_view(t.name)[i],
-                     None if b_src is None else b_src.tensor_view(t.name)[i],
-                     beta=t.beta, p=dare or 0.0, seed=seed, idx=i)
-        want[head] = part
-    if not bool(head.all()):
-        i = idx[~head]
-        src = ft.tensor_view(t.name)[i]
-        if t.in_dtype == t.out_dtype:
-            want[~head] = src
-        else:
-            part = torch.empty(len(i), dtype=out_torch)
-            store(part, src.float())
-            want[~head] = part
-    return want
-
-
 def _native_kernel():
     """The C++ kernel, to recompute samples without torch; None where it is not built."""
     from resta_fast.kernels import BackendUnavailable, load_backend
@@ -233,13 +187,44 @@ def _native_kernel():
         return None
 
 
-def _expected_native(cpp, t, idx: np.ndarray, ft, a_src, u_src, b_src, params: dict, command: str) -> np.ndarray:
-    """``_expected_values`` with the C++ kernel on numpy gathers (no torch).
+class _NativeRecompute:
+    """Scattered elements with the C++ kernel on numpy gathers (no torch). It is
+    bit-identical to the torch reference (tests/test_patch_kernels.py); with DARE
+    each element is recomputed at its own offset, so it draws the stream there."""
 
-    The kernel is bit-identical to the torch reference (tests/test_patch_kernels.py);
-    with DARE each sampled element is recomputed at its own offset, so it draws the
-    stream at that element, as the pass did.
-    """
+    def __init__(self, cpp):
+        self.cpp = cpp
+
+    def patch(self, out, f, a, u, b, *, beta, p, seed, idx: np.ndarray) -> None:
+        if b is None:  # no random stream: one call for every element
+            self.cpp.patch_arrays(out, f, a, u, beta=beta)
+            return
+        for k, j in enumerate(idx.tolist()):
+            self.cpp.patch_arrays(out[k:k + 1], f[k:k + 1], a[k:k + 1], None if u is None else u[k:k + 1],
+                                  b[k:k + 1], beta=beta, p=p, seed=seed, offset=j)
+
+    def convert(self, out, x) -> None:
+        self.cpp.convert_arrays(out, x)
+
+
+class _TorchRecompute:
+    """The same with the torch reference (``patch_at``), where the kernel is not built."""
+
+    def patch(self, out, f, a, u, b, *, beta, p, seed, idx: np.ndarray) -> None:
+        import torch
+
+        from resta_fast.pipeline.compute import as_torch
+        patch_at(as_torch(out), as_torch(f), as_torch(a), as_torch(u), as_torch(b), beta=beta, p=p, seed=seed,
+                 idx=torch.from_numpy(idx))
+
+    def convert(self, out, x) -> None:
+        from resta_fast.kernels.reference import convert_into
+        from resta_fast.pipeline.compute import as_torch
+        convert_into(as_torch(out), as_torch(x))
+
+
+def _expected(recompute, t, idx: np.ndarray, ft, a_src, u_src, b_src, params: dict, command: str) -> np.ndarray:
+    """What the output tensor ``t`` must hold at ``idx``, as a host array of t.out_dtype."""
     want = np.empty(len(idx), dtype=NUMPY_STORAGE[t.out_dtype])
     patched = t.patched_elems if t.action == "patch" else 0
     head = idx < patched
@@ -247,21 +232,15 @@ def _expected_native(cpp, t, idx: np.ndarray, ft, a_src, u_src, b_src, params: d
         i = idx[head]
         part = np.empty(len(i), dtype=want.dtype)
         if command == "vector":  # round(-0.0 + 1*(A - U)): exactly round(A - U)
-            cpp.patch_arrays(part, np.full(len(i), -0.0, np.float32), a_src.array(t.name)[i],
-                             u_src.array(t.name)[i], beta=1.0)
+            recompute.patch(part, np.full(len(i), -0.0, np.float32), a_src.array(t.name)[i],
+                            u_src.array(t.name)[i], None, beta=1.0, p=0.0, seed=0, idx=i)
         else:
             dare = params.get("dare")
-            f = ft.array(t.name)[i]
-            a = a_src.array(t.name)[i]
-            u = None if u_src is None else u_src.array(t.name)[i]
-            if dare is None:
-                cpp.patch_arrays(part, f, a, u, beta=t.beta)
-            else:
-                b = b_src.array(t.name)[i]
-                seed = rng.tensor_seed(int(params.get("seed") or 0), t.seed_name or t.name)
-                for k, j in enumerate(i.tolist()):
-                    cpp.patch_arrays(part[k:k + 1], f[k:k + 1], a[k:k + 1], None if u is None else u[k:k + 1],
-                                     b[k:k + 1], beta=t.beta, p=dare, seed=seed, offset=j)
+            seed = rng.tensor_seed(int(params.get("seed") or 0), t.seed_name or t.name) if dare is not None else 0
+            recompute.patch(part, ft.array(t.name)[i], a_src.array(t.name)[i],
+                            None if u_src is None else u_src.array(t.name)[i],
+                            None if dare is None else b_src.array(t.name)[i],
+                            beta=t.beta, p=dare or 0.0, seed=seed, idx=i)
         want[head] = part
     if not head.all():
         i = idx[~head]
@@ -270,12 +249,12 @@ def _expected_native(cpp, t, idx: np.ndarray, ft, a_src, u_src, b_src, params: d
             want[~head] = src
         else:
             part = np.empty(len(i), dtype=want.dtype)
-            cpp.convert_arrays(part, np.ascontiguousarray(src))
+            recompute.convert(part, src)
             want[~head] = part
     return want
 
 
-def _same_native(got: np.ndarray, want: np.ndarray, dtype: str) -> np.ndarray:
+def _same(got: np.ndarray, want: np.ndarray, dtype: str) -> np.ndarray:
     """Elementwise bit equality of host arrays; NaN equals NaN for float dtypes."""
     width = DTYPES[dtype][1]
     bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
@@ -433,6 +412,7 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
         picked = _sample_indices(plan_tensors, samples, seed)
         by_name = {t.name: t for t in plan_tensors}
         cpp = _native_kernel()  # torch only where the C++ kernel is not built
+        recompute = _NativeRecompute(cpp) if cpp is not None else _TorchRecompute()
         checked = bad = 0
         for name, idx in picked.items():
             t = by_name[name]
@@ -444,27 +424,16 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
                 sample_c.fail(f"{name}: output is {info.dtype} {list(info.shape)}, expected "
                               f"{t.out_dtype} {list(t.shape)}")
                 continue
-            if cpp is not None:
-                want = _expected_native(cpp, t, idx, ft, a_src, u_src, b_src, params, command)
-                got = out_ckpt.array(name)[idx]
-                same = _same_native(got, want, t.out_dtype)
-                wrong = np.flatnonzero(~same)
-                native = True
-            else:
-                import torch
-                want = _expected_values(t, torch.from_numpy(idx), ft, a_src, u_src, b_src, params, command)
-                got = out_ckpt.tensor_view(name)[torch.from_numpy(idx)]
-                same = _same(got, want, t.out_dtype).numpy()
-                wrong = np.flatnonzero(~same)
-                native = False
+            want = _expected(recompute, t, idx, ft, a_src, u_src, b_src, params, command)
+            got = out_ckpt.array(name)[idx]
+            wrong = np.flatnonzero(~_same(got, want, t.out_dtype))
             checked += len(idx)
             if len(wrong):
                 bad += len(wrong)
                 i = int(wrong[0])
-                out_v, want_v = ((_shown(got[i], t.out_dtype), _shown(want[i], t.out_dtype)) if native
-                                 else (got[i].item(), want[i].item()))
-                sample_c.fail(f"{name}: {len(wrong)} of {len(idx)} sampled elements differ, e.g. "
-                              f"element {int(idx[i])}: output {out_v!r}, expected {want_v!r}")
+                sample_c.fail(f"{name}: {len(wrong)} of {len(idx)} sampled elements differ, e.g. element "
+                              f"{int(idx[i])}: output {_shown(got[i], t.out_dtype)!r}, "
+                              f"expected {_shown(want[i], t.out_dtype)!r}")
         sample_c.detail = (f"{checked} elements in {len(picked)} tensors match bit for bit (seed {seed})"
                            if sample_c.ok else f"{bad} of {checked} sampled elements differ")
     return [inputs_c, plan_c, sample_c]
