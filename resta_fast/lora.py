@@ -171,6 +171,20 @@ class LoraAdapter:
                                  f"valid regular expression ({exc})") from None
         return value
 
+    def fingerprint(self) -> dict:
+        """Cheap identity: the weights file's size, mtime and header hash; the config's sha256."""
+        import hashlib
+        f = self.file
+        return {f.path.name: {"bytes": f.size, "mtime_ns": f.stat.st_mtime_ns,
+                              "header_sha256": hashlib.sha256(f.header_bytes).hexdigest()},
+                ADAPTER_CONFIG: {"sha256": hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes()).hexdigest()}}
+
+    def check_unchanged(self) -> None:
+        self.file.check_unchanged()
+
+    def close(self) -> None:
+        self.file.close()
+
     def scaling(self, module: str) -> tuple[int, float]:
         """(rank, scale) for ``module``, resolving rank_pattern/alpha_pattern like peft."""
         rk = _pattern_key(self.rank_pattern, module)
@@ -229,9 +243,14 @@ class LoraFinetuned:
         >>> plan = build_plan(ft, aligned=al, unaligned=un)    # doctest: +SKIP
     """
 
-    def __init__(self, adapter, base: Checkpoint, role: str = "finetuned"):
+    def __init__(self, adapter, base: Checkpoint, role: str = "finetuned", *, replace=None, delta=None):
         self.role = role
-        self.adapter = LoraAdapter(adapter)
+        self.adapter = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
+        # Realignment methods merge a changed adapter without rewriting it first:
+        # ``replace`` maps adapter keys to new tensors (Safe LoRA's projected B), and
+        # ``delta(module)`` computes a module's fp32 delta itself (SafeMERGE's weighted sum).
+        self.replacements = dict(replace or {})
+        self._delta = delta if delta is not None else self.lora_delta
         self.base = base
         self.path = self.adapter.path
         self.root = base.root
@@ -468,11 +487,7 @@ class LoraFinetuned:
             merged = ad.view(mod.bias).float() * mod.scaling
             merged.add_(w.float())
             return merged.reshape(-1)
-        a_info, b_info = ad.tensors[mod.a], ad.tensors[mod.b]
-        a = ad.view(mod.a).view(a_info.shape).float()
-        b = ad.view(mod.b).view(b_info.shape).float()
-        delta = b @ a
-        delta.mul_(mod.scaling)
+        delta = self._delta(mod)
         if mod.transpose:
             # A fresh buffer: an fp32 base's ``.float()`` would alias the mmap, and
             # the aligned model may be read from that same mapping.
@@ -486,6 +501,19 @@ class LoraFinetuned:
         del delta
         self._release_base(mod.target)
         return merged.reshape(-1)
+
+    def lora_tensor(self, key: str) -> torch.Tensor:
+        """An adapter tensor (or its replacement) in fp32, in its stored shape."""
+        ad = self.adapter.file
+        t = self.replacements.get(key)
+        t = ad.view(key).view(ad.tensors[key].shape) if t is None else t
+        return t.float()
+
+    def lora_delta(self, mod: LoraModule) -> torch.Tensor:
+        """s·(B@A) in fp32, op for op as peft's get_delta_weight (B@A's layout: out × in)."""
+        delta = self.lora_tensor(mod.b) @ self.lora_tensor(mod.a)
+        delta.mul_(mod.scaling)
+        return delta
 
     def _release_base(self, name: str) -> None:
         if name not in self.replaced:
@@ -545,12 +573,7 @@ class LoraFinetuned:
                 f"({what} tensor(s){extra}); merged tensors are written in the base's dtype")
 
     def fingerprint(self) -> dict:
-        import hashlib
-        f = self.adapter.file
-        own = {f"adapter/{f.path.name}": {"bytes": f.size, "mtime_ns": f.stat.st_mtime_ns,
-                                           "header_sha256": hashlib.sha256(f.header_bytes).hexdigest()},
-               f"adapter/{ADAPTER_CONFIG}": {
-                   "sha256": hashlib.sha256((self.adapter.path / ADAPTER_CONFIG).read_bytes()).hexdigest()}}
+        own = {f"adapter/{k}": v for k, v in self.adapter.fingerprint().items()}
         own.update({f"base/{k}": v for k, v in self.base.fingerprint().items()})
         return own
 
