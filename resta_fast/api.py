@@ -150,6 +150,7 @@ class PreparedPatch:
     backend_name: str
     kernel: ModuleType | None
     stack: ExitStack | None = None
+    report_extra: dict | None = None  # method-specific report sections (Safe LoRA's cosines)
 
     @property
     def out_bytes(self) -> int:
@@ -292,7 +293,7 @@ def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), ex
                              backend_name, kernel, stack)
 
 
-def _progress_bar(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                disable=not enabled, dynamic_ncols=True, leave=False)
@@ -325,7 +326,7 @@ def clean_write_errors(out: Path):
 
 
 @contextmanager
-def _output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: str):
+def output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: str):
     """Own ``out`` for one run (``claim_output``), defer Ctrl-C to tensor
     boundaries, and clean OSErrors from the body (``clean_write_errors``); the
     temp output is removed before the error surfaces."""
@@ -364,8 +365,8 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
     out = Path(out)
     options = prepared.options
     check_output_location(out, prepared.input_paths, overwrite)
-    bar, update = _progress_bar(prepared.out_bytes, progress, f"resta-fast -> {out.name}")
-    with _output_guard(out, prepared.input_paths, overwrite, prepared.provenance.get("command", "patch")), \
+    bar, update = progress_bar(prepared.out_bytes, progress, f"resta-fast -> {out.name}")
+    with output_guard(out, prepared.input_paths, overwrite, prepared.provenance.get("command", "patch")), \
             AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
         job = prepared.job(outdir.tmp, progress=update)
         run_jobs([job], kernel=prepared.kernel, device=prepared.device, threads=options.threads,
@@ -375,7 +376,7 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
             raise job.error
         report = finish_output(outdir.tmp, prepared.plan, prepared.inputs.finetuned, job.stats,
                                prepared.provenance, backend_name=prepared.backend_name, device=prepared.device,
-                               fsync=fsync)
+                               fsync=fsync, extra=prepared.report_extra)
         if validate is not None:
             record_validation(outdir.tmp, report, validate(outdir.tmp))
         raise_if_interrupted()  # Ctrl-C after the last tensor: still no output

@@ -51,7 +51,7 @@ class Plan:
 
     files: list[OutputFile]
     notes: list[str] = field(default_factory=list)
-    mode: str = "pair"  # "pair" (A, U) or "vector" (V)
+    mode: str = "pair"  # "pair" (A, U), "vector" (V), or "merge" (a LoRA merge, nothing patched)
     dare: bool = False
 
     def tensors(self):
@@ -279,6 +279,23 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
         plan.notes.append("no tensor is patched: check --include/--exclude and that the inputs "
                           "are the same architecture")
     return plan
+
+
+def copy_plan(finetuned) -> Plan:
+    """Every tensor of ``finetuned`` copied into the output, a merged LoRA tensor
+    rounded once from fp32 to its stored dtype: the plan of a LoRA merge (Safe
+    LoRA, SafeMERGE ``--merge``) with no safety vector added."""
+    stored_dtype = getattr(finetuned, "stored_dtype", None)
+    is_merged = getattr(finetuned, "is_merged", None)
+    files = []
+    for fname, sfile in finetuned.files.items():
+        tensors = []
+        for name, info in sfile.tensors.items():
+            merged = bool(is_merged and is_merged(name))
+            tensors.append(TensorPlan(name, "copy", "LoRA merged in fp32" if merged else "", info.shape, info.dtype,
+                                      stored_dtype(name) if stored_dtype else info.dtype))
+        files.append(OutputFile(fname, tensors))
+    return Plan(files, mode="merge")
 
 
 def dtype_itemsize(name: str) -> int:

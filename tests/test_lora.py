@@ -29,8 +29,8 @@ from resta_fast.errors import RestaError, cli_flag
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}
+from lora_fixtures import gpt2_base, llama_base, shadow, train_adapter  # noqa: E402
+
 OUT_NAME = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
 
@@ -48,50 +48,6 @@ def backends():
     except Exception:  # noqa: BLE001 - the native backend is optional
         pass
     return names
-
-
-def llama_base(path, *, dtype=torch.bfloat16, tie=False, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=tie))
-    model.to(dtype).save_pretrained(path)
-    return path
-
-
-def gpt2_base(path, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
-
-
-def train_adapter(base, adapter, config, *, cls=None, resize=None, seed=1):
-    """Wrap ``base`` (loaded in fp32: an exact upcast) with peft, give every
-    trainable adapter tensor random values, save the adapter; return peft's
-    fp32 ``merge_and_unload()`` state dict."""
-    cls = cls or transformers.LlamaForCausalLM
-    model = cls.from_pretrained(base, dtype=torch.float32)
-    if resize:
-        model.resize_token_embeddings(resize, mean_resizing=False)
-    pm = peft.get_peft_model(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.save_pretrained(adapter)
-    return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
-
-
-def shadow(base, path, seed=2):
-    """An 'unaligned' model: base + noise, same names, dtypes and config."""
-    path.mkdir()
-    g = torch.Generator().manual_seed(seed)
-    t = {k: (v.float() + torch.randn(v.shape, generator=g) * 0.02).to(v.dtype)
-         for k, v in load_file(str(base / "model.safetensors")).items()}
-    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text((base / "config.json").read_text())
-    return path
 
 
 def int_bits(t):

@@ -1,0 +1,172 @@
+"""Adapter realignment runs (Safe LoRA, SafeMERGE): inputs in, one atomic output out.
+
+Each method decides per LoRA module what the adapter becomes (``safelora``,
+``safemerge``); this module opens the inputs, scores the modules with a
+progress bar, and writes either
+
+- a PEFT adapter (same tensor names, dtypes and order; unchanged tensors byte
+  for byte), or
+- with ``merge``, the full model: base + the realigned update, streamed through
+  the same engine and atomic writer as ``patch`` (``plan.copy_plan``),
+
+with ``resta_fast.json`` listing every module's cosine and decision beside the
+provenance. Nothing is written on bad input, and an interrupted run leaves no
+output.
+
+Example:
+    >>> report = safelora("ft-adapter", "safe-adapter", aligned="chat", unaligned="base", threshold=0.5)  # doctest: +SKIP
+    >>> [m["module"] for m in report["safelora"]["modules"] if m["projected"]]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+from resta_fast import safelora as SL
+from resta_fast.errors import OptionError
+from resta_fast.io.checkpoint import Checkpoint
+from resta_fast.io.reader import torch_dtype
+from resta_fast.io.writer import AtomicOutputDir, check_output_location
+from resta_fast.lora import LoraAdapter, LoraFinetuned
+from resta_fast.report import REPORT_NAME, output_metadata, provenance
+
+
+def _open(stack: ExitStack, path, role: str) -> Checkpoint:
+    ck = Checkpoint(path, role=role)
+    stack.callback(ck.close)
+    return ck
+
+
+def _view(stack: ExitStack, adapter, base: Checkpoint) -> LoraFinetuned:
+    view = LoraFinetuned(adapter, base)
+    stack.callback(view.close)
+    return view
+
+
+def _stored(tensor, dtype: str):
+    """An fp32 tensor rounded to an adapter dtype by SPEC §2's rules."""
+    import torch
+
+    from resta_fast.kernels.reference import store
+    out = torch.empty(tensor.shape, dtype=torch_dtype(dtype))
+    store(out, tensor.contiguous())
+    return out
+
+
+def _scores_table(scores: list[SL.ModuleScore], threshold: float, what: str) -> str:
+    lines = [f"{'cos':>8}  {what:9}  module"]
+    for s in scores:
+        cos = "n/a" if s.cos is None else f"{s.cos:.5f}"
+        lines.append(f"{cos:>8}  {'yes' if s.projected else 'no':9}  {s.module}")
+    n = sum(s.projected for s in scores)
+    lines.append(f"{n} of {len(scores)} module(s) {what} (cos <= {threshold:g})")
+    return "\n".join(lines)
+
+
+def _module_bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="module", desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _input_paths(*paths) -> list[Path]:
+    return [Path(p) for p in paths if p is not None]
+
+
+def write_adapter_output(out: Path, adapter_path, replace: dict, prov: dict, extra: dict, *, input_paths,
+                         overwrite: bool, fsync: bool, config: dict | None = None) -> dict:
+    """The realigned adapter into ``out``, atomically, with its report."""
+    from resta_fast.api import output_guard
+    from resta_fast.io.adapter_writer import write_adapter
+    with output_guard(out, input_paths, overwrite, prov["command"]), \
+            AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, ExitStack() as stack:
+        adapter = LoraAdapter(adapter_path)
+        stack.callback(adapter.close)
+        files = write_adapter(outdir.tmp, adapter, replace, output_metadata(prov), config=config, fsync=fsync)
+        report = {**prov, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "output": "adapter", "fsync": fsync, **extra, "files": files}
+        (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        outdir.commit()
+    report["out"] = str(out)
+    return report
+
+
+def write_merged_output(out: Path, view: LoraFinetuned, prov: dict, extra: dict, checkpoints: dict, *,
+                        input_paths, overwrite: bool, fsync: bool, progress: bool) -> dict:
+    """base + the realigned update, as a full model in the base's layout and dtypes."""
+    from resta_fast import api
+    from resta_fast.kernels import choose_backend
+    from resta_fast.options import PatchOptions, Roles
+    from resta_fast.pipeline.job import Inputs
+    from resta_fast.plan import copy_plan
+    plan = copy_plan(view)
+    plan.notes.insert(0, view.summary())
+    backend_name, kernel = choose_backend("auto", "cpu")
+    prepared = api.PreparedPatch(prov["command"], PatchOptions(), Roles(str(view.adapter.path), base=str(view.base.path),
+                                                                   lora=True),
+                                 plan, Inputs(view), checkpoints, prov, input_paths, "cpu", backend_name, kernel,
+                                 report_extra={"output": "merged", **extra})
+    return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress)
+
+
+def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None, num_layers: int | None = None,
+             merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
+             progress: bool = False) -> dict:
+    """Safe LoRA: project the LoRA modules whose update points away from alignment.
+
+    Args:
+        adapter: PEFT LoRA adapter trained on ``aligned``.
+        out: output directory: the projected adapter, or with ``merge`` the full
+            model base + (alpha/r)·B'·A (base defaults to ``aligned``).
+        aligned, unaligned: the aligned model and the model it was aligned from.
+        threshold: project modules with cos ≤ T (paper default 0.5); or
+        num_layers: project the K modules with the lowest cos.
+        dry_run: score and select only; nothing is written.
+    Returns:
+        The report (also ``out/resta_fast.json``); ``report["safelora"]["modules"]``
+        holds every module's cosine and decision.
+    """
+    SL.check_selection(threshold, num_layers)
+    if base is not None and not merge:
+        raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
+    out = Path(out)
+    inputs = _input_paths(adapter, aligned, unaligned, base)
+    if not dry_run:
+        check_output_location(out, inputs, overwrite)  # before the scoring, which reads both models
+    with ExitStack() as stack:
+        al = _open(stack, aligned, "aligned")
+        un = _open(stack, unaligned, "unaligned")
+        view = _view(stack, adapter, al)
+        mods = SL.linear_modules(view)
+        keep_all = threshold is None
+        scores, projections = [], {}
+        bar = stack.enter_context(_module_bar(len(mods), progress, "safelora: scoring"))
+        for score, b_proj in SL.score_modules(view, un, on_module=lambda: bar.update(1)):
+            scores.append(score)
+            if b_proj is not None and (keep_all or score.cos <= threshold):
+                projections[score.lora_b] = _stored(b_proj, view.adapter.file.tensors[score.lora_b].dtype)
+        used = SL.select(scores, threshold=threshold, num_layers=num_layers)
+        section = {"selection": {"threshold": threshold, "num_layers": num_layers, "threshold_used": used},
+                   "projected": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
+        text = _scores_table(scores, used, "projected")
+        if dry_run:
+            return {"dry_run": True, "safelora": section, "text": text}
+        replace = {s.lora_b: projections[s.lora_b] for s in scores if s.projected}
+        params = {"threshold": threshold, "num_layers": num_layers, "merge": merge}
+        if not merge:
+            prov = provenance("safelora", params, {"adapter": view.adapter, "aligned": al, "unaligned": un})
+            report = write_adapter_output(out, adapter, replace, prov, {"safelora": section}, input_paths=inputs,
+                                          overwrite=overwrite, fsync=fsync)
+        else:
+            into = al if base is None or Path(base).resolve() == Path(aligned).resolve() else _open(stack, base, "base")
+            merged = LoraFinetuned(adapter, into, replace=replace)
+            stack.callback(merged.close)
+            prov = provenance("safelora", params, {"adapter": merged.adapter, "aligned": al, "unaligned": un,
+                                                   "base": into})
+            report = write_merged_output(out, merged, prov, {"safelora": section},
+                                         {"adapter": merged.adapter, "aligned": al, "unaligned": un, "base": into},
+                                         input_paths=inputs, overwrite=overwrite, fsync=fsync, progress=progress)
+        report["text"] = text
+        return report

@@ -1,0 +1,75 @@
+"""``resta-fast safelora`` and ``resta-fast safemerge``: adapter realignment from the command line.
+
+Parsing and printing only; the work is ``realign.safelora`` / ``realign.safemerge``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from resta_fast import cli_args as A
+
+SAFELORA_EPILOG = """\
+Safe LoRA (Hsu et al., NeurIPS 2024): for every LoRA module, V = W_aligned − W_unaligned,
+B' = V·(Vᵀ·B)/‖V‖_F (the projection C·B, never formed), and cos = cosine(B'·A, B·A)
+rounded to 5 decimals. Modules with cos <= T (or the K lowest) get lora_B := B'.
+"""
+
+
+def cosine(text: str) -> float:
+    """A cosine threshold in [-1, 1]."""
+    value = A.finite(text)
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {value}")
+    return value
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=A.creatable_dir, help="output directory (written atomically)")
+    p.add_argument("--merge", action="store_true",
+                   help="write the full merged model instead of an adapter (base + the realigned update)")
+    p.add_argument("--base", help="with --merge: the model to merge into (default: --aligned)")
+    p.add_argument("--dry-run", action="store_true", help="score the modules and print the decisions; write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync before rename (throwaway outputs only)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def add_safelora_parser(sub) -> None:
+    p = sub.add_parser("safelora", help="Safe LoRA: project a LoRA adapter's unsafe layers onto the alignment",
+                       epilog=SAFELORA_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory trained on --aligned")
+    p.add_argument("--aligned", required=True, help="the aligned (chat) model the adapter was trained on")
+    p.add_argument("--unaligned", required=True,
+                   help="the model --aligned was aligned from (e.g. the -hf base of a -chat model)")
+    sel = p.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--threshold", type=cosine, metavar="T", help="project modules with cos <= T (paper: 0.5)")
+    sel.add_argument("--num-layers", type=A.count, metavar="K", help="project the K modules with the lowest cos")
+    _add_output_args(p)
+    p.set_defaults(func=cmd_safelora)
+
+
+def _progress(args) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _print(report: dict, args, section: str) -> None:
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2, sort_keys=True, default=str))
+        return
+    print(report["text"])
+    if not report.get("dry_run"):
+        print(f"wrote {report['out']} ({report.get('output', 'adapter')})", file=sys.stderr)
+
+
+def cmd_safelora(args) -> int:
+    from resta_fast import realign
+    report = realign.safelora(args.adapter, args.out, aligned=args.aligned, unaligned=args.unaligned,
+                              threshold=args.threshold, num_layers=args.num_layers, merge=args.merge,
+                              base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
+                              dry_run=args.dry_run, progress=_progress(args))
+    _print(report, args, "safelora")
+    return 0
