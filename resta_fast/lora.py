@@ -243,8 +243,10 @@ class LoraFinetuned:
         >>> plan = build_plan(ft, aligned=al, unaligned=un)    # doctest: +SKIP
     """
 
-    def __init__(self, adapter, base: Checkpoint, role: str = "finetuned", *, replace=None, delta=None):
+    def __init__(self, adapter, base: Checkpoint, role: str = "finetuned", *, replace=None, delta=None,
+                 base_flag: str = "--base"):
         self.role = role
+        self.base_flag = base_flag  # how the user named the base, for errors
         self.adapter = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
         # Realignment methods merge a changed adapter without rewriting it first:
         # ``replace`` maps adapter keys to new tensors (Safe LoRA's projected B), and
@@ -262,7 +264,7 @@ class LoraFinetuned:
         if quant:
             raise RestaError(f"base {base.path}: {quant}; a LoRA adapter cannot be merged exactly into "
                              "quantized weights. Pass the unquantized (bf16/fp16/fp32) model the "
-                             "quantized one was made from as --base")
+                             f"quantized one was made from as {base_flag}")
         self.modules: dict[str, LoraModule] = {}
         self.replaced: dict[str, str] = {}   # base tensor -> adapter key holding its full new value
         self._parse()
@@ -325,7 +327,8 @@ class LoraFinetuned:
             raise RestaError(
                 f"{self.adapter.path}: {len(unmatched)} adapter module(s) match no tensor of base "
                 f"{base.path} (e.g. adapter {', '.join(unmatched[:3])}; base has "
-                f"{', '.join(list(base.location)[:3])}). Pass the model the adapter was trained on as --base")
+                f"{', '.join(list(base.location)[:3])}). Pass the model the adapter was trained on as "
+                f"{self.base_flag}")
         for name, key in full.items():
             if name not in base and is_tied_head(name):
                 if any(resolve(n) == tied_embed and not is_tied_head(n) for n in full):
@@ -387,11 +390,12 @@ class LoraFinetuned:
                 hint = (" (set fan_in_fan_out to match the layer: true for GPT-2 Conv1D)"
                         if w_shape == (delta_shape if transpose else delta_shape[::-1]) else "")
                 raise RestaError(f"{where}: LoRA delta {list(want)} does not fit {target} "
-                                 f"{list(w_shape)}{hint}; is --base the model the adapter was trained on?")
+                                 f"{list(w_shape)}{hint}; is {self.base_flag} the model the adapter "
+                                 "was trained on?")
         if self._base_info(target).dtype not in KERNEL_DTYPES:
             raise RestaError(f"base {self.base.path}: tensor {target} is {self._base_info(target).dtype}; "
                              "LoRA can only be merged into BF16/F16/F32 weights (quantized base?). Pass "
-                             "the unquantized base model as --base")
+                             f"the unquantized base model as {self.base_flag}")
         if bias is not None:
             bias_target = resolve(f"{module}.bias")
             if bias_target is None:

@@ -40,8 +40,8 @@ def _open(stack: ExitStack, path, role: str) -> Checkpoint:
     return ck
 
 
-def _view(stack: ExitStack, adapter, base: Checkpoint) -> LoraFinetuned:
-    view = LoraFinetuned(adapter, base)
+def _view(stack: ExitStack, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
+    view = LoraFinetuned(adapter, base, base_flag=f"--{base.role}", **kw)
     stack.callback(view.close)
     return view
 
@@ -52,7 +52,7 @@ def _stored(tensor, dtype: str):
 
     from resta_fast.kernels.reference import store
     out = torch.empty(tensor.shape, dtype=torch_dtype(dtype))
-    store(out, tensor.contiguous())
+    store(out.view(-1), tensor.contiguous().view(-1))  # flat: the rounding works on words
     return out
 
 
@@ -161,8 +161,7 @@ def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None
                                           overwrite=overwrite, fsync=fsync)
         else:
             into = al if base is None or Path(base).resolve() == Path(aligned).resolve() else _open(stack, base, "base")
-            merged = LoraFinetuned(adapter, into, replace=replace)
-            stack.callback(merged.close)
+            merged = _view(stack, adapter, into, replace=replace)
             prov = provenance("safelora", params, {"adapter": merged.adapter, "aligned": al, "unaligned": un,
                                                    "base": into})
             report = write_merged_output(out, merged, prov, {"safelora": section},

@@ -1,0 +1,294 @@
+"""Safe LoRA against an independent fp64 evaluation of the published formula.
+
+The reference forms C = V·Vᵀ/‖V‖_F in fp64 (as the authors' code does, in
+fp32), takes B' = C·B and cos = cosine(vec(B'·A), vec(B·A)) rounded to 5
+decimals. Tolerances (the issue's): B' within 1e-5 relative (Frobenius) of the
+fp64 value; cosines equal after rounding, or one rounding step (1e-5) apart
+when the fp32 and fp64 values straddle a rounding boundary.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from resta_fast import realign
+from resta_fast import safelora as SL
+from resta_fast.cli import main
+from resta_fast.errors import RestaError
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lora_fixtures import gpt2_base, llama_base, shadow, train_adapter  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def reference(adapter, aligned, unaligned, *, transpose=False):
+    """{module: (cos rounded, B' fp64)} by the formula, C formed in fp64."""
+    ad = load_file(str(adapter / "adapter_model.safetensors"))
+    al = load_file(str(aligned / "model.safetensors"))
+    un = load_file(str(unaligned / "model.safetensors"))
+    out = {}
+    for key in ad:
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        a = ad[key].double()
+        b = ad[key.replace(".lora_A.", ".lora_B.")].double()
+        v = al[module + ".weight"].double() - un[module + ".weight"].double()
+        v = v.T if transpose else v
+        c = v @ v.T / torch.linalg.norm(v)
+        b_proj = c @ b
+        cos = torch.nn.functional.cosine_similarity((b_proj @ a).reshape(1, -1), (b @ a).reshape(1, -1)).item()
+        out[module] = (float(np.round(cos, 5)), b_proj)
+    return out
+
+
+def setup_models(tmp_path, *, dtype=torch.float32, targets=TARGETS, adapter_dtype=None):
+    aligned = llama_base(tmp_path / "aligned", dtype=dtype)
+    unaligned = shadow(aligned, tmp_path / "unaligned")
+    train_adapter(aligned, tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    if adapter_dtype is not None:
+        path = tmp_path / "adapter" / "adapter_model.safetensors"
+        save_file({k: v.to(adapter_dtype) for k, v in load_file(str(path)).items()}, str(path),
+                  metadata={"format": "pt"})
+    return tmp_path / "adapter", aligned, unaligned
+
+
+def run(tmp_path, adapter, aligned, unaligned, name="out", **kw):
+    kw.setdefault("fsync", False)
+    return realign.safelora(adapter, tmp_path / name, aligned=aligned, unaligned=unaligned, **kw)
+
+
+def assert_cos_close(got, want):
+    assert abs(got - want) <= 1e-5 + 1e-12, (got, want)
+
+
+def rel_fro(x, y):
+    return float(torch.linalg.norm(x.double() - y.double()) / torch.linalg.norm(y.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cosines_and_projection_match_fp64_reference(tmp_path, dtype):
+    adapter, aligned, unaligned = setup_models(tmp_path, dtype=dtype)
+    ref = reference(adapter, aligned, unaligned)
+    report = run(tmp_path, adapter, aligned, unaligned, threshold=1.0)  # project everything
+    mods = {m["module"]: m for m in report["safelora"]["modules"]}
+    assert set(mods) == set(ref) and len(ref) == 2 * len(TARGETS)
+    out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for module, (cos, b_proj) in ref.items():
+        assert_cos_close(mods[module]["cos"], cos)
+        assert mods[module]["projected"]
+        key = f"base_model.model.{module}.lora_B.weight"
+        assert rel_fro(out[key], b_proj) <= 1e-5, module
+
+
+def test_factored_projection_never_forms_c_and_matches_formed_c():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(96, 40, generator=g)
+    b = torch.randn(96, 8, generator=g)
+    a = torch.randn(8, 40, generator=g)
+    v64, b64, a64 = v.double(), b.double(), a.double()
+    want = (v64 @ v64.T / torch.linalg.norm(v64)) @ b64
+    got = SL.projected_b(v, b)
+    assert rel_fro(got, want) <= 1e-5
+    cos_want = torch.nn.functional.cosine_similarity((want @ a64).reshape(1, -1), (b64 @ a64).reshape(1, -1)).item()
+    assert abs(SL.lora_cosine(a, b, got) - cos_want) <= 1e-6
+    assert SL.projected_b(torch.zeros(96, 40), b) is None  # V = 0: nothing to project onto
+    assert SL.lora_cosine(a, torch.zeros(96, 8), torch.zeros(96, 8)) == 0.0
+
+
+def test_threshold_selects_cos_at_most_t_and_keeps_the_rest_byte_identical(tmp_path):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    ref = reference(adapter, aligned, unaligned)
+    cosines = sorted(c for c, _ in ref.values())
+    t = (cosines[2] + cosines[3]) / 2  # three modules below, the rest above
+    report = run(tmp_path, adapter, aligned, unaligned, threshold=t)
+    projected = {m["module"] for m in report["safelora"]["modules"] if m["projected"]}
+    assert projected == {m for m, (c, _) in ref.items() if c <= t} and len(projected) == 3
+    src = tmp_path / "adapter" / "adapter_model.safetensors"
+    dst = tmp_path / "out" / "adapter_model.safetensors"
+    with safe_open(str(src), "pt") as fs, safe_open(str(dst), "pt") as fd:
+        assert list(fs.keys()) == list(fd.keys())
+        for key in fs.keys():
+            x, y = fs.get_tensor(key), fd.get_tensor(key)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            module = key.split(".lora_")[0].removeprefix("base_model.model.")
+            same = torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+            assert same == ("lora_A" in key or module not in projected), key
+    # the other files of the adapter come along unchanged, and the report lists every file
+    for name in ("adapter_config.json", "README.md"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
+    saved = json.loads((tmp_path / "out" / "resta_fast.json").read_text())
+    assert saved["command"] == "safelora" and saved["safelora"]["projected"] == 3
+    assert set(saved["files"]) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    assert set(saved["inputs"]) == {"adapter", "aligned", "unaligned"}
+
+
+def test_num_layers_projects_the_k_lowest(tmp_path):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    ref = reference(adapter, aligned, unaligned)
+    lowest = {m for m, _ in sorted(ref.items(), key=lambda kv: kv[1][0])[:3]}
+    report = run(tmp_path, adapter, aligned, unaligned, num_layers=3)
+    assert {m["module"] for m in report["safelora"]["modules"] if m["projected"]} == lowest
+    assert report["safelora"]["selection"]["threshold_used"] == sorted(c for c, _ in ref.values())[2]
+
+
+def test_select_ties_and_unchanged_modules():
+    scores = [SL.ModuleScore(str(i), "w", "a", "b", [2, 2], 1, c) for i, c in enumerate([0.3, 0.1, 0.3, None, 0.9])]
+    assert SL.select(scores, num_layers=2) == 0.3
+    assert [s.projected for s in scores] == [True, True, True, False, False]  # ties at T project too, as published
+    assert SL.select(scores, threshold=1.0) == 1.0 and not scores[3].projected  # V = 0: never projected
+    with pytest.raises(RestaError, match="more than the 4 LoRA module"):
+        SL.select(scores, num_layers=5)
+
+
+def test_loads_in_peft_and_merge_equals_peft_merge_of_the_written_adapter(tmp_path):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    run(tmp_path, adapter, aligned, unaligned, num_layers=4)
+    run(tmp_path, adapter, aligned, unaligned, name="merged", num_layers=4, merge=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, tmp_path / "out")
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for name, param in pm.named_parameters():
+        if "lora_B" in name:
+            key = name.replace(".default", "")
+            assert torch.equal(param.detach(), written[key]), name
+    want = pm.merge_and_unload().state_dict()
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(got) == set(want) - {"lm_head.weight"} or set(got) == set(want)
+    for k, v in got.items():
+        assert torch.equal(v, want[k].to(v.dtype)), k
+    report = json.loads((tmp_path / "merged" / "resta_fast.json").read_text())
+    assert report["output"] == "merged" and report["plan"]["mode"] == "merge"
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_gpt2_conv1d_layout(tmp_path):
+    aligned = gpt2_base(tmp_path / "aligned")
+    unaligned = shadow(aligned, tmp_path / "unaligned")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    train_adapter(aligned, tmp_path / "adapter", cfg, cls=transformers.GPT2LMHeadModel)
+    ref = reference(tmp_path / "adapter", aligned, unaligned, transpose=True)
+    report = run(tmp_path, tmp_path / "adapter", aligned, unaligned, threshold=1.0)
+    out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for m in report["safelora"]["modules"]:
+        cos, b_proj = ref[m["module"]]
+        assert_cos_close(m["cos"], cos)
+        assert rel_fro(out[f"base_model.model.{m['module']}.lora_B.weight"], b_proj) <= 1e-5
+
+
+def test_bf16_adapter_rounds_b_once_to_bf16(tmp_path):
+    adapter, aligned, unaligned = setup_models(tmp_path, adapter_dtype=torch.bfloat16)
+    ref = reference(adapter, aligned, unaligned)
+    run(tmp_path, adapter, aligned, unaligned, threshold=1.0)
+    out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for module, (_, b_proj) in ref.items():
+        got = out[f"base_model.model.{module}.lora_B.weight"]
+        assert got.dtype == torch.bfloat16
+        assert rel_fro(got, b_proj) <= 2 ** -8  # one bf16 rounding of a value within 1e-5 of b_proj
+
+
+def test_dry_run_writes_nothing_and_prints_the_decisions(tmp_path, capsys):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    rc = main(["safelora", "--adapter", str(adapter), "--aligned", str(aligned), "--unaligned", str(unaligned),
+               "--num-layers", "2", "--out", str(tmp_path / "out"), "--dry-run"])
+    assert rc == 0 and not (tmp_path / "out").exists()
+    text = capsys.readouterr().out
+    assert "2 of 8 module(s) projected" in text and "model.layers.0.self_attn.q_proj" in text
+
+
+def _cli(tmp_path, adapter, aligned, unaligned, *extra):
+    return main(["safelora", "--adapter", str(adapter), "--aligned", str(aligned), "--unaligned", str(unaligned),
+                 "--out", str(tmp_path / "out"), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "1.5"], "--threshold must be a cosine in [-1, 1], got 1.5"),
+    (["--threshold", "nan"], "--threshold must be a finite number"),
+    (["--num-layers", "9"], "--num-layers 9 is more than the 8 LoRA module(s)"),
+    (["--num-layers", "0"], "--num-layers must be an integer >= 1"),
+    ([], "one of the arguments --threshold --num-layers is required"),
+    (["--threshold", "0.5", "--num-layers", "2"], "not allowed with argument"),
+    (["--threshold", "0.5", "--base", "X"], "--base is the model a merge goes into; it needs --merge"),
+])
+def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, capsys, flags, message):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    capsys.readouterr()
+    assert _cli(tmp_path, adapter, aligned, unaligned, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def _edit_config(adapter, **changes):
+    path = adapter / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    other = llama_base(tmp_path / "other", dtype=torch.float32)
+    cfg = json.loads((other / "config.json").read_text())
+    # an unaligned model of another width: V cannot be formed
+    small = {k: v[..., :16].contiguous() if v.ndim == 2 else v
+             for k, v in load_file(str(other / "model.safetensors")).items()}
+    (tmp_path / "narrow").mkdir()
+    save_file(small, str(tmp_path / "narrow" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "narrow" / "config.json").write_text(json.dumps(cfg))
+    cases = {
+        "aligned": ((adapter, aligned, tmp_path / "narrow"), "they must be the same architecture"),
+        "missing": ((adapter, aligned, tmp_path / "nowhere"), "does not exist"),
+    }
+    for what, ((ad, al, un), message) in cases.items():
+        capsys.readouterr()
+        assert _cli(tmp_path, ad, al, un, "--threshold", "0.5") == 2, what
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (what, err)
+        assert not (tmp_path / "out").exists()
+    for changes, message in (({"use_dora": True}, "DoRA"), ({"peft_type": "IA3"}, "peft_type IA3")):
+        bad = tmp_path / f"bad-{next(iter(changes))}"
+        bad.mkdir()
+        for f in adapter.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        _edit_config(bad, **changes)
+        capsys.readouterr()
+        assert _cli(tmp_path, bad, aligned, unaligned, "--threshold", "0.5") == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_adapter_targets_missing_from_the_models(tmp_path, capsys):
+    adapter, aligned, unaligned = setup_models(tmp_path)
+    gpt2 = gpt2_base(tmp_path / "gpt2")
+    gpt2_un = shadow(gpt2, tmp_path / "gpt2-un")
+    capsys.readouterr()
+    assert _cli(tmp_path, adapter, gpt2, gpt2_un, "--threshold", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "match no tensor of base" in err and "trained on as --aligned" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedding_lora_is_refused(tmp_path, capsys):
+    aligned = llama_base(tmp_path / "aligned", dtype=torch.float32)
+    unaligned = shadow(aligned, tmp_path / "unaligned")
+    train_adapter(aligned, tmp_path / "adapter",
+                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    capsys.readouterr()
+    assert _cli(tmp_path, tmp_path / "adapter", aligned, unaligned, "--threshold", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "embedding LoRA" in err and "Safe LoRA projects linear LoRA layers only" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
