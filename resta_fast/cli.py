@@ -118,7 +118,7 @@ def _add_optional_subcommands(sub) -> None:
                            ("resta_fast.demo.cli", ("add_demo_parser",)),
                            ("resta_fast.batch.cli", ("add_batch_parser",)),
                            ("resta_fast.inspect_cli", ("add_inspect_parser",)),
-                           ("resta_fast.realign_cli", ("add_safelora_parser",)),
+                           ("resta_fast.realign_cli", ("add_safelora_parser", "add_safemerge_parser")),
                            ("resta_fast.verify_cli", ("add_verify_parser",))):
         try:
             mod = importlib.import_module(module)

@@ -14,7 +14,7 @@ provenance. Nothing is written on bad input, and an interrupted run leaves no
 output.
 
 Example:
-    >>> report = safelora("ft-adapter", "safe-adapter", aligned="chat", unaligned="base", threshold=0.5)  # doctest: +SKIP
+    >>> report = safelora("ft", "safe-ft", aligned="chat", unaligned="base", threshold=0.5)  # doctest: +SKIP
     >>> [m["module"] for m in report["safelora"]["modules"] if m["projected"]]
 """
 
@@ -26,7 +26,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from resta_fast import safelora as SL
-from resta_fast.errors import OptionError
+from resta_fast import safemerge as SM
+from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import torch_dtype
 from resta_fast.io.writer import AtomicOutputDir, check_output_location
@@ -56,13 +57,13 @@ def _stored(tensor, dtype: str):
     return out
 
 
-def _scores_table(scores: list[SL.ModuleScore], threshold: float, what: str) -> str:
+def _scores_table(scores: list[SL.ModuleScore], threshold: float, what: str, strict: bool = False) -> str:
     lines = [f"{'cos':>8}  {what:9}  module"]
     for s in scores:
         cos = "n/a" if s.cos is None else f"{s.cos:.5f}"
         lines.append(f"{cos:>8}  {'yes' if s.projected else 'no':9}  {s.module}")
     n = sum(s.projected for s in scores)
-    lines.append(f"{n} of {len(scores)} module(s) {what} (cos <= {threshold:g})")
+    lines.append(f"{n} of {len(scores)} module(s) {what} (cos {'<' if strict else '<='} {threshold:g})")
     return "\n".join(lines)
 
 
@@ -104,10 +105,9 @@ def write_merged_output(out: Path, view: LoraFinetuned, prov: dict, extra: dict,
     plan = copy_plan(view)
     plan.notes.insert(0, view.summary())
     backend_name, kernel = choose_backend("auto", "cpu")
-    prepared = api.PreparedPatch(prov["command"], PatchOptions(), Roles(str(view.adapter.path), base=str(view.base.path),
-                                                                   lora=True),
-                                 plan, Inputs(view), checkpoints, prov, input_paths, "cpu", backend_name, kernel,
-                                 report_extra={"output": "merged", **extra})
+    roles = Roles(str(view.adapter.path), base=str(view.base.path), lora=True)
+    prepared = api.PreparedPatch(prov["command"], PatchOptions(), roles, plan, Inputs(view), checkpoints, prov,
+                                 input_paths, "cpu", backend_name, kernel, report_extra={"output": "merged", **extra})
     return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress)
 
 
@@ -167,5 +167,93 @@ def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None
             report = write_merged_output(out, merged, prov, {"safelora": section},
                                          {"adapter": merged.adapter, "aligned": al, "unaligned": un, "base": into},
                                          input_paths=inputs, overwrite=overwrite, fsync=fsync, progress=progress)
+        report["text"] = text
+        return report
+
+
+def _adapter_space_config(ft: LoraFinetuned, safety: LoraFinetuned) -> dict:
+    """The merged adapter's config, as peft's add_weighted_adapter writes it (lora_alpha = r,
+    patterns cleared); adapters it cannot merge that way are refused."""
+    for view in (ft, safety):
+        ad = view.adapter
+        if ad.rank_pattern:
+            raise RestaError(f"{ad.path}: rank_pattern gives modules different ranks; the adapter-space merge "
+                             "needs one rank. Use --merge (exact, in weight space)")
+        if ad.use_rslora:
+            raise RestaError(f"{ad.path}: use_rslora; peft's adapter-space merge would rescale the merged "
+                             "adapter by sqrt(r). Use --merge (exact, in weight space)")
+    if ft.adapter.r != safety.adapter.r:
+        raise RestaError(f"safety adapter {safety.adapter.path}: r = {safety.adapter.r} but the fine-tune's is "
+                         f"{ft.adapter.r}; SafeMERGE needs adapters of the same rank")
+    return {**ft.adapter.config, "lora_alpha": ft.adapter.r, "alpha_pattern": {}, "rank_pattern": {}}
+
+
+def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = SM.DEFAULT_TAU,
+              weights=SM.DEFAULT_WEIGHTS, combination: str = "linear", density: float | None = None, seed: int = 0,
+              merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
+              progress: bool = False) -> dict:
+    """SafeMERGE: where the fine-tune's Safe LoRA cosine is below ``tau``, merge in the safety adapter.
+
+    Args:
+        adapter: the fine-tune's PEFT LoRA adapter (trained on ``aligned``).
+        safety_adapter: a LoRA safety-tuned from the same base, same modules and rank.
+        aligned, unaligned: the pair whose difference defines Safe LoRA's projection.
+        tau: merge layers with cos < tau (default 0.35).
+        weights: (fine-tune, safety) weights of a merged layer (default (0.8, 0.2)).
+        combination: ``linear`` or ``dare_linear`` (with ``density``, the fraction kept, and ``seed``).
+        merge: write the full model, merged exactly in weight space (see ``safemerge``);
+            without it, the adapter-space merge as published.
+    Returns:
+        The report; ``report["safemerge"]["modules"]`` holds every layer's cosine and decision.
+    """
+    tau = SM.check_tau(tau)
+    weights = SM.check_weights(weights)
+    density = SM.check_combination(combination, density)
+    if base is not None and not merge:
+        raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
+    out = Path(out)
+    inputs = _input_paths(adapter, safety_adapter, aligned, unaligned, base)
+    if not dry_run:
+        check_output_location(out, inputs, overwrite)
+    with ExitStack() as stack:
+        al = _open(stack, aligned, "aligned")
+        un = _open(stack, unaligned, "unaligned")
+        ft = _view(stack, adapter, al)
+        safety = _view(stack, safety_adapter, al)
+        mods = SL.linear_modules(ft)
+        pairs = SM.pair_modules(ft, safety, mods)
+        config = None if merge else _adapter_space_config(ft, safety)
+        bar = stack.enter_context(_module_bar(len(mods), progress, "safemerge: scoring"))
+        scores = [score for score, _ in SL.score_modules(ft, un, on_module=lambda: bar.update(1))]
+        SM.selected(scores, tau)
+        section = {"selection": {"tau": tau, "weights": list(weights), "combination": combination,
+                                 "density": density, "seed": seed},
+                   "merged": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
+        text = _scores_table(scores, tau, "merged", strict=True)
+        if dry_run:
+            return {"dry_run": True, "safemerge": section, "text": text}
+        params = {"tau": tau, "weights": list(weights), "combination": combination, "density": density,
+                  "seed": seed, "merge": merge}
+        chosen = {s.module for s in scores if s.projected}
+        if not merge:
+            replace = {}
+            for mod in mods:
+                w = SM.layer_weights(mod.module in chosen, weights)
+                replace[mod.a], replace[mod.b] = SM.merge_adapter_space(ft, safety, mod, pairs[mod.module], w,
+                                                                        density=density, seed=seed)
+            prov = provenance("safemerge", params, {"adapter": ft.adapter, "safety_adapter": safety.adapter,
+                                                    "aligned": al, "unaligned": un})
+            report = write_adapter_output(out, adapter, replace, prov, {"safemerge": section}, input_paths=inputs,
+                                          overwrite=overwrite, fsync=fsync, config=config)
+        else:
+            into = al if base is None or Path(base).resolve() == Path(aligned).resolve() else _open(stack, base, "base")
+            # The delta reads only adapter tensors, so the views over the aligned model serve.
+            delta = SM.weight_space_delta(ft, safety, pairs, chosen, weights, density=density, seed=seed)
+            merged = _view(stack, adapter, into, delta=delta)
+            checkpoints = {"adapter": merged.adapter, "safety_adapter": safety.adapter, "aligned": al,
+                           "unaligned": un, "base": into}
+            prov = provenance("safemerge", params, checkpoints)
+            report = write_merged_output(out, merged, prov, {"safemerge": section}, checkpoints, input_paths=inputs,
+                                         overwrite=overwrite, fsync=fsync, progress=progress)
         report["text"] = text
         return report

@@ -52,11 +52,40 @@ def add_safelora_parser(sub) -> None:
     p.set_defaults(func=cmd_safelora)
 
 
+SAFEMERGE_EPILOG = """\
+SafeMERGE (Djuhera et al., 2025): layers whose Safe LoRA cosine is below TAU become
+W1·(fine-tune) + W2·(safety adapter); the others keep the fine-tune. Without --merge
+the output is the adapter-space merge as published (peft's add_weighted_adapter per
+layer: A and B are mixed separately, which adds cross terms); --merge writes the
+full model merged exactly in weight space, W + W1·ΔW_ft + W2·ΔW_safe.
+"""
+
+
+def add_safemerge_parser(sub) -> None:
+    p = sub.add_parser("safemerge", help="SafeMERGE: merge a safety adapter into a fine-tune's unsafe layers",
+                       epilog=SAFEMERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="the fine-tune's PEFT LoRA adapter (trained on --aligned)")
+    p.add_argument("--safety-adapter", required=True,
+                   help="a LoRA safety-tuned from the same base (same target modules and rank)")
+    p.add_argument("--aligned", required=True, help="the aligned model both adapters were trained on")
+    p.add_argument("--unaligned", required=True, help="the model --aligned was aligned from")
+    p.add_argument("--tau", type=cosine, default=0.35, help="merge layers with cos < TAU (default 0.35)")
+    p.add_argument("--weights", type=A.finite, nargs=2, default=[0.8, 0.2], metavar=("W1", "W2"),
+                   help="fine-tune and safety weights of a merged layer (default 0.8 0.2)")
+    p.add_argument("--combination", choices=("linear", "dare_linear"), default="linear",
+                   help="how a layer is merged (default linear)")
+    p.add_argument("--density", type=A.positive, metavar="D",
+                   help="dare_linear: the fraction of each delta kept, in (0, 1]")
+    p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (SPEC §3 stream; default 0)")
+    _add_output_args(p)
+    p.set_defaults(func=cmd_safemerge)
+
+
 def _progress(args) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-def _print(report: dict, args, section: str) -> None:
+def _print(report: dict, args) -> None:
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2, sort_keys=True, default=str))
         return
@@ -71,5 +100,16 @@ def cmd_safelora(args) -> int:
                               threshold=args.threshold, num_layers=args.num_layers, merge=args.merge,
                               base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
                               dry_run=args.dry_run, progress=_progress(args))
-    _print(report, args, "safelora")
+    _print(report, args)
+    return 0
+
+
+def cmd_safemerge(args) -> int:
+    from resta_fast import realign
+    report = realign.safemerge(args.adapter, args.safety_adapter, args.out, aligned=args.aligned,
+                               unaligned=args.unaligned, tau=args.tau, weights=args.weights,
+                               combination=args.combination, density=args.density, seed=args.seed, merge=args.merge,
+                               base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
+                               dry_run=args.dry_run, progress=_progress(args))
+    _print(report, args)
     return 0
