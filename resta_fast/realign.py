@@ -111,62 +111,146 @@ def write_merged_output(out: Path, view: LoraFinetuned, prov: dict, extra: dict,
     return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress)
 
 
-def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None, num_layers: int | None = None,
-             merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
-             progress: bool = False) -> dict:
-    """Safe LoRA: project the LoRA modules whose update points away from alignment.
+class Session:
+    """The inputs of adapter realignment, opened once and scored once.
+
+    Scoring (reading every targeted weight of both models) is the expensive
+    part and is the same for Safe LoRA and SafeMERGE, so a session scores on
+    first use and then writes any number of outputs (``compare`` writes one per
+    knob). Use it as a context manager.
 
     Args:
-        adapter: PEFT LoRA adapter trained on ``aligned``.
-        out: output directory: the projected adapter, or with ``merge`` the full
-            model base + (alpha/r)·B'·A (base defaults to ``aligned``).
+        adapter: the fine-tune's PEFT LoRA adapter (trained on ``aligned``).
         aligned, unaligned: the aligned model and the model it was aligned from.
-        threshold: project modules with cos ≤ T (paper default 0.5); or
-        num_layers: project the K modules with the lowest cos.
-        dry_run: score and select only; nothing is written.
-    Returns:
-        The report (also ``out/resta_fast.json``); ``report["safelora"]["modules"]``
-        holds every module's cosine and decision.
+        safety_adapter: SafeMERGE's safety adapter (optional).
+        base: the model merges go into (default: ``aligned``).
     """
-    SL.check_selection(threshold, num_layers)
-    if base is not None and not merge:
-        raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
-    out = Path(out)
-    inputs = _input_paths(adapter, aligned, unaligned, base)
-    if not dry_run:
-        check_output_location(out, inputs, overwrite)  # before the scoring, which reads both models
-    with ExitStack() as stack:
-        al = _open(stack, aligned, "aligned")
-        un = _open(stack, unaligned, "unaligned")
-        view = _view(stack, adapter, al)
-        mods = SL.linear_modules(view)
-        keep_all = threshold is None
-        scores, projections = [], {}
-        bar = stack.enter_context(_module_bar(len(mods), progress, "safelora: scoring"))
-        for score, b_proj in SL.score_modules(view, un, on_module=lambda: bar.update(1)):
-            scores.append(score)
-            if b_proj is not None and (keep_all or score.cos <= threshold):
-                projections[score.lora_b] = _stored(b_proj, view.adapter.file.tensors[score.lora_b].dtype)
+
+    def __init__(self, adapter, *, aligned, unaligned, safety_adapter=None, base=None, progress: bool = False):
+        self.paths = {"adapter": adapter, "safety_adapter": safety_adapter, "aligned": aligned,
+                      "unaligned": unaligned, "base": base}
+        self.input_paths = _input_paths(*self.paths.values())
+        self.progress = progress
+        self.stack = ExitStack()
+        try:
+            self.al = _open(self.stack, aligned, "aligned")
+            self.un = _open(self.stack, unaligned, "unaligned")
+            self.ft = _view(self.stack, adapter, self.al)
+            self.mods = SL.linear_modules(self.ft)
+            self.safety = self.pairs = None
+            if safety_adapter is not None:
+                self.safety = _view(self.stack, safety_adapter, self.al)
+                self.pairs = SM.pair_modules(self.ft, self.safety, self.mods)
+            same = base is None or Path(base).resolve() == Path(aligned).resolve()
+            self.into = self.al if same else _open(self.stack, base, "base")
+        except BaseException:
+            self.stack.close()
+            raise
+        self._scores: list[SL.ModuleScore] | None = None
+        self._projections: dict = {}
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def scores(self) -> list[SL.ModuleScore]:
+        """Every module's Safe LoRA cosine (a fresh copy per call: selections mark them)."""
+        if self._scores is None:
+            scores = []
+            with _module_bar(len(self.mods), self.progress, "scoring LoRA modules") as bar:
+                for score, b_proj in SL.score_modules(self.ft, self.un, on_module=lambda: bar.update(1)):
+                    scores.append(score)
+                    if b_proj is not None:  # B' is the adapter's size: kept for every selection
+                        dtype = self.ft.adapter.file.tensors[score.lora_b].dtype
+                        self._projections[score.lora_b] = _stored(b_proj, dtype)
+            self._scores = scores
+        return [SL.ModuleScore(**s.to_json()) for s in self._scores]
+
+    def _checkpoints(self, *roles: str) -> dict:
+        have = {"adapter": self.ft.adapter, "safety_adapter": self.safety and self.safety.adapter,
+                "aligned": self.al, "unaligned": self.un, "base": self.into}
+        return {r: have[r] for r in roles}
+
+    def _inputs(self, *roles: str) -> list[Path]:
+        return _input_paths(*(self.paths[r] for r in roles))
+
+    def safelora(self, out, *, threshold: float | None = None, num_layers: int | None = None, merge: bool = False,
+                 overwrite: bool = False, fsync: bool = True, dry_run: bool = False) -> dict:
+        """Write the Safe LoRA output (see ``safelora``)."""
+        SL.check_selection(threshold, num_layers)
+        out = Path(out)
+        roles = ("adapter", "aligned", "unaligned") + (("base",) if merge else ())
+        if not dry_run:
+            check_output_location(out, self._inputs(*roles), overwrite)  # before the scoring reads both models
+        scores = self.scores()
         used = SL.select(scores, threshold=threshold, num_layers=num_layers)
         section = {"selection": {"threshold": threshold, "num_layers": num_layers, "threshold_used": used},
                    "projected": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
         text = _scores_table(scores, used, "projected")
         if dry_run:
             return {"dry_run": True, "safelora": section, "text": text}
-        replace = {s.lora_b: projections[s.lora_b] for s in scores if s.projected}
+        replace = {s.lora_b: self._projections[s.lora_b] for s in scores if s.projected}
         params = {"threshold": threshold, "num_layers": num_layers, "merge": merge}
-        if not merge:
-            prov = provenance("safelora", params, {"adapter": view.adapter, "aligned": al, "unaligned": un})
-            report = write_adapter_output(out, adapter, replace, prov, {"safelora": section}, input_paths=inputs,
-                                          overwrite=overwrite, fsync=fsync)
+        prov = provenance("safelora", params, self._checkpoints(*roles))
+        if merge:
+            with ExitStack() as stack:
+                merged = _view(stack, self.paths["adapter"], self.into, replace=replace)
+                report = write_merged_output(out, merged, prov, {"safelora": section}, self._checkpoints(*roles),
+                                             input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
+                                             progress=self.progress)
         else:
-            into = al if base is None or Path(base).resolve() == Path(aligned).resolve() else _open(stack, base, "base")
-            merged = _view(stack, adapter, into, replace=replace)
-            prov = provenance("safelora", params, {"adapter": merged.adapter, "aligned": al, "unaligned": un,
-                                                   "base": into})
-            report = write_merged_output(out, merged, prov, {"safelora": section},
-                                         {"adapter": merged.adapter, "aligned": al, "unaligned": un, "base": into},
-                                         input_paths=inputs, overwrite=overwrite, fsync=fsync, progress=progress)
+            report = write_adapter_output(out, self.paths["adapter"], replace, prov, {"safelora": section},
+                                          input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync)
+        report["text"] = text
+        return report
+
+    def safemerge(self, out, *, tau: float = SM.DEFAULT_TAU, weights=SM.DEFAULT_WEIGHTS, combination: str = "linear",
+                  density: float | None = None, seed: int = 0, merge: bool = False, overwrite: bool = False,
+                  fsync: bool = True, dry_run: bool = False) -> dict:
+        """Write the SafeMERGE output (see ``safemerge``)."""
+        tau = SM.check_tau(tau)
+        weights = SM.check_weights(weights)
+        density = SM.check_combination(combination, density)
+        if self.safety is None:
+            raise OptionError("safety_adapter", "SafeMERGE needs {safety_adapter}")
+        out = Path(out)
+        roles = ("adapter", "safety_adapter", "aligned", "unaligned") + (("base",) if merge else ())
+        config = None if merge else _adapter_space_config(self.ft, self.safety)
+        if not dry_run:
+            check_output_location(out, self._inputs(*roles), overwrite)
+        scores = self.scores()
+        SM.selected(scores, tau)
+        section = {"selection": {"tau": tau, "weights": list(weights), "combination": combination,
+                                 "density": density, "seed": seed},
+                   "merged": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
+        text = _scores_table(scores, tau, "merged", strict=True)
+        if dry_run:
+            return {"dry_run": True, "safemerge": section, "text": text}
+        params = {"tau": tau, "weights": list(weights), "combination": combination, "density": density,
+                  "seed": seed, "merge": merge}
+        chosen = {s.module for s in scores if s.projected}
+        prov = provenance("safemerge", params, self._checkpoints(*roles))
+        if merge:
+            # The delta reads only adapter tensors, so the views over the aligned model serve.
+            delta = SM.weight_space_delta(self.ft, self.safety, self.pairs, chosen, weights, density=density,
+                                          seed=seed)
+            with ExitStack() as stack:
+                merged = _view(stack, self.paths["adapter"], self.into, delta=delta)
+                report = write_merged_output(out, merged, prov, {"safemerge": section}, self._checkpoints(*roles),
+                                             input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
+                                             progress=self.progress)
+        else:
+            replace = {}
+            for mod in self.mods:
+                w = SM.layer_weights(mod.module in chosen, weights)
+                replace[mod.a], replace[mod.b] = SM.merge_adapter_space(self.ft, self.safety, mod,
+                                                                        self.pairs[mod.module], w, density=density,
+                                                                        seed=seed)
+            report = write_adapter_output(out, self.paths["adapter"], replace, prov, {"safemerge": section},
+                                          input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
+                                          config=config)
         report["text"] = text
         return report
 
@@ -188,6 +272,37 @@ def _adapter_space_config(ft: LoraFinetuned, safety: LoraFinetuned) -> dict:
     return {**ft.adapter.config, "lora_alpha": ft.adapter.r, "alpha_pattern": {}, "rank_pattern": {}}
 
 
+def _check_base(base, merge: bool) -> None:
+    if base is not None and not merge:
+        raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
+
+
+def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None, num_layers: int | None = None,
+             merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
+             progress: bool = False) -> dict:
+    """Safe LoRA: project the LoRA modules whose update points away from alignment.
+
+    Args:
+        adapter: PEFT LoRA adapter trained on ``aligned``.
+        out: output directory: the projected adapter, or with ``merge`` the full
+            model base + (alpha/r)·B'·A (base defaults to ``aligned``).
+        aligned, unaligned: the aligned model and the model it was aligned from.
+        threshold: project modules with cos ≤ T (paper default 0.5); or
+        num_layers: project the K modules with the lowest cos.
+        dry_run: score and select only; nothing is written.
+    Returns:
+        The report (also ``out/resta_fast.json``); ``report["safelora"]["modules"]``
+        holds every module's cosine and decision.
+    """
+    SL.check_selection(threshold, num_layers)
+    _check_base(base, merge)
+    if not dry_run:
+        check_output_location(Path(out), _input_paths(adapter, aligned, unaligned, base), overwrite)
+    with Session(adapter, aligned=aligned, unaligned=unaligned, base=base, progress=progress) as session:
+        return session.safelora(out, threshold=threshold, num_layers=num_layers, merge=merge, overwrite=overwrite,
+                                fsync=fsync, dry_run=dry_run)
+
+
 def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = SM.DEFAULT_TAU,
               weights=SM.DEFAULT_WEIGHTS, combination: str = "linear", density: float | None = None, seed: int = 0,
               merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
@@ -206,54 +321,13 @@ def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = 
     Returns:
         The report; ``report["safemerge"]["modules"]`` holds every layer's cosine and decision.
     """
-    tau = SM.check_tau(tau)
-    weights = SM.check_weights(weights)
-    density = SM.check_combination(combination, density)
-    if base is not None and not merge:
-        raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
-    out = Path(out)
-    inputs = _input_paths(adapter, safety_adapter, aligned, unaligned, base)
+    SM.check_tau(tau)
+    SM.check_weights(weights)
+    SM.check_combination(combination, density)
+    _check_base(base, merge)
     if not dry_run:
-        check_output_location(out, inputs, overwrite)
-    with ExitStack() as stack:
-        al = _open(stack, aligned, "aligned")
-        un = _open(stack, unaligned, "unaligned")
-        ft = _view(stack, adapter, al)
-        safety = _view(stack, safety_adapter, al)
-        mods = SL.linear_modules(ft)
-        pairs = SM.pair_modules(ft, safety, mods)
-        config = None if merge else _adapter_space_config(ft, safety)
-        bar = stack.enter_context(_module_bar(len(mods), progress, "safemerge: scoring"))
-        scores = [score for score, _ in SL.score_modules(ft, un, on_module=lambda: bar.update(1))]
-        SM.selected(scores, tau)
-        section = {"selection": {"tau": tau, "weights": list(weights), "combination": combination,
-                                 "density": density, "seed": seed},
-                   "merged": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
-        text = _scores_table(scores, tau, "merged", strict=True)
-        if dry_run:
-            return {"dry_run": True, "safemerge": section, "text": text}
-        params = {"tau": tau, "weights": list(weights), "combination": combination, "density": density,
-                  "seed": seed, "merge": merge}
-        chosen = {s.module for s in scores if s.projected}
-        if not merge:
-            replace = {}
-            for mod in mods:
-                w = SM.layer_weights(mod.module in chosen, weights)
-                replace[mod.a], replace[mod.b] = SM.merge_adapter_space(ft, safety, mod, pairs[mod.module], w,
-                                                                        density=density, seed=seed)
-            prov = provenance("safemerge", params, {"adapter": ft.adapter, "safety_adapter": safety.adapter,
-                                                    "aligned": al, "unaligned": un})
-            report = write_adapter_output(out, adapter, replace, prov, {"safemerge": section}, input_paths=inputs,
-                                          overwrite=overwrite, fsync=fsync, config=config)
-        else:
-            into = al if base is None or Path(base).resolve() == Path(aligned).resolve() else _open(stack, base, "base")
-            # The delta reads only adapter tensors, so the views over the aligned model serve.
-            delta = SM.weight_space_delta(ft, safety, pairs, chosen, weights, density=density, seed=seed)
-            merged = _view(stack, adapter, into, delta=delta)
-            checkpoints = {"adapter": merged.adapter, "safety_adapter": safety.adapter, "aligned": al,
-                           "unaligned": un, "base": into}
-            prov = provenance("safemerge", params, checkpoints)
-            report = write_merged_output(out, merged, prov, {"safemerge": section}, checkpoints, input_paths=inputs,
-                                         overwrite=overwrite, fsync=fsync, progress=progress)
-        report["text"] = text
-        return report
+        check_output_location(Path(out), _input_paths(adapter, safety_adapter, aligned, unaligned, base), overwrite)
+    with Session(adapter, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter, base=base,
+                 progress=progress) as session:
+        return session.safemerge(out, tau=tau, weights=weights, combination=combination, density=density, seed=seed,
+                                 merge=merge, overwrite=overwrite, fsync=fsync, dry_run=dry_run)
