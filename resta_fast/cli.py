@@ -115,6 +115,7 @@ def _add_optional_subcommands(sub) -> None:
     """Subcommands living in sibling packages (eval, demo, batch ...)."""
     import importlib
     for module, adders in (("resta_fast.eval.cli", ("add_eval_parser", "add_tune_parser")),
+                           ("resta_fast.eval.compare_cli", ("add_compare_parser",)),
                            ("resta_fast.demo.cli", ("add_demo_parser",)),
                            ("resta_fast.batch.cli", ("add_batch_parser",)),
                            ("resta_fast.inspect_cli", ("add_inspect_parser",)),

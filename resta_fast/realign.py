@@ -176,6 +176,17 @@ class Session:
     def _inputs(self, *roles: str) -> list[Path]:
         return _input_paths(*(self.paths[r] for r in roles))
 
+    def finetune(self, out, *, overwrite: bool = False, fsync: bool = True) -> dict:
+        """The fine-tune itself as a full model (base + the adapter, as peft's merge_and_unload):
+        the baseline the realigned candidates are compared with."""
+        roles = ("adapter", "base")
+        prov = provenance("merge", {}, self._checkpoints(*roles))
+        with ExitStack() as stack:
+            merged = _view(stack, self.paths["adapter"], self.into)
+            return write_merged_output(Path(out), merged, prov, {}, self._checkpoints(*roles),
+                                       input_paths=self._inputs("adapter", "aligned", "base"), overwrite=overwrite,
+                                       fsync=fsync, progress=self.progress)
+
     def safelora(self, out, *, threshold: float | None = None, num_layers: int | None = None, merge: bool = False,
                  overwrite: bool = False, fsync: bool = True, dry_run: bool = False) -> dict:
         """Write the Safe LoRA output (see ``safelora``)."""
