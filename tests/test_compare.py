@@ -127,3 +127,21 @@ def test_cli_needs_a_utility_measure(tmp_path, models, capsys):
                "--betas", "0.5", "--prompts", "builtin:smoke", "--max-harmful", "0.1"])
     err = capsys.readouterr().err
     assert rc == 2 and "give --utility FILE and/or --perplexity FILE" in err and err.count("\n") == 1, err
+
+
+def test_resta_candidates_are_one_batch_group(tmp_path, models, monkeypatch):
+    """One fused pass writes all RESTA candidates: the shared pair is read once, not per β."""
+    from resta_fast.batch import local
+    ft, _, aligned, unaligned = models
+    groups = []
+    real = local.run_group
+
+    def counting(manifest, gid, **kw):
+        groups.append([j.name for j in manifest.groups[gid].jobs])
+        return real(manifest, gid, **kw)
+    monkeypatch.setattr(local, "run_group", counting)
+    fake = FakeEvaluate({"finetune": (0.5, 0.9), "resta-beta0.5": (0.1, 0.9), "resta-beta1": (0.0, 0.9),
+                         "resta-beta1.5": (0.0, 0.8)})
+    compare(ft, Grid(betas=[0.5, 1, 1.5]), prompts="builtin:smoke", max_harmful=0.05, aligned=aligned,
+            unaligned=unaligned, utility="u.jsonl", evaluate_fn=fake, workdir=tmp_path)
+    assert groups == [["resta-beta0.5", "resta-beta1", "resta-beta1.5"]]
