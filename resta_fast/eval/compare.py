@@ -86,11 +86,13 @@ class Grid:
 
 
 def write_candidates(candidates: list[Candidate], root: Path, *, finetuned, aligned, unaligned, base=None,
-                     safety_adapter=None, seed: int = 0, safemerge_options: dict | None = None,
+                     pre_aligned=None, safety_adapter=None, seed: int = 0, safemerge_options: dict | None = None,
                      progress: bool = False) -> tuple[Path, dict[str, Path]]:
     """Write the fine-tune baseline and every candidate under ``root``: (baseline dir, {slug: dir}).
 
     A full fine-tune is its own baseline; a LoRA fine-tune's is its merge into ``base``.
+    ``pre_aligned`` is Safe LoRA's "unaligned" model, the one ``aligned`` was aligned
+    from (default: ``unaligned``, RESTA's shadow model).
     """
     from resta_fast.lora import is_adapter
     lora = is_adapter(finetuned)
@@ -102,8 +104,8 @@ def write_candidates(candidates: list[Candidate], root: Path, *, finetuned, alig
     baseline = Path(finetuned)
     if lora:
         from resta_fast import realign
-        with realign.Session(finetuned, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter,
-                             base=base, progress=progress) as session:
+        with realign.Session(finetuned, aligned=aligned, unaligned=pre_aligned or unaligned,
+                             safety_adapter=safety_adapter, base=base, progress=progress) as session:
             baseline = root / "finetune"
             session.finetune(baseline, fsync=False)
             for c in candidates:
@@ -143,7 +145,7 @@ def _score(row: dict) -> tuple:
 
 
 def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unaligned, base=None,
-            safety_adapter=None, seed: int = 0, safemerge_options: dict | None = None,
+            pre_aligned=None, safety_adapter=None, seed: int = 0, safemerge_options: dict | None = None,
             max_utility_drop: float | None = None, utility=None, perplexity=None, judges=("refusal",),
             eval_options: dict | None = None, workdir=None, keep: bool = False, out=None, progress: bool = False,
             evaluate_fn=None) -> dict:
@@ -154,7 +156,9 @@ def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unal
         grid: the knobs to try (``Grid``).
         prompts: harmful prompt spec(s) or a loaded PromptSet.
         max_harmful: the harmful-rate target; max_utility_drop: the utility budget against the fine-tune.
-        aligned, unaligned: the pair (RESTA's vector; Safe LoRA's and SafeMERGE's projection).
+        aligned, unaligned: RESTA's pair (the safety vector is their difference).
+        pre_aligned: the model ``aligned`` was aligned from, for Safe LoRA's and SafeMERGE's
+            projection (default: ``unaligned``).
         base: a LoRA fine-tune's base (default: aligned). safety_adapter: SafeMERGE's.
         seed: RESTA's DARE seed. safemerge_options: weights, combination, density, seed.
         utility, perplexity: utility measures (at least one: the table's x axis).
@@ -182,7 +186,8 @@ def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unal
     root = Path(tempfile.mkdtemp(prefix="resta-compare-", dir=workdir))
     try:
         baseline_dir, dirs = write_candidates(candidates, root, finetuned=finetuned, aligned=aligned,
-                                              unaligned=unaligned, base=base, safety_adapter=safety_adapter,
+                                              unaligned=unaligned, base=base, pre_aligned=pre_aligned,
+                                              safety_adapter=safety_adapter,
                                               seed=seed, safemerge_options=safemerge_options, progress=progress)
 
         def run_eval(model_dir: Path, label: str) -> dict:

@@ -54,6 +54,8 @@ def add_compare_parser(subparsers):
     m.add_argument("--aligned", required=True, metavar="DIR", help="the aligned model the fine-tune started from")
     m.add_argument("--unaligned", required=True, metavar="DIR",
                    help="RESTA's shadow model, and Safe LoRA's pre-alignment model")
+    m.add_argument("--pre-aligned", metavar="DIR",
+                   help="the model --aligned was aligned from, for Safe LoRA/SafeMERGE (default: --unaligned)")
     m.add_argument("--base", metavar="DIR", help="a LoRA fine-tune's base (default: --aligned)")
     m.add_argument("--safety-adapter", metavar="DIR", help="SafeMERGE's safety adapter")
     g = p.add_argument_group("the grid")
@@ -109,6 +111,7 @@ def run_compare(args) -> int:
                     "perplexity_window": args.perplexity_window, "seed": args.seed, "progress": args.progress}
     result = compare(args.finetuned, grid, prompts=load_prompts(args.prompts, columns=_columns(args), limit=args.limit),
                      max_harmful=args.max_harmful, aligned=args.aligned, unaligned=args.unaligned, base=args.base,
+                     pre_aligned=args.pre_aligned,
                      safety_adapter=args.safety_adapter, seed=args.dare_seed, safemerge_options=safemerge_options,
                      max_utility_drop=args.max_utility_drop, utility=args.utility, perplexity=args.perplexity,
                      judges=build_judges(args), eval_options=eval_options, workdir=args.workdir,
