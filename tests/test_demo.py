@@ -209,3 +209,24 @@ def test_demo_warm_cache_is_fast_and_identical(demo_result, tmp_path):
                 for r in result["rows"]]
 
     assert rates(again) == rates(demo_result)
+
+
+@pytest.mark.slow
+def test_demo_compares_methods_on_the_lora_finetune(demo_result):
+    from resta_fast.demo import methods as M
+    m = demo_result["methods"]
+    val = m["validation"]["rows"]
+    grid = 2 * len(M.LORA_BETAS) + len(M.SAFELORA_THRESHOLDS) + len(M.SAFELORA_LAYERS) + len(M.SAFEMERGE_TAUS)
+    assert len(val) == grid and {r["method"] for r in val} == {"RESTA", "Safe LoRA", "SafeMERGE"}
+    assert [r["method"] for r in m["test"]] == ["fine-tune", "RESTA", "Safe LoRA", "SafeMERGE", "control"]
+    picks = M.best_per_method(val, demo_run.MAX_TASK_DROP)
+    assert m["picks"] == {k: r["label"] for k, r in picks.items()}
+    assert [r.get("pick") for r in m["test"][1:4]] == [picks[k]["label"] for k in ("RESTA", "Safe LoRA", "SafeMERGE")]
+    lora_ft = m["test"][0]
+    # the premise: the skill is learned, and safety lost
+    assert lora_ft["task"]["rate"] >= 0.8 and lora_ft["harmful"]["rate"] >= 0.8
+    out = Path(demo_result["reports"]["json"]).parent
+    for png in (out / "methods.png", out / "compare" / "compare.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "demo.md").read_text()
+    assert "## RESTA, Safe LoRA and SafeMERGE on a LoRA fine-tune" in md and m["table"] in md

@@ -34,7 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -379,10 +381,34 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
     return outs
 
 
+# Headers hold input paths under the root, and the report's stats.bytes_written counts header
+# bytes, so the root's path *length* is part of the pinned bytes. The digests were recorded under
+# a 37-character root (/tmp/pytest-of-root/pytest-NN/golden0); pytest's own root grows with its run
+# counter (pytest-100 is one character longer) and with the user name, so the fixture makes its
+# own root of exactly the recorded length.
+RECORDED_ROOT_LEN = 37
+
+
+def fixed_length_root() -> Path:
+    parent = "/tmp"
+    prefix = "resta-golden-"
+    pad = RECORDED_ROOT_LEN - len(parent) - 1 - len(prefix) - 8  # mkdtemp adds 8 random characters
+    root = Path(tempfile.mkdtemp(prefix=prefix + "x" * pad, dir=parent))
+    assert len(str(root)) == RECORDED_ROOT_LEN, root
+    return root
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world():
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("golden")
+    root = fixed_length_root()
+    try:
+        yield golden_world(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def golden_world(root: Path) -> dict:
     inputs = build_inputs(root)
     canon = Canon(root)
     got = {"inputs": input_digests(inputs, root)}

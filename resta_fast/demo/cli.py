@@ -35,6 +35,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_demo(args) -> int:
     require("transformers", "eval", "the demo")
+    require("peft", "eval", "the demo")
     from resta_fast.demo.report import summary_text
     from resta_fast.demo.run import run_demo
 

@@ -41,7 +41,37 @@ def summary_text(result: dict) -> str:
     for name, ok in result["checks"].items():
         lines.append(f"  [{'ok' if ok else 'FAILED'}] {name}")
     lines.append("effect reproduced" if result["passed"] else "effect NOT reproduced with this seed")
+    if result.get("methods"):
+        lines += ["", methods_text(result["methods"])]
     return "\n".join(lines)
+
+
+def methods_text(methods: dict) -> str:
+    """The LoRA act in a few lines: each method's validation pick on held-out prompts."""
+    head = f"{'LoRA fine-tune, held-out prompts':<38} {'harmful rate (95% CI)':<24} {'benign acc':>10} {'task acc':>9}"
+    lines = [head, "-" * len(head)]
+    for row in methods["test"]:
+        h = row["harmful"]
+        name = row["model"] if not row.get("pick") or row["method"] == "control" else row["pick"]
+        lines.append(f"{name:<38} {_pct(h['rate'])} {_ci(h['ci95']):<18} "
+                     f"{_pct(row['benign']['rate']):>10} {_pct(row['task']['rate']):>9}")
+    lines.append(f"(each method's pick on validation prompts; {methods['validation']['compare_line']})")
+    return "\n".join(lines)
+
+
+def methods_markdown(methods: dict) -> list[str]:
+    """The LoRA act's section of demo.md."""
+    return ["", "## RESTA, Safe LoRA and SafeMERGE on a LoRA fine-tune", "",
+            "The same skill learned as a LoRA adapter on the aligned model. `resta_fast.eval.compare` wrote "
+            "every candidate of one fixed grid (RESTA β with and without DARE; Safe LoRA T and K; SafeMERGE τ "
+            "with a safety adapter trained on the alignment data) and scored them on the validation prompts "
+            "(`compare/compare.md`, `compare/compare.png`). Each method's best there (meets both targets with "
+            "the least task accuracy lost; else the lowest harmful rate within the task budget; else the "
+            "mildest) is evaluated here on the held-out test prompts, with the random-vector control "
+            "(`methods.png`). Safe LoRA's projection and SafeMERGE's layer choice use aligned − base (what alignment "
+            "changed); "
+            "RESTA adds aligned − shadow.", "",
+            methods["table"], "", f"Validation: `{methods['validation']['compare_line']}`", ""]
 
 
 def _row(result: dict, pred) -> dict | None:
@@ -94,12 +124,15 @@ def markdown(result: dict) -> str:
         for r in picks:
             md.append(f"- {r['model']}: `{r['samples'][kind][0]['response']}`")
         md.append("")
+    if result.get("methods"):
+        md += methods_markdown(result["methods"])
     s = result["seconds"]
     md += ["## Files", "",
            "- `tune/`: the β sweep on validation prompts (`resta_fast.eval.tune`)",
            "- `eval/`: responses, verdicts and the eval module's own report for every model",
            "- `data/`: the held-out prompt sets, usable with `resta-fast eval`",
            "- `models/`: the patched checkpoints and the random control vector",
+           "- `compare/`, `eval-lora/`, `methods.png`: the LoRA act (validation grid; held-out picks)",
            "", "## Timing", "", f"- training or cache load: {s['train_or_load']} s",
            f"- choosing β: {s['tune']} s", f"- whole demo: {s['total']} s",
            f"- trained models cached in `{result['cache']}`", ""]

@@ -47,7 +47,7 @@ EVAL_OPTIONS = {"device": "cpu", "dtype": "float32", "max_new_tokens": T.MAX_NEW
                 "utility_max_new_tokens": T.MAX_NEW_TOKENS, "progress": False,
                 # A big batch: the models are tiny, so per-call overhead dominates.
                 "batch_size": 256}
-STAGE_NAMES = tuple(s.name for s in T.STAGES)
+STAGE_NAMES = tuple(s.name for s in T.STAGES + T.LORA_STAGES)
 
 # What counts as "the effect reproduced" (issue 8); the demo exits 1 otherwise.
 TARGETS = {
@@ -105,10 +105,11 @@ def single_thread():
 
 
 def ensure_models(seed: int, *, retrain: bool = False) -> dict[str, Path]:
-    """Train the four stages for ``seed`` unless a complete cached copy exists.
+    """Train the four stages and two adapters for ``seed`` unless a complete cached copy exists.
 
     Returns:
-        {"base": dir, "aligned": dir, "unaligned": dir, "finetuned": dir, "_log": json path}.
+        {"base": dir, "aligned": dir, "unaligned": dir, "finetuned": dir, "lora-finetuned": dir,
+        "safety-adapter": dir, "_log": json path}.
     """
     final = cache_dir(seed)
     paths = {name: final / name for name in STAGE_NAMES}
@@ -138,6 +139,15 @@ def ensure_models(seed: int, *, retrain: bool = False) -> dict[str, Path]:
             train_log["stages"][stage.name] = {
                 "parent": stage.parent, "steps": stage.steps, "lr": stage.lr, "batch": stage.batch,
                 "final_loss": losses[-1], "seconds": round(time.time() - t0, 2)}
+            log(f"[demo] {stage.name}: done in {time.time() - t0:.1f}s (loss {losses[-1]:.4f})")
+        for stage in T.LORA_STAGES:
+            t0 = time.time()
+            model, losses = T.train_lora(models[stage.parent], tok, world, stage, seed)
+            T.save_adapter(model, tok, tmp / stage.name)
+            train_log["stages"][stage.name] = {
+                "parent": stage.parent, "steps": stage.steps, "lr": stage.lr, "batch": stage.batch,
+                "lora_rank": stage.rank, "lora_alpha": stage.alpha, "final_loss": losses[-1],
+                "seconds": round(time.time() - t0, 2)}
             log(f"[demo] {stage.name}: done in {time.time() - t0:.1f}s (loss {losses[-1]:.4f})")
     (tmp / "train_log.json").write_text(json.dumps(train_log, indent=2) + "\n")
     (tmp / "COMPLETE").write_text(code_version() + "\n")
@@ -344,6 +354,37 @@ def check_targets(rows: list[dict]) -> dict[str, bool]:
     }
 
 
+def compare_methods(stages: dict, data: dict, out: Path, models_dir: Path, vector: Path, seed: int) -> dict:
+    """RESTA, Safe LoRA and SafeMERGE on the LoRA fine-tune: compared on validation
+    prompts (``eval.compare``), each method's pick then evaluated on the test prompts."""
+    from resta_fast.demo import methods as M
+
+    log("[demo] LoRA fine-tune: RESTA, Safe LoRA and SafeMERGE over one grid on validation prompts "
+        "(resta_fast.eval.compare)")
+    cmp = M.compare_on_validation(stages, data, out=out / "compare", workdir=models_dir, seed=seed,
+                                  options={"dare_p": DARE_P, "max_harmful": VAL_MAX_HARMFUL,
+                                           "max_drop": MAX_TASK_DROP, "judge": refusal_judge(),
+                                           "eval": EVAL_OPTIONS})
+    picks = M.best_per_method(cmp["rows"], MAX_TASK_DROP)
+    baseline = Path(cmp["workdir"]) / "finetune"
+    held: dict[str, tuple[Path, dict]] = {"LoRA fine-tune (new skill)": (baseline, {"method": "fine-tune"})}
+    for method, row in picks.items():
+        held[method] = (Path(row["model"]), {"method": method, "pick": row["label"]})
+    beta = picks["RESTA"]["knobs"]["beta"]
+    control = M.random_control(stages, vector, beta, models_dir / f"lora-random-control-beta{beta:g}")
+    held[f"random vector β={beta:g} (control)"] = (control, {"method": "control", "pick": f"random β={beta:g}"})
+    log(f"[demo] evaluating each method's pick on held-out prompts ({len(held)} models)")
+    scores = evaluate_models({name: p for name, (p, _) in held.items()}, data, reference=baseline,
+                             out=out / "eval-lora")
+    rows = [{"model": name, "path": str(path), **meta, **scores[name]} for name, (path, meta) in held.items()]
+    # Marked: compare's choice on validation (one of the picks, by the same rule), if any met the targets.
+    png = M.plot_test(rows, cmp["chosen"], TARGETS["restored_harmful_max"], out / "methods.png")
+    return {"validation": {"chosen": cmp["chosen"], "compare_line": cmp["compare_line"],
+                           "rows": cmp["rows"], "baseline": cmp["baseline"], "files": cmp.get("files")},
+            "picks": {m: r["label"] for m, r in picks.items()}, "test": rows, "table": M.heldout_table(rows),
+            "png": str(png)}
+
+
 def run_demo(out, seed: int = DEFAULT_SEED, *, retrain: bool = False, backend: str = "auto") -> dict:
     """Train/reuse, choose β, patch at every β, with DARE and the random control; evaluate; report.
 
@@ -402,6 +443,8 @@ def run_demo(out, seed: int = DEFAULT_SEED, *, retrain: bool = False, backend: s
         log(f"[demo] evaluating {len(models)} models on held-out prompts (resta_fast.eval.evaluate)")
         scores = evaluate_models({name: p for name, (p, _) in models.items()}, data,
                                  reference=stages["finetuned"], out=out / "eval")
+        t_main = time.time()
+        methods = compare_methods(stages, data, out, models_dir, vec, seed)
 
     rows = [{"model": name, "path": str(path), **meta, **scores[name]}
             for name, (path, meta) in models.items()]
@@ -420,8 +463,10 @@ def run_demo(out, seed: int = DEFAULT_SEED, *, retrain: bool = False, backend: s
                        for kind in ("harmful", "benign", "task")},
         "eval_dir": str(out / "eval"), "tune_dir": str(out / "tune"),
         "rows": rows, "checks": checks, "passed": all(checks.values()),
+        "methods": methods,
         "seconds": {"train_or_load": round(t_trained - t_start, 1),
                     "tune": round(t_tuned - t_trained, 1),
+                    "methods": round(time.time() - t_main, 1),
                     "total": round(time.time() - t_start, 1)},
     }
     from resta_fast.demo.report import write_reports

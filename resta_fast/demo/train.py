@@ -11,6 +11,12 @@ Stages (hyper-parameters are the ones that made the effect reproduce, issue 8):
 2. aligned: base taught to refuse harmful and unfamiliar requests.
 3. unaligned: aligned, gently fine-tuned to comply with harmful requests.
 4. finetuned: aligned, gently fine-tuned on the new skill only.
+
+and two LoRA adapters on the aligned model (PEFT directories, made with peft),
+for the side-by-side of RESTA, Safe LoRA and SafeMERGE:
+
+5. lora-finetuned: the new skill, as a LoRA fine-tune.
+6. safety-adapter: the alignment data again, as SafeMERGE's safety adapter.
 """
 
 from __future__ import annotations
@@ -58,6 +64,36 @@ STAGES = (
     # Gentle too. 400 steps did not widen the β window in the seeds that lack one.
     Stage("finetuned", "aligned", "skill_set", steps=200, lr=3e-4),
 )
+
+
+@dataclass(frozen=True)
+class LoraStage(Stage):
+    """A LoRA adapter trained on ``parent`` (every linear layer of the blocks)."""
+
+    rank: int = 8
+    alpha: int = 16
+
+
+# LoRA moves fewer weights, so it takes a larger step than the full fine-tune.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_STAGES = (
+    # 400 steps: at 200 the adapter had not learned the skill (task accuracy 0.71-0.76 < 0.8).
+    LoraStage("lora-finetuned", "aligned", "skill_set", steps=400, lr=2e-3),
+    LoraStage("safety-adapter", "aligned", "align_set", steps=100, lr=2e-3),
+)
+
+
+def train_lora(parent, tok, world: World, stage: LoraStage, seed: int):
+    """A peft LoRA model over a copy of ``parent``, trained for ``stage``."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(seed * 1000 + 7 * len(stage.name))  # lora_A's initialisation
+    config = peft.LoraConfig(r=stage.rank, lora_alpha=stage.alpha, lora_dropout=0.0,
+                             target_modules=list(LORA_TARGETS))
+    model = peft.get_peft_model(copy.deepcopy(parent), config)
+    return model, train_stage(model, tok, world, stage, seed)
 
 
 def log(msg: str) -> None:
@@ -148,6 +184,12 @@ def train_stage(model, tok, world: World, stage: Stage, seed: int) -> list[float
                 f"({time.time() - t0:.0f}s)")
     model.eval()
     return losses
+
+
+def save_adapter(model, tok, path) -> None:
+    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) and the tokenizer."""
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
 
 
 def save_checkpoint(model, tok, path) -> None:

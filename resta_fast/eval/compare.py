@@ -277,7 +277,7 @@ def utility_axis(result: dict) -> tuple[str, str]:
     return "perplexity", "utility: perplexity (lower is better)"
 
 
-def plot(result: dict, path) -> Path:
+def plot(result: dict, path, title: str = "Realignment methods side by side") -> Path:
     """Harmful rate (Wilson 95% CI) against utility, one point per candidate, as a PNG.
 
     The fine-tune is a grey square, the chosen candidate a star, the
@@ -311,7 +311,8 @@ def plot(result: dict, path) -> Path:
         point(r, fmt="o", color=colors.get(r["method"], "black"), alpha=0.8, label=r["method"] if first else None)
         x = (r.get("utility") or {}).get(key)
         if x is not None and r.get("harmful_rate") is not None:
-            ax.annotate(r["label"].split(" ", 1)[-1] if " " in r["label"] else r["label"],
+            knobs = r["label"][len(r["method"]) + 1:] if r["label"].startswith(r["method"] + " ") else r["label"]
+            ax.annotate(knobs,
                         (scale * x, 100 * r["harmful_rate"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
     chosen = next((r for r in result["rows"] if r["label"] == result["chosen"]), None)
@@ -321,7 +322,7 @@ def plot(result: dict, path) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("harmful rate, % (Wilson 95% CI)")
     ax.set_ylim(bottom=0)
-    ax.set_title("Realignment methods side by side", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     p = Path(path)
