@@ -406,3 +406,21 @@ def test_local_runs_never_import_huggingface_hub(world):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "NOHUB"
+
+
+def test_verify_against_takes_hub_ids(world):
+    out = world["out"] / "va"
+    assert run("patch", "--finetuned", world["ft"], "--aligned", world["chat"], "--unaligned", world["shadow"],
+               "--beta", "0.5", "--out", out) == 0
+    assert verify(out, ["org/ft", "org/chat", "org/shadow"], samples=500)["ok"]
+
+
+def test_eval_model_takes_a_hub_id(world, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from resta_fast.eval.testing import build_tiny_llama
+    tiny = build_tiny_llama(tmp_path / "tiny", seed=1)
+    snapshot = hub_cache_model(world["cache"], "org/tiny", tiny, commit="5" * 40)
+    assert main(["eval", "--model", "org/tiny", "--prompts", "builtin:smoke", "--limit", "2",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["models"][0]["model"] == str(snapshot) and summary["models"][0]["n"] == 2
