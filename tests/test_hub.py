@@ -424,3 +424,9 @@ def test_eval_model_takes_a_hub_id(world, tmp_path, capsys):
                  "--max-new-tokens", "2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["models"][0]["model"] == str(snapshot) and summary["models"][0]["n"] == 2
+
+
+def test_inspect_takes_hub_ids(world, capsys):
+    assert main(["inspect", "org/ft@v1", "org/chat", "org/shadow", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["plan_error"] is None and result["plan"]["summary"]["patch"] > 0
