@@ -430,3 +430,13 @@ def test_inspect_takes_hub_ids(world, capsys):
     assert main(["inspect", "org/ft@v1", "org/chat", "org/shadow", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["plan_error"] is None and result["plan"]["summary"]["patch"] > 0
+
+
+def test_batch_dry_run_names_the_ids(world, tmp_path, capsys):
+    manifest = tmp_path / "batch.yaml"
+    manifest.write_text("aligned: org/chat\nunaligned: org/shadow\njobs:\n"
+                        f"  - {{finetuned: org/ft@v1, out: {world['out'] / 'dry'}}}\n")
+    assert main(["batch", str(manifest), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"aligned org/chat@main (commit {C_CHAT[:12]})" in text and f"org/ft@v1 (commit {C_FT_V1[:12]})" in text
+    assert not (world["out"] / "dry").exists()

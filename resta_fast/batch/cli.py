@@ -183,11 +183,19 @@ def _print_groups(manifest, groups) -> None:
           f"(group_size {manifest.group_size}); all valid")
     for g in groups:
         shared = g.jobs[0]
-        src = (f"vector {shared.vector}" if shared.vector
-               else f"aligned {shared.aligned}, unaligned {shared.unaligned}")
+        src = (f"vector {_named(shared, 'vector')}" if shared.vector
+               else f"aligned {_named(shared, 'aligned')}, unaligned {_named(shared, 'unaligned')}")
         print(f"group {g.index} ({len(g.jobs)} job(s), {g.device}, backend {shared.backend}; {src}):")
         for j in g.jobs:
             size = manifest.out_bytes.get(j.index)
             dare = f", dare {j.dare} seed {j.seed}" if j.dare is not None else ""
-            print(f"  [{j.index}] {j.name}: beta {j.beta:g}{dare}  {j.finetuned} -> {j.out}"
+            print(f"  [{j.index}] {j.name}: beta {j.beta:g}{dare}  {_named(j, 'finetuned')} -> {j.out}"
                   + (f"  ({human_bytes(size)})" if size else ""))
+
+
+def _named(job, key: str) -> str:
+    """An input as the manifest named it: a Hub id with the commit it resolved to, else its path."""
+    found = job.hub.get(key)
+    if found is None:
+        return str(getattr(job, key))
+    return f"{found.repo_id}@{found.revision} (commit {found.commit[:12]})"
