@@ -23,6 +23,7 @@ import numpy as np
 
 from resta_fast.errors import OptionError
 from resta_fast.io.checkpoint import Checkpoint
+from resta_fast.io.hub import resolve_input
 from resta_fast.io.lock import OutputLock, clean_stale_temps
 from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_location
 from resta_fast.kernels import BackendUnavailable, choose_backend, load_backend
@@ -188,8 +189,12 @@ def _own_stack(opener: Opener | None):
 
 
 def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, dare_base=None,
-            options: PatchOptions | None = None, opener: Opener | None = None, here: bool = True) -> PreparedPatch:
+            options: PatchOptions | None = None, opener: Opener | None = None, here: bool = True,
+            resolver=None) -> PreparedPatch:
     """Open the inputs, resolve their roles, build the plan, choose the backend.
+
+    Every input may be a local path or a Hugging Face Hub id (``ORG/NAME[@REV]``,
+    ``hf://ORG/NAME[@REV]``; an existing local path wins): see ``io.hub``.
 
     Args:
         finetuned: fine-tuned model (HF directory or .safetensors file), or a
@@ -203,6 +208,8 @@ def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, 
             group); its stack closes them. None: the PreparedPatch owns its inputs.
         here: it runs on this machine: check the device exists and load the
             backend. False (checking for another machine) leaves ``kernel`` None.
+        resolver: an ``io.hub.Resolver`` shared with other prepared patches
+            (a batch: each distinct Hub id resolved once); None: resolve here.
     Returns:
         A PreparedPatch (a context manager closing its inputs).
 
@@ -213,7 +220,7 @@ def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, 
     options = options if options is not None else PatchOptions()
     device = resolve_device(options.device) if here else options.device
     roles = resolve_roles(finetuned, aligned=aligned, unaligned=unaligned, vector=vector, base=base,
-                          dare_base=dare_base, dare=options.dare is not None)
+                          dare_base=dare_base, dare=options.dare is not None, resolver=resolver)
     with _own_stack(opener) as (opener, stack):
         checkpoints, inputs = open_roles(roles, opener, dare=options.dare is not None)
         plan = plan_patch(inputs, options)
@@ -224,7 +231,7 @@ def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, 
                 raise OptionError("backend", "{device} {dev} runs the triton backend; {backend} {name} is CPU-only "
                                   "(use {backend} triton or auto, or {device} cpu)", dev=device, name=backend_name)
         return PreparedPatch("patch", options, roles, plan, inputs, checkpoints,
-                             provenance("patch", options.params(), checkpoints), roles.paths(), device,
+                             provenance("patch", options.params(), checkpoints, roles.hub), roles.paths(), device,
                              backend_name, kernel, stack)
 
 
@@ -267,10 +274,15 @@ def _difference_kernel() -> tuple[str, object]:
 
 
 def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(),
-                   opener: Opener | None = None) -> PreparedPatch:
-    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``)."""
+                   opener: Opener | None = None, resolver=None) -> PreparedPatch:
+    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``); inputs as ``prepare``'s."""
     options = PatchOptions(dtype=dtype, include=include, exclude=exclude)
-    roles = Roles(str(aligned), aligned=str(aligned), unaligned=str(unaligned))
+    resolve = resolver or resolve_input
+    found = {role: resolve(arg, role) for role, arg in (("aligned", aligned), ("unaligned", unaligned))}
+    hub = {role: r for role, r in found.items() if r.is_hub}
+    aligned, unaligned = (str(found[r].path) if r in hub else arg for r, arg in (("aligned", aligned),
+                                                                                ("unaligned", unaligned)))
+    roles = Roles(str(aligned), aligned=str(aligned), unaligned=str(unaligned), hub=hub)
     with _own_stack(opener) as (opener, stack):
         al = opener(aligned, "aligned")
         un = opener(unaligned, "unaligned")
@@ -289,7 +301,7 @@ def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), ex
         checkpoints = {"aligned": al, "unaligned": un}
         backend_name, kernel = _difference_kernel()
         return PreparedPatch("vector", options, roles, plan, Inputs(al, al, un), checkpoints,
-                             provenance("vector", params, checkpoints), [Path(aligned), Path(unaligned)], "cpu",
+                             provenance("vector", params, checkpoints, hub), [Path(aligned), Path(unaligned)], "cpu",
                              backend_name, kernel, stack)
 
 
@@ -338,7 +350,7 @@ def output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: s
 
 
 def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: bool = True, progress: bool = False,
-            validate: Validator | None = None, device_cache=None) -> dict:
+            validate: Validator | None = None, device_cache=None, command_line: str | None = None) -> dict:
     """Run a prepared patch into the atomic output directory ``out`` and write its report.
 
     Args:
@@ -350,8 +362,11 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
             the verdict goes into the report, and a failed output is kept but
             marked (VALIDATION_FAILED).
         device_cache: a device cache shared by runs over the same inputs (GPU).
+        command_line: the command as typed, for the model card's "how to
+            reproduce" (the CLI passes it); None: the card rebuilds one.
     Returns:
-        The report dict (also written to ``out/resta_fast.json``).
+        The report dict (also written to ``out/resta_fast.json``); the output
+        also gets its model card, ``out/README.md`` (``card.render_model_card``).
 
     Example:
         >>> with prepare("ft", vector="v") as p:  # doctest: +SKIP
@@ -376,9 +391,9 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
             raise job.error
         report = finish_output(outdir.tmp, prepared.plan, prepared.inputs.finetuned, job.stats,
                                prepared.provenance, backend_name=prepared.backend_name, device=prepared.device,
-                               fsync=fsync, extra=prepared.report_extra)
+                               fsync=fsync, extra=prepared.report_extra, command_line=command_line)
         if validate is not None:
-            record_validation(outdir.tmp, report, validate(outdir.tmp))
+            record_validation(outdir.tmp, report, validate(outdir.tmp), command_line=command_line)
         raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
         outdir.commit()
     report["out"] = str(out)
@@ -391,12 +406,15 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
           threads: int | None = None, overwrite: bool = False, fsync: bool = True,
           dry_run: bool = False, progress: bool = False,
           chunk_elems: int | None = None, gpu_pool_bytes: int | None = None,
-          base=None, validate: Validator | None = None, device_cache=None, staging: str = "auto") -> dict:
+          base=None, validate: Validator | None = None, device_cache=None, staging: str = "auto",
+          command_line: str | None = None) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
     Args:
         finetuned: fine-tuned model (HF directory or .safetensors file), or a
             PEFT LoRA adapter directory, merged in fp32 into ``base`` in-stream.
+            Every input may also be a Hugging Face Hub id, ``ORG/NAME[@REV]`` or
+            ``hf://ORG/NAME[@REV]`` (an existing local path wins; see ``io.hub``).
         base: the model a LoRA adapter was trained on (default: aligned); the
             output takes its layout and dtypes, and it is DARE's default base.
         out: output directory (created atomically; must not exist unless overwrite).
@@ -415,6 +433,7 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
             its rename (``resta_fast.eval.make_validator``); recorded in
             ``report["validation"]``.
         device_cache: a device cache shared across calls on the same inputs.
+        command_line: the command as typed, for the model card (see ``execute``).
     Returns:
         The report dict (also written to ``out/resta_fast.json``).
 
@@ -431,11 +450,12 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
             return {"dry_run": True, "plan": prepared.plan.to_json(), "plan_text": prepared.plan.format_table()}
     with prepare(finetuned, **inputs, options=options) as prepared:
         return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, validate=validate,
-                       device_cache=device_cache)
+                       device_cache=device_cache, command_line=command_line)
 
 
 def make_vector(aligned, unaligned, out, *, dtype: str = "float32", include=(), exclude=(),
-                overwrite: bool = False, fsync: bool = True, progress: bool = False) -> dict:
+                overwrite: bool = False, fsync: bool = True, progress: bool = False,
+                command_line: str | None = None) -> dict:
     """Write the safety vector V = aligned − unaligned as a checkpoint.
 
     fp32 (the default) makes patching with V bit-identical to patching with the
@@ -445,4 +465,4 @@ def make_vector(aligned, unaligned, out, *, dtype: str = "float32", include=(), 
         >>> make_vector("chat", "shadow", "safety_vector")  # doctest: +SKIP
     """
     with prepare_vector(aligned, unaligned, dtype=dtype, include=include, exclude=exclude) as prepared:
-        return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress)
+        return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line)

@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import signal
 import sys
+import textwrap
 
 from resta_fast import __version__
 from resta_fast import cli_args as A
 from resta_fast.errors import RestaError, cli_flag
+from resta_fast.io.hub import HUB_RULE
 from resta_fast.options import BACKEND_CHOICES, STAGING_CHOICES
 
-PATCH_EPILOG = """\
+HUB_EPILOG = textwrap.fill(f"Models and adapters are local paths or Hugging Face Hub ids: {HUB_RULE}.", 79) + "\n"
+PATCH_EPILOG = HUB_EPILOG + """
 --no-fsync skips flushing the output to disk before the final rename: faster,
 but after a power loss or kernel crash the output directory may exist with
 incomplete or zeroed data. Use it for throwaway outputs only.
@@ -26,14 +30,18 @@ incomplete or zeroed data. Use it for throwaway outputs only.
 
 
 def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--finetuned", required=True, help="fine-tuned model dir or .safetensors file")
-    p.add_argument("--aligned", help="the safety-aligned model the fine-tune started from")
-    p.add_argument("--unaligned", help="the aligned model fine-tuned to comply (shadow model)")
-    p.add_argument("--vector", help="precomputed safety vector (from `resta-fast vector`)")
+    p.add_argument("--finetuned", required=True, metavar="MODEL",
+                   help="fine-tuned model dir, .safetensors file or PEFT LoRA adapter; or a Hub id")
+    p.add_argument("--aligned", metavar="MODEL",
+                   help="the safety-aligned model the fine-tune started from (path or Hub id)")
+    p.add_argument("--unaligned", metavar="MODEL",
+                   help="the aligned model fine-tuned to comply (shadow model; path or Hub id)")
+    p.add_argument("--vector", metavar="MODEL",
+                   help="precomputed safety vector (from `resta-fast vector`; path or Hub id)")
     p.add_argument("--beta", type=A.finite, default=1.0, help="scale of the safety vector (default 1.0)")
     p.add_argument("--dare", type=A.probability, metavar="P", help="DARE drop probability for the fine-tune delta")
     p.add_argument("--seed", type=A.seed, default=0, help="DARE seed (default 0)")
-    p.add_argument("--dare-base", help="DARE base model (default: --aligned)")
+    p.add_argument("--dare-base", metavar="MODEL", help="DARE base model (default: --aligned)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="patch only tensors matching (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -80,8 +88,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("patch", help="realign a fine-tuned checkpoint", epilog=PATCH_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common_patch_args(p)
-    p.add_argument("--base", help="for a LoRA adapter as --finetuned: the model it was trained on "
-                   "(default: --aligned)")
+    p.add_argument("--base", metavar="MODEL",
+                   help="for a LoRA adapter as --finetuned: the model it was trained on (default: --aligned)")
     p.add_argument("--out", required=True, type=A.creatable_dir, help="output directory (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -91,9 +99,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_validation_args(p)
     p.set_defaults(func=cmd_patch)
 
-    v = sub.add_parser("vector", help="write the safety vector aligned − unaligned")
-    v.add_argument("--aligned", required=True)
-    v.add_argument("--unaligned", required=True)
+    v = sub.add_parser("vector", help="write the safety vector aligned − unaligned", epilog=HUB_EPILOG)
+    v.add_argument("--aligned", required=True, metavar="MODEL", help="aligned model (path or Hub id)")
+    v.add_argument("--unaligned", required=True, metavar="MODEL",
+                   help="unaligned (shadow) model (path or Hub id)")
     v.add_argument("--out", required=True, type=A.creatable_dir)
     v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
     v.add_argument("--overwrite", action="store_true")
@@ -181,7 +190,8 @@ def cmd_patch(args) -> int:
         backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
         fsync=not args.no_fsync, dry_run=args.dry_run, gpu_pool_bytes=args.gpu_pool_mb << 20,
         validate=validate, staging=args.staging,
-        progress=not args.no_progress and sys.stderr.isatty(), base=args.base)
+        progress=not args.no_progress and sys.stderr.isatty(), base=args.base,
+        command_line=getattr(args, "command_line", None))
     _print_result(report, args.json)
     validation = report.get("validation")
     if validation is not None:
@@ -194,7 +204,8 @@ def cmd_vector(args) -> int:
     from resta_fast import api
     report = api.make_vector(args.aligned, args.unaligned, args.out, dtype=args.dtype,
                              overwrite=args.overwrite, fsync=not args.no_fsync,
-                             progress=not args.no_progress and sys.stderr.isatty())
+                             progress=not args.no_progress and sys.stderr.isatty(),
+                             command_line=getattr(args, "command_line", None))
     _print_result(report, args.json)
     return 0
 
@@ -256,6 +267,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
         return int(exc.code or 0)
+    args.command_line = shlex.join(["resta-fast", *argv])  # the model card's "how to reproduce"
     try:
         return int(args.func(args) or 0)
     except RestaError as exc:

@@ -121,7 +121,7 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
     vector), the plan a patch would run.
 
     Args:
-        models: paths; the first is the fine-tune, then aligned, then unaligned
+        models: paths or Hub ids; the first is the fine-tune, then aligned, then unaligned
             unless given by keyword. With only a fine-tune and an aligned
             model, the plan checks the fine-tune against the aligned model alone.
     Returns:
@@ -140,6 +140,15 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
     if rest:
         raise RestaError(f"inspect takes at most 3 positional models (finetuned, aligned, unaligned); "
                          f"extra: {', '.join(map(str, rest))}")
+    from resta_fast.io.hub import Resolver
+    resolve = Resolver()
+
+    def local(path, role: str, kind: str = "model"):  # a Hub id -> its cache snapshot (io.hub.HUB_RULE)
+        found = None if path is None else resolve(path, role, kind=kind)
+        return str(found.path) if found is not None and found.is_hub else path
+    ft_path, aligned, unaligned = local(ft_path, "finetuned", "any"), local(aligned, "aligned"), \
+        local(unaligned, "unaligned")
+    vector, base, dare_base = local(vector, "vector"), local(base, "base"), local(dare_base, "dare base")
     seen = []
     for p in [ft_path, aligned, unaligned, vector, base, dare_base]:
         if p is not None and p not in seen:
@@ -234,7 +243,9 @@ def add_inspect_parser(subparsers) -> None:
         description="Describe each model; with a fine-tune plus aligned/unaligned (or --vector), "
                     "print the patch plan grouped by layer pattern. Positional models are "
                     "finetuned, aligned, unaligned in that order.")
-    p.add_argument("models", nargs="+", metavar="DIR", help="finetuned [aligned [unaligned]]")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="finetuned [aligned [unaligned]]: directories or Hugging Face Hub ids (an existing local "
+                        "path wins; otherwise ORG/NAME[@REV] or hf://ORG/NAME[@REV] is a Hub id)")
     p.add_argument("--aligned")
     p.add_argument("--unaligned")
     p.add_argument("--vector")

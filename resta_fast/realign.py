@@ -77,9 +77,11 @@ def _input_paths(*paths) -> list[Path]:
 
 
 def write_adapter_output(out: Path, adapter_path, replace: dict, prov: dict, extra: dict, *, input_paths,
-                         overwrite: bool, fsync: bool, config: dict | None = None) -> dict:
-    """The realigned adapter into ``out``, atomically, with its report."""
+                         overwrite: bool, fsync: bool, config: dict | None = None,
+                         command_line: str | None = None) -> dict:
+    """The realigned adapter into ``out``, atomically, with its model card and report."""
     from resta_fast.api import output_guard
+    from resta_fast.card import CARD_NAME, write_model_card
     from resta_fast.io.adapter_writer import write_adapter
     with output_guard(out, input_paths, overwrite, prov["command"]), \
             AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, ExitStack() as stack:
@@ -88,6 +90,7 @@ def write_adapter_output(out: Path, adapter_path, replace: dict, prov: dict, ext
         files = write_adapter(outdir.tmp, adapter, replace, output_metadata(prov), config=config, fsync=fsync)
         report = {**prov, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "output": "adapter", "fsync": fsync, **extra, "files": files}
+        files[CARD_NAME] = write_model_card(outdir.tmp, report, command_line=command_line)
         (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         outdir.commit()
     report["out"] = str(out)
@@ -95,7 +98,8 @@ def write_adapter_output(out: Path, adapter_path, replace: dict, prov: dict, ext
 
 
 def write_merged_output(out: Path, view: LoraFinetuned, prov: dict, extra: dict, checkpoints: dict, *,
-                        input_paths, overwrite: bool, fsync: bool, progress: bool) -> dict:
+                        input_paths, overwrite: bool, fsync: bool, progress: bool,
+                        command_line: str | None = None) -> dict:
     """base + the realigned update, as a full model in the base's layout and dtypes."""
     from resta_fast import api
     from resta_fast.kernels import choose_backend
@@ -108,7 +112,7 @@ def write_merged_output(out: Path, view: LoraFinetuned, prov: dict, extra: dict,
     roles = Roles(str(view.adapter.path), base=str(view.base.path), lora=True)
     prepared = api.PreparedPatch(prov["command"], PatchOptions(), roles, plan, Inputs(view), checkpoints, prov,
                                  input_paths, "cpu", backend_name, kernel, report_extra={"output": "merged", **extra})
-    return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress)
+    return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line)
 
 
 class Session:
@@ -127,19 +131,25 @@ class Session:
     """
 
     def __init__(self, adapter, *, aligned, unaligned, safety_adapter=None, base=None, progress: bool = False):
-        self.paths = {"adapter": adapter, "safety_adapter": safety_adapter, "aligned": aligned,
-                      "unaligned": unaligned, "base": base}
-        self.input_paths = _input_paths(*self.paths.values())
+        from resta_fast.io.hub import resolve_input
+        given = {"adapter": adapter, "safety_adapter": safety_adapter, "aligned": aligned, "unaligned": unaligned,
+                 "base": base}
+        # Hub ids (ORG/NAME[@REV]) resolve to cache snapshots; their repo and commit go into the provenance.
+        resolved = {role: resolve_input(p, role.replace("_", " "), kind="adapter" if "adapter" in role else "model")
+                    for role, p in given.items() if p is not None}
+        self.hub = {role: r for role, r in resolved.items() if r.is_hub}
+        self.paths = {role: (resolved[role].path if role in resolved else None) for role in given}
+        base, aligned = self.paths["base"], self.paths["aligned"]
         self.progress = progress
         self.stack = ExitStack()
         try:
             self.al = _open(self.stack, aligned, "aligned")
-            self.un = _open(self.stack, unaligned, "unaligned")
-            self.ft = _view(self.stack, adapter, self.al)
+            self.un = _open(self.stack, self.paths["unaligned"], "unaligned")
+            self.ft = _view(self.stack, self.paths["adapter"], self.al)
             self.mods = SL.linear_modules(self.ft)
             self.safety = self.pairs = None
             if safety_adapter is not None:
-                self.safety = _view(self.stack, safety_adapter, self.al)
+                self.safety = _view(self.stack, self.paths["safety_adapter"], self.al)
                 self.pairs = SM.pair_modules(self.ft, self.safety, self.mods)
             same = base is None or Path(base).resolve() == Path(aligned).resolve()
             self.into = self.al if same else _open(self.stack, base, "base")
@@ -173,6 +183,10 @@ class Session:
                 "aligned": self.al, "unaligned": self.un, "base": self.into}
         return {r: have[r] for r in roles}
 
+    def _provenance(self, command: str, params: dict, roles) -> dict:
+        return provenance(command, params, self._checkpoints(*roles),
+                          hub={r: h for r, h in self.hub.items() if r in roles})
+
     def _inputs(self, *roles: str) -> list[Path]:
         return _input_paths(*(self.paths[r] for r in roles))
 
@@ -180,7 +194,7 @@ class Session:
         """The fine-tune itself as a full model (base + the adapter, as peft's merge_and_unload):
         the baseline the realigned candidates are compared with."""
         roles = ("adapter", "base")
-        prov = provenance("merge", {}, self._checkpoints(*roles))
+        prov = self._provenance("merge", {}, roles)
         with ExitStack() as stack:
             merged = _view(stack, self.paths["adapter"], self.into)
             return write_merged_output(Path(out), merged, prov, {}, self._checkpoints(*roles),
@@ -188,7 +202,8 @@ class Session:
                                        fsync=fsync, progress=self.progress)
 
     def safelora(self, out, *, threshold: float | None = None, num_layers: int | None = None, merge: bool = False,
-                 overwrite: bool = False, fsync: bool = True, dry_run: bool = False) -> dict:
+                 overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
+                 command_line: str | None = None) -> dict:
         """Write the Safe LoRA output (see ``safelora``)."""
         SL.check_selection(threshold, num_layers)
         out = Path(out)
@@ -204,22 +219,23 @@ class Session:
             return {"dry_run": True, "safelora": section, "text": text}
         replace = {s.lora_b: self._projections[s.lora_b] for s in scores if s.projected}
         params = {"threshold": threshold, "num_layers": num_layers, "merge": merge}
-        prov = provenance("safelora", params, self._checkpoints(*roles))
+        prov = self._provenance("safelora", params, roles)
         if merge:
             with ExitStack() as stack:
                 merged = _view(stack, self.paths["adapter"], self.into, replace=replace)
                 report = write_merged_output(out, merged, prov, {"safelora": section}, self._checkpoints(*roles),
                                              input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                             progress=self.progress)
+                                             progress=self.progress, command_line=command_line)
         else:
             report = write_adapter_output(out, self.paths["adapter"], replace, prov, {"safelora": section},
-                                          input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync)
+                                          input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
+                                          command_line=command_line)
         report["text"] = text
         return report
 
     def safemerge(self, out, *, tau: float = SM.DEFAULT_TAU, weights=SM.DEFAULT_WEIGHTS, combination: str = "linear",
                   density: float | None = None, seed: int = 0, merge: bool = False, overwrite: bool = False,
-                  fsync: bool = True, dry_run: bool = False) -> dict:
+                  fsync: bool = True, dry_run: bool = False, command_line: str | None = None) -> dict:
         """Write the SafeMERGE output (see ``safemerge``)."""
         tau = SM.check_tau(tau)
         weights = SM.check_weights(weights)
@@ -242,7 +258,7 @@ class Session:
         params = {"tau": tau, "weights": list(weights), "combination": combination, "density": density,
                   "seed": seed, "merge": merge}
         chosen = {s.module for s in scores if s.projected}
-        prov = provenance("safemerge", params, self._checkpoints(*roles))
+        prov = self._provenance("safemerge", params, roles)
         if merge:
             # The delta reads only adapter tensors, so the views over the aligned model serve.
             delta = SM.weight_space_delta(self.ft, self.safety, self.pairs, chosen, weights, density=density,
@@ -251,7 +267,7 @@ class Session:
                 merged = _view(stack, self.paths["adapter"], self.into, delta=delta)
                 report = write_merged_output(out, merged, prov, {"safemerge": section}, self._checkpoints(*roles),
                                              input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                             progress=self.progress)
+                                             progress=self.progress, command_line=command_line)
         else:
             replace = {}
             for mod in self.mods:
@@ -261,7 +277,7 @@ class Session:
                                                                         seed=seed)
             report = write_adapter_output(out, self.paths["adapter"], replace, prov, {"safemerge": section},
                                           input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                          config=config)
+                                          config=config, command_line=command_line)
         report["text"] = text
         return report
 
@@ -290,7 +306,7 @@ def _check_base(base, merge: bool) -> None:
 
 def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None, num_layers: int | None = None,
              merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
-             progress: bool = False) -> dict:
+             progress: bool = False, command_line: str | None = None) -> dict:
     """Safe LoRA: project the LoRA modules whose update points away from alignment.
 
     Args:
@@ -307,17 +323,15 @@ def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None
     """
     SL.check_selection(threshold, num_layers)
     _check_base(base, merge)
-    if not dry_run:
-        check_output_location(Path(out), _input_paths(adapter, aligned, unaligned, base), overwrite)
     with Session(adapter, aligned=aligned, unaligned=unaligned, base=base, progress=progress) as session:
         return session.safelora(out, threshold=threshold, num_layers=num_layers, merge=merge, overwrite=overwrite,
-                                fsync=fsync, dry_run=dry_run)
+                                fsync=fsync, dry_run=dry_run, command_line=command_line)
 
 
 def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = SM.DEFAULT_TAU,
               weights=SM.DEFAULT_WEIGHTS, combination: str = "linear", density: float | None = None, seed: int = 0,
               merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
-              progress: bool = False) -> dict:
+              progress: bool = False, command_line: str | None = None) -> dict:
     """SafeMERGE: where the fine-tune's Safe LoRA cosine is below ``tau``, merge in the safety adapter.
 
     Args:
@@ -336,9 +350,8 @@ def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = 
     SM.check_weights(weights)
     SM.check_combination(combination, density)
     _check_base(base, merge)
-    if not dry_run:
-        check_output_location(Path(out), _input_paths(adapter, safety_adapter, aligned, unaligned, base), overwrite)
     with Session(adapter, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter, base=base,
                  progress=progress) as session:
         return session.safemerge(out, tau=tau, weights=weights, combination=combination, density=density, seed=seed,
-                                 merge=merge, overwrite=overwrite, fsync=fsync, dry_run=dry_run)
+                                 merge=merge, overwrite=overwrite, fsync=fsync, dry_run=dry_run,
+                                 command_line=command_line)

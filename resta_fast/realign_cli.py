@@ -41,7 +41,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def add_safelora_parser(sub) -> None:
     p = sub.add_parser("safelora", help="Safe LoRA: project a LoRA adapter's unsafe layers onto the alignment",
                        epilog=SAFELORA_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory trained on --aligned")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (or Hub id) trained on --aligned")
     p.add_argument("--aligned", required=True, help="the aligned (chat) model the adapter was trained on")
     p.add_argument("--unaligned", required=True,
                    help="the model --aligned was aligned from (e.g. the -hf base of a -chat model)")
@@ -99,7 +99,8 @@ def cmd_safelora(args) -> int:
     report = realign.safelora(args.adapter, args.out, aligned=args.aligned, unaligned=args.unaligned,
                               threshold=args.threshold, num_layers=args.num_layers, merge=args.merge,
                               base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
-                              dry_run=args.dry_run, progress=_progress(args))
+                              dry_run=args.dry_run, progress=_progress(args),
+                              command_line=getattr(args, "command_line", None))
     _print(report, args)
     return 0
 
@@ -110,6 +111,7 @@ def cmd_safemerge(args) -> int:
                                unaligned=args.unaligned, tau=args.tau, weights=args.weights,
                                combination=args.combination, density=args.density, seed=args.seed, merge=args.merge,
                                base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
-                               dry_run=args.dry_run, progress=_progress(args))
+                               dry_run=args.dry_run, progress=_progress(args),
+                              command_line=getattr(args, "command_line", None))
     _print(report, args)
     return 0

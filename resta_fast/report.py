@@ -26,13 +26,24 @@ REPORT_NAME = "resta_fast.json"
 VALIDATION_FAILED = "VALIDATION_FAILED"
 
 
-def provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None]) -> dict:
-    """Tool, version, command, parameters and every input's fingerprint, by role."""
+def provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None], hub: dict | None = None) -> dict:
+    """Tool, version, command, parameters and every input's fingerprint, by role.
+
+    ``hub`` (role -> ``io.hub.ResolvedInput``): inputs that came from the
+    Hugging Face Hub also record ``hub: {repo_id, revision, commit}``; a
+    local input's entry is its path and fingerprints only, as before.
+    """
+    hub = hub or {}
+
+    def entry(role: str, ck: Checkpoint) -> dict:
+        e = {"path": str(ck.path), "files": ck.fingerprint()}
+        if role in hub:
+            e["hub"] = hub[role].provenance()
+        return e
     return {
         "tool": "resta_fast", "version": __version__, "command": command,
         "params": params,
-        "inputs": {role: {"path": str(ck.path), "files": ck.fingerprint()}
-                   for role, ck in inputs.items() if ck is not None},
+        "inputs": {role: entry(role, ck) for role, ck in inputs.items() if ck is not None},
     }
 
 
@@ -59,12 +70,16 @@ def _write_index(tmp: Path, plan: Plan, index_name: str) -> str:
 
 
 def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict, *, backend_name: str,
-                  device: str, fsync: bool, extra: dict | None = None) -> dict:
+                  device: str, fsync: bool, extra: dict | None = None, command_line: str | None = None) -> dict:
     """Complete an output directory whose weight files are written: index, the
-    fine-tune's side files, and ``resta_fast.json`` (with every file's sha256).
+    fine-tune's side files, the model card (``README.md``, ``card.write_model_card``)
+    and ``resta_fast.json`` (with every file's sha256, the card's included).
 
+    ``command_line``: the command as typed, for the card's "how to reproduce"
+    (None: the card shows an equivalent command rebuilt from the report).
     Returns the report dict (``extra`` keys are added to it).
     """
+    from resta_fast.card import CARD_NAME, write_model_card
     from resta_fast.io.checkpoint import INDEX_NAME
     files = dict(stats.sha256)
     if ft.is_dir and (ft.root / INDEX_NAME).is_file():
@@ -91,14 +106,21 @@ def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict
                           f"{len(stats.nonfinite)} tensor(s) (non-finite inputs or overflow), e.g. "
                           f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs")
         report["plan"]["notes"] = plan.notes
+    # The card before the report: the report lists the card's sha256, the card points at the report.
+    files[CARD_NAME] = write_model_card(tmp, report, command_line=command_line)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
 
-def record_validation(tmp: Path, report: dict, verdict: dict) -> None:
-    """Put the eval gate's verdict into the (not yet committed) output's report;
-    a failed output is kept but marked with a VALIDATION_FAILED file."""
+def record_validation(tmp: Path, report: dict, verdict: dict, *, command_line: str | None = None) -> None:
+    """Put the eval gate's verdict into the (not yet committed) output's report
+    and its model card (``command_line`` as given to ``finish_output``); a
+    failed output is kept but marked with a VALIDATION_FAILED file."""
+    from resta_fast.card import CARD_NAME, write_model_card
     report["validation"] = verdict
+    files = report.get("files")
+    if isinstance(files, dict) and CARD_NAME in files:
+        files[CARD_NAME] = write_model_card(tmp, report, command_line=command_line)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if not verdict.get("passed", False):
         (tmp / VALIDATION_FAILED).write_text(verdict.get("reason", "") + "\n")

@@ -32,8 +32,9 @@ from resta_fast import rng
 from resta_fast.errors import CheckpointError, RestaError
 from resta_fast.io.checkpoint import INDEX_NAME, Checkpoint
 from resta_fast.io.digest import sha256_file
+from resta_fast.io.hub import resolve_input
 from resta_fast.io.reader import DTYPES, KERNEL_DTYPES, NUMPY_STORAGE
-from resta_fast.options import PatchOptions, resolve_roles
+from resta_fast.options import ROLE_KINDS, PatchOptions, resolve_roles
 from resta_fast.report import REPORT_NAME
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
@@ -341,7 +342,19 @@ def _resolve_inputs(report: dict, against: list[str], dare_base: str | None,
         else:
             paths["dare_base"] = _default_from("dare_base", paths, recorded, dare_base, bool(against),
                                                "--dare-base")
-    return paths
+    return {role: _local(report, role, path, recorded) for role, path in paths.items()}
+
+
+def _local(report: dict, role: str, path: str, recorded: dict) -> str:
+    """A path to open for ``role``: a Hub id given on the command line resolved to its snapshot, and a
+    recorded Hub input whose cache snapshot is gone fetched again at its recorded commit."""
+    hub = ((report.get("inputs") or {}).get(role) or {}).get("hub") or {}
+    if path == recorded.get(role):  # as recorded: a local path stays one, even if it is gone
+        if not (hub.get("repo_id") and hub.get("commit")) or os.path.lexists(path):
+            return path
+        path = f"hf://{hub['repo_id']}@{hub['commit']}"
+    found = resolve_input(path, role.replace("_", " "), kind=ROLE_KINDS.get(role, "model"))
+    return str(found.path) if found.is_hub else path
 
 
 def _open_inputs(paths: dict[str, str], params: dict, command: str, stack: ExitStack) -> dict:
@@ -513,11 +526,26 @@ def verify(out, against: list[str] | None = None, *, dare_base: str | None = Non
         finally:
             if out_ckpt is not None:
                 out_ckpt.close()
-    return {"out": str(out), "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+    result = {"out": str(out), "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+    sources = hub_sources(report) if report is not None else {}
+    if sources:
+        result["hub_inputs"] = sources
+    return result
+
+
+def hub_sources(report: dict) -> dict[str, dict]:
+    """role -> {repo_id, revision, commit} of the inputs an output's report says came from the Hub."""
+    inputs = report.get("inputs") if isinstance(report.get("inputs"), dict) else {}
+    return {role: info["hub"] for role, info in inputs.items()
+            if isinstance(info, dict) and isinstance(info.get("hub"), dict)}
 
 
 def format_result(result: dict) -> str:
     lines = [f"verify {result['out']}"]
+    for role, hub in (result.get("hub_inputs") or {}).items():
+        rev = hub.get("revision")
+        lines.append(f"  from  {role.replace('_', ' ')}: {hub.get('repo_id')}"
+                     + (f"@{rev}" if rev and rev != "main" else "") + f", commit {hub.get('commit')}")
     for c in result["checks"]:
         lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail'] or ''}".rstrip())
         for problem in c["problems"][:MAX_LISTED]:

@@ -73,3 +73,45 @@ def three_models(root: Path, **kw) -> tuple[Path, Path, Path]:
             ft[k] = (v.float() + ft[k].float() * 0.1).to(v.dtype)
     return (write_model(root / "ft", ft, shards=shards), write_model(root / "aligned", aligned),
             write_model(root / "unaligned", unaligned))
+
+
+def write_adapter(path: Path, *, hidden=32, inter=48, layers=2, r=4, seed=9) -> Path:
+    """A PEFT LoRA adapter directory (fp32, as peft saves it) for ``llama_tensors`` models."""
+    g = torch.Generator().manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    lora = {}
+    for i in range(layers):
+        for mod, (fan_out, fan_in) in (("self_attn.q_proj", (hidden, hidden)), ("mlp.down_proj", (hidden, inter))):
+            key = f"base_model.model.model.layers.{i}.{mod}"
+            lora[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.1
+            lora[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 0.1
+    save_file(lora, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "down_proj"],
+         "bias": "none", "fan_in_fan_out": False, "use_rslora": False}, sort_keys=True))
+    return path
+
+
+def hub_cache_model(cache: Path, repo_id: str, src: Path, *, commit: str, refs=("main",)) -> Path:
+    """Put the files of directory ``src`` into a Hugging Face Hub cache the way huggingface_hub
+    lays one out: ``models--ORG--NAME/{blobs/HASH, snapshots/COMMIT/NAME -> ../../blobs/HASH,
+    refs/REF (the commit)}``. Blobs keep the files' mtimes. Returns the snapshot directory."""
+    import hashlib
+    import os
+    import shutil
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if not f.is_file():
+            continue
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.copy2(f, blob)
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snapshot / f.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

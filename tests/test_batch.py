@@ -18,6 +18,7 @@ from resta_fast import api
 from resta_fast.batch import local
 from resta_fast.batch.cli import cmd_batch  # noqa: F401 - the subcommand must import
 from resta_fast.batch.manifest import ManifestError, load_manifest
+from resta_fast.card import CARD_NAME
 from resta_fast.cli import main as cli_main
 from resta_fast.io.lock import OutputLock
 from resta_fast.kernels import backend_status
@@ -27,8 +28,9 @@ BACKENDS = ["torch"] + (["cpp"] if backend_status()["cpp"] == "ok" else [])
 
 
 def files_of(out: Path) -> dict[str, bytes]:
-    """Every file of an output except the report (which has a timestamp)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != local.REPORT_NAME}
+    """Every file of an output except the report (which has a timestamp) and the model card
+    (which says how it was written: by a batch job or a patch)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in (local.REPORT_NAME, CARD_NAME)}
 
 
 def reference(job, root: Path) -> dict[str, bytes]:

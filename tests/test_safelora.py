@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -126,9 +127,14 @@ def test_threshold_selects_cos_at_most_t_and_keeps_the_rest_byte_identical(tmp_p
             module = key.split(".lora_")[0].removeprefix("base_model.model.")
             same = torch.equal(x.view(torch.uint8), y.view(torch.uint8))
             assert same == ("lora_A" in key or module not in projected), key
-    # the other files of the adapter come along unchanged, and the report lists every file
-    for name in ("adapter_config.json", "README.md"):
-        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
+    # the config comes along unchanged; the adapter's own card is replaced by the output's card
+    assert (tmp_path / "out" / "adapter_config.json").read_bytes() == \
+        (tmp_path / "adapter" / "adapter_config.json").read_bytes()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card != (tmp_path / "adapter" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert {"lora", "safelora"} <= set(front["tags"]) and front["base_model_relation"] == "merge"
+    assert "3 of 8 projected" in card and "resta-fast safelora --adapter" in card
     saved = json.loads((tmp_path / "out" / "resta_fast.json").read_text())
     assert saved["command"] == "safelora" and saved["safelora"]["projected"] == 3
     assert set(saved["files"]) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}

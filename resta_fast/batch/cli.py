@@ -24,8 +24,11 @@ Manifest (YAML or JSON): top-level keys are defaults for every job and mirror
 the patch flags (aligned, unaligned, vector, beta, dare, seed, dare_base, base,
 include, exclude, beta_rules, dtype, backend, device); `jobs` lists
 {finetuned, out, name?, ...overrides}. Relative paths resolve against the
-manifest's folder. Execution settings: group_size, num_cpus, num_gpus, threads,
-fsync, slurm {sbatch option: value}.
+manifest's folder. Any model or adapter may be a Hugging Face Hub id: a local
+path (relative to the manifest's folder) wins; otherwise ORG/NAME[@REV] or
+hf://ORG/NAME[@REV] is a Hub id, each distinct one resolved once per run (the
+cache first; HF_HUB_OFFLINE=1 never downloads). Execution settings: group_size,
+num_cpus, num_gpus, threads, fsync, slurm {sbatch option: value}.
 
 Rerunning is safe: finished outputs are verified (sha256) and skipped,
 unfinished or corrupted ones are redone, finished ones are never rewritten.
@@ -148,6 +151,7 @@ def _run(args, manifest, selected, prepared) -> int:
     fused = {k: v for k, v in (("writers", args.writers), ("chunk_elems", args.chunk_elems)) if v}
     if args.staging != "auto":
         fused["staging"] = args.staging
+    fused["command_line"] = getattr(args, "command_line", None)  # each output's model card
     validate = validation_options(args)
     if validate:
         validate["progress"] = False  # one batch bar; per-job eval bars would interleave
@@ -179,11 +183,19 @@ def _print_groups(manifest, groups) -> None:
           f"(group_size {manifest.group_size}); all valid")
     for g in groups:
         shared = g.jobs[0]
-        src = (f"vector {shared.vector}" if shared.vector
-               else f"aligned {shared.aligned}, unaligned {shared.unaligned}")
+        src = (f"vector {_named(shared, 'vector')}" if shared.vector
+               else f"aligned {_named(shared, 'aligned')}, unaligned {_named(shared, 'unaligned')}")
         print(f"group {g.index} ({len(g.jobs)} job(s), {g.device}, backend {shared.backend}; {src}):")
         for j in g.jobs:
             size = manifest.out_bytes.get(j.index)
             dare = f", dare {j.dare} seed {j.seed}" if j.dare is not None else ""
-            print(f"  [{j.index}] {j.name}: beta {j.beta:g}{dare}  {j.finetuned} -> {j.out}"
+            print(f"  [{j.index}] {j.name}: beta {j.beta:g}{dare}  {_named(j, 'finetuned')} -> {j.out}"
                   + (f"  ({human_bytes(size)})" if size else ""))
+
+
+def _named(job, key: str) -> str:
+    """An input as the manifest named it: a Hub id with the commit it resolved to, else its path."""
+    found = job.hub.get(key)
+    if found is None:
+        return str(getattr(job, key))
+    return f"{found.repo_id}@{found.revision} (commit {found.commit[:12]})"

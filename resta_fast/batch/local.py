@@ -84,7 +84,7 @@ class PreparedGroup:
         try:
             for job in group.jobs:
                 try:
-                    self.jobs[job.index] = api.prepare(str(job.finetuned), **job.input_kwargs(),
+                    self.jobs[job.index] = api.prepare(job.input("finetuned"), **job.input_kwargs(),
                                                        options=job.options(), opener=opener, here=here)
                 except Exception as exc:  # noqa: BLE001 - reported per job
                     self.jobs[job.index] = exc
@@ -245,7 +245,7 @@ def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here:
 
 def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: PreparedBatch | None = None,
               reporter: Reporter | None = None, fsync: bool | None = None, threads: int | None = None,
-              validate: dict | None = None, **engine_options) -> list[JobResult]:
+              validate: dict | None = None, command_line: str | None = None, **engine_options) -> list[JobResult]:
     """Run the selected groups here, one after another.
 
     Args:
@@ -254,6 +254,7 @@ def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: 
         validate: ``eval.make_validator`` options; each new output is evaluated
             before its rename, and a job whose output fails the gate is reported
             failed (its output kept, marked VALIDATION_FAILED).
+        command_line: the batch command as typed, for each output's model card.
         engine_options: ``pipeline.engine.run_jobs`` tuning (writers, chunk_elems, cores ...).
     Returns:
         One JobResult per job, in manifest order.
@@ -266,7 +267,7 @@ def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: 
     for group in manifest.select(groups):
         ready = prepared.groups.pop(group.index, None) if prepared is not None else None
         results += run_group(manifest, group.index, prepared=ready, reporter=reporter, fsync=fsync,
-                             threads=threads, validate=validate, **engine_options)
+                             threads=threads, validate=validate, command_line=command_line, **engine_options)
     return sorted(results, key=lambda r: r.index)
 
 
@@ -278,7 +279,7 @@ def _failed(job: JobSpec, group: int, exc: BaseException, seconds: float = 0.0) 
 
 def run_group(manifest: Manifest, gid: int, *, prepared: PreparedGroup | None = None,
               reporter: Reporter | None = None, fsync: bool | None = None, threads: int | None = None,
-              validate: dict | None = None, **engine_options) -> list[JobResult]:
+              validate: dict | None = None, command_line: str | None = None, **engine_options) -> list[JobResult]:
     """Run one group: verify and skip finished jobs, then write the rest in one
     engine pass. ``prepared`` (this group from ``check_manifest``) is used and
     closed; without it the group is prepared here. Never raises for a job's failure."""
@@ -313,7 +314,7 @@ def run_group(manifest: Manifest, gid: int, *, prepared: PreparedGroup | None = 
             else:
                 todo.append((job, prep, state, detail))
         if todo:
-            _run_pass(todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate)
+            _run_pass(todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate, command_line)
     return [results[job.index] for job in group.jobs]
 
 
@@ -328,7 +329,7 @@ def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) 
 
 
 def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsync: bool, threads,
-              engine_options: dict, validate: dict | None = None) -> None:
+              engine_options: dict, validate: dict | None = None, command_line: str | None = None) -> None:
     """Claim every job's output, write them all in one ``run_jobs`` pass, then finish each."""
     from resta_fast import api
     from resta_fast.io.writer import AtomicOutputDir
@@ -370,11 +371,12 @@ def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsyn
                 report = finish_output(outdir.tmp, prep.plan, prep.inputs.finetuned, engine_job.stats,
                                        prep.provenance, backend_name=prep.backend_name, device=prep.device,
                                        fsync=fsync, extra={"batch": {"job": job.name, "index": job.index,
-                                                                     "group": gid, "jobs_in_pass": len(live)}})
+                                                                     "group": gid, "jobs_in_pass": len(live)}},
+                                       command_line=command_line)
                 if validate:
                     from resta_fast.eval.runner import make_validator
                     gate = make_validator(validate, job.finetuned)
-                    record_validation(outdir.tmp, report, gate(outdir.tmp))
+                    record_validation(outdir.tmp, report, gate(outdir.tmp), command_line=command_line)
                 raise_if_interrupted()
                 outdir.commit()
         except Exception as exc:  # noqa: BLE001 - reported per job

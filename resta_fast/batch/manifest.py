@@ -2,7 +2,10 @@
 
 Keys mirror the ``patch`` flags. Top-level keys are defaults, each entry of
 ``jobs`` is one fine-tune with its ``out`` and any overrides; relative paths
-resolve against the manifest's folder::
+resolve against the manifest's folder, and any input may be a Hugging Face Hub
+id (``ORG/NAME[@REV]``, ``hf://ORG/NAME[@REV]``; a local path relative to the
+manifest's folder wins), resolved once per distinct id when the manifest is
+loaded (``io.hub``: the cache first)::
 
     aligned: models/llama-2-7b-chat
     unaligned: models/llama-2-7b-chat-shadow
@@ -35,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resta_fast.errors import OptionError, RestaError
-from resta_fast.options import PatchOptions, resolve_roles
+from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
+from resta_fast.options import ROLE_KINDS, PatchOptions, resolve_roles
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
 PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype",
@@ -53,7 +57,11 @@ class ManifestError(RestaError):
 
 @dataclass
 class JobSpec:
-    """One job: ``patch`` arguments with absolute paths."""
+    """One job: ``patch`` arguments with absolute paths.
+
+    An input named by a Hub id holds its cache snapshot's path, and ``hub``
+    maps its key to the ``io.hub.ResolvedInput`` (repo id, revision, commit).
+    """
 
     index: int
     name: str
@@ -73,6 +81,7 @@ class JobSpec:
     dtype: str | None = None
     backend: str = "auto"
     device: str = "cpu"
+    hub: dict[str, ResolvedInput] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -81,13 +90,21 @@ class JobSpec:
     def input_paths(self) -> list[Path]:
         return [p for p in (self.finetuned, *(getattr(self, k) for k in PATH_KEYS)) if p is not None]
 
+    def input(self, key: str):
+        """The input ``key`` as ``api.prepare`` takes it: its ResolvedInput when
+        it came from the Hub, else its path as a string (None where unset)."""
+        if key in self.hub:
+            return self.hub[key]
+        value = getattr(self, key)
+        return None if value is None else str(value)
+
     def patch_kwargs(self) -> dict:
         """Keyword arguments of ``api.patch`` that run this job alone.
 
         Example:
             >>> api.patch(job.finetuned, job.out, **job.patch_kwargs())  # doctest: +SKIP
         """
-        kw = {k: (None if getattr(self, k) is None else str(getattr(self, k))) for k in PATH_KEYS}
+        kw = {k: self.input(k) for k in PATH_KEYS}
         kw.update(beta=self.beta, dare=self.dare, seed=self.seed, include=list(self.include),
                   exclude=list(self.exclude), beta_rules=list(self.beta_rules), dtype=self.dtype,
                   backend=self.backend, device=self.device)
@@ -100,8 +117,8 @@ class JobSpec:
                             backend=self.backend, device=self.device, **tuning)
 
     def input_kwargs(self) -> dict:
-        """The input paths of ``api.prepare`` (as strings, None where unset)."""
-        return {k: (None if getattr(self, k) is None else str(getattr(self, k))) for k in PATH_KEYS}
+        """The inputs of ``api.prepare`` but the fine-tune (``input``: strings, Hub inputs resolved)."""
+        return {k: self.input(k) for k in PATH_KEYS}
 
     def group_key(self) -> tuple:
         return (str(self.aligned), str(self.unaligned), str(self.vector), self.device, self.backend)
@@ -143,14 +160,17 @@ class Manifest:
         return [self.groups[g] for g in groups]
 
 
-def load_manifest(path, *, group_size: int | None = None) -> Manifest:
+def load_manifest(path, *, group_size: int | None = None, resolver: Resolver | None = None) -> Manifest:
     """Read, normalise and statically check a manifest; raise ManifestError listing every problem.
 
-    Opens no checkpoint: ``batch.local.check_manifest`` is the deep check.
+    Opens no checkpoint: ``batch.local.check_manifest`` is the deep check. Hub
+    ids are resolved here (each distinct one once: the cache first, else a
+    download of the files a job reads); one that cannot be is a problem listed.
 
     Args:
         path: YAML (``.yaml``/``.yml``) or JSON manifest.
         group_size: overrides the manifest's ``group_size``.
+        resolver: an ``io.hub.Resolver`` to share (default: a new one).
     Returns:
         The Manifest.
 
@@ -160,7 +180,7 @@ def load_manifest(path, *, group_size: int | None = None) -> Manifest:
     """
     path = Path(path)
     problems: list[str] = []
-    manifest = _parse(path, problems, group_size)
+    manifest = _parse(path, problems, group_size, resolver or Resolver())
     if manifest is not None:
         _check_static(manifest, problems)
     if problems:
@@ -198,7 +218,7 @@ def _unknown(key: str, allowed, where: str) -> str:
     return f"{where}: unknown key {key!r}{hint}"
 
 
-def _parse(path: Path, problems: list[str], group_size: int | None) -> Manifest | None:
+def _parse(path: Path, problems: list[str], group_size: int | None, resolver: Resolver) -> Manifest | None:
     raw = _read(path)
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest {path}: expected a mapping with a 'jobs' list at the top, "
@@ -227,7 +247,7 @@ def _parse(path: Path, problems: list[str], group_size: int | None) -> Manifest 
                 problems.append(_unknown(key, PATCH_KEYS + JOB_KEYS, where)
                                 + (" (it is a top-level setting)" if key in TOP_KEYS else ""))
         merged = {**defaults, **{k: v for k, v in entry.items() if k in PATCH_KEYS + JOB_KEYS}}
-        job = _parse_job(i, merged, root, problems)
+        job = _parse_job(i, merged, root, problems, resolver)
         if job is None:
             continue
         if job.name in names:
@@ -280,9 +300,10 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _parse_job(i: int, d: dict, root: Path, problems: list[str]) -> JobSpec | None:
+def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resolver) -> JobSpec | None:
     where = f"jobs[{i}]"
     start = len(problems)
+    hub: dict[str, ResolvedInput] = {}
 
     def path(key, required=False):
         value = d.get(key)
@@ -295,7 +316,16 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str]) -> JobSpec | No
             return None
         # abspath, not resolve: the path is recorded in the output's provenance
         # exactly as `patch` would record it when given this path.
-        return Path(os.path.abspath(root / os.path.expanduser(value)))
+        local = Path(os.path.abspath(root / os.path.expanduser(value)))
+        if key == "out" or not (value.startswith(SCHEME) or (parse_hub_id(value) and not os.path.lexists(local))):
+            return local
+        try:  # a Hub id: no local path by that name next to the manifest
+            found = resolver(value, key.replace("_", " "), kind=ROLE_KINDS[key], local=False)
+        except RestaError as exc:
+            problems.append(f"{where}: {exc}")
+            return None
+        hub[key] = found
+        return found.path
 
     def strings(key):
         value = d.get(key) or ()
@@ -334,7 +364,7 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str]) -> JobSpec | No
     return JobSpec(index=i, name=name, finetuned=finetuned, out=out, **paths, beta=float(values["beta"]),
                    dare=None if dare is None else float(dare), seed=values["seed"], include=include,
                    exclude=exclude, beta_rules=rules, dtype=values["dtype"], backend=values["backend"],
-                   device=values["device"])
+                   device=values["device"], hub=hub)
 
 
 def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:
@@ -364,7 +394,7 @@ def _check_static(manifest: Manifest, problems: list[str]) -> None:
             if p is not None and not p.exists():
                 problems.append(f"{where}: {key} {p} does not exist")
         try:
-            resolve_roles(job.finetuned, **job.input_kwargs(), dare=job.dare is not None)
+            resolve_roles(job.input("finetuned"), **job.input_kwargs(), dare=job.dare is not None)
         except OptionError as exc:
             problems.append(f"{where}: {exc}")
         real = os.path.realpath(job.out)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from resta_fast import cli_args as A
 from resta_fast.errors import RestaError
+from resta_fast.io.hub import HUB_RULE
+
+HUB_HELP = f"Hub ids: {HUB_RULE}."
 
 
 def _split_list(values) -> list[str]:
@@ -140,7 +143,8 @@ def _add_util_gate_args(p, *, tune: bool) -> None:
         "D (relative) against the reference",
     )
     if not tune:
-        g.add_argument("--reference", metavar="DIR", help="model the utility drop is measured against")
+        g.add_argument("--reference", metavar="MODEL",
+                       help="model the utility drop is measured against (path or Hub id)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", type=A.creatable_dir, help="directory for responses, verdicts and reports")
     o.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
@@ -365,7 +369,8 @@ def add_eval_parser(subparsers):
         "per category next to utility; with gate flags exit 1 when a threshold is crossed.",
     )
     p.add_argument(
-        "--model", action="append", metavar="DIR", help="model directory; repeat to compare models"
+        "--model", action="append", metavar="MODEL",
+        help="model directory or Hugging Face Hub id; repeat to compare models. " + HUB_HELP,
     )
     p.add_argument(
         "--responses",
@@ -403,17 +408,18 @@ def add_tune_parser(subparsers):
     )
     m = p.add_argument_group("models")
     m.add_argument(
-        "--finetuned", required=True, metavar="DIR", help="fine-tuned model (also the utility reference)"
+        "--finetuned", required=True, metavar="MODEL",
+        help="fine-tuned model (also the utility reference); a path or Hub id. " + HUB_HELP,
     )
-    m.add_argument("--aligned", metavar="DIR", help="aligned model")
-    m.add_argument("--unaligned", metavar="DIR", help="unaligned (shadow) model")
+    m.add_argument("--aligned", metavar="MODEL", help="aligned model (path or Hub id)")
+    m.add_argument("--unaligned", metavar="MODEL", help="unaligned (shadow) model (path or Hub id)")
     m.add_argument(
-        "--vector", metavar="PATH", help="precomputed safety vector instead of --aligned/--unaligned"
+        "--vector", metavar="MODEL", help="precomputed safety vector instead of --aligned/--unaligned"
     )
     m.add_argument("--betas", required=True, action="append", help="β values, e.g. 0.25,0.5,1,1.5")
     m.add_argument("--dare", type=A.probability, help="DARE drop probability p")
     m.add_argument("--dare-seed", type=A.seed, default=0, help="DARE seed (default 0)")
-    m.add_argument("--dare-base", metavar="DIR", help="DARE base model (default: --aligned)")
+    m.add_argument("--dare-base", metavar="MODEL", help="DARE base model (default: --aligned)")
     m.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="candidate dtype")
     m.add_argument("--backend", default="auto", help="patch backend (default auto)")
     m.add_argument("--patch-device", default="cpu", help="device for patching (default cpu)")

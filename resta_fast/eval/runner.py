@@ -91,7 +91,7 @@ def evaluate(
     """Evaluate one or more finished checkpoints for harmfulness (and utility), optionally gated.
 
     Args:
-        models: local model directories to generate with.
+        models: model directories (or Hub ids, ``io.hub.HUB_RULE``) to generate with.
         prompts: prompt specs (see :func:`resta_fast.eval.prompts.load_prompts`) or a loaded
             :class:`PromptSet`; needed when ``models`` is given.
         responses: responses JSONL files from an earlier run, to re-judge without generating.
@@ -130,6 +130,18 @@ def evaluate(
         True
     """
     models = [str(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    # Hub ids (io.hub.HUB_RULE) -> their cache snapshots; labels keep the id's name.
+    from resta_fast.io.hub import Resolver
+    resolve, hub_names = Resolver(), {}
+
+    def local(model, role: str) -> str:
+        found = resolve(model, role)
+        if found.is_hub:
+            hub_names[str(found.path)] = found.spec
+        return str(found.path) if found.is_hub else str(model)
+    models = [local(m, "model") for m in models]
+    if reference:
+        reference = local(reference, "reference")
     responses = [str(r) for r in ([responses] if isinstance(responses, (str, os.PathLike)) else responses)]
     if not models and not responses:
         raise RestaError(
@@ -177,7 +189,7 @@ def evaluate(
     entries: list[dict] = []
     for m in models:
         role = "reference" if reference and _same(m, reference) else "candidate"
-        entries.append({"model": m, "label": _label(m, taken), "role": role, "source": "generated"})
+        entries.append({"model": m, "label": _label(hub_names.get(m, m), taken), "role": role, "source": "generated"})
     for r in responses:
         model, rprompts, rresp = load_responses(r)
         entries.append(
@@ -194,7 +206,7 @@ def evaluate(
         entries.append(
             {
                 "model": str(reference),
-                "label": _label(str(reference), taken),
+                "label": _label(hub_names.get(str(reference), str(reference)), taken),
                 "role": "reference",
                 "source": "generated",
                 "utility_only": True,
@@ -443,8 +455,12 @@ def make_validator(options: dict | None, finetuned=None):
     """
     if not options:
         return None
+    from resta_fast.io.hub import resolve_input
     from resta_fast.lora import is_adapter
 
+    if finetuned is not None:  # a Hub id: its snapshot (the patch resolves the same one)
+        found = resolve_input(finetuned, "finetuned", kind="any")
+        finetuned = str(found.path) if found.is_hub else finetuned
     options = dict(options)
     options.setdefault("reference", None if finetuned is None or is_adapter(finetuned) else finetuned)
     if options.get("max_utility_drop") is not None and not (options.get("utility") or options.get("perplexity")):

@@ -2,7 +2,8 @@
 
 The output keeps the input's tensor names, dtypes, shapes and order; tensors
 that are not replaced are copied byte for byte from the input file. The other
-files of the adapter directory (tokenizer files, its README) are copied, and
+files of the adapter directory (tokenizer files) are copied, its README.md (the
+input's model card) is not, and
 ``adapter_config.json`` is copied or, when the method changes it (SafeMERGE's
 merged adapter has ``lora_alpha = r``), rewritten. Everything goes into the
 caller's temporary directory (``AtomicOutputDir``), so nothing is half-written.
@@ -29,8 +30,9 @@ from resta_fast.io.writer import TensorFileWriter, write_all
 if TYPE_CHECKING:
     from resta_fast.lora import LoraAdapter
 
-# Files of ours that an input adapter directory may hold (an earlier output): never copied.
-OWN_FILES = ("resta_fast.json", "VALIDATION_FAILED")
+# Never copied: files of ours that an input adapter directory may hold (an earlier output), and
+# its README.md, the input's own model card (the output gets its own card, which says where that one is).
+OWN_FILES = ("resta_fast.json", "VALIDATION_FAILED", "README.md")
 
 
 def _raw(tensor, dtype: str, shape, key: str) -> np.ndarray:
