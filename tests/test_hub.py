@@ -105,7 +105,7 @@ def assert_same_output(hub_out: Path, local_out: Path, *, same_paths: bool) -> d
             assert a.read_bytes() == b.read_bytes(), f"{name} differs"
     report = json.loads((hub_out / "resta_fast.json").read_text())
     local_report = json.loads((local_out / "resta_fast.json").read_text())
-    assert report["plan"] == local_report["plan"]
+    assert report.get("plan") == local_report.get("plan")  # adapter outputs (safelora) have none
     if same_paths:
         assert without_hub({"inputs": report["inputs"]}) == {"inputs": local_report["inputs"]}
     return report
@@ -440,3 +440,19 @@ def test_batch_dry_run_names_the_ids(world, tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"aligned org/chat@main (commit {C_CHAT[:12]})" in text and f"org/ft@v1 (commit {C_FT_V1[:12]})" in text
     assert not (world["out"] / "dry").exists()
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_safelora_with_hub_ids(world, merge):
+    """Safe LoRA's inputs resolve like patch's: same bytes as the snapshots' paths, repo and commit recorded."""
+    pytest.importorskip("torch")
+    out, snap = world["out"], world["snap"]
+    extra = ["--merge"] if merge else []
+    assert run("safelora", "--adapter", "org/lora", "--aligned", "org/chat", "--unaligned", "org/shadow",
+               "--num-layers", "2", "--out", out / "sl_hub", *extra) == 0
+    assert run("safelora", "--adapter", snap["lora"], "--aligned", snap["chat"], "--unaligned", snap["shadow"],
+               "--num-layers", "2", "--out", out / "sl_snap", *extra) == 0
+    report = assert_same_output(out / "sl_hub", out / "sl_snap", same_paths=True)
+    assert report["inputs"]["adapter"]["hub"] == {"repo_id": "org/lora", "revision": "main", "commit": C_LORA}
+    assert report["inputs"]["unaligned"]["hub"]["commit"] == C_SHADOW
+    assert "org/lora" in (out / "sl_hub" / "README.md").read_text()
