@@ -298,3 +298,13 @@ def test_embedding_lora_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "embedding LoRA" in err and "Safe LoRA projects linear LoRA layers only" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_projection_is_within_1e5_of_fp64_on_a_large_weight():
+    """At 2048 × 2048, torch's fp32 norm alone is 9.5e-5 off; ‖V‖_F is accumulated in fp64."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2048, 2048, generator=g) * 0.01
+    b = torch.randn(2048, 16, generator=g) * 0.02
+    v64, b64 = v.double(), b.double()
+    want = v64 @ (v64.T @ b64) / torch.linalg.norm(v64)
+    assert rel_fro(SL.projected_b(v, b), want) <= 1e-5
