@@ -266,7 +266,8 @@ class _CppDifference:
         raise AssertionError("make_vector copies no tensors")
 
 
-def _difference_kernel() -> tuple[str, object]:
+def difference_kernel() -> tuple[str, object]:
+    """(name, kernel) computing round(fp32(A) − fp32(U)): the C++ kernel when built, else torch."""
     try:
         return "cpp", _CppDifference(load_backend("cpp"))
     except BackendUnavailable:
@@ -299,7 +300,7 @@ def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), ex
                               f"e.g. {dropped[0]}")
         params = {"dtype": options.out_dtype, "include": list(options.include), "exclude": list(options.exclude)}
         checkpoints = {"aligned": al, "unaligned": un}
-        backend_name, kernel = _difference_kernel()
+        backend_name, kernel = difference_kernel()
         return PreparedPatch("vector", options, roles, plan, Inputs(al, al, un), checkpoints,
                              provenance("vector", params, checkpoints, hub), [Path(aligned), Path(unaligned)], "cpu",
                              backend_name, kernel, stack)

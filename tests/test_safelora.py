@@ -308,3 +308,19 @@ def test_projection_is_within_1e5_of_fp64_on_a_large_weight():
     v64, b64 = v.double(), b.double()
     want = v64 @ (v64.T @ b64) / torch.linalg.norm(v64)
     assert rel_fro(SL.projected_b(v, b), want) <= 1e-5
+
+
+def test_alignment_delta_cpp_and_torch_agree_bit_for_bit(tmp_path):
+    from resta_fast import api
+    from resta_fast.io.checkpoint import Checkpoint
+    backend, kernel = api.difference_kernel()
+    if backend != "cpp":
+        pytest.skip("the C++ kernel is not built")
+    aligned = llama_base(tmp_path / "aligned", dtype=torch.bfloat16)
+    unaligned = shadow(aligned, tmp_path / "unaligned")
+    al, un = Checkpoint(aligned), Checkpoint(unaligned)
+    name = "model.layers.0.mlp.up_proj.weight"
+    shape = tuple(al.info(name).shape)
+    fast = SL.alignment_delta(al, un, name, name, shape, kernel)
+    ref = SL.alignment_delta(al, un, name, name, shape)
+    assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)) and fast.abs().sum() > 0
