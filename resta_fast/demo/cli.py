@@ -10,11 +10,14 @@ from resta_fast.extras import require
 
 DEMO_EPILOG = """\
 Trains four tiny Llama models once (base, aligned, unaligned, fine-tuned on a new
-skill; cached under ~/.cache/resta_fast/demo/, or $RESTA_FAST_CACHE/demo/), patches
-the fine-tune with RESTA at several β, with DARE, and with a random vector of the
-same per-tensor norm, then evaluates all of them on held-out prompts. Placeholder
-content only: "harm" is abstract category verbs applied to invented words.
-Exit code 0 when the effect reproduced, 1 when it did not.
+skill) and two LoRA adapters (the skill, and a safety adapter), cached under
+~/.cache/resta_fast/demo/ (or $RESTA_FAST_CACHE/demo/); patches the fine-tune with
+RESTA at several β, with DARE, and with a random vector of the same per-tensor norm,
+then evaluates all of them on held-out prompts. Then it compares RESTA, Safe LoRA
+and SafeMERGE on the LoRA fine-tune (resta-fast compare's grid on validation
+prompts, each method's pick on held-out prompts). Placeholder content only: "harm"
+is abstract category verbs applied to invented words. Exit code 0 when the RESTA
+effect reproduced on the full fine-tune, 1 when it did not.
 """
 
 
