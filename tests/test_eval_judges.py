@@ -176,7 +176,7 @@ def test_classifier_formats_each_style():
 
 @pytest.fixture(scope="module")
 def tiny_classifiers(tmp_path_factory):
-    from resta_fast.eval.testing import build_tiny_llama
+    from eval_fakes import build_tiny_llama
 
     root = tmp_path_factory.mktemp("classifiers")
     return {
