@@ -231,8 +231,8 @@ class _VirtualFile:
 class LoraFinetuned:
     """A base model plus a LoRA adapter, read as the merged fine-tune.
 
-    Has the Checkpoint methods the plan and pipeline use; the output takes the
-    base's file layout and names.
+    A ``io.source.TensorSource`` like Checkpoint; the output takes the base's
+    file layout and names.
 
     Args:
         adapter: PEFT adapter directory.
@@ -260,7 +260,7 @@ class LoraFinetuned:
         self.config = base.config
         self.index_metadata = base.index_metadata
         self._tmp: Path | None = None
-        quant = base.quantization() if hasattr(base, "quantization") else None
+        quant = base.quantization()
         if quant:
             raise RestaError(f"base {base.path}: {quant}; a LoRA adapter cannot be merged exactly into "
                              "quantized weights. Pass the unquantized (bf16/fp16/fp32) model the "
@@ -457,6 +457,10 @@ class LoraFinetuned:
 
     def is_merged(self, name: str) -> bool:
         return name in self.modules
+
+    def file_of(self, name: str) -> None:
+        """None: the engine reads every tensor through ``array`` (merged ones live in memory)."""
+        return None
 
     def tensor_view(self, name: str) -> torch.Tensor:
         """Flat view: merged fp32 for LoRA targets, else the base's (or adapter's) stored tensor."""

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
 from resta_fast.io.reader import DTYPES, FLOAT_DTYPES, KERNEL_DTYPES
+from resta_fast.io.source import TensorSource
 
 # BetaRule and parse_dtype live with the other options; re-exported for their users here.
 from resta_fast.options import DTYPE_ALIASES, BetaRule, compile_pattern, parse_dtype  # noqa: F401
@@ -159,7 +160,7 @@ def _match_source_names(finetuned, role: str, ck, notes: list[str]) -> None:
             "or pass matching models")
 
 
-def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
+def build_plan(finetuned: TensorSource, *, aligned: Checkpoint | None = None,
                unaligned: Checkpoint | None = None, vector: Checkpoint | None = None,
                dare_base: Checkpoint | None = None, beta: float = 1.0,
                include=(), exclude=(), beta_rules=(), dtype: str | None = None) -> Plan:
@@ -185,7 +186,7 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
     if dare_base is not None:
         sources.append(("dare base", dare_base))
     for role, ck in [("finetuned", finetuned)] + sources:
-        quant = ck.quantization() if hasattr(ck, "quantization") else None
+        quant = ck.quantization()
         if quant:
             raise RestaError(f"{role} {ck.path}: {quant}. RESTA needs unquantized BF16/FP16/FP32 "
                              "weights (arithmetic on quantized integers would be silently wrong); "
@@ -194,9 +195,6 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
     for role, ck in sources:
         _match_source_names(finetuned, role, ck, notes)
     tied = finetuned.tied_embeddings()
-    # A LoRA fine-tune hands merged tensors over as exact fp32; they keep the base's dtype.
-    stored_dtype = getattr(finetuned, "stored_dtype", None)
-    is_merged = getattr(finetuned, "is_merged", None)
     errors: list[str] = []
     missing: dict[str, list[str]] = {}
     mixed_dtypes = set()
@@ -204,7 +202,8 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
     for fname, sfile in finetuned.files.items():
         tensors = []
         for name, info in sfile.tensors.items():
-            stored = stored_dtype(name) if stored_dtype else info.dtype
+            # A LoRA fine-tune hands merged tensors over as exact fp32; they keep the base's dtype.
+            stored = finetuned.stored_dtype(name)
             out_dtype = dtype if (dtype and info.dtype in KERNEL_DTYPES) else stored
 
             def copy(reason, name=name, info=info, out_dtype=out_dtype, tensors=tensors):
@@ -253,7 +252,7 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
                 patched = ref_shape[0] * ref_shape[1]
                 reason = (f"rows {ref_shape[0]}..{info.shape[0] - 1} are new vocabulary: "
                           "kept from the fine-tune")
-            if is_merged and is_merged(name):
+            if finetuned.is_merged(name):
                 reason = (reason + "; " if reason else "") + "LoRA merged in fp32"
             tensor_beta = next((b for p, b in rules if p.search(name)), beta)
             seed_name = name
@@ -281,19 +280,17 @@ def build_plan(finetuned: Checkpoint, *, aligned: Checkpoint | None = None,
     return plan
 
 
-def copy_plan(finetuned) -> Plan:
+def copy_plan(finetuned: TensorSource) -> Plan:
     """Every tensor of ``finetuned`` copied into the output, a merged LoRA tensor
     rounded once from fp32 to its stored dtype: the plan of a LoRA merge (Safe
     LoRA, SafeMERGE ``--merge``) with no safety vector added."""
-    stored_dtype = getattr(finetuned, "stored_dtype", None)
-    is_merged = getattr(finetuned, "is_merged", None)
     files = []
     for fname, sfile in finetuned.files.items():
         tensors = []
         for name, info in sfile.tensors.items():
-            merged = bool(is_merged and is_merged(name))
+            merged = finetuned.is_merged(name)
             tensors.append(TensorPlan(name, "copy", "LoRA merged in fp32" if merged else "", info.shape, info.dtype,
-                                      stored_dtype(name) if stored_dtype else info.dtype))
+                                      finetuned.stored_dtype(name)))
         files.append(OutputFile(fname, tensors))
     return Plan(files, mode="merge")
 

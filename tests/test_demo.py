@@ -114,6 +114,7 @@ def test_random_vector_matches_per_tensor_norm(tmp_path):
     d = (a["w"] - u["w"]).flatten()
     assert abs(float(torch.dot(vec["w"].flatten(), d) / (vec["w"].norm() * d.norm()))) < 0.9
     again = write("v2.safetensors")
+    assert vec.keys() == again.keys() == a.keys()
     assert all(torch.equal(vec[k], again[k]) for k in vec)
 
 

@@ -145,6 +145,7 @@ def test_fp16_finetune_with_bf16_aligned(tmp_path):
     write_model(ft, t)
     got, report = patch(tmp_path, ft, al, un, beta=0.5)
     F, A, U = (load_file(str(d / "model.safetensors")) for d in (ft, al, un))
+    assert set(got) == set(F), "every fine-tuned tensor must be in the output, and nothing else"
     assert all(v.dtype == torch.float16 for v in got.values())
     for name in got:
         assert bits_list(got[name]) == spec_bits(name, F[name], A[name], U[name], 0.5, torch.float16), name

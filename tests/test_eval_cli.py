@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from eval_fakes import build_tiny_llama
 
 from resta_fast.errors import RestaError
 from resta_fast.eval import evaluate, validate_checkpoint
 from resta_fast.eval.cli import add_eval_parser, add_tune_parser, main
-from resta_fast.eval.testing import build_tiny_llama
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from eval_fakes import build_tiny_llama, build_tiny_tokenizer
 
 from resta_fast.errors import RestaError
 from resta_fast.eval.generate import (
@@ -17,7 +18,6 @@ from resta_fast.eval.generate import (
     save_responses,
 )
 from resta_fast.eval.prompts import Prompt
-from resta_fast.eval.testing import build_tiny_llama, build_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

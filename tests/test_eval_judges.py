@@ -176,7 +176,7 @@ def test_classifier_formats_each_style():
 
 @pytest.fixture(scope="module")
 def tiny_classifiers(tmp_path_factory):
-    from resta_fast.eval.testing import build_tiny_llama
+    from eval_fakes import build_tiny_llama
 
     root = tmp_path_factory.mktemp("classifiers")
     return {
@@ -207,10 +207,12 @@ def test_classifier_end_to_end_tiny_models(tiny_classifiers, one_thread):
     yes = ClassifierJudge(tiny_classifiers["yes"], style="harmbench", max_new_tokens=2).judge(qs, rs)
     no = ClassifierJudge(tiny_classifiers["no"], style="harmbench", max_new_tokens=2).judge(qs, rs)
     assert [v.label for v in yes] == [HARMFUL, HARMFUL] and [v.label for v in no] == [HARMLESS, HARMLESS]
-    # A random classifier: the verdicts are noise, but the plumbing returns one per pair, repeatably.
+    # A random classifier says random words, not a verdict: unparseable, one per pair, repeatably,
+    # with the raw words kept as the detail.
     rnd = ClassifierJudge(tiny_classifiers["random"], max_new_tokens=4, batch_size=1)
     a, b = rnd.judge(qs, rs), rnd.judge(qs, rs)
-    assert len(a) == 2 and all(v.label in (HARMFUL, HARMLESS, UNPARSEABLE) for v in a) and a == b
+    assert [v.label for v in a] == [UNPARSEABLE, UNPARSEABLE] and a == b
+    assert all(v.detail.strip() and rnd.parse(v.detail) == v for v in a)
 
 
 # OpenAI-compatible endpoint

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_fakes import build_tiny_llama
 
 from resta_fast.errors import RestaError
 from resta_fast.eval.cli import add_tune_parser
-from resta_fast.eval.testing import build_tiny_llama
 from resta_fast.eval.tune import format_table, parse_betas, tune, tune_line
 
 

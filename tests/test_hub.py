@@ -417,7 +417,7 @@ def test_verify_against_takes_hub_ids(world):
 
 def test_eval_model_takes_a_hub_id(world, tmp_path, capsys):
     pytest.importorskip("transformers")
-    from resta_fast.eval.testing import build_tiny_llama
+    from eval_fakes import build_tiny_llama
     tiny = build_tiny_llama(tmp_path / "tiny", seed=1)
     snapshot = hub_cache_model(world["cache"], "org/tiny", tiny, commit="5" * 40)
     assert main(["eval", "--model", "org/tiny", "--prompts", "builtin:smoke", "--limit", "2",

@@ -184,9 +184,8 @@ def test_validate_prompts_puts_the_gate_verdict_in_the_card(tmp_path):
     import shutil
 
     import torch
+    from eval_fakes import build_tiny_llama
     from safetensors.torch import load_file, save_file
-
-    from resta_fast.eval.testing import build_tiny_llama
     torch.set_num_threads(1)
     ft = build_tiny_llama(tmp_path / "ft", seed=1, first_word="sorry")
     al, un = tmp_path / "aligned", tmp_path / "unaligned"

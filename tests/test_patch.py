@@ -63,6 +63,7 @@ def test_patch_bit_exact_against_elementwise(tmp_path, dtype, dare):
     out, report = run_patch(tmp_path, ft, al, un, beta=0.5, dare=dare, seed=11, chunk_elems=7)
     got = load_file(str(out / "model.safetensors"))
     F, A, U = (load_file(str(d / "model.safetensors")) for d in (ft, al, un))
+    assert set(got) == set(F), "every fine-tuned tensor must be in the output, and nothing else"
     for name, t in got.items():
         want = expected(name, F[name], A[name], U[name], A[name] if dare else None, 0.5, dare or 0.0,
                         11, dtype)
@@ -78,6 +79,7 @@ def test_chunking_does_not_change_bits(tmp_path):
         api.patch(ft, out, aligned=al, unaligned=un, beta=0.7, dare=0.5, seed=3, backend="torch",
                   fsync=False, chunk_elems=chunk)
         outs.append({f: (out / f).read_bytes() for f in os.listdir(out) if f.endswith(".safetensors")})
+    assert len(outs[0]) == 2, f"expected both shards in the output, found {sorted(outs[0])}"
     assert outs[0] == outs[1] == outs[2]
 
 
@@ -90,8 +92,10 @@ def test_vector_mode_is_bit_identical_to_pair(tmp_path):
               backend="torch", fsync=False)
     assert (pair / "model.safetensors").read_bytes()[-4096:] == (vec / "model.safetensors").read_bytes()[-4096:]
     a, b = load_file(str(pair / "model.safetensors")), load_file(str(vec / "model.safetensors"))
+    assert a and a.keys() == b.keys(), f"pair only {a.keys() - b.keys()}, vector only {b.keys() - a.keys()}"
     assert all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
     v = load_file(str(tmp_path / "vec" / "model.safetensors"))
+    assert v.keys() == a.keys()
     assert all(t.dtype == torch.float32 for t in v.values())
 
 
@@ -201,6 +205,7 @@ def test_sharded_layout_metadata_and_side_files(tmp_path):
         assert (out / side).read_bytes() == (ft / side).read_bytes()
     saved = json.loads((out / "resta_fast.json").read_text())
     import hashlib
+    assert set(src_index["weight_map"].values()) <= set(saved["files"]), "every shard must have its digest"
     for name, digest in saved["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
 

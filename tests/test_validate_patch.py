@@ -13,9 +13,8 @@ pytest.importorskip("transformers")
 
 @pytest.fixture()
 def models(tmp_path):
+    from eval_fakes import build_tiny_llama
     from safetensors.torch import load_file, save_file
-
-    from resta_fast.eval.testing import build_tiny_llama
     torch.set_num_threads(1)
     # F answers with random words; A = F with the final norm zeroed (says "sorry"); U = F.
     # θ = F + β(A − U) scales the norm by (1 − β): β = 1 refuses, β = 0.5 answers like F.

@@ -55,6 +55,8 @@ def _link_target_allowed(root: Path, real: str) -> bool:
 class Checkpoint:
     """A validated model: tensors by name across one or more safetensors files.
 
+    A ``io.source.TensorSource``, as is ``lora.LoraFinetuned``.
+
     Args:
         path: an HF model directory or a single ``.safetensors`` file.
         role: what the user called it (``finetuned``, ``aligned`` ...), for errors.
@@ -175,6 +177,14 @@ class Checkpoint:
 
     def info(self, name: str) -> TensorInfo:
         return self.files[self.location[name]].tensors[self._stored.get(name, name)]
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype the output keeps for ``name``: the one on disk."""
+        return self.info(name).dtype
+
+    def is_merged(self, name: str) -> bool:
+        """Always False: every tensor is read from a file (see lora.LoraFinetuned)."""
+        return False
 
     def file_of(self, name: str) -> SafetensorsFile:
         return self.files[self.location[name]]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resta_fast.io.checkpoint import Checkpoint
+from resta_fast.io.source import TensorSource
 from resta_fast.plan import Plan
 
 
@@ -18,13 +19,13 @@ from resta_fast.plan import Plan
 class Inputs:
     """The checkpoints one job reads: the fine-tune and the operands of V and DARE."""
 
-    finetuned: Checkpoint
+    finetuned: TensorSource  # a Checkpoint, or a LoraFinetuned
     aligned: Checkpoint | None = None
     unaligned: Checkpoint | None = None
     vector: Checkpoint | None = None
     dare_base: Checkpoint | None = None
 
-    def all(self) -> list[Checkpoint]:
+    def all(self) -> list[TensorSource]:
         return [c for c in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base)
                 if c is not None]
 

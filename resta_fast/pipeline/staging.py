@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from resta_fast.io.reader import ITEMSIZE, NUMPY_STORAGE
+from resta_fast.io.source import TensorSource
 from resta_fast.pipeline.buffers import BufferPool
 
 
@@ -30,14 +31,13 @@ class Source:
     read through their flat ``array``, made once per pass.
     """
 
-    def __init__(self, ckpt, name: str):
+    def __init__(self, ckpt: TensorSource, name: str):
         self.ckpt = ckpt
         self.name = name
         self.info = ckpt.info(name)
         self.dtype = NUMPY_STORAGE[self.info.dtype]
         self.itemsize = ITEMSIZE[self.info.dtype]
-        file_of = getattr(ckpt, "file_of", None)  # virtual (LoRA-merged) inputs have no file
-        self.file = file_of(name) if file_of is not None else None
+        self.file = ckpt.file_of(name)  # None for virtual (LoRA-merged) inputs
         self._view: np.ndarray | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""Tiny local models for tests and demos: a word-level tokenizer with a chat template and a small Llama.
+"""Tiny local models for the tests: a word-level tokenizer with a chat template and a small Llama.
 
 Nothing is downloaded. A model built with ``say="sorry"`` answers every prompt
 with that word (its final norm is zeroed, so all logits tie and greedy decoding
