@@ -143,6 +143,8 @@ def test_resta_candidates_are_one_batch_group(tmp_path, models, monkeypatch):
     monkeypatch.setattr(local, "run_group", counting)
     fake = FakeEvaluate({"finetune": (0.5, 0.9), "resta-beta0.5": (0.1, 0.9), "resta-beta1": (0.0, 0.9),
                          "resta-beta1.5": (0.0, 0.8)})
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as the demo's default --out gives
+    (tmp_path / "rel").mkdir()
     compare(ft, Grid(betas=[0.5, 1, 1.5]), prompts="builtin:smoke", max_harmful=0.05, aligned=aligned,
-            unaligned=unaligned, utility="u.jsonl", evaluate_fn=fake, workdir=tmp_path)
+            unaligned=unaligned, utility="u.jsonl", evaluate_fn=fake, workdir="rel")
     assert groups == [["resta-beta0.5", "resta-beta1", "resta-beta1.5"]]

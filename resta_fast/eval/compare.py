@@ -124,7 +124,8 @@ def _write_resta(cands: list[Candidate], root: Path, dirs: dict, *, finetuned, a
     from resta_fast.batch.manifest import load_manifest
     manifest = {"aligned": str(Path(aligned).absolute()), "unaligned": str(Path(unaligned).absolute()),
                 "fsync": False, "group_size": len(cands),
-                "jobs": [{"finetuned": str(Path(finetuned).absolute()), "out": str(dirs[c.slug]), "name": c.slug,
+                "jobs": [{"finetuned": str(Path(finetuned).absolute()), "out": str(dirs[c.slug].absolute()),
+                          "name": c.slug,
                           "beta": c.knobs["beta"], **({"dare": c.knobs["dare"], "seed": seed}
                                                       if c.knobs.get("dare") is not None else {})}
                          for c in cands]}
@@ -183,7 +184,8 @@ def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unal
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     judge_objs = [make_judge(j) if isinstance(j, str) else j for j in judges]
     out_dir = Path(out) if out else None
-    root = Path(tempfile.mkdtemp(prefix="resta-compare-", dir=workdir))
+    # Absolute: the RESTA candidates go through a batch manifest, whose relative paths are its folder's.
+    root = Path(tempfile.mkdtemp(prefix="resta-compare-", dir=workdir)).absolute()
     try:
         baseline_dir, dirs = write_candidates(candidates, root, finetuned=finetuned, aligned=aligned,
                                               unaligned=unaligned, base=base, pre_aligned=pre_aligned,
