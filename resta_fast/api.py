@@ -8,7 +8,7 @@ through the streaming engine and writes its report.
 Example:
     >>> from resta_fast import api
     >>> report = api.patch("ft/", "out/", aligned="chat/", unaligned="shadow/", beta=0.5)  # doctest: +SKIP
-    >>> report["plan"]["summary"]
+    >>> report["plan"]["summary"]  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ dtype, when the RESTA output is written (``stored_dtype``), so a merge with
 Example:
     >>> base = Checkpoint("llama-chat", role="base")          # doctest: +SKIP
     >>> ft = LoraFinetuned("my-adapter", base)                 # doctest: +SKIP
-    >>> ft.tensor_view("model.layers.0.self_attn.q_proj.weight").dtype
+    >>> ft.tensor_view("model.layers.0.self_attn.q_proj.weight").dtype  # doctest: +SKIP
     torch.float32
 """
 

@@ -15,7 +15,7 @@ output.
 
 Example:
     >>> report = safelora("ft", "safe-ft", aligned="chat", unaligned="base", threshold=0.5)  # doctest: +SKIP
-    >>> [m["module"] for m in report["safelora"]["modules"] if m["projected"]]
+    >>> [m["module"] for m in report["safelora"]["modules"] if m["projected"]]  # doctest: +SKIP
 """
 
 from __future__ import annotations

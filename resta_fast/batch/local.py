@@ -261,7 +261,7 @@ def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: 
 
     Example:
         >>> results = run_batch(load_manifest("batch.yaml"))  # doctest: +SKIP
-        >>> [r.status for r in results]
+        >>> [r.status for r in results]  # doctest: +SKIP
     """
     results = []
     for group in manifest.select(groups):

@@ -176,7 +176,7 @@ def load_manifest(path, *, group_size: int | None = None, resolver: Resolver | N
 
     Example:
         >>> m = load_manifest("batch.yaml")  # doctest: +SKIP
-        >>> [len(g.jobs) for g in m.groups]
+        >>> [len(g.jobs) for g in m.groups]  # doctest: +SKIP
     """
     path = Path(path)
     problems: list[str] = []

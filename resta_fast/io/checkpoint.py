@@ -63,7 +63,7 @@ class Checkpoint:
 
     Example:
         >>> ckpt = Checkpoint("./llama-chat", role="aligned")  # doctest: +SKIP
-        >>> ckpt.info("model.norm.weight").shape
+        >>> ckpt.info("model.norm.weight").shape  # doctest: +SKIP
     """
 
     def __init__(self, path: str | os.PathLike, role: str = "model"):
