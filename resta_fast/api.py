@@ -82,9 +82,10 @@ class Opener:
             self.cache[key] = ck
         return self.cache[key]
 
-    def lora(self, adapter, base: Checkpoint) -> LoraFinetuned:
-        """A LoRA fine-tune merged into ``base`` in-stream (one per job: it holds the adapter)."""
-        ft = LoraFinetuned(adapter, base)
+    def lora(self, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
+        """A LoRA fine-tune merged into ``base`` in-stream (one per job: it holds the adapter);
+        ``kw`` go to ``LoraFinetuned`` (``replace``, ``delta``, ``base_flag``)."""
+        ft = LoraFinetuned(adapter, base, **kw)
         self.stack.callback(ft.close)
         return ft
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from resta_fast import safelora as SL
 from resta_fast import safemerge as SM
+from resta_fast.api import Opener
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import torch_dtype
@@ -35,16 +36,9 @@ from resta_fast.lora import LoraAdapter, LoraFinetuned
 from resta_fast.report import REPORT_NAME, output_metadata, provenance
 
 
-def _open(stack: ExitStack, path, role: str) -> Checkpoint:
-    ck = Checkpoint(path, role=role)
-    stack.callback(ck.close)
-    return ck
-
-
-def _view(stack: ExitStack, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
-    view = LoraFinetuned(adapter, base, base_flag=f"--{base.role}", **kw)
-    stack.callback(view.close)
-    return view
+def _view(opener: Opener, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
+    """The adapter read on ``base``; its errors name the flag ``base`` came from."""
+    return opener.lora(adapter, base, base_flag=f"--{base.role}", **kw)
 
 
 def _stored(tensor, dtype: str):
@@ -142,17 +136,18 @@ class Session:
         base, aligned = self.paths["base"], self.paths["aligned"]
         self.progress = progress
         self.stack = ExitStack()
+        opener = Opener(self.stack)
         try:
-            self.al = _open(self.stack, aligned, "aligned")
-            self.un = _open(self.stack, self.paths["unaligned"], "unaligned")
-            self.ft = _view(self.stack, self.paths["adapter"], self.al)
+            self.al = opener(aligned, "aligned")
+            self.un = opener(self.paths["unaligned"], "unaligned")
+            self.ft = _view(opener, self.paths["adapter"], self.al)
             self.mods = SL.linear_modules(self.ft)
             self.safety = self.pairs = None
             if safety_adapter is not None:
-                self.safety = _view(self.stack, self.paths["safety_adapter"], self.al)
+                self.safety = _view(opener, self.paths["safety_adapter"], self.al)
                 self.pairs = SM.pair_modules(self.ft, self.safety, self.mods)
             same = base is None or Path(base).resolve() == Path(aligned).resolve()
-            self.into = self.al if same else _open(self.stack, base, "base")
+            self.into = self.al if same else opener(base, "base")
         except BaseException:
             self.stack.close()
             raise
@@ -188,18 +183,33 @@ class Session:
                           hub={r: h for r, h in self.hub.items() if r in roles})
 
     def _inputs(self, *roles: str) -> list[Path]:
-        return _input_paths(*(self.paths[r] for r in roles))
+        """The paths of ``roles`` (outputs must stay outside them); the base defaults to the aligned model."""
+        paths = dict(self.paths, base=self.paths["base"] or self.paths["aligned"])
+        return _input_paths(*(paths[r] for r in roles))
+
+    def _write(self, out: Path, command: str, params: dict, roles, *, merge: bool, section: dict | None = None,
+               replace=None, delta=None, config: dict | None = None, overwrite: bool, fsync: bool,
+               command_line: str | None) -> dict:
+        """``command``'s output: with ``merge``, base + the adapter's update (its tensors in
+        ``replace``, or its update from ``delta``) as a full model; else the adapter with
+        ``replace`` swapped in (and ``config``)."""
+        prov = self._provenance(command, params, roles)
+        extra = {command: section} if section is not None else {}
+        if merge:
+            with ExitStack() as stack:
+                merged = _view(Opener(stack), self.paths["adapter"], self.into, replace=replace, delta=delta)
+                return write_merged_output(out, merged, prov, extra, self._checkpoints(*roles),
+                                           input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
+                                           progress=self.progress, command_line=command_line)
+        return write_adapter_output(out, self.paths["adapter"], replace, prov, extra,
+                                    input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
+                                    config=config, command_line=command_line)
 
     def finetune(self, out, *, overwrite: bool = False, fsync: bool = True) -> dict:
         """The fine-tune itself as a full model (base + the adapter, as peft's merge_and_unload):
         the baseline the realigned candidates are compared with."""
-        roles = ("adapter", "base")
-        prov = self._provenance("merge", {}, roles)
-        with ExitStack() as stack:
-            merged = _view(stack, self.paths["adapter"], self.into)
-            return write_merged_output(Path(out), merged, prov, {}, self._checkpoints(*roles),
-                                       input_paths=self._inputs("adapter", "aligned", "base"), overwrite=overwrite,
-                                       fsync=fsync, progress=self.progress)
+        return self._write(Path(out), "merge", {}, ("adapter", "base"), merge=True, overwrite=overwrite, fsync=fsync,
+                           command_line=None)
 
     def safelora(self, out, *, threshold: float | None = None, num_layers: int | None = None, merge: bool = False,
                  overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
@@ -219,17 +229,8 @@ class Session:
             return {"dry_run": True, "safelora": section, "text": text}
         replace = {s.lora_b: self._projections[s.lora_b] for s in scores if s.projected}
         params = {"threshold": threshold, "num_layers": num_layers, "merge": merge}
-        prov = self._provenance("safelora", params, roles)
-        if merge:
-            with ExitStack() as stack:
-                merged = _view(stack, self.paths["adapter"], self.into, replace=replace)
-                report = write_merged_output(out, merged, prov, {"safelora": section}, self._checkpoints(*roles),
-                                             input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                             progress=self.progress, command_line=command_line)
-        else:
-            report = write_adapter_output(out, self.paths["adapter"], replace, prov, {"safelora": section},
-                                          input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                          command_line=command_line)
+        report = self._write(out, "safelora", params, roles, merge=merge, section=section, replace=replace,
+                             overwrite=overwrite, fsync=fsync, command_line=command_line)
         report["text"] = text
         return report
 
@@ -258,26 +259,19 @@ class Session:
         params = {"tau": tau, "weights": list(weights), "combination": combination, "density": density,
                   "seed": seed, "merge": merge}
         chosen = {s.module for s in scores if s.projected}
-        prov = self._provenance("safemerge", params, roles)
+        delta, replace = None, {}
         if merge:
             # The delta reads only adapter tensors, so the views over the aligned model serve.
             delta = SM.weight_space_delta(self.ft, self.safety, self.pairs, chosen, weights, density=density,
                                           seed=seed)
-            with ExitStack() as stack:
-                merged = _view(stack, self.paths["adapter"], self.into, delta=delta)
-                report = write_merged_output(out, merged, prov, {"safemerge": section}, self._checkpoints(*roles),
-                                             input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                             progress=self.progress, command_line=command_line)
         else:
-            replace = {}
             for mod in self.mods:
                 w = SM.layer_weights(mod.module in chosen, weights)
                 replace[mod.a], replace[mod.b] = SM.merge_adapter_space(self.ft, self.safety, mod,
                                                                         self.pairs[mod.module], w, density=density,
                                                                         seed=seed)
-            report = write_adapter_output(out, self.paths["adapter"], replace, prov, {"safemerge": section},
-                                          input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                          config=config, command_line=command_line)
+        report = self._write(out, "safemerge", params, roles, merge=merge, section=section, replace=replace,
+                             delta=delta, config=config, overwrite=overwrite, fsync=fsync, command_line=command_line)
         report["text"] = text
         return report
 
