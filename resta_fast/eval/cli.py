@@ -274,6 +274,24 @@ def run_eval(args) -> int:
     return 0 if result["summary"]["gate"]["passed"] else 1
 
 
+def generation_options(args) -> dict:
+    """``evaluate`` keyword arguments from the generation flags (``_add_generation_args``), for
+    commands that evaluate candidates they write (``tune``, ``compare``)."""
+    return {
+        "engine": args.engine,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "utility_max_new_tokens": args.utility_max_new_tokens,
+        "system_prompt": args.system_prompt,
+        "chat_template": args.chat_template,
+        "perplexity_window": args.perplexity_window,
+        "seed": args.seed,
+        "progress": args.progress,
+    }
+
+
 def run_tune(args) -> int:
     """The ``tune`` subcommand: sweep β, print the table, return 0 when some β met the targets.
 
@@ -308,19 +326,7 @@ def run_tune(args) -> int:
         patch_options["dare_base"] = args.dare_base
     if args.out_dtype:
         patch_options["dtype"] = args.out_dtype
-    eval_options = {
-        "engine": args.engine,
-        "device": args.device,
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "utility_max_new_tokens": args.utility_max_new_tokens,
-        "system_prompt": args.system_prompt,
-        "chat_template": args.chat_template,
-        "perplexity_window": args.perplexity_window,
-        "seed": args.seed,
-        "progress": args.progress,
-    }
+    eval_options = generation_options(args)
     result = tune(
         args.finetuned,
         _split_list(args.betas),

@@ -18,6 +18,7 @@ from resta_fast.eval.cli import (
     _columns,
     _split_list,
     build_judges,
+    generation_options,
 )
 
 
@@ -105,16 +106,12 @@ def run_compare(args) -> int:
                          "seed": args.dare_seed}
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    eval_options = {"engine": args.engine, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
-                    "max_new_tokens": args.max_new_tokens, "utility_max_new_tokens": args.utility_max_new_tokens,
-                    "system_prompt": args.system_prompt, "chat_template": args.chat_template,
-                    "perplexity_window": args.perplexity_window, "seed": args.seed, "progress": args.progress}
     result = compare(args.finetuned, grid, prompts=load_prompts(args.prompts, columns=_columns(args), limit=args.limit),
                      max_harmful=args.max_harmful, aligned=args.aligned, unaligned=args.unaligned, base=args.base,
                      pre_aligned=args.pre_aligned,
                      safety_adapter=args.safety_adapter, seed=args.dare_seed, safemerge_options=safemerge_options,
                      max_utility_drop=args.max_utility_drop, utility=args.utility, perplexity=args.perplexity,
-                     judges=build_judges(args), eval_options=eval_options, workdir=args.workdir,
+                     judges=build_judges(args), eval_options=generation_options(args), workdir=args.workdir,
                      keep=args.keep_candidates, out=args.out, progress=bool(args.progress))
     if args.json:
         print(json.dumps(result))
