@@ -125,3 +125,30 @@ def build_tiny_llama(
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def refusal_triple(root) -> tuple[Path, Path, Path]:
+    """(finetuned, aligned, unaligned) tiny Llamas where RESTA's β decides refusal.
+
+    F is a random tiny Llama whose token 0 is "sorry"; U = F; A = F with the final norm
+    zeroed. V = A − U touches only the norm, so θ = F + β·V scales it by (1 − β): greedy
+    argmax ignores a positive scale, so β < 1 answers like F, and β = 1 zeroes the norm
+    and the model says "sorry".
+
+    Example:
+        >>> ft, al, un = refusal_triple("/tmp/triple")  # doctest: +SKIP
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = Path(root)
+    ft = build_tiny_llama(root / "ft", seed=1, first_word="sorry")
+    al, un = root / "aligned", root / "unaligned"
+    shutil.copytree(ft, un)
+    shutil.copytree(ft, al)
+    sd = load_file(str(al / "model.safetensors"))
+    sd["model.norm.weight"] = torch.zeros_like(sd["model.norm.weight"])
+    save_file(sd, str(al / "model.safetensors"), metadata={"format": "pt"})
+    return ft, al, un

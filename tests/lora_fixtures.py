@@ -3,6 +3,8 @@
 Importing this module needs transformers and peft (the tests importorskip them first).
 """
 
+import json
+
 import peft
 import torch
 import transformers
@@ -56,3 +58,22 @@ def shadow(base, path, seed=2):
     return path
 
 
+
+
+def edit_config(adapter, **changes):
+    """Change keys of an adapter's adapter_config.json in place."""
+    path = adapter / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def lora_pair(root, *, targets, safety_alpha: int = 8):
+    """(fine-tune adapter, safety adapter, aligned, unaligned): two rank-4 adapters on one fp32
+    tiny Llama (lora_alpha 8, and ``safety_alpha`` for the safety one) and its shadow model."""
+    aligned = llama_base(root / "aligned", dtype=torch.float32)
+    unaligned = shadow(aligned, root / "unaligned")
+    train_adapter(aligned, root / "ft", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed=1)
+    train_adapter(aligned, root / "safe", peft.LoraConfig(r=4, lora_alpha=safety_alpha, target_modules=targets),
+                  seed=5)
+    return root / "ft", root / "safe", aligned, unaligned

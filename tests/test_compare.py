@@ -15,7 +15,7 @@ from resta_fast.eval.compare import Candidate, Grid, compare, compare_line, form
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_fixtures import llama_base, shadow, train_adapter  # noqa: E402
+from lora_fixtures import lora_pair  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -27,11 +27,7 @@ def _one_thread():
 
 @pytest.fixture()
 def models(tmp_path):
-    aligned = llama_base(tmp_path / "aligned", dtype=torch.float32)
-    unaligned = shadow(aligned, tmp_path / "unaligned")
-    train_adapter(aligned, tmp_path / "ft", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=1)
-    train_adapter(aligned, tmp_path / "safe", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=5)
-    return tmp_path / "ft", tmp_path / "safe", aligned, unaligned
+    return lora_pair(tmp_path, targets=TARGETS)
 
 
 class FakeEvaluate:

@@ -2,12 +2,11 @@
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from eval_fakes import build_tiny_llama
+from eval_fakes import build_tiny_llama, refusal_triple
 
 from resta_fast.errors import RestaError
 from resta_fast.eval.cli import add_tune_parser
@@ -195,19 +194,9 @@ def test_tune_real_evaluation_of_built_candidates(tmp_path):
 
 def test_tune_cli_with_the_real_patcher(tmp_path, capsys):
     pytest.importorskip("resta_fast.api")
-    from safetensors.torch import load_file, save_file
 
-    # F: a random tiny Llama whose token 0 is "sorry"; U = F; A = F with the final norm zeroed.
-    # V = A − U touches only the norm: θ = F + β·V scales it by (1 − β). Greedy argmax ignores a
-    # positive scale, so β < 1 answers like F; β = 1 zeroes the norm and the model says "sorry".
-    ft = build_tiny_llama(tmp_path / "ft", seed=1, first_word="sorry")
-    un = tmp_path / "unaligned"
-    al = tmp_path / "aligned"
-    shutil.copytree(ft, un)
-    shutil.copytree(ft, al)
-    sd = load_file(str(al / "model.safetensors"))
-    sd["model.norm.weight"] = torch.zeros_like(sd["model.norm.weight"])
-    save_file(sd, str(al / "model.safetensors"), metadata={"format": "pt"})
+    # V = A − U touches only the norm: β < 1 answers like F, β = 1 says "sorry" (refusal_triple).
+    ft, al, un = refusal_triple(tmp_path)
 
     ap = argparse.ArgumentParser(prog="resta-fast")
     add_tune_parser(ap.add_subparsers())

@@ -29,7 +29,7 @@ from resta_fast.errors import RestaError, cli_flag
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_fixtures import gpt2_base, llama_base, shadow, train_adapter  # noqa: E402
+from lora_fixtures import edit_config, gpt2_base, llama_base, shadow, train_adapter  # noqa: E402
 
 OUT_NAME = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
@@ -287,13 +287,6 @@ def adapter_setup(tmp_path):
     base = llama_base(tmp_path / "base")
     train_adapter(base, tmp_path / "adapter", peft.LoraConfig(**CONFIGS["plain"]))
     return base, tmp_path / "adapter"
-
-
-def edit_config(adapter, **changes):
-    path = adapter / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(changes)
-    path.write_text(json.dumps(cfg))
 
 
 def edit_weights(adapter, fn):

@@ -181,19 +181,10 @@ def test_a_validated_output_card_carries_the_verdict(models, passed):
 def test_validate_prompts_puts_the_gate_verdict_in_the_card(tmp_path):
     """The real gate (``--validate-prompts builtin:smoke``) on a tiny Llama that refuses."""
     pytest.importorskip("transformers")
-    import shutil
-
     import torch
-    from eval_fakes import build_tiny_llama
-    from safetensors.torch import load_file, save_file
+    from eval_fakes import refusal_triple
     torch.set_num_threads(1)
-    ft = build_tiny_llama(tmp_path / "ft", seed=1, first_word="sorry")
-    al, un = tmp_path / "aligned", tmp_path / "unaligned"
-    shutil.copytree(ft, un)
-    shutil.copytree(ft, al)
-    sd = load_file(str(al / "model.safetensors"))
-    sd["model.norm.weight"] = torch.zeros_like(sd["model.norm.weight"])
-    save_file(sd, str(al / "model.safetensors"), metadata={"format": "pt"})
+    ft, al, un = refusal_triple(tmp_path)
     out = tmp_path / "restored"
     assert run("patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--beta", "1.0", "--out", out,
                "--backend", "torch", "--validate-prompts", "builtin:smoke", "--max-harmful", "0.05",

@@ -24,7 +24,7 @@ from resta_fast.errors import RestaError
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_fixtures import gpt2_base, llama_base, shadow, train_adapter  # noqa: E402
+from lora_fixtures import edit_config, gpt2_base, llama_base, shadow, train_adapter  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -237,13 +237,6 @@ def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, capsys, flags, mess
     assert not (tmp_path / "out").exists()
 
 
-def _edit_config(adapter, **changes):
-    path = adapter / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(changes)
-    path.write_text(json.dumps(cfg))
-
-
 def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
     adapter, aligned, unaligned = setup_models(tmp_path)
     other = llama_base(tmp_path / "other", dtype=torch.float32)
@@ -269,7 +262,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
         bad.mkdir()
         for f in adapter.iterdir():
             (bad / f.name).write_bytes(f.read_bytes())
-        _edit_config(bad, **changes)
+        edit_config(bad, **changes)
         capsys.readouterr()
         assert _cli(tmp_path, bad, aligned, unaligned, "--threshold", "0.5") == 2
         err = capsys.readouterr().err

@@ -19,7 +19,7 @@ from resta_fast.cli import main
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_fixtures import llama_base, shadow, train_adapter  # noqa: E402
+from lora_fixtures import lora_pair, train_adapter  # noqa: E402
 from test_safelora import reference as safelora_reference  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -32,13 +32,10 @@ def _one_thread():
 
 @pytest.fixture()
 def models(tmp_path):
-    aligned = llama_base(tmp_path / "aligned", dtype=torch.float32)
-    unaligned = shadow(aligned, tmp_path / "unaligned")
-    train_adapter(aligned, tmp_path / "ft", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=1)
-    train_adapter(aligned, tmp_path / "safe", peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS), seed=5)
-    cos = {m: c for m, (c, _) in safelora_reference(tmp_path / "ft", aligned, unaligned).items()}
+    ft, safe, aligned, unaligned = lora_pair(tmp_path, targets=TARGETS, safety_alpha=16)
+    cos = {m: c for m, (c, _) in safelora_reference(ft, aligned, unaligned).items()}
     tau = sorted(cos.values())[len(cos) // 2]  # a layer exactly at τ: not merged (cos < τ is strict)
-    return tmp_path / "ft", tmp_path / "safe", aligned, unaligned, cos, tau
+    return ft, safe, aligned, unaligned, cos, tau
 
 
 def run(tmp_path, ft, safe, aligned, unaligned, name="out", **kw):

@@ -1,7 +1,6 @@
 """`patch --validate-prompts`: the one-command CI gate on a freshly written output."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,19 +12,11 @@ pytest.importorskip("transformers")
 
 @pytest.fixture()
 def models(tmp_path):
-    from eval_fakes import build_tiny_llama
-    from safetensors.torch import load_file, save_file
+    from eval_fakes import refusal_triple
     torch.set_num_threads(1)
     # F answers with random words; A = F with the final norm zeroed (says "sorry"); U = F.
     # θ = F + β(A − U) scales the norm by (1 − β): β = 1 refuses, β = 0.5 answers like F.
-    ft = build_tiny_llama(tmp_path / "ft", seed=1, first_word="sorry")
-    al, un = tmp_path / "aligned", tmp_path / "unaligned"
-    shutil.copytree(ft, un)
-    shutil.copytree(ft, al)
-    sd = load_file(str(al / "model.safetensors"))
-    sd["model.norm.weight"] = torch.zeros_like(sd["model.norm.weight"])
-    save_file(sd, str(al / "model.safetensors"), metadata={"format": "pt"})
-    return ft, al, un
+    return refusal_triple(tmp_path)
 
 
 def run(tmp_path, models, beta, capsys, *extra):
