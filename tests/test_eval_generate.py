@@ -1,23 +1,14 @@
-"""Generation on tiny local Llamas: chat template, greedy determinism, order, OOM back-off, perplexity."""
+"""Generation engines on tiny local Llamas: greedy determinism, order, OOM back-off, perplexity, bad options."""
 
-import json
 import math
 import sys
 
 import pytest
 import torch
-from eval_fakes import build_tiny_llama, build_tiny_tokenizer
+from eval_fakes import build_tiny_llama
 
 from resta_fast.errors import RestaError
-from resta_fast.eval.generate import (
-    TransformersEngine,
-    format_prompts,
-    load_engine,
-    load_responses,
-    load_tokenizer,
-    save_responses,
-)
-from resta_fast.eval.prompts import Prompt
+from resta_fast.eval.generate import GENERATION_DTYPES, TransformersEngine, load_engine
 
 
 @pytest.fixture(autouse=True)
@@ -34,27 +25,7 @@ def models(tmp_path_factory):
     return {
         "rand": build_tiny_llama(root / "rand", seed=1),
         "sorry": build_tiny_llama(root / "sorry", say="sorry"),
-        "plain": build_tiny_llama(root / "plain", seed=2, chat_template=False),
     }
-
-
-def test_chat_template_when_present_raw_otherwise(models):
-    tok = load_tokenizer(models["rand"])
-    assert tok.padding_side == "left" and tok.pad_token == "<pad>"
-    texts, add = format_prompts(tok, ["how to do it"])
-    assert texts == ["<s><|user|> how to do it <|assistant|>"] and add is False
-    sys_texts, _ = format_prompts(tok, ["q"], system_prompt="be safe")
-    assert sys_texts[0].startswith("<s><|system|> be safe <|user|> q")
-    plain = load_tokenizer(models["plain"])
-    assert format_prompts(plain, ["how to do it"]) == (["how to do it"], True)
-    with pytest.raises(RestaError, match="no.*template|has none"):
-        format_prompts(plain, ["q"], chat_template=True)
-    assert format_prompts(tok, ["q"], chat_template=False) == (["q"], True)
-    tok.chat_template = (
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
-    )
-    with pytest.raises(RestaError, match="chat template failed.*drop --system-prompt"):
-        format_prompts(tok, ["q"], system_prompt="be safe")
 
 
 def test_greedy_deterministic_and_in_input_order(models):
@@ -138,9 +109,9 @@ def test_bad_model_dir_device_engine(tmp_path, models):
     if not torch.cuda.is_available():
         with pytest.raises(RestaError, match="no CUDA device"):
             load_engine(models["rand"], device="cuda")
-    with pytest.raises(RestaError, match="Unknown --engine"):
+    with pytest.raises(RestaError, match="unknown --engine"):
         load_engine(models["rand"], engine="tgi")
-    with pytest.raises(RestaError, match="Unknown --dtype"):
+    with pytest.raises(RestaError, match="unknown --dtype"):
         load_engine(models["rand"], dtype="int4")
 
 
@@ -150,36 +121,33 @@ def test_vllm_missing_is_a_clear_error(models, monkeypatch):
         load_engine(models["rand"], engine="vllm")
 
 
-def test_responses_roundtrip_and_errors(tmp_path):
-    prompts = [Prompt("s:0", "q one", "Cat", "Sub"), Prompt("s:1", "q two")]
-    f = save_responses(tmp_path / "r" / "m.jsonl", "/models/m", prompts, ["a1", ""])
-    rows = [json.loads(x) for x in f.read_text().splitlines()]
-    assert rows[0] == {
-        "id": "s:0",
-        "prompt": "q one",
-        "category": "Cat",
-        "subcategory": "Sub",
-        "response": "a1",
-        "model": "/models/m",
-    }
-    model, p2, r2 = load_responses(f)
-    assert model == "/models/m" and p2 == prompts and r2 == ["a1", ""]
-    with pytest.raises(RestaError, match="not found"):
-        load_responses(tmp_path / "none.jsonl")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(RestaError, match="line 1.*'prompt' and 'response'"):
-        load_responses(bad)
-    mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(
-        '{"prompt": "x", "response": "y", "model": "a"}\n{"prompt": "x", "response": "y", "model": "b"}\n'
-    )
-    with pytest.raises(RestaError, match="mixes responses"):
-        load_responses(mixed)
+def test_generation_dtypes_are_the_eval_clis_choices(models):
+    import argparse
+
+    from resta_fast.eval.cli import add_eval_parser
+
+    assert GENERATION_DTYPES == ("auto", "float32", "bfloat16", "float16")
+    sub = add_eval_parser(argparse.ArgumentParser().add_subparsers())
+    dtype = next(a for a in sub._actions if a.dest == "dtype")
+    assert tuple(dtype.choices) == GENERATION_DTYPES and dtype.default == "auto"
+    # The engine's own check (the Python API has no argparse) names every choice, no trailing full stop.
+    with pytest.raises(RestaError, match=r"unknown --dtype 'int4'; choose one of auto, float32, bfloat16, float16$"):
+        load_engine(models["rand"], dtype="int4")
 
 
-def test_tiny_tokenizer_helper_roundtrip():
-    tok = build_tiny_tokenizer(first="sorry")
-    assert tok.convert_tokens_to_ids("sorry") == 0
-    assert tok.decode(tok("sure here is")["input_ids"]) == "sure here is"
-    assert tok("zebra")["input_ids"] == [tok.unk_token_id]
+def test_unknown_device_and_unloadable_model(tmp_path, models):
+    with pytest.raises(RestaError, match=r"unknown --device 'tpu'; use cpu, cuda or cuda:N$"):
+        load_engine(models["rand"], device="tpu")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for f in models["rand"].iterdir():
+        if not f.name.endswith(".safetensors"):
+            (no_weights / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RestaError, match="no-weights: could not load the model"):
+        load_engine(no_weights, progress=False)
+
+
+def test_vllm_checks_dtype_before_loading(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", type(sys)("vllm"))  # an importable stand-in; LLM is never reached
+    with pytest.raises(RestaError, match="unknown --dtype 'int4'"):
+        load_engine(models["rand"], engine="vllm", dtype="int4")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from resta_fast import cli_args as A
 from resta_fast.errors import RestaError
+from resta_fast.eval.generate import GENERATION_DTYPES
 from resta_fast.io.hub import HUB_RULE
 
 HUB_HELP = f"Hub ids: {HUB_RULE}."
@@ -50,7 +51,7 @@ def _add_generation_args(p) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=GENERATION_DTYPES,
         default="auto",
         help="model dtype for evaluation (default: the checkpoint's)",
     )

@@ -1,38 +1,29 @@
 """Answer prompts with a finished checkpoint: transformers (default) or vLLM, greedy, batched.
 
 Both engines share one contract: ``generate(texts) -> list[str]`` in input order,
-the chat template applied when the tokenizer has one (raw text otherwise), and
-``perplexity(text) -> float``. Responses are saved as JSONL so judges can be
+the prompts formatted by resta_fast/eval/chat.py (the chat template when the
+tokenizer has one, raw text otherwise), and ``perplexity(text) -> float``. The
+runner saves the answers with resta_fast/eval/responses.py so judges can be
 re-run later without touching the model again.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import math
 import sys
 import weakref
-from pathlib import Path
 
 from resta_fast.errors import RestaError
-from resta_fast.eval.prompts import Prompt
+from resta_fast.eval.chat import check_model_dir, format_prompts, load_tokenizer
 
 ENGINES = ("transformers", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The --dtype values generation accepts (torch names; "auto" keeps the checkpoint's). Not the
+# safetensors dtype table, which is resta_fast.io.reader.DTYPES.
+GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Default batch sizes when the user says nothing: small on CPU where a batch costs
 # latency, larger on GPU; on CUDA out-of-memory the batch is halved and retried.
 DEFAULT_BATCH = {"cpu": 8, "cuda": 32}
-
-
-def _check_model_dir(model_dir) -> Path:
-    p = Path(model_dir)
-    if not (p / "config.json").is_file():
-        raise RestaError(
-            f"{p} is not a Hugging Face model directory (no config.json): pass the output directory "
-            "of `resta-fast patch` or another local checkpoint; hub names are not downloaded."
-        )
-    return p
 
 
 def _torch_dtype(dtype: str):
@@ -40,8 +31,8 @@ def _torch_dtype(dtype: str):
 
     if dtype == "auto":
         return "auto"
-    if dtype not in DTYPES:
-        raise RestaError(f"Unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if dtype not in GENERATION_DTYPES:
+        raise RestaError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GENERATION_DTYPES)}")
     return getattr(torch, dtype)
 
 
@@ -49,9 +40,9 @@ def _check_device(device: str) -> str:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RestaError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu.")
+        raise RestaError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise RestaError(f"Unknown --device {device!r}; use cpu, cuda or cuda:N.")
+        raise RestaError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
     return device
 
 
@@ -69,72 +60,6 @@ def default_batch_size(device: str) -> int:
         8
     """
     return DEFAULT_BATCH["cuda" if device.startswith("cuda") else "cpu"]
-
-
-def load_tokenizer(model_dir):
-    """Load a local tokenizer set up for batched generation (left padding, a pad token).
-
-    Args:
-        model_dir: local model directory.
-
-    Returns:
-        The tokenizer.
-
-    Example:
-        >>> tok = load_tokenizer("out/restored")  # doctest: +SKIP
-    """
-    from transformers import AutoTokenizer
-
-    p = _check_model_dir(model_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise RestaError(
-            f"{p}: could not load a tokenizer ({e}); copy the tokenizer files of the fine-tune "
-            "into the directory."
-        ) from e
-    # Decoder-only models must be padded on the left so every row's new tokens start at the same column.
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        if tok.eos_token is None and tok.unk_token is None:
-            raise RestaError(f"{p}: the tokenizer has no pad, eos or unk token to pad batches with.")
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    return tok
-
-
-def format_prompts(tokenizer, texts, *, system_prompt: str | None = None, chat_template: bool | None = None):
-    """Wrap questions in the tokenizer's chat template (when it has one) for generation.
-
-    Args:
-        tokenizer: a transformers tokenizer.
-        texts: the questions.
-        system_prompt: optional system message put before each question.
-        chat_template: force (True) or skip (False) the template; None uses it when present.
-
-    Returns:
-        (strings to tokenize, whether to add special tokens when tokenizing). The template
-        already contains BOS and friends, so they must not be added twice.
-
-    Example:
-        >>> format_prompts(tok, ["Hi"])  # doctest: +SKIP
-        (['<|user|> Hi <|assistant|>'], False)
-    """
-    use = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
-    if use and not getattr(tokenizer, "chat_template", None):
-        raise RestaError("--chat-template asked for, but the tokenizer has none; drop the flag.")
-    if not use:
-        return list(texts), True
-    out = []
-    for t in texts:
-        msgs = [{"role": "user", "content": t}]
-        if system_prompt:
-            msgs.insert(0, {"role": "system", "content": system_prompt})
-        try:
-            out.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-        except Exception as e:  # jinja raises its own errors, e.g. templates that reject a system role
-            hint = "drop --system-prompt" if system_prompt else "pass --no-chat-template"
-            raise RestaError(f"The model's chat template failed on a prompt ({e}); {hint}.") from e
-    return out, False
 
 
 def _progress(total, desc, progress):
@@ -188,7 +113,7 @@ class TransformersEngine:
                 self.model_dir, dtype=_torch_dtype(dtype), local_files_only=True
             )
         except (OSError, ValueError) as e:
-            raise RestaError(f"{self.model_dir}: could not load the model ({e}).") from e
+            raise RestaError(f"{self.model_dir}: could not load the model ({e})") from e
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()
@@ -271,7 +196,7 @@ class TransformersEngine:
                     if bs == 1:
                         raise RestaError(
                             f"{self.model_dir}: out of memory generating one row; lower --max-new-tokens "
-                            "or use a larger device."
+                            "or use a larger device"
                         ) from e
                     bs = max(1, bs // 2)
                     torch.cuda.empty_cache()
@@ -301,7 +226,7 @@ class TransformersEngine:
         limit = getattr(self.model.config, "max_position_embeddings", None) or window
         window = max(2, min(int(window), int(limit)))
         if ids.numel() < 2:
-            raise RestaError("The perplexity text has fewer than 2 tokens; pass a longer held-out text file.")
+            raise RestaError("the perplexity text has fewer than 2 tokens; pass a longer held-out text file")
         nll, count = 0.0, 0
         starts = list(range(0, ids.numel() - 1, window))
         with _progress(len(starts), "perplexity", progress) as bar, torch.inference_mode():
@@ -353,12 +278,12 @@ class VLLMEngine:
         except ImportError as e:
             raise RestaError(
                 "--engine vllm needs vLLM, which is not installed here (pip install vllm, on a CUDA "
-                "machine); or use --engine transformers."
+                "machine); or use --engine transformers"
             ) from e
-        if dtype not in DTYPES:
-            raise RestaError(f"Unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if dtype not in GENERATION_DTYPES:
+            raise RestaError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GENERATION_DTYPES)}")
         self._vllm = vllm
-        self.model_dir = str(_check_model_dir(model_dir))
+        self.model_dir = str(check_model_dir(model_dir))
         self.device = device
         self.llm = vllm.LLM(
             model=self.model_dir, tokenizer=self.model_dir, dtype=dtype, seed=seed, **llm_kwargs
@@ -399,7 +324,7 @@ class VLLMEngine:
         """Perplexity from vLLM's prompt log-probabilities, over non-overlapping windows."""
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) < 2:
-            raise RestaError("The perplexity text has fewer than 2 tokens; pass a longer held-out text file.")
+            raise RestaError("the perplexity text has fewer than 2 tokens; pass a longer held-out text file")
         chunks = [ids[s : s + window] for s in range(0, len(ids) - 1, window)]
         chunks = [c for c in chunks if len(c) >= 2]
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
@@ -446,76 +371,4 @@ def load_engine(
         return TransformersEngine(model_dir, device=device, dtype=dtype, seed=seed, progress=progress)
     if engine == "vllm":
         return VLLMEngine(model_dir, device=device, dtype=dtype, seed=seed)
-    raise RestaError(f"Unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-
-
-def save_responses(path, model: str, prompts: list[Prompt], responses: list[str]) -> Path:
-    """Write one JSONL line per prompt: id, prompt, category, subcategory, response, model.
-
-    Args:
-        path: output file (parent directories are created).
-        model: the model path, recorded on every line for re-judging.
-        prompts: the prompts, in order.
-        responses: the completions, same order.
-
-    Returns:
-        The path written.
-
-    Example:
-        >>> save_responses("out/responses/m.jsonl", "m", prompts, responses)  # doctest: +SKIP
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
-        for pr, resp in zip(prompts, responses, strict=True):
-            row = {**pr.to_dict(), "prompt": pr.text, "response": resp, "model": model}
-            del row["text"]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return p
-
-
-def load_responses(path) -> tuple[str, list[Prompt], list[str]]:
-    """Read a responses JSONL written by :func:`save_responses` (for re-judging).
-
-    Args:
-        path: the JSONL file.
-
-    Returns:
-        (model path, prompts, responses).
-
-    Example:
-        >>> model, prompts, responses = load_responses("out/responses/m.jsonl")  # doctest: +SKIP
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise RestaError(
-            f"Responses file {p} not found: pass a responses/*.jsonl written by `resta-fast eval --out`."
-        )
-    prompts, responses, models = [], [], set()
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompts.append(
-                Prompt(
-                    id=str(row.get("id", f"{p.stem}:{n - 1}")),
-                    text=row["prompt"],
-                    category=row.get("category"),
-                    subcategory=row.get("subcategory"),
-                )
-            )
-            responses.append(row["response"] if row["response"] is not None else "")
-            models.add(row.get("model") or p.stem)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RestaError(
-                f"{p}: line {n} is not a responses record ({type(e).__name__}: {e}); each line needs "
-                "'prompt' and 'response'."
-            ) from e
-    if len(models) > 1:
-        raise RestaError(
-            f"{p} mixes responses of several models ({sorted(models)}); keep one model per file."
-        )
-    if not prompts:
-        raise RestaError(f"{p} holds no responses.")
-    return models.pop(), prompts, responses
+    raise RestaError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")

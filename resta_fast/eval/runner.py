@@ -14,10 +14,11 @@ from pathlib import Path
 
 from resta_fast.errors import RestaError
 from resta_fast.eval import gate as gate_mod
-from resta_fast.eval.generate import load_engine, load_responses, save_responses
+from resta_fast.eval.generate import load_engine
 from resta_fast.eval.judges import make_judge
 from resta_fast.eval.metrics import by_group, judge_agreement, summarize
 from resta_fast.eval.prompts import Columns, PromptSet, load_prompts
+from resta_fast.eval.responses import load_responses, save_responses
 from resta_fast.eval.utility import load_pairs, read_text, score_answers
 
 
