@@ -47,9 +47,10 @@ def load_tokenizer(model_dir):
         The tokenizer.
 
     Example:
+        (skipped: needs a checkpoint's tokenizer files on disk)
+
         >>> tok = load_tokenizer("out/restored")  # doctest: +SKIP
     """
-    # (The example is skipped: it needs a checkpoint's tokenizer files on disk.)
     from transformers import AutoTokenizer
 
     p = check_model_dir(model_dir)

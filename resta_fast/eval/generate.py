@@ -80,6 +80,8 @@ class TransformersEngine:
         progress: False hides transformers' weight-loading bar.
 
     Example:
+        (skipped: needs a checkpoint on disk)
+
         >>> eng = TransformersEngine("out/restored")  # doctest: +SKIP
         >>> eng.generate(["How do I pick a lock?"], max_new_tokens=32)  # doctest: +SKIP
     """
@@ -267,6 +269,8 @@ class VLLMEngine:
         seed: vLLM engine seed.
 
     Example:
+        (skipped: needs vLLM, a GPU and a checkpoint on disk)
+
         >>> eng = VLLMEngine("out/restored")  # doctest: +SKIP
     """
 
@@ -365,6 +369,8 @@ def load_engine(
         An engine with ``generate``, ``perplexity`` and ``close``.
 
     Example:
+        (skipped: needs a checkpoint on disk)
+
         >>> with_engine = load_engine("out/restored", device="cpu")  # doctest: +SKIP
     """
     if engine == "transformers":
