@@ -84,6 +84,15 @@ def test_missing_response_key_names_it(tmp_path):
         load_responses(f)
 
 
+@pytest.mark.parametrize("line", ["5", '"x"', "[1, 2]", "null"])
+def test_a_json_line_that_is_not_an_object_names_the_line(tmp_path, line):
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"prompt": "x", "response": "y"}\n' + line + "\n")
+    want = r"m\.jsonl: line 2 is not a responses record \(TypeError: a JSON \w+, not an object"
+    with pytest.raises(RestaError, match=want):
+        load_responses(f)
+
+
 def test_mixed_models_lists_them(tmp_path):
     f = tmp_path / "m.jsonl"
     f.write_text('{"prompt": "x", "response": "y", "model": "b"}\n{"prompt": "x", "response": "y", "model": "a"}\n')

@@ -73,6 +73,8 @@ def load_responses(path) -> tuple[str, list[Prompt], list[str]]:
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):  # `5` or `"x"` are valid JSON: say so, not AttributeError
+                raise TypeError(f"a JSON {type(row).__name__}, not an object")
             prompts.append(
                 Prompt(
                     id=str(row.get("id", f"{p.stem}:{n - 1}")),
