@@ -42,7 +42,7 @@ def load_tables(root=None) -> dict[str, tuple[str, ...]]:
     """The refusal phrase lists by language, from the ``refusal_<lang>.txt`` files in ``root``.
 
     Args:
-        root: a directory (path or importlib resource); the shipped ``resta_fast/eval/data`` by default.
+        root: a directory holding the files; the shipped ``resta_fast/eval/data`` by default.
 
     Returns:
         ``{language: phrases}``, languages in name order, phrases in file order.
