@@ -134,8 +134,10 @@ def test_gate_line_is_greppable():
 
 @pytest.mark.parametrize(
     "module",
-    [*(f"resta_fast.eval.{m}" for m in ("prompts", "generate", "judges", "metrics", "utility", "gate", "report",
-                                         "tune", "cli")), "eval_fakes"],
+    [*(f"resta_fast.eval.{m}" for m in ("prompts", "generate", "chat", "responses", "judges", "judges.verdict",
+                                         "judges.refusal", "judges.classifier", "judges.http", "judges.cache",
+                                         "judges.openai", "metrics", "utility", "gate", "report", "tune", "cli")),
+     "eval_fakes"],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
