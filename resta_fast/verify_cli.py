@@ -1,4 +1,4 @@
-"""``resta-fast verify``: its arguments and exit codes; the checks are in verify.py.
+"""``resta-fast verify``: its arguments and exit codes; the checks are in the verify package.
 
 Kept apart so that building the CLI (``--help``) imports nothing heavy.
 """

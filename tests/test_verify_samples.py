@@ -1,4 +1,5 @@
-"""`resta-fast verify`: hashes, headers, and bit-exact recomputation of a seeded sample."""
+"""`resta-fast verify --against` (resta_fast/verify/against.py, inputs.py, samples.py): the inputs'
+fingerprints, the rebuilt plan, and bit-exact recomputation of a seeded sample."""
 
 import json
 import shutil
@@ -7,41 +8,31 @@ import pytest
 import torch
 from checkpoints import three_models
 from safetensors.torch import load_file, save_file
+from verify_fixtures import SMALL, checks, patched_output
 
 from resta_fast import api, rng
 from resta_fast.cli import main
 from resta_fast.io.digest import sha256_file
 from resta_fast.kernels import reference
-from resta_fast.verify import patch_at, uniform_at, verify
-
-SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}
+from resta_fast.verify import samples as samples_module
+from resta_fast.verify import verify
+from resta_fast.verify.samples import patch_at, uniform_at
 
 
 @pytest.fixture(params=["native", "torch"])
 def recompute(request, monkeypatch):
     """Both ways verify recomputes its sample: the C++ kernel on numpy (no torch) and,
     where the kernel is not built, the torch reference."""
-    from resta_fast import verify as verify_module
-    if request.param == "native" and verify_module._native_kernel() is None:
+    if request.param == "native" and samples_module._native_kernel() is None:
         pytest.skip("the C++ kernel is not built")
     if request.param == "torch":
-        monkeypatch.setattr(verify_module, "_native_kernel", lambda: None)
+        monkeypatch.setattr(samples_module, "_native_kernel", lambda: None)
     return request.param
-
-
-def checks(result) -> dict:
-    return {c["name"]: c for c in result["checks"]}
 
 
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory):
-    """A sharded DARE patch with per-pattern β and an exclude, and its inputs."""
-    root = tmp_path_factory.mktemp("verify")
-    ft, al, un = three_models(root, shards=2, **SMALL)
-    out = root / "out"
-    api.patch(ft, out, aligned=al, unaligned=un, beta=0.5, dare=0.3, seed=7, beta_rules=[r"mlp\.=0.25"],
-              exclude=["norm"], backend="torch", fsync=False)
-    return root, ft, al, un, out
+    return patched_output(tmp_path_factory.mktemp("verify"))
 
 
 def test_clean_output_passes_every_check(patched, capsys, recompute):
@@ -55,25 +46,6 @@ def test_clean_output_passes_every_check(patched, capsys, recompute):
     assert main(["verify", str(out), "--against", "--samples", "2000"]) == 0
     text = capsys.readouterr().out
     assert text.splitlines()[-1] == "PASS" and "sample: " in text
-
-
-def test_a_single_flipped_bit_is_caught(patched, tmp_path, capsys):
-    _, ft, al, un, out = patched
-    bad = tmp_path / "out"
-    shutil.copytree(out, bad)
-    shard = bad / "model-00002-of-00002.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0x01  # one bit of the last tensor's data
-    shard.write_bytes(bytes(data))
-    assert main(["verify", str(bad), "--json"]) == 1
-    result = json.loads(capsys.readouterr().out)
-    c = checks(result)
-    assert not result["ok"] and not c["sha256"]["ok"] and c["headers"]["ok"]
-    assert c["sha256"]["problems"] == [
-        f"{shard.name}: sha256 {c['sha256']['problems'][0].split()[2]} but resta_fast.json records "
-        f"{json.loads((bad / 'resta_fast.json').read_text())['files'][shard.name][:16]}..."]
-    assert main(["verify", str(bad)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == "FAIL"
 
 
 def test_sample_catches_a_wrong_value_even_with_matching_hashes(patched, tmp_path, recompute):
@@ -114,37 +86,6 @@ def test_wrong_inputs_are_reported(patched, tmp_path):
     assert not result["ok"] and not c["inputs"]["ok"] and not c["plan"]["ok"]
     assert c["inputs"]["problems"][0].startswith(f"finetuned {other}: files ['model.safetensors'] but the "
                                                  "run read ['model-00001-of-00002.safetensors'")
-
-
-def test_unrecorded_weight_file_and_missing_report(patched, tmp_path, capsys):
-    _, _, _, _, out = patched
-    bad = tmp_path / "out"
-    shutil.copytree(out, bad)
-    save_file({"x": torch.zeros(2)}, str(bad / "extra.safetensors"))
-    c = checks(verify(bad))
-    assert c["sha256"]["problems"] == ["extra.safetensors: weight file not recorded in resta_fast.json; "
-                                       "loaders would read it"]
-    (bad / "resta_fast.json").unlink()
-    result = verify(bad)
-    assert not result["ok"] and checks(result)["report"]["problems"][0].endswith(
-        "is missing: this is not a finished resta-fast output")
-    assert main(["verify", str(tmp_path / "nope")]) == 2
-    assert "not a directory" in capsys.readouterr().err
-
-
-def test_a_recorded_failed_validation_fails_verify(patched, tmp_path):
-    _, _, _, _, out = patched
-    bad = tmp_path / "out"
-    shutil.copytree(out, bad)
-    report = json.loads((bad / "resta_fast.json").read_text())
-    report["validation"] = {"passed": False, "reason": "harmful rate 40% > 10%"}
-    (bad / "resta_fast.json").write_text(json.dumps(report))
-    result = verify(bad)
-    assert not result["ok"] and checks(result)["validation"]["problems"] == [
-        "patch --validate-prompts marked this output as failed: harmful rate 40% > 10%"]
-    report["validation"]["passed"] = True
-    (bad / "resta_fast.json").write_text(json.dumps(report))
-    assert verify(bad)["ok"]
 
 
 def test_vector_mode_dtype_override_and_extra_vocab(tmp_path, recompute):

@@ -1,0 +1,20 @@
+"""What tests/test_verify_checks.py and tests/test_verify_samples.py share: the patched output they check."""
+
+from checkpoints import three_models
+
+from resta_fast import api
+
+SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}
+
+
+def checks(result) -> dict:
+    return {c["name"]: c for c in result["checks"]}
+
+
+def patched_output(root):
+    """A sharded DARE patch with per-pattern β and an exclude, and its inputs: (root, ft, al, un, out)."""
+    ft, al, un = three_models(root, shards=2, **SMALL)
+    out = root / "out"
+    api.patch(ft, out, aligned=al, unaligned=un, beta=0.5, dare=0.3, seed=7, beta_rules=[r"mlp\.=0.25"],
+              exclude=["norm"], backend="torch", fsync=False)
+    return root, ft, al, un, out
