@@ -65,3 +65,15 @@ def test_a_recorded_failed_validation_fails_verify(patched, tmp_path):
     report["validation"]["passed"] = True
     (bad / "resta_fast.json").write_text(json.dumps(report))
     assert verify(bad)["ok"]
+
+
+@pytest.mark.parametrize("text", ["[]", "5", '"report"', "{not json"])
+def test_a_report_that_is_not_a_json_object_fails_one_check_and_exits_1(patched, tmp_path, capsys, text):
+    _, _, _, _, out = patched
+    bad = tmp_path / "out"
+    shutil.copytree(out, bad)
+    (bad / "resta_fast.json").write_text(text)
+    assert main(["verify", str(bad), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in result["checks"]] == ["report"]
+    assert "resta_fast.json is unreadable (" in result["checks"][0]["problems"][0]

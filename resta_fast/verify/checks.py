@@ -46,9 +46,10 @@ def read_report(out: Path) -> tuple[Check, dict | None]:
     c = Check("report")
     report = None
     try:
-        report = json.loads((out / REPORT_NAME).read_text())
-        if not isinstance(report, dict):
+        loaded = json.loads((out / REPORT_NAME).read_text())
+        if not isinstance(loaded, dict):  # `[]` is JSON too: fail the check, and check nothing else against it
             raise ValueError("not a JSON object")
+        report = loaded
         c.detail = f"{REPORT_NAME}: {report.get('tool')} {report.get('version')}, command {report.get('command')}"
     except FileNotFoundError:
         c.fail(f"{out / REPORT_NAME} is missing: this is not a finished resta-fast output")
