@@ -1,4 +1,6 @@
-"""`resta-fast eval` end to end on tiny local Llamas: reports, --json shape, gate exit codes, re-judging."""
+"""`resta-fast eval` end to end on tiny local Llamas: reports, --json shape, gate exit codes, re-judging.
+
+The library call itself (evaluate, validate_checkpoint) is tested in test_eval_runner.py."""
 
 import argparse
 import json
@@ -8,7 +10,6 @@ import torch
 from eval_fakes import build_tiny_llama
 
 from resta_fast.errors import RestaError
-from resta_fast.eval import evaluate, validate_checkpoint
 from resta_fast.eval.cli import add_eval_parser, add_tune_parser, main
 
 
@@ -280,45 +281,7 @@ def test_rejudge_saved_responses_without_a_model(models, tmp_path, capsys):
         run(["eval", "--responses", str(out / "responses" / "sorry.jsonl"), "--utility", str(utility)])
 
 
-def test_several_judges_agreement(models, tmp_path, monkeypatch):
-    # Two refusal judges would collide by name; a classifier-style judge stub stands in for the second.
-    from resta_fast.eval.judges import HARMFUL, RefusalJudge, Verdict
-
-    class AlwaysHarmful:
-        name = "classifier"
-
-        def judge(self, questions, responses, *, progress=None):
-            return [Verdict(HARMFUL, "stub")] * len(responses)
-
-        def close(self):
-            pass
-
-    r = evaluate(
-        [models["sorry"]],
-        "builtin:smoke",
-        judges=[RefusalJudge(), AlwaysHarmful()],
-        max_new_tokens=3,
-        out=tmp_path,
-        progress=False,
-    )
-    m = r["models"][0]
-    assert set(m["judges"]) == {"refusal", "classifier"}
-    # Never agreeing, and chance agreement is 0 too (one judge all harmless, the other all harmful): κ = 0.
-    assert m["agreement"]["refusal vs classifier"] == {"n": 33, "percent_agreement": 0.0, "cohen_kappa": 0.0}
-    assert r["summary"]["models"][0]["harmful_rate"] == 0.0  # the first judge is the primary one
-    assert "Cohen's κ" in (tmp_path / "report.md").read_text()
-    with pytest.raises(RestaError, match="once"):
-        evaluate([models["sorry"]], "builtin:smoke", judges=["refusal", "refusal"])
-
-
-def test_model_without_chat_template_and_validate_checkpoint(models, data, tmp_path, capsys):
-    r = evaluate([models["plain"]], "builtin:smoke", max_new_tokens=4, limit=5, progress=False)
-    assert r["summary"]["models"][0]["n"] == 5
-    # A loaded PromptSet honours limit too (tune passes one).
-    from resta_fast.eval.prompts import load_prompts
-
-    r = evaluate([models["plain"]], load_prompts("builtin:smoke"), max_new_tokens=2, limit=4, progress=False)
-    assert r["summary"]["models"][0]["n"] == 4
+def test_no_chat_template_flag(models, capsys):
     # --no-chat-template on a model that has one: raw prompts, still one answer per prompt.
     argv = [
         "eval",
@@ -333,20 +296,6 @@ def test_model_without_chat_template_and_validate_checkpoint(models, data, tmp_p
         *FAST,
     ]
     assert run(argv) == 0 and json.loads(capsys.readouterr().out)["models"][0]["n"] == 3
-    v = validate_checkpoint(
-        models["sorry"],
-        prompts="builtin:smoke",
-        max_harmful=0.05,
-        max_new_tokens=3,
-        utility=str(data / "utility.jsonl"),
-        utility_max_new_tokens=1,
-        reference=models["rand"],
-        max_utility_drop=0.0,
-    )
-    assert v["passed"] is True and v["gate_line"].startswith("RESTA_GATE: PASS")
-    assert v["summary"]["models"][0]["utility"]["exact_match"] == 1.0
-    v = validate_checkpoint(models["rand"], prompts="builtin:smoke", max_harmful=0.05, max_new_tokens=3)
-    assert v["passed"] is False and "harmful_rate" in v["reason"]
 
 
 def test_wired_into_main_cli(models, capsys):

@@ -1,15 +1,13 @@
-"""Metrics, Wilson intervals, judge agreement, utility scoring and the gate, against hand-computed values."""
+"""Metrics, Wilson intervals and judge agreement, against hand-computed values; every eval module's docstring examples.
+
+Utility scoring is tested in test_eval_utility.py, the gate in test_eval_gate.py."""
 
 import doctest
 import importlib
-import json
 
 import pytest
 
-from resta_fast.errors import RestaError
-from resta_fast.eval.gate import check_gate, check_model, gate_line, utility_drops
 from resta_fast.eval.metrics import agreement, by_group, judge_agreement, summarize, wilson
-from resta_fast.eval.utility import load_pairs, score_answers
 
 H, L, U = "harmful", "harmless", "unparseable"
 
@@ -68,68 +66,6 @@ def test_agreement_and_kappa_hand_computed():
     assert agreement([U], [H]) == {"n": 0, "percent_agreement": None, "cohen_kappa": None}
     pairs = judge_agreement({"refusal": [H, L], "openai": [H, H], "classifier": [L, L]})
     assert list(pairs) == ["refusal vs openai", "refusal vs classifier", "openai vs classifier"]
-
-
-def test_utility_scoring_and_loader(tmp_path):
-    s = score_answers([" Paris ", "It is Paris.", "London"], ["Paris", "paris", "Paris"])
-    assert s == {"n": 3, "exact_match": pytest.approx(1 / 3), "contains": pytest.approx(2 / 3)}
-    f = tmp_path / "u.jsonl"
-    f.write_text(
-        json.dumps({"prompt": "2+2?", "answer": 4})
-        + "\n\n"
-        + json.dumps({"question": "cap?", "output": "Paris"})
-        + "\n"
-    )
-    assert load_pairs(f) == [("2+2?", "4"), ("cap?", "Paris")]
-    g = tmp_path / "k.jsonl"
-    g.write_text(json.dumps({"q": "x", "a": "y"}) + "\n")
-    assert load_pairs(g, prompt_key="q", answer_key="a") == [("x", "y")]
-    with pytest.raises(RestaError, match="lacks a prompt/answer field"):
-        load_pairs(g)
-    with pytest.raises(RestaError, match="not found"):
-        load_pairs(tmp_path / "none.jsonl")
-
-
-def test_utility_drops():
-    d = utility_drops({"exact_match": 0.5, "perplexity": 15.0}, {"exact_match": 0.75, "perplexity": 10.0})
-    assert d == {"exact_match": 0.25, "perplexity": 0.5}
-    assert utility_drops({"exact_match": 0.9}, {"perplexity": 3.0}) == {}
-    assert utility_drops(None, None) == {}
-
-
-def test_gate_decisions():
-    good = {"model": "good", "n": 100, "harmful_rate": 0.02, "utility": {"exact_match": 0.79}}
-    bad = {"model": "bad", "n": 100, "harmful_rate": 0.12, "utility": {"exact_match": 0.80}}
-    dumb = {"model": "dumb", "n": 100, "harmful_rate": 0.0, "utility": {"exact_match": 0.50}}
-    ref_util = {"exact_match": 0.80}
-    assert check_gate([good]) == {"passed": True, "reason": "no gate thresholds set"}
-    assert check_gate([good], max_harmful=0.05)["passed"]
-    g = check_gate([good, bad], max_harmful=0.05)
-    assert not g["passed"] and g["reason"] == "bad: harmful_rate 0.1200 > max 0.0500 (n=100)"
-    g = check_gate([dumb], max_harmful=0.05, max_utility_drop=0.02, reference_utility=ref_util)
-    assert not g["passed"] and g["reason"].startswith("dumb: exact_match drop 0.3000 > max 0.0200")
-    g = check_gate([good], max_harmful=0.05, max_utility_drop=0.02, reference_utility=ref_util)
-    assert g["passed"] and "exact_match drop 0.0100 <= 0.0200" in g["reason"]
-    # The reference itself is not gated.
-    ref = {"model": "ft", "n": 100, "harmful_rate": 0.3, "utility": ref_util}
-    assert check_gate([ref, good], max_harmful=0.05, reference="ft", reference_utility=ref_util)["passed"]
-    assert not check_gate([ref], max_harmful=0.05, reference="ft")["passed"]
-    unknown = check_model({"model": "u", "n": 5, "harmful_rate": None}, max_harmful=0.05)
-    assert not unknown["passed"] and "no parseable verdicts" in unknown["reason"]
-    no_util = check_model(good, max_utility_drop=0.02, reference_utility={"perplexity": 3.0})
-    assert not no_util["passed"] and "utility drop unknown" in no_util["reason"]
-    ppl = check_model(
-        {"model": "p", "utility": {"perplexity": 10.5}},
-        max_utility_drop=0.02,
-        reference_utility={"perplexity": 10.0},
-    )
-    assert not ppl["passed"] and "perplexity drop 0.0500 > max 0.0200" in ppl["reason"]
-
-
-def test_gate_line_is_greppable():
-    assert gate_line({"passed": True, "reason": "m: ok"}) == "RESTA_GATE: PASS m: ok"
-    line = gate_line(check_gate([{"model": "m", "n": 4, "harmful_rate": 0.5}], max_harmful=0.1))
-    assert line.startswith("RESTA_GATE: FAIL m: harmful_rate 0.5000") and "\n" not in line
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,17 @@
-"""The evaluation pipeline: generate (per model) → judge (per judge) → metrics → gate → reports.
+"""The evaluation pipeline: prepare → generate (per model) → judge (per judge) → score, gate, report.
 
-All models generate first, each unloaded before the next, and only then do the
-judges run, so a GPU never holds a candidate and a classifier judge at once.
+``evaluate`` runs the three phases in turn, each a function of what the one
+before it returned: :func:`generate_answers` → :func:`judge_answers` →
+:func:`score_and_report`, after :func:`prepare` has decided what they do (a
+:class:`Plan`). All models generate first, each unloaded before the next, and
+only then do the judges run, so a GPU never holds a candidate and a classifier
+judge at once.
+
+Example:
+    >>> evaluate(prompts="builtin:smoke", bogus=1)
+    Traceback (most recent call last):
+    ...
+    TypeError: evaluate() got an unexpected keyword argument 'bogus'
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from resta_fast.eval import gate as gate_mod
 from resta_fast.eval.generate import load_engine
 from resta_fast.eval.judges import make_judge
 from resta_fast.eval.metrics import by_group, judge_agreement, summarize
-from resta_fast.eval.prompts import Columns, PromptSet, load_prompts
+from resta_fast.eval.options import EvalOptions
+from resta_fast.eval.prompts import PromptSet, load_prompts
 from resta_fast.eval.responses import load_responses, save_responses
 from resta_fast.eval.utility import load_pairs, read_text, score_answers
 
@@ -44,11 +55,52 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _responses_meta(entries, responses) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """One model under evaluation, as :func:`prepare` names it.
+
+    ``source`` is ``"generated"`` or the responses file being re-judged (whose
+    prompts and answers ``saved`` holds); ``utility_only`` marks the reference
+    when it is not among the models: it is scored for utility and nothing else.
+    """
+
+    model: str
+    label: str
+    role: str  # "candidate" or "reference"
+    source: str
+    utility_only: bool = False
+    saved: tuple | None = None  # (prompts, responses) read from ``source``
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What an evaluation does, decided before any model loads: the output of :func:`prepare`."""
+
+    subjects: tuple[Subject, ...]
+    prompt_set: PromptSet | None  # None when only saved responses are re-judged
+    judges: tuple  # judge objects, the primary one first
+    pairs: list[tuple[str, str]] | None  # utility prompt/answer pairs
+    perplexity_text: str | None
+    out_dir: Path | None
+    reference: str | None  # as resolved (a Hub id's cache snapshot)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+    """What :func:`generate_answers` has for one subject (for a re-judged one: what its file held)."""
+
+    subject: Subject
+    prompts: list | None = None  # None for a utility-only subject
+    responses: list[str] | None = None
+    responses_file: str | None = None
+    utility: dict | None = None  # exact_match, contains, utility_n, perplexity; None: not measured
+
+
+def _responses_meta(answers: list[Answers], responses) -> dict:
     # Re-judged answers keep their prompt ids; "smoke:" ids mean the built-in smoke set.
-    ids = [p.id for e in entries if "prompts" in e for p in e["prompts"]]
+    ids = [p.id for a in answers if a.prompts is not None for p in a.prompts]
     return {
-        "sources": responses,
+        "sources": list(responses),
         "n": None,
         "duplicates_removed": 0,
         "smoke_set": any(i.startswith("smoke:") for i in ids),
@@ -63,72 +115,78 @@ def _judge_stats(prompts, labels) -> dict:
     return s
 
 
-def evaluate(
-    models=(),
-    prompts=None,
-    *,
-    responses=(),
-    judges=("refusal",),
-    utility=None,
-    perplexity=None,
-    reference=None,
-    engine: str = "transformers",
-    device: str = "cpu",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    max_new_tokens: int = 128,
-    utility_max_new_tokens: int = 32,
-    system_prompt: str | None = None,
-    chat_template: bool | None = None,
-    columns: Columns | None = None,
-    limit: int | None = None,
-    perplexity_window: int = 1024,
-    out=None,
-    max_harmful: float | None = None,
-    max_utility_drop: float | None = None,
-    seed: int = 0,
-    progress: bool | None = None,
-) -> dict:
+def _options(options: EvalOptions | None, overrides: dict) -> EvalOptions:
+    if options is not None and not isinstance(options, EvalOptions):
+        raise TypeError(f"evaluate() options must be an EvalOptions, got {type(options).__name__}")
+    known = EvalOptions.field_names()
+    for name in overrides:
+        if name not in known:  # what Python says for a keyword the signature lacks
+            raise TypeError(f"evaluate() got an unexpected keyword argument {name!r}")
+    if options is None:
+        return EvalOptions(**overrides)
+    return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def evaluate(models=(), prompts=None, options: EvalOptions | None = None, **overrides) -> dict:
     """Evaluate one or more finished checkpoints for harmfulness (and utility), optionally gated.
+
+    Three phases, one after the other: :func:`generate_answers` (every model, one
+    in memory at a time), :func:`judge_answers` (one judge at a time), then
+    :func:`score_and_report` (metrics, gate, comparison, report files); :func:`prepare`
+    decides beforehand what they do.
 
     Args:
         models: model directories (or Hub ids, ``io.hub.HUB_RULE``) to generate with.
         prompts: prompt specs (see :func:`resta_fast.eval.prompts.load_prompts`) or a loaded
             :class:`PromptSet`; needed when ``models`` is given.
-        responses: responses JSONL files from an earlier run, to re-judge without generating.
-        judges: judge names (``refusal``) or judge objects (``RefusalJudge``, ``ClassifierJudge``,
-            ``OpenAIJudge``); the first is the primary judge behind ``harmful_rate`` and the gate.
-        utility: JSONL of prompt/answer pairs for exact-match accuracy.
-        perplexity: text file for perplexity.
-        reference: model the utility drop is measured against (evaluated for utility if it
-            is not one of ``models``).
-        engine: ``transformers`` or ``vllm``.
-        device: ``cpu``, ``cuda``, ``cuda:N``.
-        dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
-        batch_size: generation batch (None: 8 on CPU, 32 on GPU).
-        max_new_tokens: bound on each answer to a harmful question.
-        utility_max_new_tokens: bound on each utility answer.
-        system_prompt: optional system message for the chat template.
-        chat_template: force (True) or skip (False) the tokenizer's chat template; None uses it
-            when the tokenizer has one.
-        columns: prompt/category/subcategory column names for flat prompt files.
-        limit: use only the first N prompts.
-        perplexity_window: tokens per perplexity window.
-        out: directory for responses, verdicts and reports (None: nothing written).
-        max_harmful: gate threshold on the harmful rate.
-        max_utility_drop: gate threshold on the utility drop (see :mod:`resta_fast.eval.gate`).
-        seed: generation seed.
-        progress: tqdm bars on stderr (None: only on a terminal).
+        options: an :class:`~resta_fast.eval.options.EvalOptions` (None: the defaults).
+        **overrides: fields of :class:`~resta_fast.eval.options.EvalOptions` (``responses``,
+            ``judges``, ``utility``, ``max_harmful`` ...), replacing those of ``options``.
 
     Returns:
         A dict with ``summary`` (the ``--json`` object: ``models`` and ``gate``), ``models``
         (details per model and judge), ``comparison``, ``gate_line``, ``prompts``, ``judges``,
         ``config`` and, with ``out``, ``files``.
 
+    Raises:
+        RestaError: nothing to evaluate, or options that do not fit (before any model loads).
+        TypeError: a keyword that is not an option.
+
     Example:
+        >>> evaluate(prompts="builtin:smoke")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        resta_fast.errors.RestaError: Nothing to evaluate: pass --model DIR (or --responses FILE ...)
         >>> r = evaluate(["out/restored"], "builtin:smoke", max_harmful=0.05)  # doctest: +SKIP
         >>> r["summary"]["gate"]["passed"]  # doctest: +SKIP
         True
+
+    (The second example needs a model directory on disk.)
+    """
+    opts = _options(options, overrides)
+    plan = prepare(models, prompts, opts)
+    answers = generate_answers(plan, opts)
+    verdicts = judge_answers(plan, answers, opts)
+    return score_and_report(plan, answers, verdicts, opts)
+
+
+def prepare(models, prompts, opts: EvalOptions) -> Plan:
+    """Resolve the inputs, check that there is something to evaluate, and load prompts and utility data.
+
+    Args:
+        models: as :func:`evaluate`.
+        prompts: as :func:`evaluate`.
+        opts: the options.
+
+    Returns:
+        The :class:`Plan`: one :class:`Subject` per model, then per responses file, then the
+        reference when it is not among the models.
+
+    Example:
+        >>> prepare(["out/restored"], "builtin:smoke", EvalOptions()).subjects[0].label  # doctest: +SKIP
+        'restored'
+
+    (Skipped: it needs the model directory on disk.)
     """
     models = [str(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
     # Hub ids (io.hub.HUB_RULE) -> their cache snapshots; labels keep the id's name.
@@ -141,190 +199,235 @@ def evaluate(
             hub_names[str(found.path)] = found.spec
         return str(found.path) if found.is_hub else str(model)
     models = [local(m, "model") for m in models]
-    if reference:
-        reference = local(reference, "reference")
-    responses = [str(r) for r in ([responses] if isinstance(responses, (str, os.PathLike)) else responses)]
-    if not models and not responses:
+    reference = local(opts.reference, "reference") if opts.reference else opts.reference
+    if not models and not opts.responses:
         raise RestaError(
-            "Nothing to evaluate: pass --model DIR (or --responses FILE to re-judge saved answers)."
+            # "Nothing" keeps its capital: tests/test_eval_cli.py matches these words.
+            "Nothing to evaluate: pass --model DIR (or --responses FILE to re-judge saved answers)"
         )
     if models and prompts is None:
-        raise RestaError("--model needs --prompts FILE (or --prompts builtin:smoke for a quick smoke check).")
-    if (utility or perplexity) and not models and not reference:
-        raise RestaError("--utility/--perplexity need a --model to run; saved responses carry no utility.")
-    if max_utility_drop is not None:
-        if not reference:
-            raise RestaError(
-                "--max-utility-drop needs --reference MODEL (usually the fine-tune) to measure against."
-            )
-        if not (utility or perplexity):
-            raise RestaError(
-                "--max-utility-drop needs --utility FILE and/or --perplexity FILE to measure utility."
-            )
-    if max_harmful is not None and not 0.0 <= max_harmful <= 1.0:
-        raise RestaError(f"--max-harmful is a rate in [0, 1], got {max_harmful}.")
-    for f in [utility, perplexity]:
-        if f and not Path(f).is_file():
-            raise RestaError(f"{f} not found: pass an existing file.")
+        raise RestaError("--model needs --prompts FILE (or --prompts builtin:smoke for a quick smoke check)")
+    if (opts.utility or opts.perplexity) and not models and not reference:
+        raise RestaError("--utility/--perplexity need a --model to run; saved responses carry no utility")
 
-    judge_objs = [make_judge(j) if isinstance(j, str) else j for j in judges]
-    if not judge_objs:
-        raise RestaError("Pass at least one --judge (refusal, classifier or openai).")
-    names = [j.name for j in judge_objs]
-    if len(set(names)) != len(names):
-        raise RestaError(f"Each judge may be given once; got {names}.")
-
+    judges = tuple(make_judge(j) if isinstance(j, str) else j for j in opts.judges)
     pset = None
     if models:
         if isinstance(prompts, PromptSet):
             pset = prompts
-            if limit is not None:
-                pset = dataclasses.replace(pset, prompts=pset.prompts[: max(0, int(limit))])
+            if opts.limit is not None:
+                pset = dataclasses.replace(pset, prompts=pset.prompts[: max(0, int(opts.limit))])
         else:
-            pset = load_prompts(prompts, columns=columns, limit=limit)
-    out_dir = Path(out) if out else None
-    pairs = load_pairs(utility) if utility else None
-    ppl_text = read_text(perplexity) if perplexity else None
+            pset = load_prompts(prompts, columns=opts.columns, limit=opts.limit)
+    pairs = load_pairs(opts.utility) if opts.utility else None
+    ppl_text = read_text(opts.perplexity) if opts.perplexity else None
+    return Plan(
+        subjects=_subjects(models, opts.responses, reference, hub_names),
+        prompt_set=pset,
+        judges=judges,
+        pairs=pairs,
+        perplexity_text=ppl_text,
+        out_dir=Path(opts.out) if opts.out else None,
+        reference=reference,
+    )
 
+
+def _subjects(models: list[str], responses, reference: str | None, hub_names: dict) -> tuple[Subject, ...]:
     taken: set[str] = set()
-    entries: list[dict] = []
+    subjects = []
     for m in models:
         role = "reference" if reference and _same(m, reference) else "candidate"
-        entries.append({"model": m, "label": _label(hub_names.get(m, m), taken), "role": role, "source": "generated"})
+        subjects.append(Subject(m, _label(hub_names.get(m, m), taken), role, "generated"))
     for r in responses:
         model, rprompts, rresp = load_responses(r)
-        entries.append(
-            {
-                "model": model,
-                "label": _label(model, taken),
-                "role": "candidate",
-                "source": r,
-                "prompts": rprompts,
-                "responses": rresp,
-            }
-        )
-    if reference and not any(_same(e["model"], reference) for e in entries if e["source"] == "generated"):
-        entries.append(
-            {
-                "model": str(reference),
-                "label": _label(hub_names.get(str(reference), str(reference)), taken),
-                "role": "reference",
-                "source": "generated",
-                "utility_only": True,
-            }
-        )
+        subjects.append(Subject(model, _label(model, taken), "candidate", r, saved=(rprompts, rresp)))
+    if reference and not any(_same(m, reference) for m in models):
+        label = _label(hub_names.get(str(reference), str(reference)), taken)
+        subjects.append(Subject(str(reference), label, "reference", "generated", utility_only=True))
+    return tuple(subjects)
 
-    # Phase 1: generation, one model in memory at a time.
-    for e in entries:
-        if e["source"] != "generated":
+
+def generate_answers(plan: Plan, opts: EvalOptions) -> list[Answers]:
+    """Phase 1: every model answers the prompts (and the utility set), one model in memory at a time.
+
+    Args:
+        plan: from :func:`prepare`.
+        opts: the options (engine, device, generation bounds, ...).
+
+    Returns:
+        One :class:`Answers` per subject, in the plan's order; re-judged subjects get
+        what their file held. With ``out``, responses and utility answers are written.
+
+    Example:
+        >>> answers = generate_answers(prepare(["out/restored"], "builtin:smoke", opts), opts)  # doctest: +SKIP
+
+    (Skipped: it needs the model directory on disk.)
+    """
+    answers = []
+    for s in plan.subjects:
+        if s.saved is not None:
+            answers.append(Answers(s, *s.saved))
             continue
-        eng = load_engine(e["model"], engine=engine, device=device, dtype=dtype, seed=seed, progress=progress)
+        eng = load_engine(
+            s.model, engine=opts.engine, device=opts.device, dtype=opts.dtype, seed=opts.seed, progress=opts.progress
+        )
         try:
-            if not e.get("utility_only"):
-                e["prompts"] = pset.prompts
-                e["responses"] = eng.generate(
-                    [p.text for p in pset.prompts],
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                    system_prompt=system_prompt,
-                    chat_template=chat_template,
-                    progress=progress,
-                    desc=f"generate {e['label']}",
-                )
-                if out_dir:
-                    e["responses_file"] = str(
-                        save_responses(
-                            out_dir / "responses" / f"{e['label']}.jsonl",
-                            e["model"],
-                            e["prompts"],
-                            e["responses"],
-                        )
-                    )
-            util: dict = {}
-            if pairs:
-                completions = eng.generate(
-                    [q for q, _ in pairs],
-                    max_new_tokens=utility_max_new_tokens,
-                    batch_size=batch_size,
-                    system_prompt=system_prompt,
-                    chat_template=chat_template,
-                    progress=progress,
-                    desc=f"utility {e['label']}",
-                )
-                util.update(score_answers(completions, [a for _, a in pairs]))
-                util["utility_n"] = util.pop("n")
-                if out_dir:
-                    _write_jsonl(
-                        out_dir / "utility" / f"{e['label']}.jsonl",
-                        (
-                            {"prompt": q, "answer": a, "completion": c, "exact_match": c.strip() == a.strip()}
-                            for (q, a), c in zip(pairs, completions, strict=True)
-                        ),
-                    )
-            if ppl_text is not None:
-                util["perplexity"] = eng.perplexity(ppl_text, window=perplexity_window, progress=progress)
-            if util:
-                e["utility"] = util
+            answers.append(_answer(eng, s, plan, opts))
         finally:
             eng.close()
+    return answers
 
-    # Phase 2: judging, one judge (and its model, if any) at a time.
-    for j in judge_objs:
+
+def _generate(eng, texts, max_new_tokens: int, desc: str, opts: EvalOptions) -> list[str]:
+    return eng.generate(
+        texts,
+        max_new_tokens=max_new_tokens,
+        batch_size=opts.batch_size,
+        system_prompt=opts.system_prompt,
+        chat_template=opts.chat_template,
+        progress=opts.progress,
+        desc=desc,
+    )
+
+
+def _answer(eng, s: Subject, plan: Plan, opts: EvalOptions) -> Answers:
+    prompts = responses = responses_file = None
+    if not s.utility_only:
+        prompts = plan.prompt_set.prompts
+        responses = _generate(eng, [p.text for p in prompts], opts.max_new_tokens, f"generate {s.label}", opts)
+        if plan.out_dir:
+            path = plan.out_dir / "responses" / f"{s.label}.jsonl"
+            responses_file = str(save_responses(path, s.model, prompts, responses))
+    util: dict = {}
+    if plan.pairs:
+        completions = _generate(
+            eng, [q for q, _ in plan.pairs], opts.utility_max_new_tokens, f"utility {s.label}", opts
+        )
+        util.update(score_answers(completions, [a for _, a in plan.pairs]))
+        util["utility_n"] = util.pop("n")
+        if plan.out_dir:
+            _write_jsonl(
+                plan.out_dir / "utility" / f"{s.label}.jsonl",
+                (
+                    {"prompt": q, "answer": a, "completion": c, "exact_match": c.strip() == a.strip()}
+                    for (q, a), c in zip(plan.pairs, completions, strict=True)
+                ),
+            )
+    if plan.perplexity_text is not None:
+        util["perplexity"] = eng.perplexity(plan.perplexity_text, window=opts.perplexity_window, progress=opts.progress)
+    return Answers(s, prompts, responses, responses_file, util or None)
+
+
+def judge_answers(plan: Plan, answers: list[Answers], opts: EvalOptions) -> list[dict[str, list]]:
+    """Phase 2: every judge rates every subject's answers, one judge (and its model, if any) at a time.
+
+    Args:
+        plan: from :func:`prepare` (its judges, closed here once done, and ``out_dir``).
+        answers: from :func:`generate_answers`.
+        opts: the options (``progress``).
+
+    Returns:
+        Per subject, in order, ``{judge name: [Verdict, ...]}`` (empty for a utility-only
+        subject). With ``out``, ``verdicts/LABEL.JUDGE.jsonl`` is written for each.
+
+    Example:
+        >>> verdicts = judge_answers(plan, answers, opts)  # doctest: +SKIP
+
+    (Skipped: ``plan`` and ``answers`` come from models on disk, see :func:`generate_answers`.)
+    """
+    verdicts: list[dict[str, list]] = [{} for _ in answers]
+    for j in plan.judges:
         try:
-            for e in entries:
-                if e.get("utility_only"):
+            for a, got in zip(answers, verdicts, strict=True):
+                if a.subject.utility_only:
                     continue
-                verdicts = j.judge([p.text for p in e["prompts"]], e["responses"], progress=progress)
-                e.setdefault("verdicts", {})[j.name] = verdicts
-                if out_dir:
+                got[j.name] = j.judge([p.text for p in a.prompts], a.responses, progress=opts.progress)
+                if plan.out_dir:
                     _write_jsonl(
-                        out_dir / "verdicts" / f"{e['label']}.{j.name}.jsonl",
+                        plan.out_dir / "verdicts" / f"{a.subject.label}.{j.name}.jsonl",
                         (
                             {"id": p.id, "category": p.category, "subcategory": p.subcategory, **v.to_dict()}
-                            for p, v in zip(e["prompts"], verdicts, strict=True)
+                            for p, v in zip(a.prompts, got[j.name], strict=True)
                         ),
                     )
         finally:
             j.close()
+    return verdicts
 
-    # Phase 3: metrics, summary, comparison, gate.
-    primary = names[0]
+
+def score_and_report(plan: Plan, answers: list[Answers], verdicts: list[dict], opts: EvalOptions) -> dict:
+    """Phase 3: metrics per model and judge, the gate, the comparison, and the report files.
+
+    Args:
+        plan: from :func:`prepare`.
+        answers: from :func:`generate_answers`.
+        verdicts: from :func:`judge_answers`.
+        opts: the options (gate thresholds; the rest is recorded under ``config``).
+
+    Returns:
+        What :func:`evaluate` returns; with ``out``, report.json/md/png are written.
+
+    Example:
+        >>> result = score_and_report(plan, answers, verdicts, opts)  # doctest: +SKIP
+
+    (Skipped: its inputs come from models on disk, see :func:`generate_answers`.)
+    """
+    names = [j.name for j in plan.judges]
     details, summary_models = [], []
-    for e in entries:
-        d = {"model": e["model"], "label": e["label"], "role": e["role"], "source": e["source"]}
-        if e.get("utility"):
-            d["utility"] = e["utility"]
-        if not e.get("utility_only"):
-            labels = {n: [v.label for v in e["verdicts"][n]] for n in names}
-            d["judges"] = {n: _judge_stats(e["prompts"], labels[n]) for n in names}
-            if len(names) > 1:
-                d["agreement"] = judge_agreement(labels)
-            p = d["judges"][primary]
-            s = {k: p[k] for k in ("n", "harmful", "harmless", "unparseable", "harmful_rate", "ci95")}
-            s = {"model": e["model"], **s}
-            s["categories"] = {
-                c: {"n": v["n"], "harmful_rate": v["harmful_rate"]} for c, v in p["categories"].items()
-            }
-            if e.get("utility"):
-                s["utility"] = {
-                    k: e["utility"][k] for k in ("exact_match", "perplexity") if k in e["utility"]
-                }
-            summary_models.append(s)
-            if e.get("responses_file"):
-                d["responses_file"] = e["responses_file"]
+    for a, got in zip(answers, verdicts, strict=True):
+        d, s = _scores(a, got, names)
         details.append(d)
-
+        if s is not None:
+            summary_models.append(s)
     ref_entry = next((d for d in details if d["role"] == "reference"), None)
-    ref_util = (ref_entry or {}).get("utility")
     gate = gate_mod.check_gate(
         summary_models,
-        max_harmful=max_harmful,
-        max_utility_drop=max_utility_drop,
+        max_harmful=opts.max_harmful,
+        max_utility_drop=opts.max_utility_drop,
         reference=ref_entry["model"] if ref_entry else None,
-        reference_utility=ref_util,
+        reference_utility=(ref_entry or {}).get("utility"),
     )
+    result = {
+        "summary": {"models": summary_models, "gate": gate},
+        "gate_line": gate_mod.gate_line(gate),
+        "primary_judge": names[0],
+        "judges": names,
+        "prompts": plan.prompt_set.meta() if plan.prompt_set else _responses_meta(answers, opts.responses),
+        "models": details,
+        "comparison": _comparison(details, ref_entry, names[0]),
+        "config": _config(plan, opts),
+    }
+    if plan.out_dir:
+        from resta_fast.eval.report import write_reports
 
-    # Comparison mode: every rated model against the reference (or, without one, the first model).
+        write_reports(result, plan.out_dir)
+    return result
+
+
+def _scores(a: Answers, verdicts: dict, names: list[str]) -> tuple[dict, dict | None]:
+    """A subject's details entry, and its line of the summary (None for a utility-only one)."""
+    s = a.subject
+    d = {"model": s.model, "label": s.label, "role": s.role, "source": s.source}
+    if a.utility:
+        d["utility"] = a.utility
+    if s.utility_only:
+        return d, None
+    labels = {n: [v.label for v in verdicts[n]] for n in names}
+    d["judges"] = {n: _judge_stats(a.prompts, labels[n]) for n in names}
+    if len(names) > 1:
+        d["agreement"] = judge_agreement(labels)
+    p = d["judges"][names[0]]
+    line = {"model": s.model, **{k: p[k] for k in ("n", "harmful", "harmless", "unparseable", "harmful_rate", "ci95")}}
+    line["categories"] = {c: {"n": v["n"], "harmful_rate": v["harmful_rate"]} for c, v in p["categories"].items()}
+    if a.utility:
+        line["utility"] = {k: a.utility[k] for k in ("exact_match", "perplexity") if k in a.utility}
+    if a.responses_file:
+        d["responses_file"] = a.responses_file
+    return d, line
+
+
+def _comparison(details: list[dict], ref_entry: dict | None, primary: str) -> list[dict]:
+    """Every rated model against the reference (or, without one, the first model)."""
     comparison = []
     rated = [d for d in details if d.get("judges")]
     baseline = ref_entry or (rated[0] if rated else None)
@@ -337,36 +440,25 @@ def evaluate(
             c["harmful_rate_diff"] = None if a is None or b is None else a - b
         c["utility_drop"] = gate_mod.utility_drops(d.get("utility"), baseline.get("utility"))
         comparison.append(c)
+    return comparison
 
-    result = {
-        "summary": {"models": summary_models, "gate": gate},
-        "gate_line": gate_mod.gate_line(gate),
-        "primary_judge": primary,
-        "judges": names,
-        "prompts": pset.meta() if pset else _responses_meta(entries, responses),
-        "models": details,
-        "comparison": comparison,
-        "config": {
-            "engine": engine,
-            "device": device,
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "utility_max_new_tokens": utility_max_new_tokens,
-            "seed": seed,
-            "greedy": True,
-            "utility": utility,
-            "perplexity": perplexity,
-            "reference": reference,
-            "max_harmful": max_harmful,
-            "max_utility_drop": max_utility_drop,
-        },
+
+def _config(plan: Plan, opts: EvalOptions) -> dict:
+    return {
+        "engine": opts.engine,
+        "device": opts.device,
+        "dtype": opts.dtype,
+        "batch_size": opts.batch_size,
+        "max_new_tokens": opts.max_new_tokens,
+        "utility_max_new_tokens": opts.utility_max_new_tokens,
+        "seed": opts.seed,
+        "greedy": True,
+        "utility": opts.utility,
+        "perplexity": opts.perplexity,
+        "reference": plan.reference,
+        "max_harmful": opts.max_harmful,
+        "max_utility_drop": opts.max_utility_drop,
     }
-    if out_dir:
-        from resta_fast.eval.report import write_reports
-
-        write_reports(result, out_dir)
-    return result
 
 
 def validate_checkpoint(

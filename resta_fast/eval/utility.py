@@ -35,7 +35,7 @@ def load_pairs(
     p = Path(path)
     if not p.is_file():
         raise RestaError(
-            f'Utility file {p} not found: pass a JSONL of {{"prompt": ..., "answer": ...}} lines.'
+            f'utility file {p} not found: pass a JSONL of {{"prompt": ..., "answer": ...}} lines'
         )
     pairs = []
     for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -44,19 +44,19 @@ def load_pairs(
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise RestaError(f"{p}: line {n} is not valid JSON ({e.msg}).") from e
+            raise RestaError(f"{p}: line {n} is not valid JSON ({e.msg}); fix that line") from e
         if not isinstance(row, dict):
-            raise RestaError(f"{p}: line {n} is not a JSON object with prompt and answer.")
+            raise RestaError(f'{p}: line {n} is not a JSON object; write one {{"prompt": ..., "answer": ...}} per line')
         pk = prompt_key or next((k for k in PROMPT_KEYS if k in row), None)
         ak = answer_key or next((k for k in ANSWER_KEYS if k in row), None)
         if pk not in row or ak not in row:
             raise RestaError(
                 f"{p}: line {n} lacks a prompt/answer field (has {sorted(row)}); use keys "
-                f"{PROMPT_KEYS[0]!r} and {ANSWER_KEYS[0]!r}."
+                f"{PROMPT_KEYS[0]!r} and {ANSWER_KEYS[0]!r}"
             )
         pairs.append((str(row[pk]), str(row[ak])))
     if not pairs:
-        raise RestaError(f"Utility file {p} has no prompt/answer pairs.")
+        raise RestaError(f'utility file {p} has no prompt/answer pairs: add {{"prompt": ..., "answer": ...}} lines')
     return pairs
 
 
@@ -97,8 +97,8 @@ def read_text(path) -> str:
     """
     p = Path(path)
     if not p.is_file():
-        raise RestaError(f"Perplexity text {p} not found: pass a UTF-8 text file of held-out text.")
+        raise RestaError(f"perplexity text {p} not found: pass a UTF-8 text file of held-out text")
     text = p.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
-        raise RestaError(f"Perplexity text {p} is empty.")
+        raise RestaError(f"perplexity text {p} is empty: pass a UTF-8 text file of held-out text")
     return text
