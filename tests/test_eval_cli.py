@@ -237,7 +237,7 @@ def test_usage_errors_exit_2(models, data, capsys):
         )
     with pytest.raises(RestaError, match="--model needs --prompts"):
         run(["eval", "--model", models["sorry"]])
-    with pytest.raises(RestaError, match="Nothing to evaluate"):
+    with pytest.raises(RestaError, match="nothing to evaluate"):
         run(["eval", "--prompts", "builtin:smoke"])
     # A rate outside [0, 1]: refused while the CLI parses its flags (one line, exit 2),
     # and still by the library for API callers.

@@ -127,7 +127,7 @@ def test_missing_unknown_and_empty_files(tmp_path):
         load_prompts(str(tmp_path / "nope.json"))
     with pytest.raises(RestaError, match="unknown prompt file type '.txt'"):
         load_prompts(str(write(tmp_path / "x.txt", "hi")))
-    with pytest.raises(RestaError, match="No prompts found"):
+    with pytest.raises(RestaError, match="no prompts found"):
         load_prompts(str(write(tmp_path / "e.jsonl", "\n")))
     with pytest.raises(RestaError, match="not valid JSON"):
         load_prompts(str(write(tmp_path / "b.json", "{")))

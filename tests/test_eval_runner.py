@@ -203,7 +203,7 @@ def test_prepare_limits_a_loaded_prompt_set(pset, dirs):
 @pytest.mark.parametrize(
     "models,prompts,kwargs,message",
     [
-        ([], None, {}, "^Nothing to evaluate: pass --model DIR"),
+        ([], None, {}, "^nothing to evaluate: pass --model DIR"),
         (["M"], None, {}, "^--model needs --prompts FILE"),
         ([], None, {"responses": "r.jsonl", "utility": "U"}, "need a --model to run; saved responses carry no util"),
     ],

@@ -769,7 +769,7 @@ def test_second_run_on_same_output_fails_fast(tmp_path, worker, small_models, ca
     assert time.perf_counter() - t0 < 5
     assert f"pid {pid} on host {HOST}" in str(info.value)
     assert str(info.value).startswith(f"--out {out} is being written by another resta-fast run (")
-    assert str(info.value).endswith("Wait for it to finish or choose another --out.")
+    assert str(info.value).endswith("); wait for it to finish or choose another --out")
     code = main(patch_argv(ft, al, un, out, "--no-fsync"))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"pid {pid}" in err

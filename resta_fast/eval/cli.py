@@ -189,7 +189,7 @@ def build_judges(args) -> list:
             if args.classifier_prompt:
                 path = Path(args.classifier_prompt)
                 if not path.is_file():
-                    raise RestaError(f"Classifier prompt file {path} not found.")
+                    raise RestaError(f"classifier prompt file {path} not found; pass an existing text file to --classifier-prompt")
                 template = path.read_text(encoding="utf-8")
             judges.append(
                 make_judge(
@@ -313,7 +313,7 @@ def run_tune(args) -> int:
     from resta_fast.eval.tune import format_table, tune
 
     if not args.prompts:
-        raise RestaError("resta-fast tune needs --prompts FILE (or builtin:smoke).")
+        raise RestaError("resta-fast tune needs --prompts FILE (or builtin:smoke)")
     if args.workdir:  # checked as creatable when parsed; made now, before the baseline evaluation
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     patch_options = {

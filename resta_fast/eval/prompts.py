@@ -137,8 +137,8 @@ def load_prompts(
         sources.append("<inline>")
     if not rows:
         raise RestaError(
-            f"No prompts found in {', '.join(sources) or 'the arguments'}: "
-            "pass --prompts with a non-empty JSON/JSONL/CSV file or builtin:smoke."
+            f"no prompts found in {', '.join(sources) or 'the arguments'}: "
+            "pass --prompts with a non-empty JSON/JSONL/CSV file or builtin:smoke"
         )
     kept, dropped = dedup(rows)
     if dropped and verbose:
@@ -206,8 +206,8 @@ def load_file(path: str | os.PathLike, columns: Columns | None = None) -> list[P
     p = Path(path)
     if not p.is_file():
         raise RestaError(
-            f"Prompt file {p} not found: pass an existing JSON/JSONL/CSV file, "
-            f"'{SMOKE_SPEC}' for the built-in smoke set, or '{HF_PREFIX}NAME' for a cached HF dataset."
+            f"prompt file {p} not found: pass an existing JSON/JSONL/CSV file, "
+            f"'{SMOKE_SPEC}' for the built-in smoke set, or '{HF_PREFIX}NAME' for a cached HF dataset"
         )
     source = p.stem
     suffix = p.suffix.lower()
@@ -220,22 +220,22 @@ def load_file(path: str | os.PathLike, columns: Columns | None = None) -> list[P
                         records.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise RestaError(
-                            f"{p}: line {n} is not valid JSON ({e.msg}); fix or remove it."
+                            f"{p}: line {n} is not valid JSON ({e.msg}); fix or remove it"
                         ) from e
             return rows_to_prompts(records, source, columns, where=str(p))
         if suffix == ".json":
             try:
                 data = json.loads(p.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as e:
-                raise RestaError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from e
+                raise RestaError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from e
             return json_to_prompts(data, source, columns, where=str(p))
         if suffix in (".csv", ".tsv"):
             with p.open(newline="", encoding="utf-8-sig") as f:
                 records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
             return rows_to_prompts(records, source, columns, where=str(p))
     except UnicodeDecodeError as e:
-        raise RestaError(f"{p} is not UTF-8 text ({e.reason}); re-save it as UTF-8.") from e
-    raise RestaError(f"{p}: unknown prompt file type '{suffix}'; use .json, .jsonl, .csv or .tsv.")
+        raise RestaError(f"{p} is not UTF-8 text ({e.reason}); re-save it as UTF-8") from e
+    raise RestaError(f"{p}: unknown prompt file type '{suffix}'; use .json, .jsonl, .csv or .tsv")
 
 
 def json_to_prompts(data, source: str, columns: Columns, where: str) -> list[Prompt]:
@@ -258,7 +258,7 @@ def json_to_prompts(data, source: str, columns: Columns, where: str) -> list[Pro
                 return rows_to_prompts(data[key], source, columns, where)
         return catqa_to_prompts(data, source, where)
     raise RestaError(
-        f"{where}: expected a JSON list of rows or a {{category: {{subcategory: [...]}}}} object."
+        f"{where}: expected a JSON list of rows or a {{category: {{subcategory: [...]}}}} object"
     )
 
 
@@ -294,13 +294,13 @@ def catqa_to_prompts(data: dict, source: str, where: str) -> list[Prompt]:
         else:
             raise RestaError(
                 f"{where}: category '{cat_key}' holds {type(sub).__name__}; CatQA layout is "
-                "{category: {subcategory: [questions]}}."
+                "{category: {subcategory: [questions]}}"
             )
         for subcat, questions in groups:
             if not isinstance(questions, list):
                 raise RestaError(
                     f"{where}: '{cat_key}' / '{subcat}' holds {type(questions).__name__}, "
-                    "expected a list of questions."
+                    "expected a list of questions"
                 )
             for q in questions:
                 if not isinstance(q, str):
@@ -321,14 +321,14 @@ def _pick(keys, wanted: str | None, candidates, what: str, where: str, required:
             return wanted
         if wanted.lower() in lower:
             return lower[wanted.lower()]
-        raise RestaError(f"{where}: no {what} column '{wanted}'; columns are {sorted(keys)}.")
+        raise RestaError(f"{where}: no {what} column '{wanted}'; columns are {sorted(keys)}")
     for c in candidates:
         if c in lower:
             return lower[c]
     if required:
         raise RestaError(
             f"{where}: no {what} column among {sorted(keys)}; name it with --prompt-column "
-            f"(tried {', '.join(candidates)})."
+            f"(tried {', '.join(candidates)})"
         )
     return None
 
@@ -357,7 +357,7 @@ def rows_to_prompts(records: list, source: str, columns: Columns, where: str) ->
     keys: set[str] = set()
     for r in records:
         if not isinstance(r, dict):
-            raise RestaError(f"{where}: rows must all be objects (or all strings); found {type(r).__name__}.")
+            raise RestaError(f"{where}: rows must all be objects (or all strings); found {type(r).__name__}")
         keys.update(r.keys())
     pcol = _pick(keys, columns.prompt, PROMPT_COLUMNS, "prompt", where, required=True)
     ccol = _pick(keys, columns.category, CATEGORY_COLUMNS, "category", where, required=False)
@@ -440,7 +440,7 @@ def load_hf_dataset(spec: str, columns: Columns | None = None) -> list[Prompt]:
         except ImportError as e:
             raise RestaError(
                 f"'{spec}' needs the optional 'datasets' package (pip install datasets), or export the set "
-                "to JSONL/CSV and pass the file to --prompts."
+                "to JSONL/CSV and pass the file to --prompts"
             ) from e
         # datasets reads the env var once, at import; set the live flag too in case it was imported earlier.
         cfg = getattr(datasets, "config", None)
@@ -452,9 +452,9 @@ def load_hf_dataset(spec: str, columns: Columns | None = None) -> list[Prompt]:
         except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
             raise RestaError(
                 f"'{spec}': dataset {name!r} (config {config!r}, split {split!r}) is not in the local "
-                f"Hugging Face cache and downloads are disabled ({type(e).__name__}: {str(e)[:200]}). "
-                f"On a machine with internet run datasets.load_dataset({name!r}, {config!r}) and copy "
-                "~/.cache/huggingface, or export it to JSONL and pass the file."
+                f"Hugging Face cache and downloads are disabled ({type(e).__name__}: {str(e)[:200]}); "
+                f"on a machine with internet run datasets.load_dataset({name!r}, {config!r}) and copy "
+                "~/.cache/huggingface, or export it to JSONL and pass the file"
             ) from e
         finally:
             if cfg is not None and was_offline is not None:

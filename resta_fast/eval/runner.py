@@ -202,8 +202,7 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
     reference = local(opts.reference, "reference") if opts.reference else opts.reference
     if not models and not opts.responses:
         raise RestaError(
-            # "Nothing" keeps its capital: tests/test_eval_cli.py matches these words.
-            "Nothing to evaluate: pass --model DIR (or --responses FILE to re-judge saved answers)"
+            "nothing to evaluate: pass --model DIR (or --responses FILE to re-judge saved answers)"
         )
     if models and prompts is None:
         raise RestaError("--model needs --prompts FILE (or --prompts builtin:smoke for a quick smoke check)")

@@ -36,11 +36,11 @@ def parse_betas(text) -> list[float]:
     try:
         betas = sorted({float(str(b).strip()) for b in items if str(b).strip()})
     except ValueError as e:
-        raise RestaError(f"--betas must be comma-separated numbers like 0.25,0.5,1; got {text!r}.") from e
+        raise RestaError(f"--betas must be comma-separated numbers like 0.25,0.5,1; got {text!r}") from e
     if not betas:
-        raise RestaError("--betas is empty; give e.g. --betas 0.25,0.5,1,1.5.")
+        raise RestaError("--betas is empty; give e.g. --betas 0.25,0.5,1,1.5")
     if betas[0] < 0:
-        raise RestaError(f"β must be >= 0; got {betas[0]}.")
+        raise RestaError(f"β must be >= 0; got {betas[0]}")
     return betas
 
 
@@ -115,9 +115,9 @@ def tune(
 
     beta_list = parse_betas(betas)
     if vector is None and (aligned is None or unaligned is None):
-        raise RestaError("resta-fast tune needs --aligned and --unaligned, or --vector.")
+        raise RestaError("resta-fast tune needs --aligned and --unaligned, or --vector")
     if max_utility_drop is not None and not (utility or perplexity):
-        raise RestaError("--max-utility-drop needs --utility FILE and/or --perplexity FILE.")
+        raise RestaError("--max-utility-drop needs --utility FILE and/or --perplexity FILE")
     patch_fn = patch_fn or _default_patch()
     evaluate_fn = evaluate_fn or evaluate
     eval_options = dict(eval_options or {})

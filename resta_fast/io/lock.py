@@ -117,7 +117,7 @@ class OutputLock:
         except BlockingIOError:
             raise OutputBusy(
                 f"--out {self.out} is being written by another resta-fast run ({_describe(previous)}; "
-                f"lock file {self.path}). Wait for it to finish or choose another --out.") from None
+                f"lock file {self.path}); wait for it to finish or choose another --out") from None
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise RestaError(f"cannot lock {self.path} ({exc.strerror})") from None
@@ -137,8 +137,8 @@ class OutputLock:
             return
         where = "" if same_host else " (on another host, so resta-fast cannot check it is alive)"
         raise OutputBusy(
-            f"--out {self.out} is locked by {_describe(holder)}{where}; this filesystem has no flock. "
-            f"Wait for that run, or delete {self.path} if you are sure no run is active.")
+            f"--out {self.out} is locked by {_describe(holder)}{where}; this filesystem has no flock; "
+            f"wait for that run, or delete {self.path} if you are sure no run is active")
 
     def _still_linked(self, fd: int) -> bool:
         try:
