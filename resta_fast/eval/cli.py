@@ -189,7 +189,9 @@ def build_judges(args) -> list:
             if args.classifier_prompt:
                 path = Path(args.classifier_prompt)
                 if not path.is_file():
-                    raise RestaError(f"classifier prompt file {path} not found; pass an existing text file to --classifier-prompt")
+                    raise RestaError(
+                        f"classifier prompt file {path} not found; pass an existing text file to --classifier-prompt"
+                    )
                 template = path.read_text(encoding="utf-8")
             judges.append(
                 make_judge(

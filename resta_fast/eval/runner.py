@@ -156,7 +156,7 @@ def evaluate(models=(), prompts=None, options: EvalOptions | None = None, **over
         >>> evaluate(prompts="builtin:smoke")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        resta_fast.errors.RestaError: Nothing to evaluate: pass --model DIR (or --responses FILE ...)
+        resta_fast.errors.RestaError: nothing to evaluate: pass --model DIR (or --responses FILE ...)
         >>> r = evaluate(["out/restored"], "builtin:smoke", max_harmful=0.05)  # doctest: +SKIP
         >>> r["summary"]["gate"]["passed"]  # doctest: +SKIP
         True
