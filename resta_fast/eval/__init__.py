@@ -18,7 +18,7 @@ _WHERE = {
     "ClassifierJudge": "judges", "OpenAIJudge": "judges", "RefusalJudge": "judges", "Verdict": "judges",
     "make_judge": "judges", "Columns": "prompts", "Prompt": "prompts", "PromptSet": "prompts",
     "load_prompts": "prompts", "prompts_from_texts": "prompts", "evaluate": "runner",
-    "make_validator": "runner", "validate_checkpoint": "runner", "tune": "tune",
+    "make_validator": "runner", "validate_checkpoint": "runner", "tune": "tune", "EvalOptions": "options",
 }
 
 
@@ -33,6 +33,7 @@ def __getattr__(name: str):
 __all__ = [
     "ClassifierJudge",
     "Columns",
+    "EvalOptions",
     "OpenAIJudge",
     "Prompt",
     "PromptSet",
