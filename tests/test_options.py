@@ -1,6 +1,5 @@
 """PatchOptions, OptionError and role resolution: one place for every option check, in the library's words."""
 
-import pickle
 import subprocess
 import sys
 
@@ -45,13 +44,6 @@ def test_problems_of_lists_every_problem():
     assert [p.option for p in problems] == ["beta", "dare", "seed", "dtype", "device"]
     assert str(problems[0]) == "beta must be a finite number, got 'big'"
     assert PatchOptions.problems_of(beta=0.5, dare=0.1) == []
-
-
-def test_option_error_pickles_with_its_template():
-    exc = OptionError("dare_base", "{dare} needs {dare_base}: got {x!r}", x="{odd}")
-    back = pickle.loads(pickle.dumps(exc))
-    assert str(back) == str(exc) == "dare needs dare_base: got '{odd}'"
-    assert back.render(cli_flag) == "--dare needs --dare-base: got '{odd}'"
 
 
 def test_roles_default_the_dare_base_and_refuse_bad_combinations(tmp_path):
