@@ -31,7 +31,7 @@ def test_a_second_lock_is_busy_names_the_holder_and_is_free_after_release(tmp_pa
     msg = str(info.value)
     assert msg.startswith(f"--out {out} is being written by another resta-fast run (pid {os.getpid()} on host "
                           f"{HOST}, started "), msg
-    assert msg.endswith(f"lock file {lock_path(out)}). Wait for it to finish or choose another --out."), msg
+    assert msg.endswith(f"lock file {lock_path(out)}); wait for it to finish or choose another --out"), msg
     first.release()
     assert not lock_path(out).exists()
     with OutputLock(out) as again:

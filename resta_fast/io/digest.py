@@ -11,8 +11,11 @@ def sha256_file(path) -> str:
     """sha256 of a whole file, read in 8 MB blocks.
 
     Example:
-        >>> sha256_file("out/model.safetensors")  # doctest: +SKIP
-        '3f7c...'
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:
+        ...     _ = f.write(b"abc"); f.flush()
+        ...     sha256_file(f.name)
+        'ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'
     """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
