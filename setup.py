@@ -44,7 +44,8 @@ class OptionalBuildExt(build_ext):
         sys.stderr.write(
             "\nWARNING: resta_fast native extension failed to build "
             f"({exc}); installing without it. The torch backend will be used; "
-            "`python -m resta_fast env` says why the cpp backend is missing.\n\n")
+            "`python -m resta_fast env` says why the cpp backend is missing.\n\n"
+        )
 
 
 def native_extensions():
@@ -60,8 +61,16 @@ def native_extensions():
     # native kernel is bit-identical to the torch and Triton backends.
     flags = ["-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
     flags += ["-O0", "-g"] if debug else ["-O3"]
-    return [Pybind11Extension("resta_fast._C", SOURCES, depends=HEADERS, extra_compile_args=flags,
-                              extra_link_args=["-fopenmp"], cxx_std=17)]
+    return [
+        Pybind11Extension(
+            "resta_fast._C",
+            SOURCES,
+            depends=HEADERS,
+            extra_compile_args=flags,
+            extra_link_args=["-fopenmp"],
+            cxx_std=17,
+        )
+    ]
 
 
 setup(ext_modules=native_extensions(), cmdclass={"build_ext": OptionalBuildExt})

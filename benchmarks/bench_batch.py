@@ -55,12 +55,29 @@ def make_finetunes(root: Path, first: Path, n: int) -> list[Path]:
     return dirs
 
 
-def write_manifest(path: Path, al: Path, un: Path, fts: list[Path], out_root: Path, backend: str,
-                   fsync: bool, dare: float | None, device: str = "cpu") -> Path:
-    jobs = [{"finetuned": str(ft), "out": str(out_root / f"job{k}"), "beta": 0.25 + 0.25 * k}
-            for k, ft in enumerate(fts)]
-    doc = {"aligned": str(al), "unaligned": str(un), "backend": backend, "device": device, "fsync": fsync,
-           "group_size": len(fts), "jobs": jobs}
+def write_manifest(
+    path: Path,
+    al: Path,
+    un: Path,
+    fts: list[Path],
+    out_root: Path,
+    backend: str,
+    fsync: bool,
+    dare: float | None,
+    device: str = "cpu",
+) -> Path:
+    jobs = [
+        {"finetuned": str(ft), "out": str(out_root / f"job{k}"), "beta": 0.25 + 0.25 * k} for k, ft in enumerate(fts)
+    ]
+    doc = {
+        "aligned": str(al),
+        "unaligned": str(un),
+        "backend": backend,
+        "device": device,
+        "fsync": fsync,
+        "group_size": len(fts),
+        "jobs": jobs,
+    }
     if dare:
         doc.update(dare=dare, seed=1)
     path.write_text(json.dumps(doc, indent=1))
@@ -71,6 +88,7 @@ def separate_main(argv) -> None:
     """Run each job of a manifest through api.patch, one after another."""
     from resta_fast import api
     from resta_fast.batch.manifest import load_manifest
+
     ap = argparse.ArgumentParser()
     ap.add_argument("manifest")
     ap.add_argument("--out-root")
@@ -81,8 +99,9 @@ def separate_main(argv) -> None:
     except TypeError:
         m = load_manifest(args.manifest)
     for job in m.jobs:
-        api.patch(job.finetuned, Path(args.out_root) / job.out.name, **job.patch_kwargs(), fsync=m.fsync,
-                  threads=args.threads)
+        api.patch(
+            job.finetuned, Path(args.out_root) / job.out.name, **job.patch_kwargs(), fsync=m.fsync, threads=args.threads
+        )
 
 
 def cli_commands(manifest: Path, out_root: Path, threads: int | None) -> list[str]:
@@ -91,10 +110,27 @@ def cli_commands(manifest: Path, out_root: Path, threads: int | None) -> list[st
     doc = json.loads(manifest.read_text())
     lines = []
     for job in doc["jobs"]:
-        cmd = [sys.executable, "-m", "resta_fast", "patch", "--finetuned", job["finetuned"],
-               "--out", str(out_root / Path(job["out"]).name), "--aligned", doc["aligned"],
-               "--unaligned", doc["unaligned"], "--beta", str(job["beta"]), "--backend", doc["backend"],
-               "--device", doc.get("device", "cpu"), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "resta_fast",
+            "patch",
+            "--finetuned",
+            job["finetuned"],
+            "--out",
+            str(out_root / Path(job["out"]).name),
+            "--aligned",
+            doc["aligned"],
+            "--unaligned",
+            doc["unaligned"],
+            "--beta",
+            str(job["beta"]),
+            "--backend",
+            doc["backend"],
+            "--device",
+            doc.get("device", "cpu"),
+            "--no-progress",
+        ]
         cmd += ["--dare", str(doc["dare"]), "--seed", str(doc["seed"])] if doc.get("dare") else []
         cmd += [] if doc["fsync"] else ["--no-fsync"]
         cmd += ["--threads", str(threads)] if threads else []
@@ -149,8 +185,11 @@ def main() -> None:
     ap.add_argument("--dare", type=float, default=None)
     ap.add_argument("--fsync", action="store_true", help="durable outputs (floor fsyncs too)")
     ap.add_argument("--threads", type=int, help="kernel threads for batch and separate (default: theirs)")
-    ap.add_argument("--separate-cli", action="store_true",
-                    help="also time N separate `resta-fast patch` processes (what a user runs without batch)")
+    ap.add_argument(
+        "--separate-cli",
+        action="store_true",
+        help="also time N separate `resta-fast patch` processes (what a user runs without batch)",
+    )
     ap.add_argument("--writers", type=int, help="batch writer threads (default: batch's)")
     ap.add_argument("--chunk-elems", type=int, help="batch fused chunk (default: batch's)")
     ap.add_argument("--old-repo", help="an older checkout (its _C built): its batch runs alternate with this one's")
@@ -159,10 +198,26 @@ def main() -> None:
     args = ap.parse_args()
     ns = sorted({int(n) for n in args.ns.split(",")})
     root = Path(args.dir)
-    built = json.loads(subprocess.run(
-        [sys.executable, SELF, "build", "--root", str(root), "--params", str(args.params),
-         "--shard-bytes", str(args.shard_bytes), "--n", str(max(ns))],
-        check=True, capture_output=True, text=True).stdout)
+    built = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                SELF,
+                "build",
+                "--root",
+                str(root),
+                "--params",
+                str(args.params),
+                "--shard-bytes",
+                str(args.shard_bytes),
+                "--n",
+                str(max(ns)),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     al, un = Path(built["aligned"]), Path(built["unaligned"])
     fts = [Path(d) for d in built["finetunes"]]
     ft = fts[0]
@@ -174,24 +229,64 @@ def main() -> None:
     sync = ["--fsync"] if args.fsync else []
     floor_bin = root / "floor.bin"
     cmds: dict[str, list[str]] = {
-        "floor-ft": [py, str(REPO / "benchmarks/bench_patch.py"), "floor", "--inputs", *shards(ft),
-                     "--out", str(floor_bin), "--out-bytes", str(out_bytes), *sync]}
+        "floor-ft": [
+            py,
+            str(REPO / "benchmarks/bench_patch.py"),
+            "floor",
+            "--inputs",
+            *shards(ft),
+            "--out",
+            str(floor_bin),
+            "--out-bytes",
+            str(out_bytes),
+            *sync,
+        ]
+    }
     out_roots = {}
     for n in ns:
         batch_out, sep_out = root / f"out-batch-{n}", root / f"out-separate-{n}"
-        man = write_manifest(root / f"batch-{n}.json", al, un, fts[:n], batch_out, args.backend,
-                             args.fsync, args.dare, args.device)
-        cmds[f"floor-{n}"] = [py, str(REPO / "benchmarks/bench_patch.py"), "floor", "--inputs",
-                              *shards(al), *shards(un), *[s for d in fts[:n] for s in shards(d)],
-                              "--out", str(floor_bin), "--out-bytes", str(n * out_bytes), *sync]
+        man = write_manifest(
+            root / f"batch-{n}.json", al, un, fts[:n], batch_out, args.backend, args.fsync, args.dare, args.device
+        )
+        cmds[f"floor-{n}"] = [
+            py,
+            str(REPO / "benchmarks/bench_patch.py"),
+            "floor",
+            "--inputs",
+            *shards(al),
+            *shards(un),
+            *[s for d in fts[:n] for s in shards(d)],
+            "--out",
+            str(floor_bin),
+            "--out-bytes",
+            str(n * out_bytes),
+            *sync,
+        ]
         tune = ["--threads", str(args.threads)] if args.threads else []
-        cmds[f"batch-{n}"] = [py, "-m", "resta_fast", "batch", str(man), "--no-progress", *tune,
-                              *(["--writers", str(args.writers)] if args.writers else []),
-                              *(["--chunk-elems", str(args.chunk_elems)] if args.chunk_elems else [])]
+        cmds[f"batch-{n}"] = [
+            py,
+            "-m",
+            "resta_fast",
+            "batch",
+            str(man),
+            "--no-progress",
+            *tune,
+            *(["--writers", str(args.writers)] if args.writers else []),
+            *(["--chunk-elems", str(args.chunk_elems)] if args.chunk_elems else []),
+        ]
         out_roots[f"batch-{n}"] = batch_out
         if args.old_repo:  # the same manifest, written elsewhere, by the older checkout
-            old_man = write_manifest(root / f"batch-old-{n}.json", al, un, fts[:n], root / f"out-oldbatch-{n}",
-                                     args.backend, args.fsync, args.dare, args.device)
+            old_man = write_manifest(
+                root / f"batch-old-{n}.json",
+                al,
+                un,
+                fts[:n],
+                root / f"out-oldbatch-{n}",
+                args.backend,
+                args.fsync,
+                args.dare,
+                args.device,
+            )
             cmds[f"oldbatch-{n}"] = [*cmds[f"batch-{n}"][:4], str(old_man), *cmds[f"batch-{n}"][5:]]
             out_roots[f"oldbatch-{n}"] = root / f"out-oldbatch-{n}"
         cmds[f"separate-{n}"] = [py, SELF, "separate", str(man), "--out-root", str(sep_out), *tune]
@@ -233,37 +328,55 @@ def main() -> None:
         if args.json:  # after every round, so a run cut short still leaves its times
             Path(args.json).write_text(json.dumps({"times": times, "rounds_done": r + 1}, indent=2))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nshared inputs {shared_bytes / 1e9:.2f} GB, one fine-tune/output {out_bytes / 1e9:.2f} GB, "
-          f"{args.rounds} round(s), medians; all batch outputs equal the separate runs' bit for bit")
-    print(f"  {'N':>3} {'batch s':>9} {'separate s':>11} {'floor s':>9} {'speed-up':>9} {'batch/floor':>12} "
-          f"{'marginal/floor-ft':>18} {'batch rss MB':>13}")
+    print(
+        f"\nshared inputs {shared_bytes / 1e9:.2f} GB, one fine-tune/output {out_bytes / 1e9:.2f} GB, "
+        f"{args.rounds} round(s), medians; all batch outputs equal the separate runs' bit for bit"
+    )
+    print(
+        f"  {'N':>3} {'batch s':>9} {'separate s':>11} {'floor s':>9} {'speed-up':>9} {'batch/floor':>12} "
+        f"{'marginal/floor-ft':>18} {'batch rss MB':>13}"
+    )
     summary = {"floor_ft_s": med["floor-ft"], "shared_bytes": shared_bytes, "out_bytes": out_bytes, "n": {}}
     for n in ns:
         b, s, f = med[f"batch-{n}"], med[f"separate-{n}"], med[f"floor-{n}"]
         marginal = (b - med[f"batch-{ns[0]}"]) / (n - ns[0]) if n > ns[0] else None
         ratio = marginal / med["floor-ft"] if marginal is not None else None
-        summary["n"][n] = {"batch_s": b, "separate_s": s, "floor_s": f, "speedup": s / b,
-                           "batch_over_floor": b / f, "marginal_s": marginal,
-                           "marginal_over_floor_ft": ratio, "batch_peak_rss_mb": rss[f"batch-{n}"]}
-        print(f"  {n:>3} {b:9.2f} {s:11.2f} {f:9.2f} {s / b:8.2f}x {b / f:11.2f}x "
-              f"{'' if ratio is None else f'{ratio:.2f}x':>18} {rss[f'batch-{n}']:13.0f}")
+        summary["n"][n] = {
+            "batch_s": b,
+            "separate_s": s,
+            "floor_s": f,
+            "speedup": s / b,
+            "batch_over_floor": b / f,
+            "marginal_s": marginal,
+            "marginal_over_floor_ft": ratio,
+            "batch_peak_rss_mb": rss[f"batch-{n}"],
+        }
+        print(
+            f"  {n:>3} {b:9.2f} {s:11.2f} {f:9.2f} {s / b:8.2f}x {b / f:11.2f}x "
+            f"{'' if ratio is None else f'{ratio:.2f}x':>18} {rss[f'batch-{n}']:13.0f}"
+        )
     print(f"  floor-ft (read one fine-tune, write one output): {med['floor-ft']:.2f} s")
     for n in ns:
         if f"oldbatch-{n}" in times:
             ratio = statistics.median(o / b for o, b in zip(times[f"oldbatch-{n}"], times[f"batch-{n}"], strict=True))
-            print(f"  N={n}: this checkout's batch is {ratio:.2f}x as fast as {args.old_repo}'s "
-                  "(median of per-round ratios)")
+            print(
+                f"  N={n}: this checkout's batch is {ratio:.2f}x as fast as {args.old_repo}'s "
+                "(median of per-round ratios)"
+            )
             summary["n"][n]["speedup_vs_old"] = ratio
     for n in ns:
         if f"separatecli-{n}" in med:
             c = med[f"separatecli-{n}"]
-            print(f"  N={n}: {n} separate `resta-fast patch` processes {c:.2f} s -> batch is "
-                  f"{c / med[f'batch-{n}']:.2f}x faster")
+            print(
+                f"  N={n}: {n} separate `resta-fast patch` processes {c:.2f} s -> batch is "
+                f"{c / med[f'batch-{n}']:.2f}x faster"
+            )
             summary["n"][n]["separate_cli_s"] = c
             summary["n"][n]["speedup_vs_cli"] = c / med[f"batch-{n}"]
     if args.json:
-        Path(args.json).write_text(json.dumps({"times": times, "rounds_done": args.rounds, "summary": summary},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps({"times": times, "rounds_done": args.rounds, "summary": summary}, indent=2)
+        )
 
 
 if __name__ == "__main__":

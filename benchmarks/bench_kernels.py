@@ -125,9 +125,11 @@ def check_sample(cpp, buf: Buffers, mode: str, slices: int = 4, width: int = 1 <
         if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
             bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero().flatten()
             i = int(bad[0])
-            raise AssertionError(f"{mode}: cpp output differs from the reference at element {lo + i} "
-                                 f"({int(bad.numel())} of {hi - lo} in slice {lo}:{hi}): "
-                                 f"got {got[i].item()!r}, want {want[i].item()!r}")
+            raise AssertionError(
+                f"{mode}: cpp output differs from the reference at element {lo + i} "
+                f"({int(bad.numel())} of {hi - lo} in slice {lo}:{hi}): "
+                f"got {got[i].item()!r}, want {want[i].item()!r}"
+            )
 
 
 def timed(fn, *args) -> float:
@@ -149,13 +151,10 @@ def measure(cpp, buf: Buffers, threads_list, rounds: int, with_torch: bool = Tru
         for _ in range(rounds):
             for threads in threads_list:
                 for mode in MODES:
-                    times.setdefault(("cpp", mode, threads), []).append(
-                        timed(run_cpp, cpp, buf, mode, threads))
-                    times.setdefault(("memcpy", mode, threads), []).append(
-                        timed(run_memcpy, buf, mode, threads))
+                    times.setdefault(("cpp", mode, threads), []).append(timed(run_cpp, cpp, buf, mode, threads))
+                    times.setdefault(("memcpy", mode, threads), []).append(timed(run_memcpy, buf, mode, threads))
                     if with_torch:
-                        times.setdefault(("torch", mode, threads), []).append(
-                            timed(run_torch, buf, mode, threads))
+                        times.setdefault(("torch", mode, threads), []).append(timed(run_torch, buf, mode, threads))
     finally:
         torch.set_num_threads(saved)
     rows = []
@@ -164,9 +163,15 @@ def measure(cpp, buf: Buffers, threads_list, rounds: int, with_torch: bool = Tru
             per = bytes_per_elem(mode)
             cpp_gbs = per * buf.elems / statistics.median(times[("cpp", mode, threads)]) / 1e9
             copy_gbs = per * buf.elems / statistics.median(times[("memcpy", mode, threads)]) / 1e9
-            row = {"mode": mode, "threads": threads, "elems": buf.elems, "cpp_gbs": cpp_gbs,
-                   "memcpy_gbs": copy_gbs, "vs_memcpy": cpp_gbs / copy_gbs,
-                   "target_vs_memcpy": TARGETS[mode]}
+            row = {
+                "mode": mode,
+                "threads": threads,
+                "elems": buf.elems,
+                "cpp_gbs": cpp_gbs,
+                "memcpy_gbs": copy_gbs,
+                "vs_memcpy": cpp_gbs / copy_gbs,
+                "target_vs_memcpy": TARGETS[mode],
+            }
             if with_torch:
                 torch_gbs = per * buf.torch_elems / statistics.median(times[("torch", mode, threads)]) / 1e9
                 row.update(torch_gbs=torch_gbs, vs_torch=cpp_gbs / torch_gbs)
@@ -175,13 +180,16 @@ def measure(cpp, buf: Buffers, threads_list, rounds: int, with_torch: bool = Tru
 
 
 def report(rows: list[dict]) -> str:
-    head = (f"{'mode':6} {'thr':>3} {'cpp GB/s':>9} {'memcpy':>8} {'x memcpy':>9} {'target':>7} "
-            f"{'torch':>7} {'x torch':>8}")
+    head = (
+        f"{'mode':6} {'thr':>3} {'cpp GB/s':>9} {'memcpy':>8} {'x memcpy':>9} {'target':>7} {'torch':>7} {'x torch':>8}"
+    )
     lines = [head]
     for r in rows:
         ok = "ok" if r["vs_memcpy"] >= r["target_vs_memcpy"] else "MISS"
-        line = (f"{r['mode']:6} {r['threads']:>3} {r['cpp_gbs']:>9.2f} {r['memcpy_gbs']:>8.2f} "
-                f"{r['vs_memcpy']:>9.2f} {r['target_vs_memcpy']:>5.2f}{ok:>2}")
+        line = (
+            f"{r['mode']:6} {r['threads']:>3} {r['cpp_gbs']:>9.2f} {r['memcpy_gbs']:>8.2f} "
+            f"{r['vs_memcpy']:>9.2f} {r['target_vs_memcpy']:>5.2f}{ok:>2}"
+        )
         if "torch_gbs" in r:
             tok = "ok" if r["vs_torch"] >= TORCH_SPEEDUP_TARGET else "MISS"
             line += f" {r['torch_gbs']:>7.3f} {r['vs_torch']:>6.1f}{tok:>4}"
@@ -191,13 +199,17 @@ def report(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--elems", type=parse_count,
-                        default=parse_count(os.environ.get("RESTA_BENCH_ELEMS", str(DEFAULT_ELEMS))),
-                        help="bf16 elements per tensor, e.g. 64M (default RESTA_BENCH_ELEMS or 256M)")
+    parser.add_argument(
+        "--elems",
+        type=parse_count,
+        default=parse_count(os.environ.get("RESTA_BENCH_ELEMS", str(DEFAULT_ELEMS))),
+        help="bf16 elements per tensor, e.g. 64M (default RESTA_BENCH_ELEMS or 256M)",
+    )
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
-    parser.add_argument("--torch-elems", type=parse_count, default=TORCH_ELEMS,
-                        help="elements for the torch eager peer (default 8M)")
+    parser.add_argument(
+        "--torch-elems", type=parse_count, default=TORCH_ELEMS, help="elements for the torch eager peer (default 8M)"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the torch eager peer")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -207,10 +219,14 @@ def main(argv=None) -> int:
     cpp = load_backend("cpp")  # an explicit request: raise the original load error
     info = cpp.build_info()
     threads_list = [int(t) for t in args.threads.split(",")]
-    print(f"cpp kernel variant {info['isa']} (supported: {', '.join(info['isa_supported'])}), "
-          f"OpenMP max threads {info['openmp_max_threads']}; torch {torch.__version__}")
-    print(f"{args.elems:,} bf16 elements per tensor, {args.rounds} rounds, threads {threads_list}; "
-          "GB/s = bytes read + written per second, medians")
+    print(
+        f"cpp kernel variant {info['isa']} (supported: {', '.join(info['isa_supported'])}), "
+        f"OpenMP max threads {info['openmp_max_threads']}; torch {torch.__version__}"
+    )
+    print(
+        f"{args.elems:,} bf16 elements per tensor, {args.rounds} rounds, threads {threads_list}; "
+        "GB/s = bytes read + written per second, medians"
+    )
     buf = Buffers(args.elems, args.torch_elems)
     rows = measure(cpp, buf, threads_list, args.rounds, with_torch=not args.no_torch)
     print("correctness: sample slices of every full-size output match the torch reference bit for bit")
@@ -254,16 +270,14 @@ if pytest is not None:
     def test_cpp_kernel(benchmark, cpp, buffers, mode, threads):
         run_cpp(cpp, buffers, mode, threads)
         check_sample(cpp, buffers, mode)
-        _bench(benchmark, lambda: run_cpp(cpp, buffers, mode, threads),
-               bytes_per_elem(mode) * buffers.elems)
+        _bench(benchmark, lambda: run_cpp(cpp, buffers, mode, threads), bytes_per_elem(mode) * buffers.elems)
 
     @pytest.mark.parametrize("threads", [1, 2])
     @pytest.mark.parametrize("mode", MODES)
     def test_memcpy_floor(benchmark, buffers, mode, threads):
         saved = torch.get_num_threads()
         try:
-            _bench(benchmark, lambda: run_memcpy(buffers, mode, threads),
-                   bytes_per_elem(mode) * buffers.elems)
+            _bench(benchmark, lambda: run_memcpy(buffers, mode, threads), bytes_per_elem(mode) * buffers.elems)
         finally:
             torch.set_num_threads(saved)
 
@@ -272,8 +286,7 @@ if pytest is not None:
     def test_torch_eager(benchmark, buffers, mode, threads):
         saved = torch.get_num_threads()
         try:
-            _bench(benchmark, lambda: run_torch(buffers, mode, threads),
-                   bytes_per_elem(mode) * buffers.torch_elems)
+            _bench(benchmark, lambda: run_torch(buffers, mode, threads), bytes_per_elem(mode) * buffers.torch_elems)
         finally:
             torch.set_num_threads(saved)
 

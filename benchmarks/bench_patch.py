@@ -62,6 +62,7 @@ def build_models(root: Path, params: float, shard_bytes: float) -> list[Path]:
     """Write (or reuse) finetuned/aligned/unaligned synthetic checkpoints."""
     import torch
     from safetensors.torch import save_file
+
     stamp = root / f"stamp-{params:.3g}-{shard_bytes:.3g}.json"
     dirs = [root / n for n in ("finetuned", "aligned", "unaligned")]
     if stamp.exists():
@@ -78,20 +79,31 @@ def build_models(root: Path, params: float, shard_bytes: float) -> list[Path]:
         size += n
     groups.append(cur)
     hidden = shapes["model.norm.weight"][0]
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16",
-              "vocab_size": shapes["lm_head.weight"][0], "hidden_size": hidden,
-              "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
-              "num_hidden_layers": sum(n.endswith("input_layernorm.weight") for n in shapes),
-              "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64,
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "torch_dtype": "bfloat16",
+        "vocab_size": shapes["lm_head.weight"][0],
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
+        "num_hidden_layers": sum(n.endswith("input_layernorm.weight") for n in shapes),
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
     torch.manual_seed(0)
     for d, scale in zip(dirs, (0.02, 0.021, 0.019), strict=True):
         d.mkdir(parents=True)
         weight_map = {}
         for k, names in enumerate(groups):
             fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-            save_file({n: (torch.randn(shapes[n]) * scale).to(torch.bfloat16) for n in names},
-                      str(d / fname), metadata={"format": "pt"})
+            save_file(
+                {n: (torch.randn(shapes[n]) * scale).to(torch.bfloat16) for n in names},
+                str(d / fname),
+                metadata={"format": "pt"},
+            )
             weight_map.update({n: fname for n in names})
         (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         (d / "config.json").write_text(json.dumps(config))
@@ -164,11 +176,13 @@ def mergekit_config(path: Path, ft: Path, al: Path, un: Path, beta: float, dare:
     """RESTA as task arithmetic with base = aligned: ft (w=1) and unaligned (w=−β)."""
     method = "dare_linear" if dare else "task_arithmetic"
     extra = {"density": 1 - dare} if dare else {}
-    cfg = (f"merge_method: {method}\nbase_model: {al}\ndtype: bfloat16\nparameters:\n  normalize: false\n"
-           f"models:\n  - model: {ft}\n    parameters:\n      weight: 1.0\n"
-           + "".join(f"      {k}: {v}\n" for k, v in extra.items())
-           + f"  - model: {un}\n    parameters:\n      weight: {-beta}\n"
-           + "".join(f"      {k}: {v}\n" for k, v in extra.items()))
+    cfg = (
+        f"merge_method: {method}\nbase_model: {al}\ndtype: bfloat16\nparameters:\n  normalize: false\n"
+        f"models:\n  - model: {ft}\n    parameters:\n      weight: 1.0\n"
+        + "".join(f"      {k}: {v}\n" for k, v in extra.items())
+        + f"  - model: {un}\n    parameters:\n      weight: {-beta}\n"
+        + "".join(f"      {k}: {v}\n" for k, v in extra.items())
+    )
     path.write_text(cfg)
     return path
 
@@ -191,15 +205,15 @@ def main() -> None:
     ap.add_argument("--modes", default="nofsync,fsync", help="nofsync, fsync or both")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--old-repo", help="an older checkout (its _C built): its patch runs alternate with this one's")
-    ap.add_argument("--cold", action="store_true",
-                    help="drop the page cache before every command (needs root; Linux)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every command (needs root; Linux)")
     args = ap.parse_args()
     root = Path(args.dir)
     # Built in a child: Linux charges a parent's peak RSS to the children it
     # spawns (exec records the old mm's high-water mark), so this process must
     # stay small for the children's peak-RSS numbers to mean anything.
-    subprocess.run([sys.executable, SELF, "build", str(root / "models"), str(args.params),
-                    str(args.shard_bytes)], check=True)
+    subprocess.run(
+        [sys.executable, SELF, "build", str(root / "models"), str(args.params), str(args.shard_bytes)], check=True
+    )
     ft, al, un = (root / "models" / n for n in ("finetuned", "aligned", "unaligned"))
     inputs = sorted(str(p) for d in (ft, al, un) for p in d.glob("*.safetensors"))
     in_bytes = sum(os.path.getsize(p) for p in inputs)
@@ -211,24 +225,70 @@ def main() -> None:
     cmds: dict[str, list[str]] = {}
     for mode in modes:
         sync = [] if mode == "fsync" else ["--no-fsync"]
-        cmds[f"floor-{mode}"] = [py, SELF, "floor", "--inputs", *inputs, "--out", str(root / "floor.bin"),
-                                 "--out-bytes", str(out_bytes)] + (["--fsync"] if mode == "fsync" else [])
+        cmds[f"floor-{mode}"] = [
+            py,
+            SELF,
+            "floor",
+            "--inputs",
+            *inputs,
+            "--out",
+            str(root / "floor.bin"),
+            "--out-bytes",
+            str(out_bytes),
+        ] + (["--fsync"] if mode == "fsync" else [])
         for backend in args.backends.split(","):
-            cmds[f"patch-{backend}-{mode}"] = [py, "-m", "resta_fast", "patch", "--finetuned", str(ft),
-                                               "--aligned", str(al), "--unaligned", str(un), "--beta", "0.5",
-                                               "--out", str(out), "--overwrite", "--no-progress",
-                                               "--backend", backend, *dare, *sync]
+            cmds[f"patch-{backend}-{mode}"] = [
+                py,
+                "-m",
+                "resta_fast",
+                "patch",
+                "--finetuned",
+                str(ft),
+                "--aligned",
+                str(al),
+                "--unaligned",
+                str(un),
+                "--beta",
+                "0.5",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--no-progress",
+                "--backend",
+                backend,
+                *dare,
+                *sync,
+            ]
             if args.old_repo:
                 cmds[f"old-patch-{backend}-{mode}"] = cmds[f"patch-{backend}-{mode}"]
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     if "naive" in peers and not args.dare:
-        cmds["naive"] = [py, str(REPO / "benchmarks/peers/naive_patch.py"), "--finetuned", str(ft), "--aligned",
-                         str(al), "--unaligned", str(un), "--beta", "0.5", "--out", str(out)]
+        cmds["naive"] = [
+            py,
+            str(REPO / "benchmarks/peers/naive_patch.py"),
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--beta",
+            "0.5",
+            "--out",
+            str(out),
+        ]
     if "mergekit" in peers:
         mk = mergekit_python(root / "mergekit-venv")
         cfg = mergekit_config(root / "mergekit.yml", ft, al, un, 0.5, args.dare)
-        cmds["mergekit"] = [str(Path(mk).parent / "mergekit-yaml"), str(cfg), str(out), "--lazy-unpickle",
-                            "--no-copy-tokenizer", "--out-shard-size", "1B"]
+        cmds["mergekit"] = [
+            str(Path(mk).parent / "mergekit-yaml"),
+            str(cfg),
+            str(out),
+            "--lazy-unpickle",
+            "--no-copy-tokenizer",
+            "--out-shard-size",
+            "1B",
+        ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     old_env = dict(os.environ, PYTHONPATH=str(args.old_repo)) if args.old_repo else None
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
@@ -243,24 +303,44 @@ def main() -> None:
             if r == 0 and name.startswith(("patch-", "old-patch-")):
                 # Correct before fast: recompute 20k sampled elements from the
                 # inputs with the torch reference and compare bit for bit.
-                subprocess.run([py, "-m", "resta_fast", "verify", str(out), "--against", str(ft), str(al),
-                                str(un), "--samples", "20000"], env=env, check=True,
-                               stdout=subprocess.DEVNULL)
-            print(f"round {r + 1} {name:24s} {t:7.2f} s  {in_bytes / t / 1e9:6.2f} GB/s in  rss {rss:6.0f} MB",
-                  flush=True)
+                subprocess.run(
+                    [
+                        py,
+                        "-m",
+                        "resta_fast",
+                        "verify",
+                        str(out),
+                        "--against",
+                        str(ft),
+                        str(al),
+                        str(un),
+                        "--samples",
+                        "20000",
+                    ],
+                    env=env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+            print(
+                f"round {r + 1} {name:24s} {t:7.2f} s  {in_bytes / t / 1e9:6.2f} GB/s in  rss {rss:6.0f} MB", flush=True
+            )
     print(f"\ninputs {in_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, {args.rounds} rounds, medians:")
     summary = {}
     for name, vals in results.items():
         mode = "fsync" if name.endswith("-fsync") and not name.endswith("nofsync") else "nofsync"
         floor = results.get(f"floor-{mode}") or results.get("floor-nofsync") or results.get("floor-fsync")
         ratios = [t / f[0] for (t, _), f in zip(vals, floor, strict=True)]
-        summary[name] = {"median_s": statistics.median(t for t, _ in vals),
-                         "ratio_to_floor": statistics.median(ratios),
-                         "peak_rss_mb": max(r for _, r in vals),
-                         "input_GBps": in_bytes / statistics.median(t for t, _ in vals) / 1e9}
+        summary[name] = {
+            "median_s": statistics.median(t for t, _ in vals),
+            "ratio_to_floor": statistics.median(ratios),
+            "peak_rss_mb": max(r for _, r in vals),
+            "input_GBps": in_bytes / statistics.median(t for t, _ in vals) / 1e9,
+        }
         s = summary[name]
-        print(f"  {name:24s} {s['median_s']:7.2f} s  x{s['ratio_to_floor']:5.2f} floor({mode})  "
-              f"{s['input_GBps']:5.2f} GB/s  peak rss {s['peak_rss_mb']:6.0f} MB")
+        print(
+            f"  {name:24s} {s['median_s']:7.2f} s  x{s['ratio_to_floor']:5.2f} floor({mode})  "
+            f"{s['input_GBps']:5.2f} GB/s  peak rss {s['peak_rss_mb']:6.0f} MB"
+        )
     for peer in ("naive", "mergekit"):
         if peer in results:
             for name in results:
@@ -273,13 +353,14 @@ def main() -> None:
                     summary[f"speedup_{name}_vs_{peer}"] = {"speedup": sp, "floor_allows": allowed}
     for name in results:
         if name.startswith("old-"):
-            new = name[len("old-"):]
+            new = name[len("old-") :]
             ratio = statistics.median(o[0] / n[0] for o, n in zip(results[name], results[new], strict=True))
             print(f"  {new}: this checkout is {ratio:.2f}x as fast as {args.old_repo} (median of per-round ratios)")
             summary[f"speedup_{new}_vs_old"] = ratio
     if args.json:
-        Path(args.json).write_text(json.dumps({"in_bytes": in_bytes, "out_bytes": out_bytes,
-                                               "rounds": results, "summary": summary}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"in_bytes": in_bytes, "out_bytes": out_bytes, "rounds": results, "summary": summary}, indent=2)
+        )
 
 
 if __name__ == "__main__":

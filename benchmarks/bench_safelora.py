@@ -47,6 +47,7 @@ def child_module(form: str, out: str) -> None:
     t0 = time.perf_counter()
     if form == "factored":
         from resta_fast.safelora import lora_cosine, projected_b
+
         b_proj = projected_b(v, b)
         cos = lora_cosine(a, b, b_proj)
     else:
@@ -71,6 +72,7 @@ def measure(cmd: list[str], cwd=None) -> tuple[float, float]:
 
 def module_main(args) -> dict:
     import torch
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = {"factored": [], "formed": []}
@@ -96,10 +98,18 @@ def module_main(args) -> dict:
         fp64[f"{form}_b_proj_rel_error"] = float(torch.linalg.norm(t.double() - ref) / torch.linalg.norm(ref))
         fp64[f"{form}_cos_error"] = abs(rows[form][0]["cos"] - cos64)
     med = {f: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for f, rs in rows.items()}
-    return {"shape": [11008, 4096], "rank": 16, "dtype": "float32", "torch_threads": torch.get_num_threads(),
-            "rounds": rows, "median": med,
-            "speedup_factored_vs_formed": med["formed"]["seconds"] / med["factored"]["seconds"],
-            "b_proj_relative_difference": rel, "cos": {f: rs[0]["cos"] for f, rs in rows.items()}, "fp64": fp64}
+    return {
+        "shape": [11008, 4096],
+        "rank": 16,
+        "dtype": "float32",
+        "torch_threads": torch.get_num_threads(),
+        "rounds": rows,
+        "median": med,
+        "speedup_factored_vs_formed": med["formed"]["seconds"] / med["factored"]["seconds"],
+        "b_proj_relative_difference": rel,
+        "cos": {f: rs[0]["cos"] for f, rs in rows.items()},
+        "fp64": fp64,
+    }
 
 
 def build_adapter(path: Path, aligned: Path, rank: int = 16) -> Path:
@@ -108,6 +118,7 @@ def build_adapter(path: Path, aligned: Path, rank: int = 16) -> Path:
     from safetensors.torch import save_file
 
     from resta_fast.io.checkpoint import Checkpoint
+
     if (path / "adapter_model.safetensors").is_file():
         return path
     path.mkdir(parents=True, exist_ok=True)
@@ -122,15 +133,25 @@ def build_adapter(path: Path, aligned: Path, rank: int = 16) -> Path:
             tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
     ck.close()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-        "task_type": "CAUSAL_LM", "fan_in_fan_out": False}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": list(TARGETS),
+                "task_type": "CAUSAL_LM",
+                "fan_in_fan_out": False,
+            }
+        )
+    )
     return path
 
 
 def child_floor(aligned: str, unaligned: str, adapter: str, out: str) -> None:
     """Read the targeted tensors of both models and the adapter once; write and fsync the adapter's bytes."""
     from resta_fast.io.checkpoint import Checkpoint
+
     buf = bytearray(16 << 20)
     view = memoryview(buf)
     for path in (aligned, unaligned):
@@ -152,42 +173,71 @@ def child_floor(aligned: str, unaligned: str, adapter: str, out: str) -> None:
 
 def child_build(work: str, params: str) -> None:
     from bench_patch import build_models
+
     _, aligned, _ = build_models(Path(work) / "models", float(params), 4.0e9)
     build_adapter(Path(work) / "adapter", aligned)
 
 
 def e2e_main(args) -> dict:
     import shutil
+
     root = Path(args.work)
     # Built in a child: a forked child's ru_maxrss starts from its parent's, so the parent stays small.
     measure([sys.executable, SELF, "child-build", str(root), str(args.params)])
     aligned, unaligned, adapter = root / "models" / "aligned", root / "models" / "unaligned", root / "adapter"
     target_bytes = 0
     from resta_fast.io.checkpoint import Checkpoint
+
     for p in (aligned, unaligned):
         ck = Checkpoint(p)
-        target_bytes += sum(ck.info(n).nbytes for n in ck.names()
-                            if n.removesuffix(".weight").split(".")[-1] in TARGETS)
+        target_bytes += sum(
+            ck.info(n).nbytes for n in ck.names() if n.removesuffix(".weight").split(".")[-1] in TARGETS
+        )
         ck.close()
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
     rows = {"floor": [], "safelora": []}
     out = root / "out"
     for _ in range(args.rounds):
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss = measure([sys.executable, SELF, "child-floor", str(aligned), str(unaligned), str(adapter),
-                             str(root / "floor.bin")])
+        wall, rss = measure(
+            [sys.executable, SELF, "child-floor", str(aligned), str(unaligned), str(adapter), str(root / "floor.bin")]
+        )
         rows["floor"].append({"seconds": wall, "peak_rss_mib": rss})
-        wall, rss = measure([sys.executable, "-m", "resta_fast", "safelora", "--adapter", str(adapter), "--aligned",
-                             str(aligned), "--unaligned", str(unaligned), "--threshold", "0.5", "--out", str(out),
-                             "--no-progress"], cwd=str(REPO))
+        wall, rss = measure(
+            [
+                sys.executable,
+                "-m",
+                "resta_fast",
+                "safelora",
+                "--adapter",
+                str(adapter),
+                "--aligned",
+                str(aligned),
+                "--unaligned",
+                str(unaligned),
+                "--threshold",
+                "0.5",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+            cwd=str(REPO),
+        )
         rows["safelora"].append({"seconds": wall, "peak_rss_mib": rss})
     ratios = [s["seconds"] / f["seconds"] for s, f in zip(rows["safelora"], rows["floor"], strict=True)]
     report = json.loads((out / "resta_fast.json").read_text())
-    return {"params": args.params, "targeted_bytes_read": target_bytes, "adapter_bytes": adapter_bytes,
-            "modules": len(report["safelora"]["modules"]), "projected": report["safelora"]["projected"],
-            "rounds": rows, "ratio_to_floor_per_round": ratios, "median_ratio_to_floor": statistics.median(ratios),
-            "median_peak_rss_mib": {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in rows.items()},
-            "model_bytes_each": target_bytes // 2}
+    return {
+        "params": args.params,
+        "targeted_bytes_read": target_bytes,
+        "adapter_bytes": adapter_bytes,
+        "modules": len(report["safelora"]["modules"]),
+        "projected": report["safelora"]["projected"],
+        "rounds": rows,
+        "ratio_to_floor_per_round": ratios,
+        "median_ratio_to_floor": statistics.median(ratios),
+        "median_peak_rss_mib": {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in rows.items()},
+        "model_bytes_each": target_bytes // 2,
+    }
 
 
 def main() -> None:

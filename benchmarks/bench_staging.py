@@ -37,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-ONE = r'''
+ONE = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
@@ -76,17 +76,22 @@ else:
         raise job.error
     stats = job.stats
 print(json.dumps({"seconds": seconds, "sha256": stats.sha256, "busy": getattr(stats, "busy", {})}))
-'''
+"""
 
 
 def run_one(repo: Path, mode: str, models: list[Path], out: Path) -> dict:
     import shutil
+
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", ""))
     if not env["OMP_NUM_THREADS"]:
         env.pop("OMP_NUM_THREADS")
-    proc = subprocess.run([sys.executable, "-c", ONE, str(repo), mode, *map(str, models), str(out)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE, str(repo), mode, *map(str, models), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -97,8 +102,20 @@ def run_one(repo: Path, mode: str, models: list[Path], out: Path) -> dict:
 def floor_seconds(models: list[Path], out: Path, out_bytes: int) -> float:
     files = [str(p) for d in models for p in sorted(d.glob("*.safetensors"))]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_patch.py"), "floor", "--inputs", *files,
-                    "--out", str(out), "--out-bytes", str(out_bytes)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_patch.py"),
+            "floor",
+            "--inputs",
+            *files,
+            "--out",
+            str(out),
+            "--out-bytes",
+            str(out_bytes),
+        ],
+        check=True,
+    )
     seconds = time.perf_counter() - t0
     out.unlink()
     return seconds
@@ -115,6 +132,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_patch import build_models
+
     models = build_models(args.root / "models", args.params, 2e9)
     out_bytes = sum(p.stat().st_size for p in models[0].glob("*.safetensors"))
     modes = args.modes.split(",") + (["old-cpu", "old-gpu-standin"] if args.old_repo else [])
@@ -135,23 +153,38 @@ def main() -> None:
         times["floor"].append(floor_seconds(models, args.root / "floor.bin", out_bytes))
         print(f"round {r + 1} {'floor':16} {times['floor'][-1]:7.2f} s", flush=True)
     med = {m: statistics.median(v) for m, v in times.items()}
-    ratios = {m: statistics.median(times["cpu-mmap"][i] / v[i] for i in range(args.rounds))
-              for m, v in times.items() if m != "floor"}
-    summary = {"params": args.params, "rounds": args.rounds, "median_seconds": med,
-               "throughput_vs_cpu_mmap": ratios,
-               "gpu_standin_vs_cpu": statistics.median(times[best][i] / times["gpu-standin"][i]
-                                                       for i in range(args.rounds)
-                                                       for best in [min(("cpu-mmap", "cpu-read"),
-                                                                        key=lambda m: med[m])])
-               if "gpu-standin" in times else None,
-               "times": times, "busy_last_round": busy, "cores": len(os.sched_getaffinity(0))}
+    ratios = {
+        m: statistics.median(times["cpu-mmap"][i] / v[i] for i in range(args.rounds))
+        for m, v in times.items()
+        if m != "floor"
+    }
+    summary = {
+        "params": args.params,
+        "rounds": args.rounds,
+        "median_seconds": med,
+        "throughput_vs_cpu_mmap": ratios,
+        "gpu_standin_vs_cpu": statistics.median(
+            times[best][i] / times["gpu-standin"][i]
+            for i in range(args.rounds)
+            for best in [min(("cpu-mmap", "cpu-read"), key=lambda m: med[m])]
+        )
+        if "gpu-standin" in times
+        else None,
+        "times": times,
+        "busy_last_round": busy,
+        "cores": len(os.sched_getaffinity(0)),
+    }
     if args.old_repo:
         summary["old_gpu_standin_vs_old_cpu"] = statistics.median(
-            times["old-cpu"][i] / times["old-gpu-standin"][i] for i in range(args.rounds))
+            times["old-cpu"][i] / times["old-gpu-standin"][i] for i in range(args.rounds)
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: summary[k] for k in ("median_seconds", "throughput_vs_cpu_mmap", "gpu_standin_vs_cpu")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("median_seconds", "throughput_vs_cpu_mmap", "gpu_standin_vs_cpu")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,25 @@ def main() -> None:
             "python -c pass": [py, "-c", "pass"],
             "--help": [py, "-m", "resta_fast", "--help"],
             "env": [py, "-m", "resta_fast", "env"],
-            "patch": [py, "-m", "resta_fast", "patch", "--finetuned", str(ft), "--aligned", str(al),
-                      "--unaligned", str(un), "--out", str(out), "--overwrite", "--no-fsync", "--no-progress",
-                      "--backend", "cpp"],
+            "patch": [
+                py,
+                "-m",
+                "resta_fast",
+                "patch",
+                "--finetuned",
+                str(ft),
+                "--aligned",
+                str(al),
+                "--unaligned",
+                str(un),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--no-fsync",
+                "--no-progress",
+                "--backend",
+                "cpp",
+            ],
             "verify": [py, "-m", "resta_fast", "verify", str(out)],
             "import torch": [py, "-c", "import torch"],
         }
@@ -69,9 +85,13 @@ def main() -> None:
                 times[name].append(timed(cmd, env))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()), flush=True)
         floor = times["python -c pass"]
-        summary = {name: {"median_s": statistics.median(v),
-                          "over_python_s": statistics.median(t - f for t, f in zip(v, floor, strict=True))}
-                   for name, v in times.items()}
+        summary = {
+            name: {
+                "median_s": statistics.median(v),
+                "over_python_s": statistics.median(t - f for t, f in zip(v, floor, strict=True)),
+            }
+            for name, v in times.items()
+        }
         print(f"\n{args.rounds} rounds, medians:")
         for name, s in summary.items():
             print(f"  {name:16s} {s['median_s']:6.3f} s   (+{s['over_python_s']:.3f} s over python -c pass)")

@@ -57,7 +57,7 @@ def write_mmap(path: Path, total: int, src: np.ndarray) -> float:
         start = time.perf_counter()
         for off in range(0, total, CHUNK):
             n = min(CHUNK, total - off)
-            dst[off:off + n] = src[:n]
+            dst[off : off + n] = src[:n]
         elapsed = time.perf_counter() - start
         del dst
         mm.close()

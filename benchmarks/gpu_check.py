@@ -87,18 +87,21 @@ class Context:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny sizes; without CUDA runs the kernels through TRITON_INTERPRET=1")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny sizes; without CUDA runs the kernels through TRITON_INTERPRET=1"
+    )
     ap.add_argument("--out", default=None, help="results folder (default $OUT, else ./gpu_check_out)")
-    ap.add_argument("--sections", default="identity,bandwidth,transfer,pipeline",
-                    help="comma-separated subset of identity,bandwidth,transfer,pipeline")
+    ap.add_argument(
+        "--sections",
+        default="identity,bandwidth,transfer,pipeline",
+        help="comma-separated subset of identity,bandwidth,transfer,pipeline",
+    )
     ap.add_argument("--check-elems", type=int, default=None, help="elements per identity case")
     ap.add_argument("--bw-elems", type=int, default=None, help="elements per bandwidth run")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
     ap.add_argument("--ckpt-gb", type=float, default=None, help="size of each synthetic model (GB)")
     ap.add_argument("--ckpt-dir", default=None, help="where to build the synthetic checkpoints")
-    ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="stop starting optional work after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting optional work after this many seconds")
     args = ap.parse_args(argv)
     small = args.smoke
     args.check_elems = args.check_elems or (1_037 if small else 4 * 2**20 + 37)
@@ -111,8 +114,12 @@ def parse_args(argv=None):
 
 def env_info(ctx) -> dict:
     torch = ctx.torch
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": ctx.cuda,
-            "interpret": os.environ.get("TRITON_INTERPRET", "0")}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": ctx.cuda,
+        "interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
     try:
         import triton
 
@@ -121,9 +128,12 @@ def env_info(ctx) -> dict:
         info["triton"] = f"missing ({exc})"
     if ctx.cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, sms=props.multi_processor_count,
-                    gpu_mem_gb=round(props.total_memory / GB, 1),
-                    capability=list(torch.cuda.get_device_capability()))
+        info.update(
+            gpu=props.name,
+            sms=props.multi_processor_count,
+            gpu_mem_gb=round(props.total_memory / GB, 1),
+            capability=list(torch.cuda.get_device_capability()),
+        )
     return info
 
 
@@ -221,9 +231,8 @@ def section_identity(ctx) -> dict:
         for mode in modes:
             with_u, with_b = MODES[mode]
             # offset 2**32 - 3: counters past 32 bits and SHIFT = 1 (a chunk not 4-aligned)
-            for offset in ((2**32 - 3,) if mode == "dare" else (0,)):
-                kw = dict(beta=0.5, p=0.3, seed=rng.tensor_seed(42, "model.layers.0.mlp.up_proj.weight"),
-                          offset=offset)
+            for offset in (2**32 - 3,) if mode == "dare" else (0,):
+                kw = dict(beta=0.5, p=0.3, seed=rng.tensor_seed(42, "model.layers.0.mlp.up_proj.weight"), offset=offset)
                 out_dtype = torch_dtype(out_name)
                 got = torch.empty(n, dtype=out_dtype, device=ctx.device)
                 got.view(torch.uint8).fill_(0x5A)
@@ -292,9 +301,14 @@ def section_bandwidth(ctx) -> dict:
     if ctx.args.smoke:
         sweep_blocks, sweep_warps = (1024, 4096), (4, 8)
     results = {"cases": [], "sweeps": {}}
-    cases = [("bf16", "bf16", "plain", True), ("bf16", "bf16", "dare", True),
-             ("bf16", "bf16", "vector", False), ("f32", "f32", "plain", False),
-             ("f16", "f16", "dare", False), ("f32", "bf16", "dare", False)]
+    cases = [
+        ("bf16", "bf16", "plain", True),
+        ("bf16", "bf16", "dare", True),
+        ("bf16", "bf16", "vector", False),
+        ("f32", "f32", "plain", False),
+        ("f16", "f16", "dare", False),
+        ("f32", "bf16", "dare", False),
+    ]
     for in_name, out_name, mode, sweep in cases:
         if ctx.time_left() < 90:
             print("  bandwidth: stopping early, time budget")
@@ -309,6 +323,7 @@ def section_bandwidth(ctx) -> dict:
             if ctx.time_left() < 60:
                 break
             try:
+
                 def run(ts=tensors, k=kw, b=block, w=warps):
                     tp.patch_into(*ts, **k, block=b, num_warps=w)
 
@@ -318,27 +333,38 @@ def section_bandwidth(ctx) -> dict:
                 continue
             gbps = touched / t / GB
             shown = (block or tp.BLOCK_SIZE, warps or tp.NUM_WARPS)
-            measured.append({"block": shown[0], "num_warps": shown[1], "seconds": t, "gbps": gbps,
-                             "vs_copy": gbps / floor})
-            print(f"  {label:22s} BLOCK={shown[0]:5d} warps={shown[1]:2d}  {gbps:8.4g} GB/s  "
-                  f"{gbps / floor:5.2f}x copy ({floor:.1f} GB/s)")
+            measured.append(
+                {"block": shown[0], "num_warps": shown[1], "seconds": t, "gbps": gbps, "vs_copy": gbps / floor}
+            )
+            print(
+                f"  {label:22s} BLOCK={shown[0]:5d} warps={shown[1]:2d}  {gbps:8.4g} GB/s  "
+                f"{gbps / floor:5.2f}x copy ({floor:.1f} GB/s)"
+            )
         tensors = None  # free the GPU memory before the next case
         if not measured:
             continue
-        default = next((m for m in measured if (m["block"], m["num_warps"]) == (tp.BLOCK_SIZE, tp.NUM_WARPS)),
-                       measured[0])
+        default = next(
+            (m for m in measured if (m["block"], m["num_warps"]) == (tp.BLOCK_SIZE, tp.NUM_WARPS)), measured[0]
+        )
         best = max(measured, key=lambda m: m["gbps"])
         if sweep:
             results["sweeps"][label] = measured
-            print(f"  {label}: best BLOCK={best['block']} num_warps={best['num_warps']} "
-                  f"({best['gbps']:.1f} GB/s, {best['vs_copy']:.2f}x copy); default "
-                  f"BLOCK={tp.BLOCK_SIZE} num_warps={tp.NUM_WARPS} {default['vs_copy']:.2f}x")
+            print(
+                f"  {label}: best BLOCK={best['block']} num_warps={best['num_warps']} "
+                f"({best['gbps']:.1f} GB/s, {best['vs_copy']:.2f}x copy); default "
+                f"BLOCK={tp.BLOCK_SIZE} num_warps={tp.NUM_WARPS} {default['vs_copy']:.2f}x"
+            )
             ctx.row("bandwidth", f"{label} best BLOCK/warps", f"{best['block']}/{best['num_warps']}", "", "")
         case = {"case": label, "bytes": touched, "copy_gbps": floor, "default": default, "best": best}
         results["cases"].append(case)
         value = f"{default['gbps']:.4g} GB/s = {default['vs_copy']:.2f}x copy"
-        ctx.row("bandwidth", f"{label} default", value, f">= {BW_TARGET}x",
-                "PASS" if default["vs_copy"] >= BW_TARGET else "BELOW")
+        ctx.row(
+            "bandwidth",
+            f"{label} default",
+            value,
+            f">= {BW_TARGET}x",
+            "PASS" if default["vs_copy"] >= BW_TARGET else "BELOW",
+        )
     small = [torch.zeros(4096, dtype=torch.bfloat16, device=ctx.device) for _ in range(5)]
     t0 = time.perf_counter()
     calls = 20 if ctx.args.smoke else 200
@@ -429,8 +455,12 @@ def build_checkpoints(root: Path, gb: float, torch, device) -> dict[str, Path]:
 
     hidden = 4096 if gb >= 0.5 else 64
     inter = 11008 if gb >= 0.5 else 172
-    per_layer = [("self_attn.q_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                 ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))]
+    per_layer = [
+        ("self_attn.q_proj", (hidden, hidden)),
+        ("self_attn.o_proj", (hidden, hidden)),
+        ("mlp.up_proj", (inter, hidden)),
+        ("mlp.down_proj", (hidden, inter)),
+    ]
     layer_bytes = sum(2 * a * b for _, (a, b) in per_layer)
     layers = max(1, round(gb * GB / layer_bytes))
     shard_bytes = max(layer_bytes, int(min(1e9, gb * GB / 3)))  # several shards per model
@@ -459,7 +489,8 @@ def build_checkpoints(root: Path, gb: float, torch, device) -> dict[str, Path]:
                 weight_map.update({name: shard.name for name in fh.keys()})  # noqa: SIM118 - not a dict
         total = sum(2 * a * b for a, b in names.values())
         (d / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
     return dirs
 
 
@@ -490,12 +521,13 @@ def section_pipeline(ctx) -> dict:
         dirs = build_checkpoints(root, ctx.args.ckpt_gb, torch, device)
         res["build_seconds"] = time.perf_counter() - t0
         res["filesystem"] = _filesystem_of(root)
-        inputs = [p for role in ("finetuned", "aligned", "unaligned")
-                  for p in sorted(dirs[role].glob("*.safetensors"))]
+        inputs = [p for role in ("finetuned", "aligned", "unaligned") for p in sorted(dirs[role].glob("*.safetensors"))]
         in_bytes = sum(p.stat().st_size for p in inputs)
         res["input_bytes"] = in_bytes
-        print(f"  built 3 models, {in_bytes / GB:.2f} GB of inputs in {res['build_seconds']:.1f} s "
-              f"under {root} ({res['filesystem']})")
+        print(
+            f"  built 3 models, {in_bytes / GB:.2f} GB of inputs in {res['build_seconds']:.1f} s "
+            f"under {root} ({res['filesystem']})"
+        )
         for p in inputs:
             _evict(p)
         t0 = time.perf_counter()
@@ -508,10 +540,15 @@ def section_pipeline(ctx) -> dict:
         floor = min(res["cold_read_gbps"], h2d) if h2d else res["cold_read_gbps"]
         warm_floor = min(res["warm_read_gbps"], h2d) if h2d else res["warm_read_gbps"]
         res.update(floor_gbps=floor, warm_floor_gbps=warm_floor)
-        print(f"  read cold {res['cold_read_gbps']:.2f} GB/s, warm {res['warm_read_gbps']:.2f} GB/s, "
-              f"pinned H2D {h2d if h2d else float('nan'):.2f} GB/s")
-        runs = [("plain cold", dict(), True), ("plain warm", dict(), False),
-                ("dare warm", dict(dare=0.3, seed=7), False)]
+        print(
+            f"  read cold {res['cold_read_gbps']:.2f} GB/s, warm {res['warm_read_gbps']:.2f} GB/s, "
+            f"pinned H2D {h2d if h2d else float('nan'):.2f} GB/s"
+        )
+        runs = [
+            ("plain cold", dict(), True),
+            ("plain warm", dict(), False),
+            ("dare warm", dict(dare=0.3, seed=7), False),
+        ]
         for label, extra, cold in runs:
             if ctx.time_left() < 45:
                 print(f"  pipeline {label}: skipped, time budget")
@@ -521,24 +558,45 @@ def section_pipeline(ctx) -> dict:
                 for p in inputs:
                     _evict(p)
             t0 = time.perf_counter()
-            report = api.patch(str(dirs["finetuned"]), str(out), aligned=str(dirs["aligned"]),
-                               unaligned=str(dirs["unaligned"]), beta=0.5, device=device,
-                               backend="triton" if ctx.cuda else "auto", overwrite=True, fsync=False, **extra)
+            report = api.patch(
+                str(dirs["finetuned"]),
+                str(out),
+                aligned=str(dirs["aligned"]),
+                unaligned=str(dirs["unaligned"]),
+                beta=0.5,
+                device=device,
+                backend="triton" if ctx.cuda else "auto",
+                overwrite=True,
+                fsync=False,
+                **extra,
+            )
             wall = time.perf_counter() - t0
             gbps = in_bytes / wall / GB
             ref_floor = floor if cold else warm_floor
             ratio = gbps / ref_floor
             bad = _check_pipeline_output(out, dirs, extra)
             busy = report.get("stats", {}).get("busy_seconds", {})
-            res[label] = {"seconds": wall, "input_gbps": gbps, "vs_floor": ratio,
-                          "backend": report.get("backend"), "sampled_mismatches": bad, "busy_seconds": busy}
-            print(f"  pipeline {label}: {wall:.2f} s, {gbps:.2f} GB/s of inputs, {ratio:.2f}x floor, "
-                  f"backend {report.get('backend')}, sampled mismatches {bad}")
+            res[label] = {
+                "seconds": wall,
+                "input_gbps": gbps,
+                "vs_floor": ratio,
+                "backend": report.get("backend"),
+                "sampled_mismatches": bad,
+                "busy_seconds": busy,
+            }
+            print(
+                f"  pipeline {label}: {wall:.2f} s, {gbps:.2f} GB/s of inputs, {ratio:.2f}x floor, "
+                f"backend {report.get('backend')}, sampled mismatches {bad}"
+            )
             print("    busy s: " + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()))
             ok = ratio >= PIPELINE_TARGET and bad == 0
-            ctx.row("pipeline", f"{label} ({in_bytes / GB:.1f} GB in)",
-                    f"{gbps:.2f} GB/s = {ratio:.2f}x floor", f">= {PIPELINE_TARGET}x, 0 diff",
-                    "PASS" if ok else ("FAIL" if bad else "BELOW"))
+            ctx.row(
+                "pipeline",
+                f"{label} ({in_bytes / GB:.1f} GB in)",
+                f"{gbps:.2f} GB/s = {ratio:.2f}x floor",
+                f">= {PIPELINE_TARGET}x, 0 diff",
+                "PASS" if ok else ("FAIL" if bad else "BELOW"),
+            )
             shutil.rmtree(out, ignore_errors=True)
     finally:
         if not ctx.args.ckpt_dir:
@@ -577,8 +635,12 @@ def _check_pipeline_output(out: Path, dirs, extra) -> int:
     return bad
 
 
-SECTIONS = {"identity": section_identity, "bandwidth": section_bandwidth, "transfer": section_transfer,
-            "pipeline": section_pipeline}
+SECTIONS = {
+    "identity": section_identity,
+    "bandwidth": section_bandwidth,
+    "transfer": section_transfer,
+    "pipeline": section_pipeline,
+}
 
 
 def format_table(rows) -> str:

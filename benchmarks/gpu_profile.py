@@ -67,8 +67,9 @@ def host_rates(path: Path, cuda: bool) -> None:
             old = torch.get_num_threads()
             torch.set_num_threads(threads)
             for lo in range(0, size - chunk + 1, chunk):
-                buf.copy_(src[lo:lo + chunk])
+                buf.copy_(src[lo : lo + chunk])
             torch.set_num_threads(old)
+
         return go
 
     def pread_into(buf):
@@ -77,6 +78,7 @@ def host_rates(path: Path, cuda: bool) -> None:
         def go():
             for lo in range(0, size - chunk + 1, chunk):
                 os.preadv(fd, [view], lo)
+
         return go
 
     def sha(buf):
@@ -86,6 +88,7 @@ def host_rates(path: Path, cuda: bool) -> None:
             h = hashlib.sha256()
             for _ in range(size // chunk):
                 h.update(data)
+
         return go
 
     out_path = path.parent / "profile_write.bin"
@@ -98,18 +101,21 @@ def host_rates(path: Path, cuda: bool) -> None:
             for lo in range(0, size - chunk + 1, chunk):
                 os.pwrite(out, data, lo)
             os.close(out)
+
         return go
 
     n = size // chunk * chunk
     print(f"host rates on {size / GB:.2f} GB (warm), torch threads {torch.get_num_threads()}:")
-    for label, fn in [("mmap -> pinned, torch copy_, 1 thread", copy_into(pinned, 1)),
-                      ("mmap -> pinned, torch copy_, all threads", copy_into(pinned, torch.get_num_threads())),
-                      ("mmap -> pageable, torch copy_, 1 thread", copy_into(plain, 1)),
-                      ("pread -> pinned", pread_into(pinned)),
-                      ("sha256 of a pinned buffer", sha(pinned)),
-                      ("sha256 of a pageable buffer", sha(plain)),
-                      ("pwrite from pinned", write_from(pinned)),
-                      ("pwrite from pageable", write_from(plain))]:
+    for label, fn in [
+        ("mmap -> pinned, torch copy_, 1 thread", copy_into(pinned, 1)),
+        ("mmap -> pinned, torch copy_, all threads", copy_into(pinned, torch.get_num_threads())),
+        ("mmap -> pageable, torch copy_, 1 thread", copy_into(plain, 1)),
+        ("pread -> pinned", pread_into(pinned)),
+        ("sha256 of a pinned buffer", sha(pinned)),
+        ("sha256 of a pageable buffer", sha(plain)),
+        ("pwrite from pinned", write_from(pinned)),
+        ("pwrite from pageable", write_from(plain)),
+    ]:
         print(f"  {label:42s} {rate(n, fn):7.2f} GB/s", flush=True)
     out_path.unlink(missing_ok=True)
     src = None  # drop the view before closing the map
@@ -141,6 +147,7 @@ class ThreadProfiles:
                 return fn(obj, *args)
             finally:
                 prof.disable()
+
         return run
 
     def __enter__(self):
@@ -163,7 +170,7 @@ class ThreadProfiles:
                 lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
                 start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
                 print(f"  -- thread {name}: top {top} by {key} time")
-                for ln in lines[start:start + top + 1]:
+                for ln in lines[start : start + top + 1]:
                     print("    " + ln[:150])
 
 
@@ -178,14 +185,27 @@ def profile_patch(dirs, root: Path, device: str, top: int, dare: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
         with ThreadProfiles() as profs:
             t0 = time.perf_counter()
-            report = api.patch(str(dirs["finetuned"]), str(out), aligned=str(dirs["aligned"]),
-                               unaligned=str(dirs["unaligned"]), beta=0.5, device=device, backend=backend,
-                               overwrite=True, fsync=False, progress=False, **extra)
+            report = api.patch(
+                str(dirs["finetuned"]),
+                str(out),
+                aligned=str(dirs["aligned"]),
+                unaligned=str(dirs["unaligned"]),
+                beta=0.5,
+                device=device,
+                backend=backend,
+                overwrite=True,
+                fsync=False,
+                progress=False,
+                **extra,
+            )
             wall = time.perf_counter() - t0
         busy = ", ".join(f"{k} {v:.2f}" for k, v in report["stats"].get("busy_seconds", {}).items())
-        print(f"{device} {report.get('backend')} {'dare' if dare else 'plain'} run {attempt + 1}: {wall:.2f} s, "
-              f"{in_bytes / wall / GB:.2f} GB/s of inputs; pipeline {report['stats']['seconds']:.2f} s, "
-              f"busy s: {busy}", flush=True)
+        print(
+            f"{device} {report.get('backend')} {'dare' if dare else 'plain'} run {attempt + 1}: {wall:.2f} s, "
+            f"{in_bytes / wall / GB:.2f} GB/s of inputs; pipeline {report['stats']['seconds']:.2f} s, "
+            f"busy s: {busy}",
+            flush=True,
+        )
     profs.report(top)
     shutil.rmtree(root / "out", ignore_errors=True)
 
@@ -203,8 +223,11 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         dirs = build_checkpoints(root, args.gb, torch, "cuda" if cuda else "cpu")
-        print(f"built 3 models in {time.perf_counter() - t0:.1f} s under {root}; {os.cpu_count()} cpus, "
-              f"threads alive {threading.active_count()}", flush=True)
+        print(
+            f"built 3 models in {time.perf_counter() - t0:.1f} s under {root}; {os.cpu_count()} cpus, "
+            f"threads alive {threading.active_count()}",
+            flush=True,
+        )
         host_rates(max(dirs["finetuned"].glob("*.safetensors"), key=lambda p: p.stat().st_size), cuda)
         for device in devices:
             profile_patch(dirs, root, device, args.top, dare=False)

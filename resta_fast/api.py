@@ -43,9 +43,25 @@ from resta_fast.report import (
     record_validation,
 )
 
-__all__ = ["MAX_SEED", "REPORT_NAME", "VALIDATION_FAILED", "Opener", "PatchOptions", "PreparedPatch", "execute",
-           "finish_output", "make_vector", "open_roles", "output_metadata", "patch", "plan_patch", "prepare",
-           "prepare_vector", "record_validation", "resolve_device"]
+__all__ = [
+    "MAX_SEED",
+    "REPORT_NAME",
+    "VALIDATION_FAILED",
+    "Opener",
+    "PatchOptions",
+    "PreparedPatch",
+    "execute",
+    "finish_output",
+    "make_vector",
+    "open_roles",
+    "output_metadata",
+    "patch",
+    "plan_patch",
+    "prepare",
+    "prepare_vector",
+    "record_validation",
+    "resolve_device",
+]
 
 Validator = Callable[[Path], dict]
 
@@ -56,6 +72,7 @@ def resolve_device(device: str) -> str:
     if device == "cpu":
         return device  # no torch needed to decide
     import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -110,21 +127,39 @@ def open_roles(roles: Roles, opener: Opener, *, dare: bool) -> tuple[dict[str, C
         ft = opener(roles.finetuned, "finetuned")
     un = opener(roles.unaligned, "unaligned")
     vec = opener(roles.vector, "vector")
-    dbase = al if _same(roles.dare_base, roles.aligned) \
-        else lora_base if roles.lora and _same(roles.dare_base, roles.base) \
+    dbase = (
+        al
+        if _same(roles.dare_base, roles.aligned)
+        else lora_base
+        if roles.lora and _same(roles.dare_base, roles.base)
         else opener(roles.dare_base, "dare base")
+    )
     dbase = dbase if dare else None
-    checkpoints = {"finetuned": ft, "aligned": al, "unaligned": un, "vector": vec, "dare_base": dbase,
-                   "base": lora_base}
+    checkpoints = {
+        "finetuned": ft,
+        "aligned": al,
+        "unaligned": un,
+        "vector": vec,
+        "dare_base": dbase,
+        "base": lora_base,
+    }
     return checkpoints, Inputs(ft, al, un, vec, dbase)
 
 
 def plan_patch(inputs: Inputs, options: PatchOptions) -> Plan:
     """The plan of a patch of ``inputs`` with ``options`` (what ``prepare`` and ``verify`` build)."""
-    plan = build_plan(inputs.finetuned, aligned=inputs.aligned if inputs.vector is None else None,
-                      unaligned=inputs.unaligned, vector=inputs.vector, dare_base=inputs.dare_base,
-                      beta=options.beta, include=options.include, exclude=options.exclude,
-                      beta_rules=options.beta_rules, dtype=options.out_dtype)
+    plan = build_plan(
+        inputs.finetuned,
+        aligned=inputs.aligned if inputs.vector is None else None,
+        unaligned=inputs.unaligned,
+        vector=inputs.vector,
+        dare_base=inputs.dare_base,
+        beta=options.beta,
+        include=options.include,
+        exclude=options.exclude,
+        beta_rules=options.beta_rules,
+        dtype=options.out_dtype,
+    )
     if isinstance(inputs.finetuned, LoraFinetuned):
         plan.notes.insert(0, inputs.finetuned.summary())
     return plan
@@ -161,8 +196,15 @@ class PreparedPatch:
 
     def job(self, out_dir: Path, progress=None) -> Job:
         """The engine's Job writing this patch into ``out_dir``."""
-        return Job(self.plan, self.inputs, Path(out_dir), self.options.dare, self.options.seed,
-                   output_metadata(self.provenance), progress=progress)
+        return Job(
+            self.plan,
+            self.inputs,
+            Path(out_dir),
+            self.options.dare,
+            self.options.seed,
+            output_metadata(self.provenance),
+            progress=progress,
+        )
 
     def close(self) -> None:
         if self.stack is not None:
@@ -189,9 +231,19 @@ def _own_stack(opener: Opener | None):
         raise
 
 
-def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, dare_base=None,
-            options: PatchOptions | None = None, opener: Opener | None = None, here: bool = True,
-            resolver=None) -> PreparedPatch:
+def prepare(
+    finetuned,
+    *,
+    aligned=None,
+    unaligned=None,
+    vector=None,
+    base=None,
+    dare_base=None,
+    options: PatchOptions | None = None,
+    opener: Opener | None = None,
+    here: bool = True,
+    resolver=None,
+) -> PreparedPatch:
     """Open the inputs, resolve their roles, build the plan, choose the backend.
 
     Every input may be a local path or a Hugging Face Hub id (``ORG/NAME[@REV]``,
@@ -220,8 +272,16 @@ def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, 
     """
     options = options if options is not None else PatchOptions()
     device = resolve_device(options.device) if here else options.device
-    roles = resolve_roles(finetuned, aligned=aligned, unaligned=unaligned, vector=vector, base=base,
-                          dare_base=dare_base, dare=options.dare is not None, resolver=resolver)
+    roles = resolve_roles(
+        finetuned,
+        aligned=aligned,
+        unaligned=unaligned,
+        vector=vector,
+        base=base,
+        dare_base=dare_base,
+        dare=options.dare is not None,
+        resolver=resolver,
+    )
     with _own_stack(opener) as (opener, stack):
         checkpoints, inputs = open_roles(roles, opener, dare=options.dare is not None)
         plan = plan_patch(inputs, options)
@@ -229,11 +289,27 @@ def prepare(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, 
         if here:
             backend_name, kernel = choose_backend(options.backend, device)
             if device.startswith("cuda") and backend_name != "triton":
-                raise OptionError("backend", "{device} {dev} runs the triton backend; {backend} {name} is CPU-only "
-                                  "(use {backend} triton or auto, or {device} cpu)", dev=device, name=backend_name)
-        return PreparedPatch("patch", options, roles, plan, inputs, checkpoints,
-                             provenance("patch", options.params(), checkpoints, roles.hub), roles.paths(), device,
-                             backend_name, kernel, stack)
+                raise OptionError(
+                    "backend",
+                    "{device} {dev} runs the triton backend; {backend} {name} is CPU-only "
+                    "(use {backend} triton or auto, or {device} cpu)",
+                    dev=device,
+                    name=backend_name,
+                )
+        return PreparedPatch(
+            "patch",
+            options,
+            roles,
+            plan,
+            inputs,
+            checkpoints,
+            provenance("patch", options.params(), checkpoints, roles.hub),
+            roles.paths(),
+            device,
+            backend_name,
+            kernel,
+            stack,
+        )
 
 
 class _TorchDifference:
@@ -242,6 +318,7 @@ class _TorchDifference:
     @staticmethod
     def patch_into(out, f, a, u=None, b=None, **_):
         from resta_fast.kernels.reference import store
+
         store(out, a.float() - u.float())
 
     @staticmethod
@@ -275,21 +352,24 @@ def difference_kernel() -> tuple[str, object]:
         return "torch", _TorchDifference
 
 
-def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(),
-                   opener: Opener | None = None, resolver=None) -> PreparedPatch:
+def prepare_vector(
+    aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(), opener: Opener | None = None, resolver=None
+) -> PreparedPatch:
     """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``); inputs as ``prepare``'s."""
     options = PatchOptions(dtype=dtype, include=include, exclude=exclude)
     resolve = resolver or resolve_input
     found = {role: resolve(arg, role) for role, arg in (("aligned", aligned), ("unaligned", unaligned))}
     hub = {role: r for role, r in found.items() if r.is_hub}
-    aligned, unaligned = (str(found[r].path) if r in hub else arg for r, arg in (("aligned", aligned),
-                                                                                ("unaligned", unaligned)))
+    aligned, unaligned = (
+        str(found[r].path) if r in hub else arg for r, arg in (("aligned", aligned), ("unaligned", unaligned))
+    )
     roles = Roles(str(aligned), aligned=str(aligned), unaligned=str(unaligned), hub=hub)
     with _own_stack(opener) as (opener, stack):
         al = opener(aligned, "aligned")
         un = opener(unaligned, "unaligned")
-        plan = build_plan(al, aligned=al, unaligned=un, include=options.include, exclude=options.exclude,
-                          dtype=options.out_dtype)
+        plan = build_plan(
+            al, aligned=al, unaligned=un, include=options.include, exclude=options.exclude, dtype=options.out_dtype
+        )
         dropped = [t.name for t in plan.tensors() if t.action != "patch"]
         for f in plan.files:
             f.tensors = [t for t in f.tensors if t.action == "patch"]
@@ -297,20 +377,39 @@ def prepare_vector(aligned, unaligned, *, dtype: str = "float32", include=(), ex
                 t.out_dtype, t.beta, t.reason = options.out_dtype, 1.0, "aligned − unaligned"
         plan.files = [f for f in plan.files if f.tensors]
         if dropped:
-            plan.notes.append(f"{len(dropped)} tensor(s) not in the vector (non-float or missing), "
-                              f"e.g. {dropped[0]}")
+            plan.notes.append(f"{len(dropped)} tensor(s) not in the vector (non-float or missing), e.g. {dropped[0]}")
         params = {"dtype": options.out_dtype, "include": list(options.include), "exclude": list(options.exclude)}
         checkpoints = {"aligned": al, "unaligned": un}
         backend_name, kernel = difference_kernel()
-        return PreparedPatch("vector", options, roles, plan, Inputs(al, al, un), checkpoints,
-                             provenance("vector", params, checkpoints, hub), [Path(aligned), Path(unaligned)], "cpu",
-                             backend_name, kernel, stack)
+        return PreparedPatch(
+            "vector",
+            options,
+            roles,
+            plan,
+            Inputs(al, al, un),
+            checkpoints,
+            provenance("vector", params, checkpoints, hub),
+            [Path(aligned), Path(unaligned)],
+            "cpu",
+            backend_name,
+            kernel,
+            stack,
+        )
 
 
 def progress_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-               disable=not enabled, dynamic_ncols=True, leave=False)
+
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+    )
     count = [0]
 
     def update(nbytes: int, name: str) -> None:
@@ -318,6 +417,7 @@ def progress_bar(total: int, enabled: bool, desc: str):
         bar.update(nbytes)
         bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
         raise_if_interrupted()  # every pipeline reports each finished tensor here
+
     return bar, update
 
 
@@ -351,8 +451,17 @@ def output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: s
             yield
 
 
-def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: bool = True, progress: bool = False,
-            validate: Validator | None = None, device_cache=None, command_line: str | None = None) -> dict:
+def execute(
+    prepared: PreparedPatch,
+    out,
+    *,
+    overwrite: bool = False,
+    fsync: bool = True,
+    progress: bool = False,
+    validate: Validator | None = None,
+    device_cache=None,
+    command_line: str | None = None,
+) -> dict:
     """Run a prepared patch into the atomic output directory ``out`` and write its report.
 
     Args:
@@ -377,23 +486,44 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
     if prepared.kernel is None:
         raise ValueError("execute needs a patch prepared with here=True (it has no kernel)")
     if validate is not None and not callable(validate):
-        raise TypeError("validate takes a callable(model_dir) -> verdict; build one from evaluation options "
-                        "with resta_fast.eval.make_validator")
+        raise TypeError(
+            "validate takes a callable(model_dir) -> verdict; build one from evaluation options "
+            "with resta_fast.eval.make_validator"
+        )
     out = Path(out)
     options = prepared.options
     check_output_location(out, prepared.input_paths, overwrite)
     bar, update = progress_bar(prepared.out_bytes, progress, f"resta-fast -> {out.name}")
-    with output_guard(out, prepared.input_paths, overwrite, prepared.provenance.get("command", "patch")), \
-            AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, bar:
+    with (
+        output_guard(out, prepared.input_paths, overwrite, prepared.provenance.get("command", "patch")),
+        AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir,
+        bar,
+    ):
         job = prepared.job(outdir.tmp, progress=update)
-        run_jobs([job], kernel=prepared.kernel, device=prepared.device, threads=options.threads,
-                 chunk_elems=options.chunk_elems, cache=device_cache, pool_bytes=options.gpu_pool_bytes,
-                 staging=None if options.staging == "auto" else options.staging)
+        run_jobs(
+            [job],
+            kernel=prepared.kernel,
+            device=prepared.device,
+            threads=options.threads,
+            chunk_elems=options.chunk_elems,
+            cache=device_cache,
+            pool_bytes=options.gpu_pool_bytes,
+            staging=None if options.staging == "auto" else options.staging,
+        )
         if job.error is not None:
             raise job.error
-        report = finish_output(outdir.tmp, prepared.plan, prepared.inputs.finetuned, job.stats,
-                               prepared.provenance, backend_name=prepared.backend_name, device=prepared.device,
-                               fsync=fsync, extra=prepared.report_extra, command_line=command_line)
+        report = finish_output(
+            outdir.tmp,
+            prepared.plan,
+            prepared.inputs.finetuned,
+            job.stats,
+            prepared.provenance,
+            backend_name=prepared.backend_name,
+            device=prepared.device,
+            fsync=fsync,
+            extra=prepared.report_extra,
+            command_line=command_line,
+        )
         if validate is not None:
             record_validation(outdir.tmp, report, validate(outdir.tmp), command_line=command_line)
         raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
@@ -402,14 +532,36 @@ def execute(prepared: PreparedPatch, out, *, overwrite: bool = False, fsync: boo
     return report
 
 
-def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: float = 1.0,
-          dare: float | None = None, seed: int = 0, dare_base=None, include=(), exclude=(),
-          beta_rules=(), dtype: str | None = None, backend: str = "auto", device: str = "cpu",
-          threads: int | None = None, overwrite: bool = False, fsync: bool = True,
-          dry_run: bool = False, progress: bool = False,
-          chunk_elems: int | None = None, gpu_pool_bytes: int | None = None,
-          base=None, validate: Validator | None = None, device_cache=None, staging: str = "auto",
-          command_line: str | None = None) -> dict:
+def patch(
+    finetuned,
+    out,
+    *,
+    aligned=None,
+    unaligned=None,
+    vector=None,
+    beta: float = 1.0,
+    dare: float | None = None,
+    seed: int = 0,
+    dare_base=None,
+    include=(),
+    exclude=(),
+    beta_rules=(),
+    dtype: str | None = None,
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    overwrite: bool = False,
+    fsync: bool = True,
+    dry_run: bool = False,
+    progress: bool = False,
+    chunk_elems: int | None = None,
+    gpu_pool_bytes: int | None = None,
+    base=None,
+    validate: Validator | None = None,
+    device_cache=None,
+    staging: str = "auto",
+    command_line: str | None = None,
+) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
     Args:
@@ -442,22 +594,52 @@ def patch(finetuned, out, *, aligned=None, unaligned=None, vector=None, beta: fl
     Example:
         >>> patch("ft", "restored", aligned="chat", unaligned="shadow", beta=0.5)  # doctest: +SKIP
     """
-    options = PatchOptions(beta=beta, dare=dare, seed=seed, include=include, exclude=exclude,
-                           beta_rules=beta_rules, dtype=dtype, backend=backend, device=device, threads=threads,
-                           chunk_elems=chunk_elems, gpu_pool_bytes=gpu_pool_bytes, staging=staging)
+    options = PatchOptions(
+        beta=beta,
+        dare=dare,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+        beta_rules=beta_rules,
+        dtype=dtype,
+        backend=backend,
+        device=device,
+        threads=threads,
+        chunk_elems=chunk_elems,
+        gpu_pool_bytes=gpu_pool_bytes,
+        staging=staging,
+    )
     inputs = {"aligned": aligned, "unaligned": unaligned, "vector": vector, "base": base, "dare_base": dare_base}
     if dry_run:
         resolve_device(options.device)
         with prepare(finetuned, **inputs, options=options, here=False) as prepared:
             return {"dry_run": True, "plan": prepared.plan.to_json(), "plan_text": prepared.plan.format_table()}
     with prepare(finetuned, **inputs, options=options) as prepared:
-        return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, validate=validate,
-                       device_cache=device_cache, command_line=command_line)
+        return execute(
+            prepared,
+            out,
+            overwrite=overwrite,
+            fsync=fsync,
+            progress=progress,
+            validate=validate,
+            device_cache=device_cache,
+            command_line=command_line,
+        )
 
 
-def make_vector(aligned, unaligned, out, *, dtype: str = "float32", include=(), exclude=(),
-                overwrite: bool = False, fsync: bool = True, progress: bool = False,
-                command_line: str | None = None) -> dict:
+def make_vector(
+    aligned,
+    unaligned,
+    out,
+    *,
+    dtype: str = "float32",
+    include=(),
+    exclude=(),
+    overwrite: bool = False,
+    fsync: bool = True,
+    progress: bool = False,
+    command_line: str | None = None,
+) -> dict:
     """Write the safety vector V = aligned − unaligned as a checkpoint.
 
     fp32 (the default) makes patching with V bit-identical to patching with the

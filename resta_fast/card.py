@@ -27,9 +27,16 @@ CARD_NAME = "README.md"
 HUB_URL = "https://huggingface.co"
 # Input roles in the order a card lists them.
 ROLE_ORDER = ("finetuned", "adapter", "safety_adapter", "base", "aligned", "unaligned", "vector", "dare_base")
-ROLE_TITLES = {"finetuned": "fine-tune", "adapter": "LoRA fine-tune", "safety_adapter": "safety adapter",
-               "base": "LoRA base", "aligned": "aligned", "unaligned": "unaligned", "vector": "safety vector",
-               "dare_base": "DARE base"}
+ROLE_TITLES = {
+    "finetuned": "fine-tune",
+    "adapter": "LoRA fine-tune",
+    "safety_adapter": "safety adapter",
+    "base": "LoRA base",
+    "aligned": "aligned",
+    "unaligned": "unaligned",
+    "vector": "safety vector",
+    "dare_base": "DARE base",
+}
 _DTYPE_FLAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -78,8 +85,12 @@ def front_matter(report: dict) -> dict:
         tags.append(command)
     if params.get("dare") is not None:
         tags.append("dare")
-    return {"base_model": base_models, "base_model_relation": "merge", "library_name": "transformers",
-            "tags": list(dict.fromkeys(tags))}
+    return {
+        "base_model": base_models,
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": list(dict.fromkeys(tags)),
+    }
 
 
 def reproduce_command(report: dict) -> str | None:
@@ -123,11 +134,20 @@ def reproduce_command(report: dict) -> str | None:
             args += ["--safety-adapter", _pinned(roles.get("safety_adapter", {}))]
         args += ["--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"])]
         if command == "safelora":
-            args += (["--num-layers", str(params["num_layers"])] if params.get("num_layers") is not None
-                     else ["--threshold", str(params.get("threshold"))])
+            args += (
+                ["--num-layers", str(params["num_layers"])]
+                if params.get("num_layers") is not None
+                else ["--threshold", str(params.get("threshold"))]
+            )
         else:
-            args += ["--tau", str(params.get("tau")), "--weights", *map(str, params.get("weights") or ()),
-                     "--combination", str(params.get("combination"))]
+            args += [
+                "--tau",
+                str(params.get("tau")),
+                "--weights",
+                *map(str, params.get("weights") or ()),
+                "--combination",
+                str(params.get("combination")),
+            ]
             if params.get("density") is not None:
                 args += ["--density", str(params["density"]), "--seed", str(params.get("seed", 0))]
         if params.get("merge"):
@@ -146,38 +166,54 @@ def _method(report: dict) -> list[str]:
     lines = []
     if command == "patch":
         if "base" in roles:
-            lines.append(f"- The LoRA adapter `{_name(roles['finetuned'])}` was merged in fp32 into its base "
-                         f"`{_name(roles['base'])}`, one tensor at a time (W + s·BA).")
+            lines.append(
+                f"- The LoRA adapter `{_name(roles['finetuned'])}` was merged in fp32 into its base "
+                f"`{_name(roles['base'])}`, one tensor at a time (W + s·BA)."
+            )
         if params.get("dare") is not None:
-            lines.append(f"- DARE on the fine-tune's delta from `{_name(roles.get('dare_base', {}))}`: each element "
-                         f"dropped with probability p = {params['dare']} (seed {params.get('seed', 0)}), the rest "
-                         f"rescaled by 1/(1 − p).")
+            lines.append(
+                f"- DARE on the fine-tune's delta from `{_name(roles.get('dare_base', {}))}`: each element "
+                f"dropped with probability p = {params['dare']} (seed {params.get('seed', 0)}), the rest "
+                f"rescaled by 1/(1 − p)."
+            )
         if "vector" in roles:
-            lines.append(f"- RESTA: θ = θ_finetuned + β · V with the precomputed safety vector "
-                         f"`{_name(roles['vector'])}`, β = {params.get('beta')}.")
+            lines.append(
+                f"- RESTA: θ = θ_finetuned + β · V with the precomputed safety vector "
+                f"`{_name(roles['vector'])}`, β = {params.get('beta')}."
+            )
         else:
-            lines.append(f"- RESTA: θ = θ_finetuned + β · (θ_aligned − θ_unaligned), β = {params.get('beta')}, "
-                         f"with aligned `{_name(roles.get('aligned', {}))}` and unaligned "
-                         f"`{_name(roles.get('unaligned', {}))}`.")
+            lines.append(
+                f"- RESTA: θ = θ_finetuned + β · (θ_aligned − θ_unaligned), β = {params.get('beta')}, "
+                f"with aligned `{_name(roles.get('aligned', {}))}` and unaligned "
+                f"`{_name(roles.get('unaligned', {}))}`."
+            )
         if params.get("beta_rules"):
             lines.append(f"- β per tensor-name pattern (the first match wins): {', '.join(params['beta_rules'])}.")
     elif command in ("safelora", "safemerge", "merge"):
         lines += _adapter_method(command, params, roles, report)
     elif command == "vector":
-        lines.append(f"- The safety vector V = θ_aligned − θ_unaligned, aligned `{_name(roles.get('aligned', {}))}`"
-                     f" and unaligned `{_name(roles.get('unaligned', {}))}`, computed in fp32. Add it to a "
-                     "fine-tune with `resta-fast patch --finetuned FT --vector THIS --beta B`.")
+        lines.append(
+            f"- The safety vector V = θ_aligned − θ_unaligned, aligned `{_name(roles.get('aligned', {}))}`"
+            f" and unaligned `{_name(roles.get('unaligned', {}))}`, computed in fp32. Add it to a "
+            "fine-tune with `resta-fast patch --finetuned FT --vector THIS --beta B`."
+        )
     else:
-        lines.append(f"- Written by `resta-fast {command}` from "
-                     + ", ".join(f"{ROLE_TITLES.get(r, r)} `{_name(i)}`" for r, i in _roles(report)) + ".")
+        lines.append(
+            f"- Written by `resta-fast {command}` from "
+            + ", ".join(f"{ROLE_TITLES.get(r, r)} `{_name(i)}`" for r, i in _roles(report))
+            + "."
+        )
     summary = (report.get("plan") or {}).get("summary") or {}
     if summary.get("tensors") is not None:
-        others = ", ".join(f"{n} {k}" for k, n in sorted(summary.items())
-                           if k not in ("tensors", "files", "patch", "copy"))
-        lines.append(f"- {summary['tensors']} tensors in {summary.get('files', 0)} file(s): "
-                     f"{summary.get('patch', 0)} patched, {summary.get('copy', 0)} copied"
-                     + (f", {others}" if others else "")
-                     + " (each tensor, and why, is in `resta_fast.json` under `plan`).")
+        others = ", ".join(
+            f"{n} {k}" for k, n in sorted(summary.items()) if k not in ("tensors", "files", "patch", "copy")
+        )
+        lines.append(
+            f"- {summary['tensors']} tensors in {summary.get('files', 0)} file(s): "
+            f"{summary.get('patch', 0)} patched, {summary.get('copy', 0)} copied"
+            + (f", {others}" if others else "")
+            + " (each tensor, and why, is in `resta_fast.json` under `plan`)."
+        )
     notes = (report.get("plan") or {}).get("notes") or []
     lines += [f"- Note: {n}" for n in notes]
     return lines
@@ -188,30 +224,49 @@ def _adapter_method(command: str, params: dict, roles: dict, report: dict) -> li
     adapter = _name(roles.get("adapter", {}))
     lines = []
     if command == "merge":
-        return [f"- The LoRA adapter `{adapter}` merged in fp32 into `{_name(roles.get('base', {}))}` "
-                "(W + s·BA), with nothing else changed: the fine-tune as a full model."]
-    pair = f"V = W_aligned − W_unaligned (aligned `{_name(roles.get('aligned', {}))}`, unaligned " \
-           f"`{_name(roles.get('unaligned', {}))}`)"
+        return [
+            f"- The LoRA adapter `{adapter}` merged in fp32 into `{_name(roles.get('base', {}))}` "
+            "(W + s·BA), with nothing else changed: the fine-tune as a full model."
+        ]
+    pair = (
+        f"V = W_aligned − W_unaligned (aligned `{_name(roles.get('aligned', {}))}`, unaligned "
+        f"`{_name(roles.get('unaligned', {}))}`)"
+    )
     section = report.get(command) or {}
     modules = section.get("modules") or []
     if command == "safelora":
         sel = section.get("selection") or {}
-        rule = (f"the {params['num_layers']} modules with the lowest cosine (cos ≤ {sel.get('threshold_used')})"
-                if params.get("num_layers") is not None else f"modules with cos ≤ {params.get('threshold')}")
-        lines.append(f"- Safe LoRA (Hsu et al., 2024) on the LoRA adapter `{adapter}`: per module {pair}, "
-                     f"B' = V(VᵀB)/‖V‖_F; {rule} got lora_B := B' "
-                     f"({section.get('projected', 0)} of {len(modules)} projected).")
+        rule = (
+            f"the {params['num_layers']} modules with the lowest cosine (cos ≤ {sel.get('threshold_used')})"
+            if params.get("num_layers") is not None
+            else f"modules with cos ≤ {params.get('threshold')}"
+        )
+        lines.append(
+            f"- Safe LoRA (Hsu et al., 2024) on the LoRA adapter `{adapter}`: per module {pair}, "
+            f"B' = V(VᵀB)/‖V‖_F; {rule} got lora_B := B' "
+            f"({section.get('projected', 0)} of {len(modules)} projected)."
+        )
     else:
-        lines.append(f"- SafeMERGE (Djuhera et al., 2025) of the LoRA adapter `{adapter}` and the safety adapter "
-                     f"`{_name(roles.get('safety_adapter', {}))}`: layers whose Safe LoRA cosine ({pair}) is "
-                     f"below τ = {params.get('tau')} became {params.get('weights')} × (fine-tune, safety), "
-                     f"{params.get('combination')}" + (f" (density {params['density']}, seed {params.get('seed')})"
-                                                      if params.get("density") is not None else "")
-                     + f"; {section.get('merged', 0)} of {len(modules)} layers merged.")
-    what = ("the full model: " + _name(roles.get("base", {})) + " plus the realigned update"
-            if params.get("merge") else "a PEFT adapter (load it with peft on the aligned model)")
-    lines.append(f"- The output is {what}; every module's cosine and decision is in `resta_fast.json` "
-                 f"under `{command}`.")
+        lines.append(
+            f"- SafeMERGE (Djuhera et al., 2025) of the LoRA adapter `{adapter}` and the safety adapter "
+            f"`{_name(roles.get('safety_adapter', {}))}`: layers whose Safe LoRA cosine ({pair}) is "
+            f"below τ = {params.get('tau')} became {params.get('weights')} × (fine-tune, safety), "
+            f"{params.get('combination')}"
+            + (
+                f" (density {params['density']}, seed {params.get('seed')})"
+                if params.get("density") is not None
+                else ""
+            )
+            + f"; {section.get('merged', 0)} of {len(modules)} layers merged."
+        )
+    what = (
+        "the full model: " + _name(roles.get("base", {})) + " plus the realigned update"
+        if params.get("merge")
+        else "a PEFT adapter (load it with peft on the aligned model)"
+    )
+    lines.append(
+        f"- The output is {what}; every module's cosine and decision is in `resta_fast.json` under `{command}`."
+    )
     return lines
 
 
@@ -220,8 +275,10 @@ def _inputs_table(report: dict) -> list[str]:
     for role, info in _roles(report):
         hub = info.get("hub") or {}
         if hub.get("repo_id"):
-            rows.append(f"| {ROLE_TITLES.get(role, role)} | [{hub['repo_id']}]({HUB_URL}/{hub['repo_id']}) | "
-                        f"{hub.get('revision') or ''} | `{hub.get('commit') or ''}` |")
+            rows.append(
+                f"| {ROLE_TITLES.get(role, role)} | [{hub['repo_id']}]({HUB_URL}/{hub['repo_id']}) | "
+                f"{hub.get('revision') or ''} | `{hub.get('commit') or ''}` |"
+            )
         else:
             rows.append(f"| {ROLE_TITLES.get(role, role)} | `{info.get('path')}` (local) | | |")
     return rows
@@ -243,10 +300,17 @@ def _reproduce(report: dict, command_line: str | None) -> list[str]:
     rebuilt = reproduce_command(report)
     hub = any(info.get("hub") for _, info in _roles(report))
     if rebuilt and (not command_line or hub or isinstance(batch, dict)):
-        lines += [("The same output from one command" if command_line else "A command that writes this output")
-                  + (" (Hub inputs pinned to the commits above" if hub else " (")
-                  + ("; " if hub else "") + "backend, device and thread count do not change a byte):",
-                  "", "```bash", rebuilt, "```", ""]
+        lines += [
+            ("The same output from one command" if command_line else "A command that writes this output")
+            + (" (Hub inputs pinned to the commits above" if hub else " (")
+            + ("; " if hub else "")
+            + "backend, device and thread count do not change a byte):",
+            "",
+            "```bash",
+            rebuilt,
+            "```",
+            "",
+        ]
     if not lines:
         lines += [f"Run `resta-fast {report.get('command')}` on the inputs above with the parameters above.", ""]
     return lines
@@ -255,11 +319,15 @@ def _reproduce(report: dict, command_line: str | None) -> list[str]:
 def _validation(report: dict) -> list[str]:
     verdict = report.get("validation")
     if not isinstance(verdict, dict):
-        return ["This output was not validated when it was written. Evaluate it before release, e.g. "
-                "`resta-fast eval --model DIR --prompts catqa.json --max-harmful 0.05`."]
+        return [
+            "This output was not validated when it was written. Evaluate it before release, e.g. "
+            "`resta-fast eval --model DIR --prompts catqa.json --max-harmful 0.05`."
+        ]
     passed = bool(verdict.get("passed"))
-    lines = [f"Validated while it was written (`--validate-prompts`): the gate **{'PASSED' if passed else 'FAILED'}**"
-             f" ({verdict.get('reason') or 'no reason recorded'})."]
+    lines = [
+        f"Validated while it was written (`--validate-prompts`): the gate **{'PASSED' if passed else 'FAILED'}**"
+        f" ({verdict.get('reason') or 'no reason recorded'})."
+    ]
     if not passed:
         lines[0] += " The output was kept and marked with a `VALIDATION_FAILED` file."
     models = ((verdict.get("summary") or {}).get("models")) or []
@@ -270,8 +338,10 @@ def _validation(report: dict) -> list[str]:
             shown = "n/a" if rate is None else f"{rate:.4f}"
             interval = "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
             judged = (m.get("harmful") or 0) + (m.get("harmless") or 0)
-            lines.append(f"| `{Path(str(m.get('model'))).name}` | {shown} | {interval} | "
-                         f"{m.get('harmful', 0)} / {judged} | {m.get('unparseable', 0)} |")
+            lines.append(
+                f"| `{Path(str(m.get('model'))).name}` | {shown} | {interval} | "
+                f"{m.get('harmful', 0)} / {judged} | {m.get('unparseable', 0)} |"
+            )
     if verdict.get("gate_line"):
         lines += ["", f"`{verdict['gate_line']}`"]
     return lines
@@ -309,32 +379,67 @@ def render_model_card(report: dict, *, command_line: str | None = None) -> str:
         True
     """
     import yaml
+
     command = report.get("command") or "patch"
     roles = dict(_roles(report))
     subject = _short(roles["finetuned"]) if "finetuned" in roles else None
-    title = (f"Safety vector of {_short(roles.get('aligned', {}))}" if command == "vector"
-             else f"{subject}, realigned with RESTA" if command == "patch" and subject
-             else f"{subject}, `resta-fast {command}` output" if subject else f"`resta-fast {command}` output")
+    title = (
+        f"Safety vector of {_short(roles.get('aligned', {}))}"
+        if command == "vector"
+        else f"{subject}, realigned with RESTA"
+        if command == "patch" and subject
+        else f"{subject}, `resta-fast {command}` output"
+        if subject
+        else f"`resta-fast {command}` output"
+    )
     intro = {
         "patch": "This checkpoint is a fine-tune whose safety alignment was restored by adding a safety vector "
-                 "(RESTA: Bhardwaj, Anh & Poria, ACL 2024, *Language Models are Homer Simpson!*): the aligned "
-                 "model minus a copy of it fine-tuned to comply.",
+        "(RESTA: Bhardwaj, Anh & Poria, ACL 2024, *Language Models are Homer Simpson!*): the aligned "
+        "model minus a copy of it fine-tuned to comply.",
         "vector": "This checkpoint is a RESTA safety vector: the aligned model minus a copy of it fine-tuned to "
-                  "comply. It is not a model to run on its own; add it to a fine-tune of the aligned model.",
+        "comply. It is not a model to run on its own; add it to a fine-tune of the aligned model.",
     }.get(command, f"This checkpoint was written by `resta-fast {command}`.")
-    body = [f"# {title}", "", intro, "", "## What was done", "", *_method(report), "",
-            f"Written by resta_fast {report.get('version', '')} (`resta-fast {command}`).", "",
-            "### Inputs", "", *_inputs_table(report), "", "### Parameters", "", *_params_table(report), "",
-            "## How to reproduce", "", *_reproduce(report, command_line),
-            "## Files and checksums", "",
-            "`resta_fast.json` in this directory lists the sha256 of every file (this card included), the full "
-            "plan and the inputs' fingerprints. `resta-fast verify DIR` re-checks the files; "
-            "`resta-fast verify DIR --against` also recomputes a sample of elements from the inputs, bit for bit.",
-            "", "## Safety validation", "", *_validation(report), ""]
+    body = [
+        f"# {title}",
+        "",
+        intro,
+        "",
+        "## What was done",
+        "",
+        *_method(report),
+        "",
+        f"Written by resta_fast {report.get('version', '')} (`resta-fast {command}`).",
+        "",
+        "### Inputs",
+        "",
+        *_inputs_table(report),
+        "",
+        "### Parameters",
+        "",
+        *_params_table(report),
+        "",
+        "## How to reproduce",
+        "",
+        *_reproduce(report, command_line),
+        "## Files and checksums",
+        "",
+        "`resta_fast.json` in this directory lists the sha256 of every file (this card included), the full "
+        "plan and the inputs' fingerprints. `resta-fast verify DIR` re-checks the files; "
+        "`resta-fast verify DIR --against` also recomputes a sample of elements from the inputs, bit for bit.",
+        "",
+        "## Safety validation",
+        "",
+        *_validation(report),
+        "",
+    ]
     source = _source_card(report)
     if source:
-        body += ["## The fine-tune's own card" if "finetuned" in roles else "## The aligned model's own card", "",
-                 *source, ""]
+        body += [
+            "## The fine-tune's own card" if "finetuned" in roles else "## The aligned model's own card",
+            "",
+            *source,
+            "",
+        ]
     meta = yaml.safe_dump(front_matter(report), sort_keys=False, allow_unicode=True)
     return f"---\n{meta}---\n\n" + "\n".join(body)
 
@@ -353,6 +458,7 @@ def write_model_card(out_dir, report: dict, *, command_line: str | None = None) 
         >>> report["files"]["README.md"] = write_model_card(tmp, report)  # doctest: +SKIP
     """
     from resta_fast.io.digest import sha256_file
+
     path = Path(out_dir) / CARD_NAME
     path.write_text(render_model_card(report, command_line=command_line), encoding="utf-8")
     return sha256_file(path)

@@ -22,42 +22,67 @@ from resta_fast.io.hub import HUB_RULE
 from resta_fast.options import BACKEND_CHOICES, STAGING_CHOICES
 
 HUB_EPILOG = textwrap.fill(f"Models and adapters are local paths or Hugging Face Hub ids: {HUB_RULE}.", 79) + "\n"
-PATCH_EPILOG = HUB_EPILOG + """
+PATCH_EPILOG = (
+    HUB_EPILOG
+    + """
 --no-fsync skips flushing the output to disk before the final rename: faster,
 but after a power loss or kernel crash the output directory may exist with
 incomplete or zeroed data. Use it for throwaway outputs only.
 """
+)
 
 
 def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--finetuned", required=True, metavar="MODEL",
-                   help="fine-tuned model dir, .safetensors file or PEFT LoRA adapter; or a Hub id")
-    p.add_argument("--aligned", metavar="MODEL",
-                   help="the safety-aligned model the fine-tune started from (path or Hub id)")
-    p.add_argument("--unaligned", metavar="MODEL",
-                   help="the aligned model fine-tuned to comply (shadow model; path or Hub id)")
-    p.add_argument("--vector", metavar="MODEL",
-                   help="precomputed safety vector (from `resta-fast vector`; path or Hub id)")
+    p.add_argument(
+        "--finetuned",
+        required=True,
+        metavar="MODEL",
+        help="fine-tuned model dir, .safetensors file or PEFT LoRA adapter; or a Hub id",
+    )
+    p.add_argument(
+        "--aligned", metavar="MODEL", help="the safety-aligned model the fine-tune started from (path or Hub id)"
+    )
+    p.add_argument(
+        "--unaligned", metavar="MODEL", help="the aligned model fine-tuned to comply (shadow model; path or Hub id)"
+    )
+    p.add_argument(
+        "--vector", metavar="MODEL", help="precomputed safety vector (from `resta-fast vector`; path or Hub id)"
+    )
     p.add_argument("--beta", type=A.finite, default=1.0, help="scale of the safety vector (default 1.0)")
     p.add_argument("--dare", type=A.probability, metavar="P", help="DARE drop probability for the fine-tune delta")
     p.add_argument("--seed", type=A.seed, default=0, help="DARE seed (default 0)")
     p.add_argument("--dare-base", metavar="MODEL", help="DARE base model (default: --aligned)")
-    p.add_argument("--include", action="append", default=[], metavar="REGEX",
-                   help="patch only tensors matching (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
-                   help="never patch tensors matching (repeatable)")
-    p.add_argument("--beta-rule", action="append", default=[], metavar="REGEX=BETA",
-                   help="per-pattern beta; the first matching rule wins (repeatable)")
+    p.add_argument(
+        "--include", action="append", default=[], metavar="REGEX", help="patch only tensors matching (repeatable)"
+    )
+    p.add_argument(
+        "--exclude", action="append", default=[], metavar="REGEX", help="never patch tensors matching (repeatable)"
+    )
+    p.add_argument(
+        "--beta-rule",
+        action="append",
+        default=[],
+        metavar="REGEX=BETA",
+        help="per-pattern beta; the first matching rule wins (repeatable)",
+    )
     p.add_argument("--dtype", help="output dtype (bfloat16, float16, float32; default: fine-tune's)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--threads", type=A.count, help="CPU kernel threads (default: all cores but the writer's)")
-    p.add_argument("--staging", default="auto", choices=STAGING_CHOICES,
-                   help="how inputs are read: mmap (zero-copy; the CPU default, measured faster), read (reader "
-                        "threads pread into reusable buffers, so an input truncated mid-run is a clean error; "
-                        "the GPU default)")
-    p.add_argument("--gpu-pool-mb", type=A.count, default=256,
-                   help="pinned host (and device) staging memory for --device cuda (default 256)")
+    p.add_argument(
+        "--staging",
+        default="auto",
+        choices=STAGING_CHOICES,
+        help="how inputs are read: mmap (zero-copy; the CPU default, measured faster), read (reader "
+        "threads pread into reusable buffers, so an input truncated mid-run is a clean error; "
+        "the GPU default)",
+    )
+    p.add_argument(
+        "--gpu-pool-mb",
+        type=A.count,
+        default=256,
+        help="pinned host (and device) staging memory for --device cuda (default 256)",
+    )
 
 
 CORE_COMMANDS = ("patch", "vector", "env")
@@ -66,10 +91,15 @@ CORE_COMMANDS = ("patch", "vector", "env")
 def add_validation_args(p: argparse.ArgumentParser) -> None:
     """The validate-while-patching flags shared by ``patch`` and ``batch``."""
     g = p.add_argument_group("validate while patching (needs the [eval] extra)")
-    g.add_argument("--validate-prompts", action="append", metavar="FILE",
-                   help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails")
-    g.add_argument("--validate-utility", metavar="FILE", type=A.existing_file,
-                   help="prompt/answer JSONL for exact-match utility")
+    g.add_argument(
+        "--validate-prompts",
+        action="append",
+        metavar="FILE",
+        help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails",
+    )
+    g.add_argument(
+        "--validate-utility", metavar="FILE", type=A.existing_file, help="prompt/answer JSONL for exact-match utility"
+    )
     g.add_argument("--validate-perplexity", metavar="FILE", type=A.existing_file, help="text file for perplexity")
     g.add_argument("--max-harmful", type=A.rate, help="highest acceptable harmful rate (e.g. 0.05)")
     g.add_argument("--max-utility-drop", type=A.nonnegative, help="highest acceptable utility drop vs the fine-tune")
@@ -79,17 +109,28 @@ def add_validation_args(p: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``command`` (argv's first word) skips importing the
     optional subcommand modules when a core command is run (fast start-up)."""
-    parser = A.Parser(prog="resta-fast", description=(
-        "Restore safety to fine-tuned language models (RESTA): "
-        "θ = θ_finetuned + β·(θ_aligned − θ_unaligned), optionally after DARE."))
+    parser = A.Parser(
+        prog="resta-fast",
+        description=(
+            "Restore safety to fine-tuned language models (RESTA): "
+            "θ = θ_finetuned + β·(θ_aligned − θ_unaligned), optionally after DARE."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"resta_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("patch", help="realign a fine-tuned checkpoint", epilog=PATCH_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "patch",
+        help="realign a fine-tuned checkpoint",
+        epilog=PATCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_common_patch_args(p)
-    p.add_argument("--base", metavar="MODEL",
-                   help="for a LoRA adapter as --finetuned: the model it was trained on (default: --aligned)")
+    p.add_argument(
+        "--base",
+        metavar="MODEL",
+        help="for a LoRA adapter as --finetuned: the model it was trained on (default: --aligned)",
+    )
     p.add_argument("--out", required=True, type=A.creatable_dir, help="output directory (written atomically)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -101,8 +142,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     v = sub.add_parser("vector", help="write the safety vector aligned − unaligned", epilog=HUB_EPILOG)
     v.add_argument("--aligned", required=True, metavar="MODEL", help="aligned model (path or Hub id)")
-    v.add_argument("--unaligned", required=True, metavar="MODEL",
-                   help="unaligned (shadow) model (path or Hub id)")
+    v.add_argument("--unaligned", required=True, metavar="MODEL", help="unaligned (shadow) model (path or Hub id)")
     v.add_argument("--out", required=True, type=A.creatable_dir)
     v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
     v.add_argument("--overwrite", action="store_true")
@@ -123,13 +163,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _add_optional_subcommands(sub) -> None:
     """Subcommands living in sibling packages (eval, demo, batch ...)."""
     import importlib
-    for module, adders in (("resta_fast.eval.cli", ("add_eval_parser", "add_tune_parser")),
-                           ("resta_fast.eval.compare_cli", ("add_compare_parser",)),
-                           ("resta_fast.demo.cli", ("add_demo_parser",)),
-                           ("resta_fast.batch.cli", ("add_batch_parser",)),
-                           ("resta_fast.inspect_cli", ("add_inspect_parser",)),
-                           ("resta_fast.realign_cli", ("add_safelora_parser", "add_safemerge_parser")),
-                           ("resta_fast.verify_cli", ("add_verify_parser",))):
+
+    for module, adders in (
+        ("resta_fast.eval.cli", ("add_eval_parser", "add_tune_parser")),
+        ("resta_fast.eval.compare_cli", ("add_compare_parser",)),
+        ("resta_fast.demo.cli", ("add_demo_parser",)),
+        ("resta_fast.batch.cli", ("add_batch_parser",)),
+        ("resta_fast.inspect_cli", ("add_inspect_parser",)),
+        ("resta_fast.realign_cli", ("add_safelora_parser", "add_safemerge_parser")),
+        ("resta_fast.verify_cli", ("add_verify_parser",)),
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -150,9 +193,12 @@ def _print_result(report: dict, as_json: bool) -> None:
     s = report["plan"]["summary"]
     st = report["stats"]
     rate = st["bytes_written"] / max(st["seconds"], 1e-9) / 1e9
-    print(f"wrote {report['out']}: {s.get('patch', 0)} tensors patched, {s.get('copy', 0)} copied, "
-          f"{st['bytes_written'] / 1e9:.2f} GB in {st['seconds']:.2f} s ({rate:.2f} GB/s, "
-          f"backend {report['backend']})", file=sys.stderr)
+    print(
+        f"wrote {report['out']}: {s.get('patch', 0)} tensors patched, {s.get('copy', 0)} copied, "
+        f"{st['bytes_written'] / 1e9:.2f} GB in {st['seconds']:.2f} s ({rate:.2f} GB/s, "
+        f"backend {report['backend']})",
+        file=sys.stderr,
+    )
     for note in report["plan"]["notes"]:
         print(f"note: {note}", file=sys.stderr)
 
@@ -165,10 +211,15 @@ def validation_options(args) -> dict | None:
         return None
     if args.max_harmful is None:
         raise RestaError("--validate-prompts needs --max-harmful R (the gate's harmful-rate threshold)")
-    return {"prompts": args.validate_prompts, "utility": args.validate_utility,
-            "perplexity": args.validate_perplexity, "max_harmful": args.max_harmful,
-            "max_utility_drop": args.max_utility_drop, "max_new_tokens": args.validate_max_new_tokens,
-            "progress": not args.no_progress and sys.stderr.isatty()}
+    return {
+        "prompts": args.validate_prompts,
+        "utility": args.validate_utility,
+        "perplexity": args.validate_perplexity,
+        "max_harmful": args.max_harmful,
+        "max_utility_drop": args.max_utility_drop,
+        "max_new_tokens": args.validate_max_new_tokens,
+        "progress": not args.no_progress and sys.stderr.isatty(),
+    }
 
 
 def make_validator(options: dict | None, finetuned):
@@ -176,22 +227,42 @@ def make_validator(options: dict | None, finetuned):
     if not options:
         return None
     from resta_fast.eval.runner import make_validator as build
+
     return build(options, finetuned)
 
 
 def cmd_patch(args) -> int:
     from resta_fast import api
+
     checks = validation_options(args)
     validate = None if args.dry_run else make_validator(checks, args.finetuned)
     report = api.patch(
-        args.finetuned, args.out, aligned=args.aligned, unaligned=args.unaligned, vector=args.vector,
-        beta=args.beta, dare=args.dare, seed=args.seed, dare_base=args.dare_base,
-        include=args.include, exclude=args.exclude, beta_rules=args.beta_rule, dtype=args.dtype,
-        backend=args.backend, device=args.device, threads=args.threads, overwrite=args.overwrite,
-        fsync=not args.no_fsync, dry_run=args.dry_run, gpu_pool_bytes=args.gpu_pool_mb << 20,
-        validate=validate, staging=args.staging,
-        progress=not args.no_progress and sys.stderr.isatty(), base=args.base,
-        command_line=getattr(args, "command_line", None))
+        args.finetuned,
+        args.out,
+        aligned=args.aligned,
+        unaligned=args.unaligned,
+        vector=args.vector,
+        beta=args.beta,
+        dare=args.dare,
+        seed=args.seed,
+        dare_base=args.dare_base,
+        include=args.include,
+        exclude=args.exclude,
+        beta_rules=args.beta_rule,
+        dtype=args.dtype,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        fsync=not args.no_fsync,
+        dry_run=args.dry_run,
+        gpu_pool_bytes=args.gpu_pool_mb << 20,
+        validate=validate,
+        staging=args.staging,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        base=args.base,
+        command_line=getattr(args, "command_line", None),
+    )
     _print_result(report, args.json)
     validation = report.get("validation")
     if validation is not None:
@@ -202,10 +273,17 @@ def cmd_patch(args) -> int:
 
 def cmd_vector(args) -> int:
     from resta_fast import api
-    report = api.make_vector(args.aligned, args.unaligned, args.out, dtype=args.dtype,
-                             overwrite=args.overwrite, fsync=not args.no_fsync,
-                             progress=not args.no_progress and sys.stderr.isatty(),
-                             command_line=getattr(args, "command_line", None))
+
+    report = api.make_vector(
+        args.aligned,
+        args.unaligned,
+        args.out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        fsync=not args.no_fsync,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        command_line=getattr(args, "command_line", None),
+    )
     _print_result(report, args.json)
     return 0
 
@@ -215,8 +293,13 @@ def environment() -> dict:
     import torch
 
     from resta_fast.kernels import backend_status
-    info = {"resta_fast": __version__, "python": platform.python_version(),
-            "platform": platform.platform(), "torch": torch.__version__}
+
+    info = {
+        "resta_fast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
     for mod in ("safetensors", "numpy", "triton", "transformers"):
         try:
             info[mod] = __import__(mod).__version__
@@ -225,6 +308,7 @@ def environment() -> dict:
     info["backends"] = backend_status()
     try:
         from resta_fast.kernels import cpp
+
         info["native"] = cpp.build_info()
     except Exception as exc:  # noqa: BLE001 - reported, never fatal
         info["native"] = f"not loaded: {exc}"
@@ -237,11 +321,15 @@ def environment() -> dict:
                     break
     except OSError:
         pass
-    info["cpu"] = {"cores": __import__("os").cpu_count(),
-                   "features": sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw",
-                                               "avx512_bf16", "sha_ni"})}
-    info["cuda"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                    if torch.cuda.is_available() else "no CUDA device visible")
+    info["cpu"] = {
+        "cores": __import__("os").cpu_count(),
+        "features": sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "sha_ni"}),
+    }
+    info["cuda"] = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else "no CUDA device visible"
+    )
     return info
 
 
@@ -275,6 +363,7 @@ def main(argv=None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         from resta_fast.pipeline.interrupt import stop_signal
+
         signum = stop_signal()
         what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         print(f"resta-fast: {what}; partial output removed", file=sys.stderr)

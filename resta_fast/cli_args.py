@@ -47,11 +47,13 @@ def _number(text: str, kind, what: str):
 
 def _bounded(kind, what: str, ok, doc: str):
     """A ``type=`` callable: ``kind`` (int or finite float) satisfying ``ok``."""
+
     def check(text: str):
         value = _number(text, kind, what)
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
+
     check.__doc__ = doc
     return check
 

@@ -59,13 +59,16 @@ def describe_model(path) -> dict:
             tied = "no"
         no_format = [f for f, sf in ck.files.items() if sf.metadata.get("format") != "pt"]
         return {
-            "path": str(ck.path), "kind": "model",
+            "path": str(ck.path),
+            "kind": "model",
             "architecture": (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0],
             "model_type": cfg.get("model_type"),
             "config_dtype": cfg.get("torch_dtype") or cfg.get("dtype"),
             "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
-            "tensors": len(ck.location), "parameters": params,
-            "files": list(ck.files), "layers": cfg.get("num_hidden_layers"),
+            "tensors": len(ck.location),
+            "parameters": params,
+            "files": list(ck.files),
+            "layers": cfg.get("num_hidden_layers"),
             "tied_embeddings": tied,
             "vocab_size": cfg.get("vocab_size"),
             "embedding_rows": ck.info(embed).shape[0] if embed else None,
@@ -79,19 +82,25 @@ def describe_model(path) -> dict:
 
 def _describe_adapter(path: Path) -> dict:
     from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter
+
     ad = LoraAdapter(path)
     try:
-        modules = {re.sub(r"\.lora_(embedding_)?[AB](\..*)?$", "", k)
-                   for k in ad.file.tensors if ".lora_" in k}
+        modules = {re.sub(r"\.lora_(embedding_)?[AB](\..*)?$", "", k) for k in ad.file.tensors if ".lora_" in k}
         full = [k for k in ad.file.tensors if ".lora_" not in k and "original_module" not in k]
         return {
-            "path": str(path), "kind": "lora adapter",
+            "path": str(path),
+            "kind": "lora adapter",
             "base_model_name_or_path": ad.config.get("base_model_name_or_path"),
-            "r": ad.r, "lora_alpha": ad.alpha, "use_rslora": ad.use_rslora,
-            "fan_in_fan_out": ad.fan_in_fan_out, "rank_pattern": ad.rank_pattern,
-            "alpha_pattern": ad.alpha_pattern, "target_modules": ad.config.get("target_modules"),
+            "r": ad.r,
+            "lora_alpha": ad.alpha,
+            "use_rslora": ad.use_rslora,
+            "fan_in_fan_out": ad.fan_in_fan_out,
+            "rank_pattern": ad.rank_pattern,
+            "alpha_pattern": ad.alpha_pattern,
+            "target_modules": ad.config.get("target_modules"),
             "modules_to_save": ad.config.get("modules_to_save"),
-            "lora_modules": len(modules), "full_tensors": len(full),
+            "lora_modules": len(modules),
+            "full_tensors": len(full),
             "adapter_parameters": sum(i.numel for i in ad.file.tensors.values()),
             "files": [ADAPTER_WEIGHTS],
         }
@@ -106,8 +115,19 @@ def group_plan(plan) -> list[dict]:
         pattern = _LAYER_INDEX.sub("*", t.name)
         dtype = t.in_dtype if t.in_dtype == t.out_dtype else f"{t.in_dtype}->{t.out_dtype}"
         key = (pattern, t.action, t.beta, dtype, _LAYER_INDEX.sub("*", t.reason))
-        g = groups.setdefault(key, {"pattern": pattern, "action": t.action, "beta": t.beta, "dtype": dtype,
-                                    "reason": key[4], "count": 0, "shapes": [], "elements": 0})
+        g = groups.setdefault(
+            key,
+            {
+                "pattern": pattern,
+                "action": t.action,
+                "beta": t.beta,
+                "dtype": dtype,
+                "reason": key[4],
+                "count": 0,
+                "shapes": [],
+                "elements": 0,
+            },
+        )
         g["count"] += 1
         g["elements"] += t.numel
         if list(t.shape) not in g["shapes"]:
@@ -115,8 +135,20 @@ def group_plan(plan) -> list[dict]:
     return list(groups.values())
 
 
-def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, beta=1.0, include=(),
-            exclude=(), beta_rules=(), dtype=None, dare_base=None) -> dict:
+def inspect(
+    models,
+    *,
+    aligned=None,
+    unaligned=None,
+    vector=None,
+    base=None,
+    beta=1.0,
+    include=(),
+    exclude=(),
+    beta_rules=(),
+    dtype=None,
+    dare_base=None,
+) -> dict:
     """Describe each model and, given a fine-tune plus aligned/unaligned (or a
     vector), the plan a patch would run.
 
@@ -128,6 +160,7 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
     from resta_fast.lora import is_adapter
+
     models = list(models)
     if not models:
         raise RestaError("inspect needs at least one model directory")
@@ -138,16 +171,23 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
     if unaligned is None and vector is None and rest:
         unaligned = rest.pop(0)
     if rest:
-        raise RestaError(f"inspect takes at most 3 positional models (finetuned, aligned, unaligned); "
-                         f"extra: {', '.join(map(str, rest))}")
+        raise RestaError(
+            f"inspect takes at most 3 positional models (finetuned, aligned, unaligned); "
+            f"extra: {', '.join(map(str, rest))}"
+        )
     from resta_fast.io.hub import Resolver
+
     resolve = Resolver()
 
     def local(path, role: str, kind: str = "model"):  # a Hub id -> its cache snapshot (io.hub.HUB_RULE)
         found = None if path is None else resolve(path, role, kind=kind)
         return str(found.path) if found is not None and found.is_hub else path
-    ft_path, aligned, unaligned = local(ft_path, "finetuned", "any"), local(aligned, "aligned"), \
-        local(unaligned, "unaligned")
+
+    ft_path, aligned, unaligned = (
+        local(ft_path, "finetuned", "any"),
+        local(aligned, "aligned"),
+        local(unaligned, "unaligned"),
+    )
     vector, base, dare_base = local(vector, "vector"), local(base, "base"), local(dare_base, "dare base")
     seen = []
     for p in [ft_path, aligned, unaligned, vector, base, dare_base]:
@@ -163,16 +203,27 @@ def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, bet
     try:
         from resta_fast import api
         from resta_fast.options import PatchOptions, resolve_roles
+
         options = PatchOptions(beta=beta, include=include, exclude=exclude, beta_rules=beta_rules, dtype=dtype)
         # With no unaligned model the fine-tune is checked against the aligned one alone.
-        roles = resolve_roles(ft_path, aligned=aligned, unaligned=aligned if compat_only else unaligned,
-                              vector=vector, base=base, dare_base=dare_base, dare=dare_base is not None)
+        roles = resolve_roles(
+            ft_path,
+            aligned=aligned,
+            unaligned=aligned if compat_only else unaligned,
+            vector=vector,
+            base=base,
+            dare_base=dare_base,
+            dare=dare_base is not None,
+        )
         with ExitStack() as stack:
             _, inputs = api.open_roles(roles, api.Opener(stack), dare=dare_base is not None)
             plan = api.plan_patch(inputs, options)
             if compat_only:
-                plan.notes.insert(0, "no unaligned model given: checked the fine-tune against the aligned "
-                                     "model only (names, shapes, dtypes)")
+                plan.notes.insert(
+                    0,
+                    "no unaligned model given: checked the fine-tune against the aligned "
+                    "model only (names, shapes, dtypes)",
+                )
             result["plan"] = {**plan.to_json(), "groups": group_plan(plan), "table": plan.format_table()}
     except RestaError as exc:
         result["plan_error"] = exc.render(cli_flag)  # inspect's flags are patch's
@@ -193,10 +244,11 @@ def format_report(result: dict, tensors: bool = False) -> str:
         lines.append(f"{m['path']}  ({m['kind']})")
         if m["kind"] == "lora adapter":
             scale = "alpha/sqrt(r)" if m["use_rslora"] else "alpha/r"
-            lines += [f"  LoRA r={m['r']} alpha={m['lora_alpha']} (scale {scale}), "
-                      f"fan_in_fan_out={m['fan_in_fan_out']}",
-                      f"  targets: {m['target_modules']}; {m['lora_modules']} LoRA module(s), "
-                      f"{m['full_tensors']} full tensor(s) (modules_to_save: {m['modules_to_save']})"]
+            lines += [
+                f"  LoRA r={m['r']} alpha={m['lora_alpha']} (scale {scale}), fan_in_fan_out={m['fan_in_fan_out']}",
+                f"  targets: {m['target_modules']}; {m['lora_modules']} LoRA module(s), "
+                f"{m['full_tensors']} full tensor(s) (modules_to_save: {m['modules_to_save']})",
+            ]
             if m["rank_pattern"] or m["alpha_pattern"]:
                 lines.append(f"  rank_pattern: {m['rank_pattern']}  alpha_pattern: {m['alpha_pattern']}")
             if m["base_model_name_or_path"]:
@@ -206,30 +258,40 @@ def format_report(result: dict, tensors: bool = False) -> str:
         dtypes = ", ".join(f"{d} x{n}" for d, n in m["dtypes"].items())
         files = m["files"]
         shard = f"{len(files)} file(s): {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
-        lines += [f"  architecture: {m['architecture']}  layers: {m['layers']}",
-                  f"  tensors: {m['tensors']}  parameters: {_human(m['parameters'])}  dtypes: {dtypes}",
-                  f"  {shard}",
-                  f"  vocab: config {m['vocab_size']}, embedding rows {m['embedding_rows']}",
-                  f"  tied embeddings: {m['tied_embeddings']}"]
+        lines += [
+            f"  architecture: {m['architecture']}  layers: {m['layers']}",
+            f"  tensors: {m['tensors']}  parameters: {_human(m['parameters'])}  dtypes: {dtypes}",
+            f"  {shard}",
+            f"  vocab: config {m['vocab_size']}, embedding rows {m['embedding_rows']}",
+            f"  tied embeddings: {m['tied_embeddings']}",
+        ]
         if m["quantization"]:
             lines.append(f"  QUANTIZED: {m['quantization']} (cannot be patched)")
         if m["missing_format_metadata"]:
-            lines.append(f"  no {{'format': 'pt'}} metadata in {len(m['missing_format_metadata'])} file(s) "
-                         "(accepted; the output always has it)")
+            lines.append(
+                f"  no {{'format': 'pt'}} metadata in {len(m['missing_format_metadata'])} file(s) "
+                "(accepted; the output always has it)"
+            )
     if result["plan_error"]:
         lines += ["", f"plan: cannot patch: {result['plan_error']}"]
     elif result["plan"]:
         plan = result["plan"]
-        lines += ["", "plan (by tensor group):",
-                  f"  {'count':>5}  {'action':6}  {'beta':>5}  {'dtype':11}  group  (reason)"]
+        lines += [
+            "",
+            "plan (by tensor group):",
+            f"  {'count':>5}  {'action':6}  {'beta':>5}  {'dtype':11}  group  (reason)",
+        ]
         for g in plan["groups"]:
             beta = "" if g["beta"] is None else f"{g['beta']:g}"
             shape = str(g["shapes"][0]) if len(g["shapes"]) == 1 else f"{len(g['shapes'])} shapes"
-            lines.append(f"  {g['count']:>5}  {g['action']:6}  {beta:>5}  {g['dtype']:11}  {g['pattern']} "
-                         f"{shape}" + (f"  ({g['reason']})" if g["reason"] else ""))
+            lines.append(
+                f"  {g['count']:>5}  {g['action']:6}  {beta:>5}  {g['dtype']:11}  {g['pattern']} "
+                f"{shape}" + (f"  ({g['reason']})" if g["reason"] else "")
+            )
         s = plan["summary"]
-        lines.append(f"  {s['tensors']} tensors in {s['files']} file(s): {s.get('patch', 0)} patched, "
-                     f"{s.get('copy', 0)} copied")
+        lines.append(
+            f"  {s['tensors']} tensors in {s['files']} file(s): {s.get('patch', 0)} patched, {s.get('copy', 0)} copied"
+        )
         lines += [f"  note: {n}" for n in plan["notes"]]
         if tensors:
             lines += ["", plan["table"]]
@@ -239,13 +301,19 @@ def format_report(result: dict, tensors: bool = False) -> str:
 def add_inspect_parser(subparsers) -> None:
     """Register ``inspect`` on the CLI's subparsers."""
     p = subparsers.add_parser(
-        "inspect", help="describe checkpoints and what a patch would do (no output written)",
+        "inspect",
+        help="describe checkpoints and what a patch would do (no output written)",
         description="Describe each model; with a fine-tune plus aligned/unaligned (or --vector), "
-                    "print the patch plan grouped by layer pattern. Positional models are "
-                    "finetuned, aligned, unaligned in that order.")
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="finetuned [aligned [unaligned]]: directories or Hugging Face Hub ids (an existing local "
-                        "path wins; otherwise ORG/NAME[@REV] or hf://ORG/NAME[@REV] is a Hub id)")
+        "print the patch plan grouped by layer pattern. Positional models are "
+        "finetuned, aligned, unaligned in that order.",
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="finetuned [aligned [unaligned]]: directories or Hugging Face Hub ids (an existing local "
+        "path wins; otherwise ORG/NAME[@REV] or hf://ORG/NAME[@REV] is a Hub id)",
+    )
     p.add_argument("--aligned")
     p.add_argument("--unaligned")
     p.add_argument("--vector")
@@ -263,9 +331,19 @@ def add_inspect_parser(subparsers) -> None:
 
 def cmd_inspect(args) -> int:
     """Exit 0, or 2 when the plan cannot be built (the reason is printed)."""
-    result = inspect(args.models, aligned=args.aligned, unaligned=args.unaligned, vector=args.vector,
-                     base=args.base, beta=args.beta, include=args.include, exclude=args.exclude,
-                     beta_rules=args.beta_rule, dtype=args.dtype, dare_base=args.dare_base)
+    result = inspect(
+        args.models,
+        aligned=args.aligned,
+        unaligned=args.unaligned,
+        vector=args.vector,
+        base=args.base,
+        beta=args.beta,
+        include=args.include,
+        exclude=args.exclude,
+        beta_rules=args.beta_rule,
+        dtype=args.dtype,
+        dare_base=args.dare_base,
+    )
     if args.json:
         if result["plan"]:
             result["plan"].pop("table")

@@ -48,7 +48,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY_PREFIXES = ("base_model.model.", "base_model.")
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?:lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)"
-    r"|lora_embedding_(?P<eab>A|B)(?:\.(?P<eadapter>[^.]+))?)$")
+    r"|lora_embedding_(?P<eab>A|B)(?:\.(?P<eadapter>[^.]+))?)$"
+)
 # Adapter parts whose merge is not W + s·BA: refuse rather than write a wrong model.
 _UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora) rescales each merged column by a learned magnitude",
@@ -91,12 +92,12 @@ def _pattern_key(patterns, module: str) -> str | None:
 class LoraModule:
     """One targeted base tensor and how its adapter delta is computed."""
 
-    module: str          # module name inside the adapter (prefixes stripped)
-    target: str          # base tensor the delta is added to
-    a: str               # adapter key of A (r × in) or lora_embedding_A (r × vocab)
-    b: str               # adapter key of B (out × r) or lora_embedding_B (dim × r)
-    scaling: float       # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (a Python float, as peft)
-    transpose: bool      # delta is (B @ A)ᵀ: fan_in_fan_out (GPT-2 Conv1D) or an embedding
+    module: str  # module name inside the adapter (prefixes stripped)
+    target: str  # base tensor the delta is added to
+    a: str  # adapter key of A (r × in) or lora_embedding_A (r × vocab)
+    b: str  # adapter key of B (out × r) or lora_embedding_B (dim × r)
+    scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (a Python float, as peft)
+    transpose: bool  # delta is (B @ A)ᵀ: fan_in_fan_out (GPT-2 Conv1D) or an embedding
     kind: str = "linear"  # "linear" or "embedding"
     bias: str | None = None  # adapter key of lora_B.bias (lora_bias=true)
 
@@ -115,8 +116,9 @@ class LoraAdapter:
         try:
             self.config = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as exc:
-            raise RestaError(f"{cfg_path}: cannot read the adapter config ({exc}); re-save the adapter "
-                             "with peft's save_pretrained") from None
+            raise RestaError(
+                f"{cfg_path}: cannot read the adapter config ({exc}); re-save the adapter with peft's save_pretrained"
+            ) from None
         if not isinstance(self.config, dict):
             raise RestaError(f"{cfg_path}: expected a JSON object")
         self._check_config(cfg_path)
@@ -127,9 +129,9 @@ class LoraAdapter:
                 raise RestaError(
                     f"{self.path}: the adapter weights are pickle ({bins[0]}); resta_fast does not unpickle "
                     "untrusted files. Convert once: PeftModel.from_pretrained(base, dir)"
-                    ".save_pretrained(out, safe_serialization=True)")
-            raise RestaError(f"{self.path}: no {ADAPTER_WEIGHTS}; expected a PEFT adapter saved with "
-                             "save_pretrained")
+                    ".save_pretrained(out, safe_serialization=True)"
+                )
+            raise RestaError(f"{self.path}: no {ADAPTER_WEIGHTS}; expected a PEFT adapter saved with save_pretrained")
         self.file = SafetensorsFile(weights)
         self.r = self._positive_int("r")
         self.alpha = self.config.get("lora_alpha", 8)
@@ -143,14 +145,18 @@ class LoraAdapter:
     def _check_config(self, cfg_path: Path) -> None:
         peft_type = str(self.config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
-            raise RestaError(f"{cfg_path}: peft_type {peft_type} is not supported; only LoRA adapters "
-                             "can be merged in-stream. Merge it with peft (merge_and_unload), save the "
-                             "full model, and pass that as --finetuned")
+            raise RestaError(
+                f"{cfg_path}: peft_type {peft_type} is not supported; only LoRA adapters "
+                "can be merged in-stream. Merge it with peft (merge_and_unload), save the "
+                "full model, and pass that as --finetuned"
+            )
         for key, what in _UNSUPPORTED_CONFIG.items():
             if self.config.get(key):
-                raise RestaError(f"{cfg_path}: {what} is not supported: its merge is not W + s·(B@A), "
-                                 "so an in-stream merge would be silently wrong. Merge it with peft "
-                                 "(merge_and_unload), save the full model, and pass that as --finetuned")
+                raise RestaError(
+                    f"{cfg_path}: {what} is not supported: its merge is not W + s·(B@A), "
+                    "so an in-stream merge would be silently wrong. Merge it with peft "
+                    "(merge_and_unload), save the full model, and pass that as --finetuned"
+                )
 
     def _positive_int(self, key: str) -> int:
         value = self.config.get(key, 8)
@@ -161,23 +167,31 @@ class LoraAdapter:
     def _pattern(self, key: str) -> dict:
         value = self.config.get(key) or {}
         if not isinstance(value, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+        ):
             raise RestaError(f"{self.path / ADAPTER_CONFIG}: {key} must map module patterns to numbers")
         for pattern in value:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise RestaError(f"{self.path / ADAPTER_CONFIG}: {key} pattern {pattern!r} is not a "
-                                 f"valid regular expression ({exc})") from None
+                raise RestaError(
+                    f"{self.path / ADAPTER_CONFIG}: {key} pattern {pattern!r} is not a valid regular expression ({exc})"
+                ) from None
         return value
 
     def fingerprint(self) -> dict:
         """Cheap identity: the weights file's size, mtime and header hash; the config's sha256."""
         import hashlib
+
         f = self.file
-        return {f.path.name: {"bytes": f.size, "mtime_ns": f.stat.st_mtime_ns,
-                              "header_sha256": hashlib.sha256(f.header_bytes).hexdigest()},
-                ADAPTER_CONFIG: {"sha256": hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes()).hexdigest()}}
+        return {
+            f.path.name: {
+                "bytes": f.size,
+                "mtime_ns": f.stat.st_mtime_ns,
+                "header_sha256": hashlib.sha256(f.header_bytes).hexdigest(),
+            },
+            ADAPTER_CONFIG: {"sha256": hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes()).hexdigest()},
+        }
 
     def check_unchanged(self) -> None:
         self.file.check_unchanged()
@@ -216,7 +230,7 @@ def _full_tensor_target(rel: str) -> tuple[str | None, int]:
 def _strip_prefix(key: str) -> str:
     for prefix in _KEY_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -243,8 +257,9 @@ class LoraFinetuned:
         >>> plan = build_plan(ft, aligned=al, unaligned=un)    # doctest: +SKIP
     """
 
-    def __init__(self, adapter, base: Checkpoint, role: str = "finetuned", *, replace=None, delta=None,
-                 base_flag: str = "--base"):
+    def __init__(
+        self, adapter, base: Checkpoint, role: str = "finetuned", *, replace=None, delta=None, base_flag: str = "--base"
+    ):
         self.role = role
         self.base_flag = base_flag  # how the user named the base, for errors
         self.adapter = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
@@ -262,11 +277,13 @@ class LoraFinetuned:
         self._tmp: Path | None = None
         quant = base.quantization()
         if quant:
-            raise RestaError(f"base {base.path}: {quant}; a LoRA adapter cannot be merged exactly into "
-                             "quantized weights. Pass the unquantized (bf16/fp16/fp32) model the "
-                             f"quantized one was made from as {base_flag}")
+            raise RestaError(
+                f"base {base.path}: {quant}; a LoRA adapter cannot be merged exactly into "
+                "quantized weights. Pass the unquantized (bf16/fp16/fp32) model the "
+                f"quantized one was made from as {base_flag}"
+            )
         self.modules: dict[str, LoraModule] = {}
-        self.replaced: dict[str, str] = {}   # base tensor -> adapter key holding its full new value
+        self.replaced: dict[str, str] = {}  # base tensor -> adapter key holding its full new value
         self._parse()
         self._mirror_tied()
         self.location = dict(base.location)
@@ -285,16 +302,20 @@ class LoraFinetuned:
             rel = _strip_prefix(key)
             for marker, why in _UNSUPPORTED_KEYS.items():
                 if f".{marker}" in rel or rel.startswith(marker):
-                    raise RestaError(f"{ad.file.path}: tensor {key!r}: {why}; an in-stream merge would "
-                                     "be wrong. Merge it with peft (merge_and_unload), save the full "
-                                     "model, and pass that as --finetuned")
+                    raise RestaError(
+                        f"{ad.file.path}: tensor {key!r}: {why}; an in-stream merge would "
+                        "be wrong. Merge it with peft (merge_and_unload), save the full "
+                        "model, and pass that as --finetuned"
+                    )
             m = _LORA_KEY.match(rel)
             if m:
-                slot = (f"{m['ab']}.{m['param']}" if m["ab"] else f"emb{m['eab']}")
+                slot = f"{m['ab']}.{m['param']}" if m["ab"] else f"emb{m['eab']}"
                 pairs.setdefault(m["module"], {})[slot] = key
             elif "lora_" in rel:
-                raise RestaError(f"{ad.file.path}: tensor {key!r} is a LoRA part resta_fast does not "
-                                 "know; merge the adapter with peft and pass the full model instead")
+                raise RestaError(
+                    f"{ad.file.path}: tensor {key!r} is a LoRA part resta_fast does not "
+                    "know; merge the adapter with peft and pass the full model instead"
+                )
             else:
                 target, rank = _full_tensor_target(rel)
                 if target is not None and rank > full.get(target, (None, -1))[1]:
@@ -303,11 +324,15 @@ class LoraFinetuned:
 
     def _map_names(self, pairs: dict, full: dict) -> None:
         from resta_fast.plan import prefix_mapping
+
         base = self.base
         wanted = [f"{m}.weight" for m in pairs] + list(full)
         # A tied model may store only the embedding; its lm_head is that tensor.
-        tied_embed = (next((n for n in base.location if n.endswith(EMBED_SUFFIXES)), None)
-                      if base.config.get("tie_word_embeddings", False) else None)
+        tied_embed = (
+            next((n for n in base.location if n.endswith(EMBED_SUFFIXES)), None)
+            if base.config.get("tie_word_embeddings", False)
+            else None
+        )
 
         def is_tied_head(name: str) -> bool:
             return tied_embed is not None and name.endswith(LM_HEAD_SUFFIXES)
@@ -328,7 +353,8 @@ class LoraFinetuned:
                 f"{self.adapter.path}: {len(unmatched)} adapter module(s) match no tensor of base "
                 f"{base.path} (e.g. adapter {', '.join(unmatched[:3])}; base has "
                 f"{', '.join(list(base.location)[:3])}). Pass the model the adapter was trained on as "
-                f"{self.base_flag}")
+                f"{self.base_flag}"
+            )
         for name, key in full.items():
             if name not in base and is_tied_head(name):
                 if any(resolve(n) == tied_embed and not is_tied_head(n) for n in full):
@@ -337,7 +363,8 @@ class LoraFinetuned:
                     f"{self.adapter.path}: the adapter replaces {name} (modules_to_save) but the base "
                     f"ties it to {tied_embed}; transformers re-ties them on load and would drop it. "
                     "Save both in modules_to_save, or untie the base (tie_word_embeddings false) "
-                    "before training")
+                    "before training"
+                )
             # modules_to_save replace a tensor; a saved ``base_layer`` embedding
             # (possibly resized) is the W its LoRA adds to: both read from the adapter.
             self.replaced[resolve(name)] = key
@@ -355,26 +382,30 @@ class LoraFinetuned:
             kind, a_key, b_key, bias = "embedding", slots["embA"], slots["embB"], None
         else:
             if "A.weight" not in slots or "B.weight" not in slots:
-                raise RestaError(f"{where}: needs both lora_A.weight and lora_B.weight; the adapter "
-                                 "file is incomplete")
+                raise RestaError(f"{where}: needs both lora_A.weight and lora_B.weight; the adapter file is incomplete")
             kind, a_key, b_key, bias = "linear", slots["A.weight"], slots["B.weight"], slots.get("B.bias")
         a_info, b_info = ad.file.tensors[a_key], ad.file.tensors[b_key]
         w_shape = self._base_info(target).shape
         if len(a_info.shape) != 2 or len(b_info.shape) != 2:
-            raise RestaError(f"{where}: LoRA A/B of shape {list(a_info.shape)}/{list(b_info.shape)} "
-                             "(convolution LoRA) is not supported; merge with peft and pass the full model")
+            raise RestaError(
+                f"{where}: LoRA A/B of shape {list(a_info.shape)}/{list(b_info.shape)} "
+                "(convolution LoRA) is not supported; merge with peft and pass the full model"
+            )
         for key in (a_key, b_key) + ((bias,) if bias else ()):
             if ad.file.tensors[key].dtype not in KERNEL_DTYPES:
-                raise RestaError(f"{ad.file.path}: tensor {key!r} has dtype "
-                                 f"{ad.file.tensors[key].dtype}; LoRA weights must be BF16/F16/F32")
+                raise RestaError(
+                    f"{ad.file.path}: tensor {key!r} has dtype "
+                    f"{ad.file.tensors[key].dtype}; LoRA weights must be BF16/F16/F32"
+                )
         r_cfg, scaling = ad.scaling(module)
         r = a_info.shape[0]
         if b_info.shape[1] != r:
-            raise RestaError(f"{where}: lora A has rank {r} but B {list(b_info.shape)}; the adapter "
-                             "file is corrupt")
+            raise RestaError(f"{where}: lora A has rank {r} but B {list(b_info.shape)}; the adapter file is corrupt")
         if r != r_cfg:
-            raise RestaError(f"{where}: rank {r} in the weights but {r_cfg} from r/rank_pattern in "
-                             f"{ADAPTER_CONFIG}; the scale alpha/r would be wrong. Fix the config")
+            raise RestaError(
+                f"{where}: rank {r} in the weights but {r_cfg} from r/rank_pattern in "
+                f"{ADAPTER_CONFIG}; the scale alpha/r would be wrong. Fix the config"
+            )
         delta_shape = (b_info.shape[0], a_info.shape[1])
         if kind == "embedding":
             transpose = True
@@ -382,31 +413,37 @@ class LoraFinetuned:
                 raise RestaError(
                     f"{where}: embedding LoRA gives a {list(delta_shape[::-1])} delta but {target} is "
                     f"{list(w_shape)}; this embedding layout is not supported. Merge with peft "
-                    "(merge_and_unload) and pass the full model")
+                    "(merge_and_unload) and pass the full model"
+                )
         else:
             transpose = ad.fan_in_fan_out
             want = delta_shape[::-1] if transpose else delta_shape
             if w_shape != want:
-                hint = (" (set fan_in_fan_out to match the layer: true for GPT-2 Conv1D)"
-                        if w_shape == (delta_shape if transpose else delta_shape[::-1]) else "")
-                raise RestaError(f"{where}: LoRA delta {list(want)} does not fit {target} "
-                                 f"{list(w_shape)}{hint}; is {self.base_flag} the model the adapter "
-                                 "was trained on?")
+                hint = (
+                    " (set fan_in_fan_out to match the layer: true for GPT-2 Conv1D)"
+                    if w_shape == (delta_shape if transpose else delta_shape[::-1])
+                    else ""
+                )
+                raise RestaError(
+                    f"{where}: LoRA delta {list(want)} does not fit {target} "
+                    f"{list(w_shape)}{hint}; is {self.base_flag} the model the adapter "
+                    "was trained on?"
+                )
         if self._base_info(target).dtype not in KERNEL_DTYPES:
-            raise RestaError(f"base {self.base.path}: tensor {target} is {self._base_info(target).dtype}; "
-                             "LoRA can only be merged into BF16/F16/F32 weights (quantized base?). Pass "
-                             f"the unquantized base model as {self.base_flag}")
+            raise RestaError(
+                f"base {self.base.path}: tensor {target} is {self._base_info(target).dtype}; "
+                "LoRA can only be merged into BF16/F16/F32 weights (quantized base?). Pass "
+                f"the unquantized base model as {self.base_flag}"
+            )
         if bias is not None:
             bias_target = resolve(f"{module}.bias")
             if bias_target is None:
-                raise RestaError(f"{where}: lora_bias needs a bias in the base, but the base has no "
-                                 f"{module}.bias")
+                raise RestaError(f"{where}: lora_bias needs a bias in the base, but the base has no {module}.bias")
         if target in self.modules:
             raise RestaError(f"{where}: a second LoRA on {target}; the adapter is inconsistent")
         self.modules[target] = LoraModule(module, target, a_key, b_key, scaling, transpose, kind, bias)
         if bias is not None:
-            self.modules[bias_target] = LoraModule(module, bias_target, a_key, b_key, scaling, False,
-                                                   "bias", bias)
+            self.modules[bias_target] = LoraModule(module, bias_target, a_key, b_key, scaling, False, "bias", bias)
 
     def _mirror_tied(self) -> None:
         """Tied embed/lm_head share one parameter: a LoRA delta on one changes both."""
@@ -422,12 +459,14 @@ class LoraFinetuned:
             raise RestaError(
                 f"{self.adapter.path}: the adapter replaces {src} (modules_to_save) but the base ties it "
                 f"to {other}; transformers re-ties them on load and would drop one. Save both in "
-                "modules_to_save, or untie the base (tie_word_embeddings false) before training")
+                "modules_to_save, or untie the base (tie_word_embeddings false) before training"
+            )
         if self.base.info(src).shape != self.base.info(other).shape:
             return
         mod = self.modules[src]
-        self.modules[other] = LoraModule(mod.module, other, mod.a, mod.b, mod.scaling, mod.transpose,
-                                         mod.kind, mod.bias)
+        self.modules[other] = LoraModule(
+            mod.module, other, mod.a, mod.b, mod.scaling, mod.transpose, mod.kind, mod.bias
+        )
         if src in self.replaced:
             self.replaced[other] = self.replaced[src]
 
@@ -489,6 +528,7 @@ class LoraFinetuned:
     def _merge(self, mod: LoraModule) -> torch.Tensor:
         """W + s·(B@A) in fp32, op for op as peft's get_delta_weight + merge."""
         import torch  # merging is torch's fp32 matmul, op for op as peft
+
         ad = self.adapter.file
         w = self._weight(mod.target)
         if mod.kind == "bias":
@@ -577,8 +617,10 @@ class LoraFinetuned:
         mode = "rsLoRA" if self.adapter.use_rslora else "LoRA"
         full = [n for n in self.replaced if n not in self.modules]
         extra = f"; {len(full)} full tensor(s) from the adapter" if full else ""
-        return (f"{mode} adapter {self.adapter.path} merged in fp32 into base {self.base.path} "
-                f"({what} tensor(s){extra}); merged tensors are written in the base's dtype")
+        return (
+            f"{mode} adapter {self.adapter.path} merged in fp32 into base {self.base.path} "
+            f"({what} tensor(s){extra}); merged tensors are written in the base's dtype"
+        )
 
     def fingerprint(self) -> dict:
         own = {f"adapter/{k}": v for k, v in self.adapter.fingerprint().items()}

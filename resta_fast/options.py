@@ -26,8 +26,18 @@ from resta_fast.kernels import BACKENDS
 
 MAX_SEED = 2**64 - 1
 # The safetensors names themselves too (f16, f32): a recorded plan's dtype parses back.
-DTYPE_ALIASES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16", "f16": "F16",
-                 "float32": "F32", "fp32": "F32", "float": "F32", "f32": "F32"}
+DTYPE_ALIASES = {
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "f16": "F16",
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "f32": "F32",
+}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 STAGING_CHOICES = ("auto", "mmap", "read")
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
@@ -44,8 +54,7 @@ def parse_dtype(name: str | None) -> str | None:
         return None
     key = name.lower() if isinstance(name, str) else None
     if key not in DTYPE_ALIASES:
-        raise OptionError("dtype", "{dtype} {name!r} is not supported; choose bfloat16, float16 or float32",
-                          name=name)
+        raise OptionError("dtype", "{dtype} {name!r} is not supported; choose bfloat16, float16 or float32", name=name)
     return DTYPE_ALIASES[key]
 
 
@@ -54,8 +63,9 @@ def compile_pattern(pattern: str, option: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as exc:
-        raise OptionError(option, "{" + option + "} {pattern!r} is not a valid regular expression ({exc})",
-                          pattern=pattern, exc=exc) from None
+        raise OptionError(
+            option, "{" + option + "} {pattern!r} is not a valid regular expression ({exc})", pattern=pattern, exc=exc
+        ) from None
 
 
 @dataclass
@@ -74,8 +84,7 @@ class BetaRule:
         except ValueError:
             beta = None
         if not sep or not pattern or beta is None:
-            raise OptionError("beta_rules", "{beta_rules} {text!r}: expected REGEX=BETA, e.g. 'mlp\\.=0.3'",
-                              text=text)
+            raise OptionError("beta_rules", "{beta_rules} {text!r}: expected REGEX=BETA, e.g. 'mlp\\.=0.3'", text=text)
         compile_pattern(pattern, "beta_rules")
         return cls(pattern, beta)
 
@@ -161,12 +170,13 @@ class PatchOptions:
         if not _is_real(self.beta) or not math.isfinite(self.beta):
             found.append(OptionError("beta", "{beta} must be a finite number, got {got}", got=_shown(self.beta)))
         if self.dare is not None and (not _is_real(self.dare) or not 0.0 <= self.dare < 1.0):
-            found.append(OptionError("dare", "{dare} must be a drop probability in [0, 1), got {got}",
-                                     got=_shown(self.dare)))
-        if (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)
-                or not 0 <= self.seed <= MAX_SEED):
-            found.append(OptionError("seed", "{seed} must be an integer in [0, 2**64), got {got}",
-                                     got=_shown(self.seed)))
+            found.append(
+                OptionError("dare", "{dare} must be a drop probability in [0, 1), got {got}", got=_shown(self.dare))
+            )
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            found.append(
+                OptionError("seed", "{seed} must be an integer in [0, 2**64), got {got}", got=_shown(self.seed))
+            )
         rules = []
         for rule in self.beta_rules:
             try:
@@ -189,23 +199,40 @@ class PatchOptions:
                 except OptionError as exc:
                     found.append(exc)
         if self.backend not in BACKEND_CHOICES:
-            found.append(OptionError("backend", "{backend} must be one of " + ", ".join(BACKEND_CHOICES)
-                                     + ", got {got}", got=_shown(self.backend)))
+            found.append(
+                OptionError(
+                    "backend",
+                    "{backend} must be one of " + ", ".join(BACKEND_CHOICES) + ", got {got}",
+                    got=_shown(self.backend),
+                )
+            )
         if self.staging not in STAGING_CHOICES:
-            found.append(OptionError("staging", "{staging} must be one of " + ", ".join(STAGING_CHOICES)
-                                     + ", got {got}", got=_shown(self.staging)))
+            found.append(
+                OptionError(
+                    "staging",
+                    "{staging} must be one of " + ", ".join(STAGING_CHOICES) + ", got {got}",
+                    got=_shown(self.staging),
+                )
+            )
         for key in ("threads", "chunk_elems"):
             if not _is_count(getattr(self, key)):
-                found.append(OptionError(key, "{" + key + "} must be an integer >= 1, got {got}",
-                                         got=_shown(getattr(self, key))))
+                found.append(
+                    OptionError(key, "{" + key + "} must be an integer >= 1, got {got}", got=_shown(getattr(self, key)))
+                )
         return found
 
     def params(self) -> dict:
         """The ``params`` of a patch's provenance: recorded in every output weight
         file's header, so the same options give byte-identical files."""
-        return {"beta": self.beta, "dare": self.dare, "seed": self.seed, "include": list(self.include),
-                "exclude": list(self.exclude), "beta_rules": [f"{r.pattern}={r.beta}" for r in self.beta_rules],
-                "dtype": self.out_dtype}
+        return {
+            "beta": self.beta,
+            "dare": self.dare,
+            "seed": self.seed,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "beta_rules": [f"{r.pattern}={r.beta}" for r in self.beta_rules],
+            "dtype": self.out_dtype,
+        }
 
 
 @dataclass(frozen=True)
@@ -230,17 +257,35 @@ class Roles:
 
     def paths(self) -> list[Path]:
         """Every input path (outputs must stay outside all of them)."""
-        return [Path(p) for p in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base,
-                                  self.base) if p is not None]
+        return [
+            Path(p)
+            for p in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base, self.base)
+            if p is not None
+        ]
 
 
 # What each input role may be on the Hub (``io.hub.resolve_input``'s kind).
-ROLE_KINDS = {"finetuned": "any", "aligned": "model", "unaligned": "model", "vector": "model", "base": "model",
-              "dare_base": "model"}
+ROLE_KINDS = {
+    "finetuned": "any",
+    "aligned": "model",
+    "unaligned": "model",
+    "vector": "model",
+    "base": "model",
+    "dare_base": "model",
+}
 
 
-def resolve_roles(finetuned, *, aligned=None, unaligned=None, vector=None, base=None, dare_base=None,
-                  dare: bool = False, resolver=None) -> Roles:
+def resolve_roles(
+    finetuned,
+    *,
+    aligned=None,
+    unaligned=None,
+    vector=None,
+    base=None,
+    dare_base=None,
+    dare: bool = False,
+    resolver=None,
+) -> Roles:
     """Decide the roles of the input paths (no checkpoint is opened).
 
     Each input may be a local path or a Hub id (``io.hub.HUB_RULE``): Hub ids
@@ -264,10 +309,17 @@ def resolve_roles(finetuned, *, aligned=None, unaligned=None, vector=None, base=
     """
     from resta_fast.io.hub import ResolvedInput, resolve_input
     from resta_fast.lora import is_adapter
+
     resolve = resolver or resolve_input
     s, hub = {}, {}
-    for key, value in (("finetuned", finetuned), ("aligned", aligned), ("unaligned", unaligned),
-                       ("vector", vector), ("base", base), ("dare_base", dare_base)):
+    for key, value in (
+        ("finetuned", finetuned),
+        ("aligned", aligned),
+        ("unaligned", unaligned),
+        ("vector", vector),
+        ("base", base),
+        ("dare_base", dare_base),
+    ):
         got = None if value is None else resolve(value, key.replace("_", " "), kind=ROLE_KINDS[key])
         if got is not None and got.is_hub:
             s[key], hub[key] = str(got.path), got
@@ -277,19 +329,27 @@ def resolve_roles(finetuned, *, aligned=None, unaligned=None, vector=None, base=
         raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
     lora = is_adapter(s["finetuned"])
     if s["base"] is not None and not lora:
-        raise OptionError("base", "{base} is only for LoRA adapters, and {ft} has no adapter_config.json; "
-                          "drop {base} for a full fine-tune", ft=s["finetuned"])
+        raise OptionError(
+            "base",
+            "{base} is only for LoRA adapters, and {ft} has no adapter_config.json; drop {base} for a full fine-tune",
+            ft=s["finetuned"],
+        )
     if lora and s["base"] is None:
         if s["aligned"] is None:
-            raise OptionError("base", "{ft} is a LoRA adapter: pass {base}, the model it was trained on "
-                              "(with {vector} there is no {aligned} to default to)", ft=s["finetuned"])
+            raise OptionError(
+                "base",
+                "{ft} is a LoRA adapter: pass {base}, the model it was trained on "
+                "(with {vector} there is no {aligned} to default to)",
+                ft=s["finetuned"],
+            )
         s["base"] = s["aligned"]
         if "aligned" in hub:
             hub["base"] = hub["aligned"]
     if dare and s["dare_base"] is None:
         if s["aligned"] is None and s["base"] is None:
-            raise OptionError("dare", "{dare} needs the model the fine-tune started from: pass {dare_base} "
-                              "(or {aligned})")
+            raise OptionError(
+                "dare", "{dare} needs the model the fine-tune started from: pass {dare_base} (or {aligned})"
+            )
         source = "base" if lora else "aligned"
         s["dare_base"] = s[source]
         if source in hub:
@@ -298,5 +358,13 @@ def resolve_roles(finetuned, *, aligned=None, unaligned=None, vector=None, base=
         raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
     if not lora:
         hub.pop("base", None)
-    return Roles(s["finetuned"], s["aligned"], s["unaligned"], s["vector"], s["base"] if lora else None,
-                 s["dare_base"], lora, hub)
+    return Roles(
+        s["finetuned"],
+        s["aligned"],
+        s["unaligned"],
+        s["vector"],
+        s["base"] if lora else None,
+        s["dare_base"],
+        lora,
+        hub,
+    )

@@ -66,8 +66,13 @@ class Plan:
         return {"tensors": sum(counts.values()), **counts, "files": len(self.files)}
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "dare": self.dare, "summary": self.summary(), "notes": self.notes,
-                "files": [{"name": f.name, "tensors": [asdict(t) for t in f.tensors]} for f in self.files]}
+        return {
+            "mode": self.mode,
+            "dare": self.dare,
+            "summary": self.summary(),
+            "notes": self.notes,
+            "files": [{"name": f.name, "tensors": [asdict(t) for t in f.tensors]} for f in self.files],
+        }
 
     def format_table(self) -> str:
         """Human-readable plan for --dry-run."""
@@ -75,11 +80,14 @@ class Plan:
         for t in self.tensors():
             beta = "" if t.beta is None else f"{t.beta:g}"
             dtype = t.in_dtype if t.in_dtype == t.out_dtype else f"{t.in_dtype}->{t.out_dtype}"
-            lines.append(f"{t.action:6}  {beta:>6}  {dtype:11}  {str(list(t.shape)):20}  {t.name}"
-                         + (f"  ({t.reason})" if t.reason else ""))
+            lines.append(
+                f"{t.action:6}  {beta:>6}  {dtype:11}  {str(list(t.shape)):20}  {t.name}"
+                + (f"  ({t.reason})" if t.reason else "")
+            )
         s = self.summary()
-        lines.append(f"{s['tensors']} tensors in {s['files']} file(s): {s.get('patch', 0)} patched, "
-                     f"{s.get('copy', 0)} copied")
+        lines.append(
+            f"{s['tensors']} tensors in {s['files']} file(s): {s.get('patch', 0)} patched, {s.get('copy', 0)} copied"
+        )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -126,8 +134,8 @@ def prefix_mapping(wanted, available) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for (old, new), _ in votes.most_common():  # best-supported pair first
         for w in wanted:
-            if w not in mapping and w.startswith(old) and new + w[len(old):] in available:
-                mapping[w] = new + w[len(old):]
+            if w not in mapping and w.startswith(old) and new + w[len(old) :] in available:
+                mapping[w] = new + w[len(old) :]
     return mapping
 
 
@@ -141,11 +149,16 @@ def _match_source_names(finetuned, role: str, ck, notes: list[str]) -> None:
     aliases = prefix_mapping(missing, ck.location)
     if aliases:
         first = next(iter(aliases))
-        notes.append(f"{role} stores {len(aliases)} tensor(s) under other names: mapped by prefix, "
-                     f"e.g. finetuned {first} = {role} {aliases[first]}")
+        notes.append(
+            f"{role} stores {len(aliases)} tensor(s) under other names: mapped by prefix, "
+            f"e.g. finetuned {first} = {role} {aliases[first]}"
+        )
     embed = next((n for n in ck.location if n.endswith(EMBED_SUFFIXES)), None)
-    if (embed and ck.config.get("tie_word_embeddings", False)
-            and not any(n.endswith(LM_HEAD_SUFFIXES) for n in ck.location)):
+    if (
+        embed
+        and ck.config.get("tie_word_embeddings", False)
+        and not any(n.endswith(LM_HEAD_SUFFIXES) for n in ck.location)
+    ):
         for n in missing:
             if n.endswith(LM_HEAD_SUFFIXES) and n not in aliases:
                 aliases[n] = embed
@@ -157,13 +170,23 @@ def _match_source_names(finetuned, role: str, ck, notes: list[str]) -> None:
             f"{role} {ck.path} shares no tensor names with finetuned {finetuned.path} "
             f"(finetuned has {', '.join(want[:3])}; {role} has {', '.join(list(ck.location)[:3])}), "
             "even allowing for a different prefix. Are they the same architecture? Rename the tensors "
-            "or pass matching models")
+            "or pass matching models"
+        )
 
 
-def build_plan(finetuned: TensorSource, *, aligned: Checkpoint | None = None,
-               unaligned: Checkpoint | None = None, vector: Checkpoint | None = None,
-               dare_base: Checkpoint | None = None, beta: float = 1.0,
-               include=(), exclude=(), beta_rules=(), dtype: str | None = None) -> Plan:
+def build_plan(
+    finetuned: TensorSource,
+    *,
+    aligned: Checkpoint | None = None,
+    unaligned: Checkpoint | None = None,
+    vector: Checkpoint | None = None,
+    dare_base: Checkpoint | None = None,
+    beta: float = 1.0,
+    include=(),
+    exclude=(),
+    beta_rules=(),
+    dtype: str | None = None,
+) -> Plan:
     """Decide, for every tensor of the fine-tune, whether and how it is patched.
 
     Args:
@@ -188,9 +211,11 @@ def build_plan(finetuned: TensorSource, *, aligned: Checkpoint | None = None,
     for role, ck in [("finetuned", finetuned)] + sources:
         quant = ck.quantization()
         if quant:
-            raise RestaError(f"{role} {ck.path}: {quant}. RESTA needs unquantized BF16/FP16/FP32 "
-                             "weights (arithmetic on quantized integers would be silently wrong); "
-                             "pass the unquantized model, or dequantize and save it first")
+            raise RestaError(
+                f"{role} {ck.path}: {quant}. RESTA needs unquantized BF16/FP16/FP32 "
+                "weights (arithmetic on quantized integers would be silently wrong); "
+                "pass the unquantized model, or dequantize and save it first"
+            )
     notes: list[str] = []
     for role, ck in sources:
         _match_source_names(finetuned, role, ck, notes)
@@ -226,32 +251,43 @@ def build_plan(finetuned: TensorSource, *, aligned: Checkpoint | None = None,
                 copy(f"missing from {' and '.join(absent)}")
                 continue
             shapes = {role: ck.info(name).shape for role, ck in sources}
-            bad_dtypes = [f"{role} {ck.info(name).dtype}" for role, ck in sources
-                          if ck.info(name).dtype not in KERNEL_DTYPES]
+            bad_dtypes = [
+                f"{role} {ck.info(name).dtype}" for role, ck in sources if ck.info(name).dtype not in KERNEL_DTYPES
+            ]
             if bad_dtypes:
-                errors.append(f"{name}: finetuned is {info.dtype} but {', '.join(bad_dtypes)}; "
-                              "a float tensor must be BF16/F16/F32 in every input")
+                errors.append(
+                    f"{name}: finetuned is {info.dtype} but {', '.join(bad_dtypes)}; "
+                    "a float tensor must be BF16/F16/F32 in every input"
+                )
                 continue
             if any(ck.info(name).dtype != stored for _, ck in sources):
                 mixed_dtypes.add(name)
             ref_shape = next(iter(shapes.values()))
             if any(s != ref_shape for s in shapes.values()):
-                errors.append(f"{name}: inputs disagree on shape: finetuned {list(info.shape)}, "
-                              + ", ".join(f"{role} {list(s)}" for role, s in shapes.items()))
+                errors.append(
+                    f"{name}: inputs disagree on shape: finetuned {list(info.shape)}, "
+                    + ", ".join(f"{role} {list(s)}" for role, s in shapes.items())
+                )
                 continue
             patched = info.numel
             reason = ""
             if info.shape != ref_shape:
-                extra_rows = (len(info.shape) == 2 and len(ref_shape) == 2 and info.shape[1] == ref_shape[1]
-                              and info.shape[0] > ref_shape[0] and _is_vocab_tensor(name))
+                extra_rows = (
+                    len(info.shape) == 2
+                    and len(ref_shape) == 2
+                    and info.shape[1] == ref_shape[1]
+                    and info.shape[0] > ref_shape[0]
+                    and _is_vocab_tensor(name)
+                )
                 if not extra_rows:
-                    errors.append(f"{name}: finetuned shape {list(info.shape)} vs "
-                                  f"{sources[0][0]} {list(ref_shape)}; shapes must be equal (only "
-                                  "embedding/LM-head tensors may have extra vocabulary rows)")
+                    errors.append(
+                        f"{name}: finetuned shape {list(info.shape)} vs "
+                        f"{sources[0][0]} {list(ref_shape)}; shapes must be equal (only "
+                        "embedding/LM-head tensors may have extra vocabulary rows)"
+                    )
                     continue
                 patched = ref_shape[0] * ref_shape[1]
-                reason = (f"rows {ref_shape[0]}..{info.shape[0] - 1} are new vocabulary: "
-                          "kept from the fine-tune")
+                reason = f"rows {ref_shape[0]}..{info.shape[0] - 1} are new vocabulary: kept from the fine-tune"
             if finetuned.is_merged(name):
                 reason = (reason + "; " if reason else "") + "LoRA merged in fp32"
             tensor_beta = next((b for p, b in rules if p.search(name)), beta)
@@ -259,24 +295,43 @@ def build_plan(finetuned: TensorSource, *, aligned: Checkpoint | None = None,
             if tied and name == tied[1]:
                 seed_name = tied[0]
                 reason = (reason + "; " if reason else "") + f"tied to {tied[0]} (same DARE stream)"
-            tensors.append(TensorPlan(name, "patch", reason, info.shape, info.dtype, out_dtype,
-                                      beta=tensor_beta, patched_elems=patched, seed_name=seed_name))
+            tensors.append(
+                TensorPlan(
+                    name,
+                    "patch",
+                    reason,
+                    info.shape,
+                    info.dtype,
+                    out_dtype,
+                    beta=tensor_beta,
+                    patched_elems=patched,
+                    seed_name=seed_name,
+                )
+            )
         files.append(OutputFile(fname, tensors))
     if errors:
-        raise RestaError(f"cannot patch {finetuned.path}: {len(errors)} tensor(s) disagree:\n  "
-                         + "\n  ".join(errors[:20]) + ("\n  ..." if len(errors) > 20 else ""))
+        raise RestaError(
+            f"cannot patch {finetuned.path}: {len(errors)} tensor(s) disagree:\n  "
+            + "\n  ".join(errors[:20])
+            + ("\n  ..." if len(errors) > 20 else "")
+        )
     for role, names in missing.items():
-        notes.append(f"{len(names)} tensor(s) missing from {role}, copied unpatched from the fine-tune "
-                     f"(e.g. {', '.join(names[:3])})")
+        notes.append(
+            f"{len(names)} tensor(s) missing from {role}, copied unpatched from the fine-tune "
+            f"(e.g. {', '.join(names[:3])})"
+        )
     if mixed_dtypes:
-        notes.append(f"{len(mixed_dtypes)} tensor(s) have different dtypes across inputs "
-                     f"(e.g. {sorted(mixed_dtypes)[0]}); computed in fp32, written in the output dtype")
+        notes.append(
+            f"{len(mixed_dtypes)} tensor(s) have different dtypes across inputs "
+            f"(e.g. {sorted(mixed_dtypes)[0]}); computed in fp32, written in the output dtype"
+        )
     if tied:
         notes.append(f"tied embeddings: {tied[1]} uses {tied[0]}'s DARE stream so they stay equal")
     plan = Plan(files, notes, mode="vector" if vector is not None else "pair", dare=dare_base is not None)
     if not any(t.action == "patch" for t in plan.tensors()):
-        plan.notes.append("no tensor is patched: check --include/--exclude and that the inputs "
-                          "are the same architecture")
+        plan.notes.append(
+            "no tensor is patched: check --include/--exclude and that the inputs are the same architecture"
+        )
     return plan
 
 
@@ -289,8 +344,16 @@ def copy_plan(finetuned: TensorSource) -> Plan:
         tensors = []
         for name, info in sfile.tensors.items():
             merged = finetuned.is_merged(name)
-            tensors.append(TensorPlan(name, "copy", "LoRA merged in fp32" if merged else "", info.shape, info.dtype,
-                                      finetuned.stored_dtype(name)))
+            tensors.append(
+                TensorPlan(
+                    name,
+                    "copy",
+                    "LoRA merged in fp32" if merged else "",
+                    info.shape,
+                    info.dtype,
+                    finetuned.stored_dtype(name),
+                )
+            )
         files.append(OutputFile(fname, tensors))
     return Plan(files, mode="merge")
 

@@ -46,6 +46,7 @@ def _stored(tensor, dtype: str):
     import torch
 
     from resta_fast.kernels.reference import store
+
     out = torch.empty(tensor.shape, dtype=torch_dtype(dtype))
     store(out.view(-1), tensor.contiguous().view(-1))  # flat: the rounding works on words
     return out
@@ -63,6 +64,7 @@ def _scores_table(scores: list[SL.ModuleScore], threshold: float, what: str, str
 
 def _module_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
+
     return tqdm(total=total, unit="module", desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
@@ -70,20 +72,40 @@ def _input_paths(*paths) -> list[Path]:
     return [Path(p) for p in paths if p is not None]
 
 
-def write_adapter_output(out: Path, adapter_path, replace: dict, prov: dict, extra: dict, *, input_paths,
-                         overwrite: bool, fsync: bool, config: dict | None = None,
-                         command_line: str | None = None) -> dict:
+def write_adapter_output(
+    out: Path,
+    adapter_path,
+    replace: dict,
+    prov: dict,
+    extra: dict,
+    *,
+    input_paths,
+    overwrite: bool,
+    fsync: bool,
+    config: dict | None = None,
+    command_line: str | None = None,
+) -> dict:
     """The realigned adapter into ``out``, atomically, with its model card and report."""
     from resta_fast.api import output_guard
     from resta_fast.card import CARD_NAME, write_model_card
     from resta_fast.io.adapter_writer import write_adapter
-    with output_guard(out, input_paths, overwrite, prov["command"]), \
-            AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir, ExitStack() as stack:
+
+    with (
+        output_guard(out, input_paths, overwrite, prov["command"]),
+        AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir,
+        ExitStack() as stack,
+    ):
         adapter = LoraAdapter(adapter_path)
         stack.callback(adapter.close)
         files = write_adapter(outdir.tmp, adapter, replace, output_metadata(prov), config=config, fsync=fsync)
-        report = {**prov, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "output": "adapter", "fsync": fsync, **extra, "files": files}
+        report = {
+            **prov,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "output": "adapter",
+            "fsync": fsync,
+            **extra,
+            "files": files,
+        }
         files[CARD_NAME] = write_model_card(outdir.tmp, report, command_line=command_line)
         (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         outdir.commit()
@@ -91,21 +113,44 @@ def write_adapter_output(out: Path, adapter_path, replace: dict, prov: dict, ext
     return report
 
 
-def write_merged_output(out: Path, view: LoraFinetuned, prov: dict, extra: dict, checkpoints: dict, *,
-                        input_paths, overwrite: bool, fsync: bool, progress: bool,
-                        command_line: str | None = None) -> dict:
+def write_merged_output(
+    out: Path,
+    view: LoraFinetuned,
+    prov: dict,
+    extra: dict,
+    checkpoints: dict,
+    *,
+    input_paths,
+    overwrite: bool,
+    fsync: bool,
+    progress: bool,
+    command_line: str | None = None,
+) -> dict:
     """base + the realigned update, as a full model in the base's layout and dtypes."""
     from resta_fast import api
     from resta_fast.kernels import choose_backend
     from resta_fast.options import PatchOptions, Roles
     from resta_fast.pipeline.job import Inputs
     from resta_fast.plan import copy_plan
+
     plan = copy_plan(view)
     plan.notes.insert(0, view.summary())
     backend_name, kernel = choose_backend("auto", "cpu")
     roles = Roles(str(view.adapter.path), base=str(view.base.path), lora=True)
-    prepared = api.PreparedPatch(prov["command"], PatchOptions(), roles, plan, Inputs(view), checkpoints, prov,
-                                 input_paths, "cpu", backend_name, kernel, report_extra={"output": "merged", **extra})
+    prepared = api.PreparedPatch(
+        prov["command"],
+        PatchOptions(),
+        roles,
+        plan,
+        Inputs(view),
+        checkpoints,
+        prov,
+        input_paths,
+        "cpu",
+        backend_name,
+        kernel,
+        report_extra={"output": "merged", **extra},
+    )
     return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line)
 
 
@@ -126,11 +171,20 @@ class Session:
 
     def __init__(self, adapter, *, aligned, unaligned, safety_adapter=None, base=None, progress: bool = False):
         from resta_fast.io.hub import resolve_input
-        given = {"adapter": adapter, "safety_adapter": safety_adapter, "aligned": aligned, "unaligned": unaligned,
-                 "base": base}
+
+        given = {
+            "adapter": adapter,
+            "safety_adapter": safety_adapter,
+            "aligned": aligned,
+            "unaligned": unaligned,
+            "base": base,
+        }
         # Hub ids (ORG/NAME[@REV]) resolve to cache snapshots; their repo and commit go into the provenance.
-        resolved = {role: resolve_input(p, role.replace("_", " "), kind="adapter" if "adapter" in role else "model")
-                    for role, p in given.items() if p is not None}
+        resolved = {
+            role: resolve_input(p, role.replace("_", " "), kind="adapter" if "adapter" in role else "model")
+            for role, p in given.items()
+            if p is not None
+        }
         self.hub = {role: r for role, r in resolved.items() if r.is_hub}
         self.paths = {role: (resolved[role].path if role in resolved else None) for role in given}
         base, aligned = self.paths["base"], self.paths["aligned"]
@@ -174,22 +228,41 @@ class Session:
         return [SL.ModuleScore(**s.to_json()) for s in self._scores]
 
     def _checkpoints(self, *roles: str) -> dict:
-        have = {"adapter": self.ft.adapter, "safety_adapter": self.safety and self.safety.adapter,
-                "aligned": self.al, "unaligned": self.un, "base": self.into}
+        have = {
+            "adapter": self.ft.adapter,
+            "safety_adapter": self.safety and self.safety.adapter,
+            "aligned": self.al,
+            "unaligned": self.un,
+            "base": self.into,
+        }
         return {r: have[r] for r in roles}
 
     def _provenance(self, command: str, params: dict, roles) -> dict:
-        return provenance(command, params, self._checkpoints(*roles),
-                          hub={r: h for r, h in self.hub.items() if r in roles})
+        return provenance(
+            command, params, self._checkpoints(*roles), hub={r: h for r, h in self.hub.items() if r in roles}
+        )
 
     def _inputs(self, *roles: str) -> list[Path]:
         """The paths of ``roles`` (outputs must stay outside them); the base defaults to the aligned model."""
         paths = dict(self.paths, base=self.paths["base"] or self.paths["aligned"])
         return _input_paths(*(paths[r] for r in roles))
 
-    def _write(self, out: Path, command: str, params: dict, roles, *, merge: bool, section: dict | None = None,
-               replace=None, delta=None, config: dict | None = None, overwrite: bool, fsync: bool,
-               command_line: str | None) -> dict:
+    def _write(
+        self,
+        out: Path,
+        command: str,
+        params: dict,
+        roles,
+        *,
+        merge: bool,
+        section: dict | None = None,
+        replace=None,
+        delta=None,
+        config: dict | None = None,
+        overwrite: bool,
+        fsync: bool,
+        command_line: str | None,
+    ) -> dict:
         """``command``'s output: with ``merge``, base + the adapter's update (its tensors in
         ``replace``, or its update from ``delta``) as a full model; else the adapter with
         ``replace`` swapped in (and ``config``)."""
@@ -198,22 +271,50 @@ class Session:
         if merge:
             with ExitStack() as stack:
                 merged = _view(Opener(stack), self.paths["adapter"], self.into, replace=replace, delta=delta)
-                return write_merged_output(out, merged, prov, extra, self._checkpoints(*roles),
-                                           input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                           progress=self.progress, command_line=command_line)
-        return write_adapter_output(out, self.paths["adapter"], replace, prov, extra,
-                                    input_paths=self._inputs(*roles), overwrite=overwrite, fsync=fsync,
-                                    config=config, command_line=command_line)
+                return write_merged_output(
+                    out,
+                    merged,
+                    prov,
+                    extra,
+                    self._checkpoints(*roles),
+                    input_paths=self._inputs(*roles),
+                    overwrite=overwrite,
+                    fsync=fsync,
+                    progress=self.progress,
+                    command_line=command_line,
+                )
+        return write_adapter_output(
+            out,
+            self.paths["adapter"],
+            replace,
+            prov,
+            extra,
+            input_paths=self._inputs(*roles),
+            overwrite=overwrite,
+            fsync=fsync,
+            config=config,
+            command_line=command_line,
+        )
 
     def finetune(self, out, *, overwrite: bool = False, fsync: bool = True) -> dict:
         """The fine-tune itself as a full model (base + the adapter, as peft's merge_and_unload):
         the baseline the realigned candidates are compared with."""
-        return self._write(Path(out), "merge", {}, ("adapter", "base"), merge=True, overwrite=overwrite, fsync=fsync,
-                           command_line=None)
+        return self._write(
+            Path(out), "merge", {}, ("adapter", "base"), merge=True, overwrite=overwrite, fsync=fsync, command_line=None
+        )
 
-    def safelora(self, out, *, threshold: float | None = None, num_layers: int | None = None, merge: bool = False,
-                 overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
-                 command_line: str | None = None) -> dict:
+    def safelora(
+        self,
+        out,
+        *,
+        threshold: float | None = None,
+        num_layers: int | None = None,
+        merge: bool = False,
+        overwrite: bool = False,
+        fsync: bool = True,
+        dry_run: bool = False,
+        command_line: str | None = None,
+    ) -> dict:
         """Write the Safe LoRA output (see ``safelora``)."""
         SL.check_selection(threshold, num_layers)
         out = Path(out)
@@ -222,21 +323,46 @@ class Session:
             check_output_location(out, self._inputs(*roles), overwrite)  # before the scoring reads both models
         scores = self.scores()
         used = SL.select(scores, threshold=threshold, num_layers=num_layers)
-        section = {"selection": {"threshold": threshold, "num_layers": num_layers, "threshold_used": used},
-                   "projected": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
+        section = {
+            "selection": {"threshold": threshold, "num_layers": num_layers, "threshold_used": used},
+            "projected": sum(s.projected for s in scores),
+            "modules": [s.to_json() for s in scores],
+        }
         text = _scores_table(scores, used, "projected")
         if dry_run:
             return {"dry_run": True, "safelora": section, "text": text}
         replace = {s.lora_b: self._projections[s.lora_b] for s in scores if s.projected}
         params = {"threshold": threshold, "num_layers": num_layers, "merge": merge}
-        report = self._write(out, "safelora", params, roles, merge=merge, section=section, replace=replace,
-                             overwrite=overwrite, fsync=fsync, command_line=command_line)
+        report = self._write(
+            out,
+            "safelora",
+            params,
+            roles,
+            merge=merge,
+            section=section,
+            replace=replace,
+            overwrite=overwrite,
+            fsync=fsync,
+            command_line=command_line,
+        )
         report["text"] = text
         return report
 
-    def safemerge(self, out, *, tau: float = SM.DEFAULT_TAU, weights=SM.DEFAULT_WEIGHTS, combination: str = "linear",
-                  density: float | None = None, seed: int = 0, merge: bool = False, overwrite: bool = False,
-                  fsync: bool = True, dry_run: bool = False, command_line: str | None = None) -> dict:
+    def safemerge(
+        self,
+        out,
+        *,
+        tau: float = SM.DEFAULT_TAU,
+        weights=SM.DEFAULT_WEIGHTS,
+        combination: str = "linear",
+        density: float | None = None,
+        seed: int = 0,
+        merge: bool = False,
+        overwrite: bool = False,
+        fsync: bool = True,
+        dry_run: bool = False,
+        command_line: str | None = None,
+    ) -> dict:
         """Write the SafeMERGE output (see ``safemerge``)."""
         tau = SM.check_tau(tau)
         weights = SM.check_weights(weights)
@@ -250,28 +376,53 @@ class Session:
             check_output_location(out, self._inputs(*roles), overwrite)
         scores = self.scores()
         SM.selected(scores, tau)
-        section = {"selection": {"tau": tau, "weights": list(weights), "combination": combination,
-                                 "density": density, "seed": seed},
-                   "merged": sum(s.projected for s in scores), "modules": [s.to_json() for s in scores]}
+        section = {
+            "selection": {
+                "tau": tau,
+                "weights": list(weights),
+                "combination": combination,
+                "density": density,
+                "seed": seed,
+            },
+            "merged": sum(s.projected for s in scores),
+            "modules": [s.to_json() for s in scores],
+        }
         text = _scores_table(scores, tau, "merged", strict=True)
         if dry_run:
             return {"dry_run": True, "safemerge": section, "text": text}
-        params = {"tau": tau, "weights": list(weights), "combination": combination, "density": density,
-                  "seed": seed, "merge": merge}
+        params = {
+            "tau": tau,
+            "weights": list(weights),
+            "combination": combination,
+            "density": density,
+            "seed": seed,
+            "merge": merge,
+        }
         chosen = {s.module for s in scores if s.projected}
         delta, replace = None, {}
         if merge:
             # The delta reads only adapter tensors, so the views over the aligned model serve.
-            delta = SM.weight_space_delta(self.ft, self.safety, self.pairs, chosen, weights, density=density,
-                                          seed=seed)
+            delta = SM.weight_space_delta(self.ft, self.safety, self.pairs, chosen, weights, density=density, seed=seed)
         else:
             for mod in self.mods:
                 w = SM.layer_weights(mod.module in chosen, weights)
-                replace[mod.a], replace[mod.b] = SM.merge_adapter_space(self.ft, self.safety, mod,
-                                                                        self.pairs[mod.module], w, density=density,
-                                                                        seed=seed)
-        report = self._write(out, "safemerge", params, roles, merge=merge, section=section, replace=replace,
-                             delta=delta, config=config, overwrite=overwrite, fsync=fsync, command_line=command_line)
+                replace[mod.a], replace[mod.b] = SM.merge_adapter_space(
+                    self.ft, self.safety, mod, self.pairs[mod.module], w, density=density, seed=seed
+                )
+        report = self._write(
+            out,
+            "safemerge",
+            params,
+            roles,
+            merge=merge,
+            section=section,
+            replace=replace,
+            delta=delta,
+            config=config,
+            overwrite=overwrite,
+            fsync=fsync,
+            command_line=command_line,
+        )
         report["text"] = text
         return report
 
@@ -282,14 +433,20 @@ def _adapter_space_config(ft: LoraFinetuned, safety: LoraFinetuned) -> dict:
     for view in (ft, safety):
         ad = view.adapter
         if ad.rank_pattern:
-            raise RestaError(f"{ad.path}: rank_pattern gives modules different ranks; the adapter-space merge "
-                             "needs one rank. Use --merge (exact, in weight space)")
+            raise RestaError(
+                f"{ad.path}: rank_pattern gives modules different ranks; the adapter-space merge "
+                "needs one rank. Use --merge (exact, in weight space)"
+            )
         if ad.use_rslora:
-            raise RestaError(f"{ad.path}: use_rslora; peft's adapter-space merge would rescale the merged "
-                             "adapter by sqrt(r). Use --merge (exact, in weight space)")
+            raise RestaError(
+                f"{ad.path}: use_rslora; peft's adapter-space merge would rescale the merged "
+                "adapter by sqrt(r). Use --merge (exact, in weight space)"
+            )
     if ft.adapter.r != safety.adapter.r:
-        raise RestaError(f"safety adapter {safety.adapter.path}: r = {safety.adapter.r} but the fine-tune's is "
-                         f"{ft.adapter.r}; SafeMERGE needs adapters of the same rank")
+        raise RestaError(
+            f"safety adapter {safety.adapter.path}: r = {safety.adapter.r} but the fine-tune's is "
+            f"{ft.adapter.r}; SafeMERGE needs adapters of the same rank"
+        )
     return {**ft.adapter.config, "lora_alpha": ft.adapter.r, "alpha_pattern": {}, "rank_pattern": {}}
 
 
@@ -298,9 +455,22 @@ def _check_base(base, merge: bool) -> None:
         raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
 
 
-def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None, num_layers: int | None = None,
-             merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
-             progress: bool = False, command_line: str | None = None) -> dict:
+def safelora(
+    adapter,
+    out,
+    *,
+    aligned,
+    unaligned,
+    threshold: float | None = None,
+    num_layers: int | None = None,
+    merge: bool = False,
+    base=None,
+    overwrite: bool = False,
+    fsync: bool = True,
+    dry_run: bool = False,
+    progress: bool = False,
+    command_line: str | None = None,
+) -> dict:
     """Safe LoRA: project the LoRA modules whose update points away from alignment.
 
     Args:
@@ -318,14 +488,38 @@ def safelora(adapter, out, *, aligned, unaligned, threshold: float | None = None
     SL.check_selection(threshold, num_layers)
     _check_base(base, merge)
     with Session(adapter, aligned=aligned, unaligned=unaligned, base=base, progress=progress) as session:
-        return session.safelora(out, threshold=threshold, num_layers=num_layers, merge=merge, overwrite=overwrite,
-                                fsync=fsync, dry_run=dry_run, command_line=command_line)
+        return session.safelora(
+            out,
+            threshold=threshold,
+            num_layers=num_layers,
+            merge=merge,
+            overwrite=overwrite,
+            fsync=fsync,
+            dry_run=dry_run,
+            command_line=command_line,
+        )
 
 
-def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = SM.DEFAULT_TAU,
-              weights=SM.DEFAULT_WEIGHTS, combination: str = "linear", density: float | None = None, seed: int = 0,
-              merge: bool = False, base=None, overwrite: bool = False, fsync: bool = True, dry_run: bool = False,
-              progress: bool = False, command_line: str | None = None) -> dict:
+def safemerge(
+    adapter,
+    safety_adapter,
+    out,
+    *,
+    aligned,
+    unaligned,
+    tau: float = SM.DEFAULT_TAU,
+    weights=SM.DEFAULT_WEIGHTS,
+    combination: str = "linear",
+    density: float | None = None,
+    seed: int = 0,
+    merge: bool = False,
+    base=None,
+    overwrite: bool = False,
+    fsync: bool = True,
+    dry_run: bool = False,
+    progress: bool = False,
+    command_line: str | None = None,
+) -> dict:
     """SafeMERGE: where the fine-tune's Safe LoRA cosine is below ``tau``, merge in the safety adapter.
 
     Args:
@@ -344,8 +538,19 @@ def safemerge(adapter, safety_adapter, out, *, aligned, unaligned, tau: float = 
     SM.check_weights(weights)
     SM.check_combination(combination, density)
     _check_base(base, merge)
-    with Session(adapter, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter, base=base,
-                 progress=progress) as session:
-        return session.safemerge(out, tau=tau, weights=weights, combination=combination, density=density, seed=seed,
-                                 merge=merge, overwrite=overwrite, fsync=fsync, dry_run=dry_run,
-                                 command_line=command_line)
+    with Session(
+        adapter, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter, base=base, progress=progress
+    ) as session:
+        return session.safemerge(
+            out,
+            tau=tau,
+            weights=weights,
+            combination=combination,
+            density=density,
+            seed=seed,
+            merge=merge,
+            overwrite=overwrite,
+            fsync=fsync,
+            dry_run=dry_run,
+            command_line=command_line,
+        )

@@ -28,8 +28,11 @@ def cosine(text: str) -> float:
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=A.creatable_dir, help="output directory (written atomically)")
-    p.add_argument("--merge", action="store_true",
-                   help="write the full merged model instead of an adapter (base + the realigned update)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="write the full merged model instead of an adapter (base + the realigned update)",
+    )
     p.add_argument("--base", help="with --merge: the model to merge into (default: --aligned)")
     p.add_argument("--dry-run", action="store_true", help="score the modules and print the decisions; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -39,12 +42,17 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_safelora_parser(sub) -> None:
-    p = sub.add_parser("safelora", help="Safe LoRA: project a LoRA adapter's unsafe layers onto the alignment",
-                       epilog=SAFELORA_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "safelora",
+        help="Safe LoRA: project a LoRA adapter's unsafe layers onto the alignment",
+        epilog=SAFELORA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (or Hub id) trained on --aligned")
     p.add_argument("--aligned", required=True, help="the aligned (chat) model the adapter was trained on")
-    p.add_argument("--unaligned", required=True,
-                   help="the model --aligned was aligned from (e.g. the -hf base of a -chat model)")
+    p.add_argument(
+        "--unaligned", required=True, help="the model --aligned was aligned from (e.g. the -hf base of a -chat model)"
+    )
     sel = p.add_mutually_exclusive_group(required=True)
     sel.add_argument("--threshold", type=cosine, metavar="T", help="project modules with cos <= T (paper: 0.5)")
     sel.add_argument("--num-layers", type=A.count, metavar="K", help="project the K modules with the lowest cos")
@@ -62,20 +70,36 @@ full model merged exactly in weight space, W + W1·ΔW_ft + W2·ΔW_safe.
 
 
 def add_safemerge_parser(sub) -> None:
-    p = sub.add_parser("safemerge", help="SafeMERGE: merge a safety adapter into a fine-tune's unsafe layers",
-                       epilog=SAFEMERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "safemerge",
+        help="SafeMERGE: merge a safety adapter into a fine-tune's unsafe layers",
+        epilog=SAFEMERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--adapter", required=True, help="the fine-tune's PEFT LoRA adapter (trained on --aligned)")
-    p.add_argument("--safety-adapter", required=True,
-                   help="a LoRA safety-tuned from the same base (same target modules and rank)")
+    p.add_argument(
+        "--safety-adapter", required=True, help="a LoRA safety-tuned from the same base (same target modules and rank)"
+    )
     p.add_argument("--aligned", required=True, help="the aligned model both adapters were trained on")
     p.add_argument("--unaligned", required=True, help="the model --aligned was aligned from")
     p.add_argument("--tau", type=cosine, default=0.35, help="merge layers with cos < TAU (default 0.35)")
-    p.add_argument("--weights", type=A.finite, nargs=2, default=[0.8, 0.2], metavar=("W1", "W2"),
-                   help="fine-tune and safety weights of a merged layer (default 0.8 0.2)")
-    p.add_argument("--combination", choices=("linear", "dare_linear"), default="linear",
-                   help="how a layer is merged (default linear)")
-    p.add_argument("--density", type=A.positive, metavar="D",
-                   help="dare_linear: the fraction of each delta kept, in (0, 1]")
+    p.add_argument(
+        "--weights",
+        type=A.finite,
+        nargs=2,
+        default=[0.8, 0.2],
+        metavar=("W1", "W2"),
+        help="fine-tune and safety weights of a merged layer (default 0.8 0.2)",
+    )
+    p.add_argument(
+        "--combination",
+        choices=("linear", "dare_linear"),
+        default="linear",
+        help="how a layer is merged (default linear)",
+    )
+    p.add_argument(
+        "--density", type=A.positive, metavar="D", help="dare_linear: the fraction of each delta kept, in (0, 1]"
+    )
     p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (SPEC §3 stream; default 0)")
     _add_output_args(p)
     p.set_defaults(func=cmd_safemerge)
@@ -96,22 +120,47 @@ def _print(report: dict, args) -> None:
 
 def cmd_safelora(args) -> int:
     from resta_fast import realign
-    report = realign.safelora(args.adapter, args.out, aligned=args.aligned, unaligned=args.unaligned,
-                              threshold=args.threshold, num_layers=args.num_layers, merge=args.merge,
-                              base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
-                              dry_run=args.dry_run, progress=_progress(args),
-                              command_line=getattr(args, "command_line", None))
+
+    report = realign.safelora(
+        args.adapter,
+        args.out,
+        aligned=args.aligned,
+        unaligned=args.unaligned,
+        threshold=args.threshold,
+        num_layers=args.num_layers,
+        merge=args.merge,
+        base=args.base,
+        overwrite=args.overwrite,
+        fsync=not args.no_fsync,
+        dry_run=args.dry_run,
+        progress=_progress(args),
+        command_line=getattr(args, "command_line", None),
+    )
     _print(report, args)
     return 0
 
 
 def cmd_safemerge(args) -> int:
     from resta_fast import realign
-    report = realign.safemerge(args.adapter, args.safety_adapter, args.out, aligned=args.aligned,
-                               unaligned=args.unaligned, tau=args.tau, weights=args.weights,
-                               combination=args.combination, density=args.density, seed=args.seed, merge=args.merge,
-                               base=args.base, overwrite=args.overwrite, fsync=not args.no_fsync,
-                               dry_run=args.dry_run, progress=_progress(args),
-                              command_line=getattr(args, "command_line", None))
+
+    report = realign.safemerge(
+        args.adapter,
+        args.safety_adapter,
+        args.out,
+        aligned=args.aligned,
+        unaligned=args.unaligned,
+        tau=args.tau,
+        weights=args.weights,
+        combination=args.combination,
+        density=args.density,
+        seed=args.seed,
+        merge=args.merge,
+        base=args.base,
+        overwrite=args.overwrite,
+        fsync=not args.no_fsync,
+        dry_run=args.dry_run,
+        progress=_progress(args),
+        command_line=getattr(args, "command_line", None),
+    )
     _print(report, args)
     return 0

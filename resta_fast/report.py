@@ -40,8 +40,11 @@ def provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None],
         if role in hub:
             e["hub"] = hub[role].provenance()
         return e
+
     return {
-        "tool": "resta_fast", "version": __version__, "command": command,
+        "tool": "resta_fast",
+        "version": __version__,
+        "command": command,
         "params": params,
         "inputs": {role: entry(role, ck) for role, ck in inputs.items() if ck is not None},
     }
@@ -54,6 +57,7 @@ def output_metadata(provenance: dict) -> dict[str, str]:
 
 def _itemsize(dtype_name: str) -> int:
     from resta_fast.io.reader import DTYPES
+
     return DTYPES[dtype_name][1]
 
 
@@ -69,8 +73,19 @@ def _write_index(tmp: Path, plan: Plan, index_name: str) -> str:
     return sha256_file(tmp / index_name)
 
 
-def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict, *, backend_name: str,
-                  device: str, fsync: bool, extra: dict | None = None, command_line: str | None = None) -> dict:
+def finish_output(
+    tmp: Path,
+    plan: Plan,
+    ft: Checkpoint,
+    stats,
+    provenance: dict,
+    *,
+    backend_name: str,
+    device: str,
+    fsync: bool,
+    extra: dict | None = None,
+    command_line: str | None = None,
+) -> dict:
     """Complete an output directory whose weight files are written: index, the
     fine-tune's side files, the model card (``README.md``, ``card.write_model_card``)
     and ``resta_fast.json`` (with every file's sha256, the card's included).
@@ -81,6 +96,7 @@ def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict
     """
     from resta_fast.card import CARD_NAME, write_model_card
     from resta_fast.io.checkpoint import INDEX_NAME
+
     files = dict(stats.sha256)
     if ft.is_dir and (ft.root / INDEX_NAME).is_file():
         files[INDEX_NAME] = _write_index(tmp, plan, INDEX_NAME)
@@ -91,20 +107,27 @@ def finish_output(tmp: Path, plan: Plan, ft: Checkpoint, stats, provenance: dict
         **provenance,
         # Only here, not in the weight files: same inputs -> byte-identical weights.
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend_name, "device": device, "fsync": fsync,
+        "backend": backend_name,
+        "device": device,
+        "fsync": fsync,
         "plan": plan.to_json(),
-        "stats": {"seconds": round(stats.seconds, 3), "bytes_read": stats.bytes_read,
-                  "bytes_written": stats.bytes_written,
-                  # where the time went, per pipeline stage (overlapping; see pipeline/)
-                  "busy_seconds": {k: round(v, 6) for k, v in sorted(getattr(stats, "busy", {}).items())},
-                  "nonfinite_outputs": stats.nonfinite},
+        "stats": {
+            "seconds": round(stats.seconds, 3),
+            "bytes_read": stats.bytes_read,
+            "bytes_written": stats.bytes_written,
+            # where the time went, per pipeline stage (overlapping; see pipeline/)
+            "busy_seconds": {k: round(v, 6) for k, v in sorted(getattr(stats, "busy", {}).items())},
+            "nonfinite_outputs": stats.nonfinite,
+        },
         "files": files,
         **(extra or {}),
     }
     if stats.nonfinite:
-        plan.notes.append(f"{sum(stats.nonfinite.values())} non-finite output value(s) in "
-                          f"{len(stats.nonfinite)} tensor(s) (non-finite inputs or overflow), e.g. "
-                          f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs")
+        plan.notes.append(
+            f"{sum(stats.nonfinite.values())} non-finite output value(s) in "
+            f"{len(stats.nonfinite)} tensor(s) (non-finite inputs or overflow), e.g. "
+            f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs"
+        )
         report["plan"]["notes"] = plan.notes
     # The card before the report: the report lists the card's sha256, the card points at the report.
     files[CARD_NAME] = write_model_card(tmp, report, command_line=command_line)
@@ -117,6 +140,7 @@ def record_validation(tmp: Path, report: dict, verdict: dict, *, command_line: s
     and its model card (``command_line`` as given to ``finish_output``); a
     failed output is kept but marked with a VALIDATION_FAILED file."""
     from resta_fast.card import CARD_NAME, write_model_card
+
     report["validation"] = verdict
     files = report.get("files")
     if isinstance(files, dict) and CARD_NAME in files:

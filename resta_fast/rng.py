@@ -82,6 +82,7 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
 def random_words(seed: int, offset: int, n: int) -> torch.Tensor:
     """The raw uint32 words (as int64) for elements offset .. offset+n-1."""
     import torch  # the reference stream is torch ops; the seeds above need none
+
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
     first_q, last_q = offset // 4, (offset + n - 1) // 4
@@ -101,6 +102,7 @@ def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
         torch.Size([4])
     """
     import torch
+
     words = random_words(seed, offset, n)
     x = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
     x = torch.where(x < 0, -x - 1, x)  # x = ~x for negative x

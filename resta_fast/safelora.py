@@ -62,6 +62,7 @@ def frobenius(v: torch.Tensor, block: int = 1 << 15) -> float:
     ~1e-7, and one vectorised call does every run (converting V to fp64 cost 2x).
     """
     import torch
+
     flat = (v if v.is_contiguous() else v.T).reshape(-1)  # a transposed view (Conv1D) without a copy
     whole = flat.numel() // block * block
     parts = torch.linalg.vector_norm(flat[:whole].view(-1, block), dim=1).double().square().sum()
@@ -90,6 +91,7 @@ def lora_cosine(a: torch.Tensor, b: torch.Tensor, b_proj: torch.Tensor) -> float
 def round_cos(cos: float) -> float:
     """The authors' ``numpy.round(cos, 5)`` (round half to even on the scaled value)."""
     import numpy as np
+
     return float(np.round(cos, COS_DECIMALS))
 
 
@@ -97,9 +99,9 @@ def round_cos(cos: float) -> float:
 class ModuleScore:
     """One LoRA module's Safe LoRA cosine and whether it is projected."""
 
-    module: str      # module name in the adapter
-    target: str      # the weight it updates, in the aligned model
-    lora_a: str      # adapter keys
+    module: str  # module name in the adapter
+    target: str  # the weight it updates, in the aligned model
+    lora_a: str  # adapter keys
     lora_b: str
     shape: list[int]  # the update's d_out × d_in
     rank: int
@@ -120,14 +122,17 @@ def linear_modules(view: LoraFinetuned) -> list[LoraModule]:
             continue
         if mod.kind != "linear":
             what = "lora_bias" if mod.kind == "bias" else "an embedding LoRA (lora_embedding_A/B)"
-            raise RestaError(f"{view.adapter.path}: module {mod.module!r} is {what}; Safe LoRA projects "
-                             "linear LoRA layers only. Retrain without it, or use `resta-fast patch` on the "
-                             "adapter (RESTA)")
+            raise RestaError(
+                f"{view.adapter.path}: module {mod.module!r} is {what}; Safe LoRA projects "
+                "linear LoRA layers only. Retrain without it, or use `resta-fast patch` on the "
+                "adapter (RESTA)"
+            )
         seen.add(mod.b)
         mods.append(mod)
     if not mods:
-        raise RestaError(f"{view.adapter.path}: the adapter has no LoRA layers (only full tensors); "
-                         "Safe LoRA has nothing to project")
+        raise RestaError(
+            f"{view.adapter.path}: the adapter has no LoRA layers (only full tensors); Safe LoRA has nothing to project"
+        )
     return mods
 
 
@@ -138,13 +143,16 @@ def _counterparts(targets: list[str], unaligned: Checkpoint, view: LoraFinetuned
     names = {t: t if t in unaligned else mapping.get(t) for t in targets}
     absent = [t for t, u in names.items() if u is None]
     if absent:
-        raise RestaError(f"unaligned {unaligned.path}: has no {absent[0]} (nor {len(absent) - 1} other LoRA "
-                         f"target(s) of {view.adapter.path}); pass the model --aligned was aligned from")
+        raise RestaError(
+            f"unaligned {unaligned.path}: has no {absent[0]} (nor {len(absent) - 1} other LoRA "
+            f"target(s) of {view.adapter.path}); pass the model --aligned was aligned from"
+        )
     return names
 
 
-def alignment_delta(aligned: Checkpoint, unaligned: Checkpoint, name: str, name_u: str, shape,
-                    kernel=None) -> torch.Tensor:
+def alignment_delta(
+    aligned: Checkpoint, unaligned: Checkpoint, name: str, name_u: str, shape, kernel=None
+) -> torch.Tensor:
     """V = fp32(W_aligned) − fp32(W_unaligned) for one weight, in a fresh buffer (the
     inputs' mappings are never written), with their pages released after.
 
@@ -153,11 +161,14 @@ def alignment_delta(aligned: Checkpoint, unaligned: Checkpoint, name: str, name_
     """
     import numpy as np
     import torch
+
     a_info, u_info = aligned.info(name), unaligned.info(name_u)
     if tuple(u_info.shape) != tuple(a_info.shape):
-        raise RestaError(f"{name}: aligned {aligned.path} has shape {list(a_info.shape)} but unaligned "
-                         f"{unaligned.path} has {list(u_info.shape)} ({name_u}); they must be the same "
-                         "architecture")
+        raise RestaError(
+            f"{name}: aligned {aligned.path} has shape {list(a_info.shape)} but unaligned "
+            f"{unaligned.path} has {list(u_info.shape)} ({name_u}); they must be the same "
+            "architecture"
+        )
     if kernel is not None:
         out = np.empty(math.prod(shape), np.float32)
         kernel.patch_arrays(out, None, aligned.array(name), unaligned.array(name_u))
@@ -178,6 +189,7 @@ def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None)
     is called after each (progress).
     """
     from resta_fast.api import difference_kernel
+
     aligned = view.base
     mods = linear_modules(view)
     counterpart = _counterparts([m.target for m in mods], unaligned, view)
@@ -224,8 +236,12 @@ def select(scores: list[ModuleScore], *, threshold: float | None = None, num_lay
         if num_layers > len(defined):
             unset = len(scores) - len(defined)
             why = f" ({unset} of them unchanged by alignment, V = 0)" if unset else ""
-            raise OptionError("num_layers", "{num_layers} {k} is more than the {n} LoRA module(s) that can be "
-                              "projected" + why, k=num_layers, n=len(defined))
+            raise OptionError(
+                "num_layers",
+                "{num_layers} {k} is more than the {n} LoRA module(s) that can be projected" + why,
+                k=num_layers,
+                n=len(defined),
+            )
         threshold = defined[num_layers - 1]
     for s in scores:
         s.projected = s.cos is not None and s.cos <= threshold

@@ -58,22 +58,24 @@ def check_weights(weights) -> tuple[float, float]:
     except (TypeError, ValueError):
         w = ()
     if len(w) != 2 or not all(math.isfinite(x) for x in w):
-        raise OptionError("weights", "{weights} takes two finite numbers (fine-tune, safety), got {got!r}",
-                          got=weights)
+        raise OptionError("weights", "{weights} takes two finite numbers (fine-tune, safety), got {got!r}", got=weights)
     return w
 
 
 def check_combination(combination: str, density: float | None) -> float | None:
     if combination not in COMBINATIONS:
-        raise OptionError("combination", "{combination} must be linear or dare_linear, got {got!r}",
-                          got=combination)
+        raise OptionError("combination", "{combination} must be linear or dare_linear, got {got!r}", got=combination)
     if combination == "linear":
         if density is not None:
             raise OptionError("density", "{density} is for {combination} dare_linear")
         return None
     if density is None or not (math.isfinite(density) and 0 < density <= 1):
-        raise OptionError("density", "{combination} dare_linear needs {density} D, the fraction kept, in (0, 1]"
-                          + ("" if density is None else ", got {got}"), got=density)
+        raise OptionError(
+            "density",
+            "{combination} dare_linear needs {density} D, the fraction kept, in (0, 1]"
+            + ("" if density is None else ", got {got}"),
+            got=density,
+        )
     return float(density)
 
 
@@ -82,15 +84,19 @@ def pair_modules(ft: LoraFinetuned, safety: LoraFinetuned, ft_mods: list[LoraMod
     adapters must target the same weights with the same shapes and hold no full tensors."""
     where = f"safety adapter {safety.adapter.path}"
     if safety.replaced:
-        raise RestaError(f"{where}: holds full tensors (modules_to_save, e.g. {next(iter(safety.replaced))}); "
-                         "SafeMERGE merges LoRA layers only. Save the safety adapter without modules_to_save")
+        raise RestaError(
+            f"{where}: holds full tensors (modules_to_save, e.g. {next(iter(safety.replaced))}); "
+            "SafeMERGE merges LoRA layers only. Save the safety adapter without modules_to_save"
+        )
     want = {m.target for m in ft_mods}
     have = {t for t, m in safety.modules.items() if m.kind == "linear"}
     if want != have or any(m.kind != "linear" for m in safety.modules.values()):
         extra, missing = sorted(have - want), sorted(want - have)
-        detail = (f"missing {missing[0]}" if missing else f"extra {extra[0]}" if extra else "non-linear LoRA")
-        raise RestaError(f"{where}: targets other modules than fine-tune adapter {ft.adapter.path} ({detail}); "
-                         "both adapters must be trained on the same base with the same target_modules")
+        detail = f"missing {missing[0]}" if missing else f"extra {extra[0]}" if extra else "non-linear LoRA"
+        raise RestaError(
+            f"{where}: targets other modules than fine-tune adapter {ft.adapter.path} ({detail}); "
+            "both adapters must be trained on the same base with the same target_modules"
+        )
     pairs = {}
     for m in ft_mods:
         s = safety.modules[m.target]
@@ -98,8 +104,10 @@ def pair_modules(ft: LoraFinetuned, safety: LoraFinetuned, ft_mods: list[LoraMod
             shape_ft = ft.adapter.file.tensors[k_ft].shape
             shape_s = safety.adapter.file.tensors[k_s].shape
             if shape_ft != shape_s:
-                raise RestaError(f"{where}: {k_s} is {list(shape_s)} but the fine-tune's {part} of {m.module} is "
-                                 f"{list(shape_ft)}; SafeMERGE needs adapters of the same rank and shapes")
+                raise RestaError(
+                    f"{where}: {k_s} is {list(shape_s)} but the fine-tune's {part} of {m.module} is "
+                    f"{list(shape_ft)}; SafeMERGE needs adapters of the same rank and shapes"
+                )
         if s.transpose != m.transpose:
             raise RestaError(f"{where}: fan_in_fan_out differs from fine-tune adapter {ft.adapter.path}")
         pairs[m.module] = s
@@ -123,6 +131,7 @@ def dare(t: torch.Tensor, p: float, seed: int, name: str) -> torch.Tensor:
     """SPEC §2's DARE on a whole tensor ``t`` (flat index order = its stored layout):
     keep = u ≥ p, t1 = keep ? t·r : +0.0, r = fp32(1)/(fp32(1) − fp32(p))."""
     import torch
+
     r = np.float32(1) / (np.float32(1) - np.float32(p))
     u = _uniforms(tensor_seed(seed, name), t.numel()).view(t.shape)
     scaled = t * torch.tensor(r, dtype=torch.float32)
@@ -132,19 +141,30 @@ def dare(t: torch.Tensor, p: float, seed: int, name: str) -> torch.Tensor:
 def _uniforms(seed: int, n: int) -> torch.Tensor:
     try:
         from resta_fast.kernels import cpp
+
         return cpp.uniform(seed, 0, n)  # native and bit-identical; the torch stream is slow on big tensors
     except Exception:  # noqa: BLE001 - the native kernel is optional
         from resta_fast.rng import uniform
+
         return uniform(seed, 0, n)
 
 
-def merge_adapter_space(ft: LoraFinetuned, safety: LoraFinetuned, mod: LoraModule, smod: LoraModule,
-                        w: tuple[float, float], *, density: float | None, seed: int):
+def merge_adapter_space(
+    ft: LoraFinetuned,
+    safety: LoraFinetuned,
+    mod: LoraModule,
+    smod: LoraModule,
+    w: tuple[float, float],
+    *,
+    density: float | None,
+    seed: int,
+):
     """(A', B') of one layer, as peft's ``_generalized_task_arithmetic_weighted_adapter``
     computes them for weights ``w`` (cast to the fine-tune's lora_A dtype, as peft does)."""
     import torch
 
     from resta_fast.io.reader import torch_dtype
+
     scaled = [w[0] * mod.scaling, w[1] * smod.scaling]
     w_a = torch.tensor([math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in scaled])
     w_b = torch.tensor([math.sqrt(abs(x)) for x in scaled])
@@ -152,16 +172,26 @@ def merge_adapter_space(ft: LoraFinetuned, safety: LoraFinetuned, mod: LoraModul
     for weights, keys in ((w_a, (mod.a, smod.a)), (w_b, (mod.b, smod.b))):
         parts = [ft.lora_tensor(keys[0]), safety.lora_tensor(keys[1])]
         if density is not None:
-            parts = [dare(parts[0], 1 - density, seed, keys[0]),
-                     dare(parts[1], 1 - density, seed, keys[1] + SAFETY_STREAM_SUFFIX)]
+            parts = [
+                dare(parts[0], 1 - density, seed, keys[0]),
+                dare(parts[1], 1 - density, seed, keys[1] + SAFETY_STREAM_SUFFIX),
+            ]
         stacked = torch.stack(parts, dim=0)
         out.append((stacked * weights.view(2, 1, 1)).sum(dim=0))
     dtype = torch_dtype(ft.adapter.file.tensors[mod.a].dtype)
     return out[0].to(dtype), out[1].to(dtype)
 
 
-def weight_space_delta(ft: LoraFinetuned, safety: LoraFinetuned, pairs: dict[str, LoraModule],
-                       chosen: set[str], weights: tuple[float, float], *, density: float | None, seed: int):
+def weight_space_delta(
+    ft: LoraFinetuned,
+    safety: LoraFinetuned,
+    pairs: dict[str, LoraModule],
+    chosen: set[str],
+    weights: tuple[float, float],
+    *,
+    density: float | None,
+    seed: int,
+):
     """The ``delta(module)`` for ``LoraFinetuned``: w₁·ΔW_ft + w₂·ΔW_safe on the ``chosen``
     modules (names; DARE per delta when ``density``, seeded by the output tensor's name),
     ΔW_ft elsewhere; fp32, in B·A's layout. Only adapter tensors are read, so ``ft`` and
@@ -183,4 +213,5 @@ def weight_space_delta(ft: LoraFinetuned, safety: LoraFinetuned, pairs: dict[str
         other.mul_(weights[1])
         out.add_(other)
         return out
+
     return delta

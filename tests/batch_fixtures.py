@@ -47,21 +47,34 @@ def make_world(root: Path) -> Path:
 
 def write_manifest(root: Path, jobs: list[dict], name="batch.yaml", **top) -> Path:
     import yaml
+
     doc = {"aligned": "aligned", "unaligned": "unaligned", "beta": 0.5, "fsync": False, **top, "jobs": jobs}
     path = root / name
     path.write_text(json.dumps(doc) if name.endswith(".json") else yaml.safe_dump(doc))
     return path
 
 
-
 JOBS = [
     {"finetuned": "ft", "out": "outs/plain"},
     {"finetuned": "ft_single", "out": "outs/dare", "beta": 0.7, "dare": 0.3, "seed": 4},
-    {"finetuned": "ft", "out": "outs/sweep", "beta": 1.25, "dare": 0.1, "beta_rules": {"mlp": 0.2},
-     "exclude": ["norm"]},
+    {
+        "finetuned": "ft",
+        "out": "outs/sweep",
+        "beta": 1.25,
+        "dare": 0.1,
+        "beta_rules": {"mlp": 0.2},
+        "exclude": ["norm"],
+    },
     {"finetuned": "ft_extra", "out": "outs/extra", "beta": 0.25, "dtype": "float32"},
-    {"finetuned": "ft", "out": "outs/vec", "vector": "vec", "unaligned": None, "dare_base": "aligned",
-     "dare": 0.2, "seed": 9},
+    {
+        "finetuned": "ft",
+        "out": "outs/vec",
+        "vector": "vec",
+        "unaligned": None,
+        "dare_base": "aligned",
+        "dare": 0.2,
+        "seed": 9,
+    },
 ]
 
 
@@ -83,4 +96,3 @@ def slow_batch(path, **popen_kw) -> subprocess.Popen:
         f"sys.exit(main(['batch', {str(path)!r}, '--no-progress']))\n"
     )
     return subprocess.Popen([sys.executable, "-c", script], **popen_kw)
-

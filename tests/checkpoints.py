@@ -9,13 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 
-def llama_tensors(seed: int, *, vocab=64, hidden=32, layers=2, inter=48, dtype=torch.bfloat16,
-                  extra_rows=0) -> dict[str, torch.Tensor]:
+def llama_tensors(
+    seed: int, *, vocab=64, hidden=32, layers=2, inter=48, dtype=torch.bfloat16, extra_rows=0
+) -> dict[str, torch.Tensor]:
     """Llama-named random tensors (plus a non-float buffer)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape):
         return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+
     t = {"model.embed_tokens.weight": w(vocab + extra_rows, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -32,15 +34,32 @@ def llama_tensors(seed: int, *, vocab=64, hidden=32, layers=2, inter=48, dtype=t
 
 
 def llama_config(vocab=64, hidden=32, layers=2, inter=48, heads=4, tie=False) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 64,
-            "rms_norm_eps": 1e-6, "tie_word_embeddings": tie, "torch_dtype": "bfloat16",
-            "hidden_act": "silu", "rope_theta": 10000.0}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+    }
 
 
-def write_model(path: Path, tensors: dict[str, torch.Tensor], *, shards: int = 1,
-                config: dict | None = None, metadata: dict | None = None) -> Path:
+def write_model(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    shards: int = 1,
+    config: dict | None = None,
+    metadata: dict | None = None,
+) -> Path:
     """Save as an HF directory, sharded round-robin when shards > 1."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config or llama_config()))
@@ -56,7 +75,8 @@ def write_model(path: Path, tensors: dict[str, torch.Tensor], *, shards: int = 1
         save_file(part, str(path / fname), metadata=meta)
         weight_map.update({n: fname for n in part})
     (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     return path
 
 
@@ -65,14 +85,16 @@ def three_models(root: Path, **kw) -> tuple[Path, Path, Path]:
     shards = kw.pop("shards", 1)
     ft_extra = kw.pop("ft_extra_rows", 0)
     aligned = llama_tensors(1, **kw)
-    unaligned = {k: (v.float() + llama_tensors(2, **kw)[k].float() * 0.1).to(v.dtype)
-                 for k, v in aligned.items()}
+    unaligned = {k: (v.float() + llama_tensors(2, **kw)[k].float() * 0.1).to(v.dtype) for k, v in aligned.items()}
     ft = llama_tensors(3, extra_rows=ft_extra, **kw)
     for k, v in aligned.items():
         if ft[k].shape == v.shape:
             ft[k] = (v.float() + ft[k].float() * 0.1).to(v.dtype)
-    return (write_model(root / "ft", ft, shards=shards), write_model(root / "aligned", aligned),
-            write_model(root / "unaligned", unaligned))
+    return (
+        write_model(root / "ft", ft, shards=shards),
+        write_model(root / "aligned", aligned),
+        write_model(root / "unaligned", unaligned),
+    )
 
 
 def write_adapter(path: Path, *, hidden=32, inter=48, layers=2, r=4, seed=9) -> Path:
@@ -86,9 +108,20 @@ def write_adapter(path: Path, *, hidden=32, inter=48, layers=2, r=4, seed=9) -> 
             lora[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) * 0.1
             lora[f"{key}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 0.1
     save_file(lora, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "down_proj"],
-         "bias": "none", "fan_in_fan_out": False, "use_rslora": False}, sort_keys=True))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": 2 * r,
+                "target_modules": ["q_proj", "down_proj"],
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+            },
+            sort_keys=True,
+        )
+    )
     return path
 
 
@@ -99,6 +132,7 @@ def hub_cache_model(cache: Path, repo_id: str, src: Path, *, commit: str, refs=(
     import hashlib
     import os
     import shutil
+
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True, exist_ok=True)

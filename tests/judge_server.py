@@ -22,9 +22,7 @@ class ScriptedServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(
-                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
-                )
+                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
                 status, content = outer.fn(body) if outer.fn else outer.script.pop(0)
                 payload = {"choices": [{"message": {"role": "assistant", "content": content}}]}
                 data = json.dumps(payload if status == 200 else {"error": content}).encode()
@@ -39,9 +37,7 @@ class ScriptedServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def __enter__(self):
         self.thread.start()

@@ -10,8 +10,15 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-TINY = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+}
 
 
 def llama_base(path, *, dtype=torch.bfloat16, tie=False, seed=0):
@@ -23,8 +30,9 @@ def llama_base(path, *, dtype=torch.bfloat16, tie=False, seed=0):
 
 def gpt2_base(path, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
     return path
 
@@ -51,13 +59,13 @@ def shadow(base, path, seed=2):
     """An 'unaligned' model: base + noise, same names, dtypes and config."""
     path.mkdir()
     g = torch.Generator().manual_seed(seed)
-    t = {k: (v.float() + torch.randn(v.shape, generator=g) * 0.02).to(v.dtype)
-         for k, v in load_file(str(base / "model.safetensors")).items()}
+    t = {
+        k: (v.float() + torch.randn(v.shape, generator=g) * 0.02).to(v.dtype)
+        for k, v in load_file(str(base / "model.safetensors")).items()
+    }
     save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text((base / "config.json").read_text())
     return path
-
-
 
 
 def edit_config(adapter, **changes):
@@ -74,6 +82,5 @@ def lora_pair(root, *, targets, safety_alpha: int = 8):
     aligned = llama_base(root / "aligned", dtype=torch.float32)
     unaligned = shadow(aligned, root / "unaligned")
     train_adapter(aligned, root / "ft", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed=1)
-    train_adapter(aligned, root / "safe", peft.LoraConfig(r=4, lora_alpha=safety_alpha, target_modules=targets),
-                  seed=5)
+    train_adapter(aligned, root / "safe", peft.LoraConfig(r=4, lora_alpha=safety_alpha, target_modules=targets), seed=5)
     return root / "ft", root / "safe", aligned, unaligned

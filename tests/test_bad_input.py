@@ -30,30 +30,62 @@ def models(tmp_path):
 
 def run_cli(capsys, tmp_path, ft, al, un, *extra):
     out = tmp_path / "out"
-    code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
-                 "--out", str(out), "--backend", "torch", "--no-fsync", *extra])
+    code = main(
+        [
+            "patch",
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--out",
+            str(out),
+            "--backend",
+            "torch",
+            "--no-fsync",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     return code, err, out
 
 
 CORRUPT = {
     "truncated": (lambda p: raw_file(p, good_header(), b"\0" * 10), r"past the end of the file.*truncated"),
-    "header_longer_than_file": (lambda p: raw_file(p, good_header(), b"", header_len=10**6),
-                                r"header length 1000000 is larger than the file"),
+    "header_longer_than_file": (
+        lambda p: raw_file(p, good_header(), b"", header_len=10**6),
+        r"header length 1000000 is larger than the file",
+    ),
     "header_not_json": (lambda p: raw_file(p, b"{not json!", b""), r"header is not valid JSON"),
     "unknown_dtype": (lambda p: raw_file(p, good_header(dtype="F13"), b"\0" * 16), r"unknown dtype 'F13'"),
-    "offsets_past_end": (lambda p: raw_file(p, good_header(data_offsets=[16, 32]), b"\0" * 16),
-                         r"run past the end"),
-    "size_not_shape_times_itemsize": (lambda p: raw_file(p, good_header(shape=[3, 2]), b"\0" * 16),
-                                      r"byte size 16 != shape \[3, 2\] x F32 \(24 bytes\)"),
-    "overlapping": (lambda p: raw_file(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                           "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                                       b"\0" * 12), r"overlaps"),
+    "offsets_past_end": (lambda p: raw_file(p, good_header(data_offsets=[16, 32]), b"\0" * 16), r"run past the end"),
+    "size_not_shape_times_itemsize": (
+        lambda p: raw_file(p, good_header(shape=[3, 2]), b"\0" * 16),
+        r"byte size 16 != shape \[3, 2\] x F32 \(24 bytes\)",
+    ),
+    "overlapping": (
+        lambda p: raw_file(
+            p,
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+        ),
+        r"overlaps",
+    ),
     "tiny_file": (lambda p: p.write_bytes(b"abc"), r"too short for a safetensors header"),
     "header_cap": (lambda p: raw_file(p, good_header(), b"", header_len=2**40), r"exceeds the .*cap"),
-    "duplicate_keys": (lambda p: raw_file(p, b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-                                          b'"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4),
-                       r"duplicate key"),
+    "duplicate_keys": (
+        lambda p: raw_file(
+            p,
+            b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            b"\0" * 4,
+        ),
+        r"duplicate key",
+    ),
 }
 
 
@@ -69,6 +101,7 @@ def test_corrupt_finetuned_file(tmp_path, capsys, models, case):
     assert len(lines) == 1 and lines[0].startswith("resta-fast: error: ")
     assert str(ft / "model.safetensors") in err
     import re
+
     assert re.search(pattern, err), err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
@@ -104,8 +137,21 @@ def test_output_exists_is_refused_then_overwritten(tmp_path, capsys, models):
 
 def test_output_inside_input_is_refused(tmp_path, capsys, models):
     ft, al, un = models
-    code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
-                 "--out", str(al / "restored"), "--backend", "torch"])
+    code = main(
+        [
+            "patch",
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--out",
+            str(al / "restored"),
+            "--backend",
+            "torch",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "is inside input" in err
     assert not (al / "restored").exists()
@@ -131,9 +177,12 @@ def test_pickle_only_model_gets_conversion_hint(tmp_path, capsys, models):
 
 def test_bad_parameters(tmp_path, capsys, models):
     ft, al, un = models
-    for extra, msg in ((["--dare", "1.0"], "--dare must be"), (["--beta-rule", "noequals"], "REGEX=BETA"),
-                       (["--include", "("], "not a valid regular expression"),
-                       (["--dtype", "int8"], "--dtype 'int8' is not supported")):
+    for extra, msg in (
+        (["--dare", "1.0"], "--dare must be"),
+        (["--beta-rule", "noequals"], "REGEX=BETA"),
+        (["--include", "("], "not a valid regular expression"),
+        (["--dtype", "int8"], "--dtype 'int8' is not supported"),
+    ):
         code, err, _ = run_cli(capsys, tmp_path, ft, al, un, *extra)
         assert code == 2 and msg in err, (extra, err)
 
@@ -141,11 +190,31 @@ def test_bad_parameters(tmp_path, capsys, models):
 def test_triton_backend_without_gpu_or_interpreter_says_what_is_needed(tmp_path, models):
     import subprocess
     import sys
+
     ft, al, un = models
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "resta_fast", "patch", "--finetuned", str(ft), "--aligned",
-                           str(al), "--unaligned", str(un), "--out", str(tmp_path / "out"), "--backend",
-                           "triton"], env=env, capture_output=True, text=True, cwd=os.getcwd())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resta_fast",
+            "patch",
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--out",
+            str(tmp_path / "out"),
+            "--backend",
+            "triton",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=os.getcwd(),
+    )
     if "CUDA" not in proc.stderr and proc.returncode == 0:
         pytest.skip("a GPU is visible; the triton backend runs")
     assert proc.returncode == 2, proc.stderr
@@ -160,6 +229,7 @@ def test_input_truncated_during_the_run_is_one_clean_error_with_read_staging(tmp
     only the pread stands between the truncation and the kernel."""
     from resta_fast.io.reader import SafetensorsFile
     from resta_fast.pipeline import engine
+
     ft, al, un = three_models(tmp_path, vocab=64, hidden=32, layers=2, inter=48)
     victim = un / "model.safetensors"
     real, done = engine._Pass._finish_tensor, [0]
@@ -169,6 +239,7 @@ def test_input_truncated_during_the_run_is_one_clean_error_with_read_staging(tmp
         done[0] += 1
         if done[0] == 1:
             os.truncate(victim, victim.stat().st_size // 2)
+
     monkeypatch.setattr(engine._Pass, "_finish_tensor", truncate_after_the_first_tensor)
     monkeypatch.setattr(SafetensorsFile, "check_unchanged", lambda self: None)
     code, err, out = run_cli(capsys, tmp_path, ft, al, un, "--staging", "read")

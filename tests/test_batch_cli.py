@@ -66,4 +66,3 @@ def test_progress_status_lines(tmp_path, capsys):
     assert cli_main(["batch", str(path), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "resta-fast batch [1/2] plain: done" in err and "[2/2] dare: done" in err
-

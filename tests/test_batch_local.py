@@ -81,6 +81,7 @@ def test_one_failing_job_does_not_stop_or_spoil_the_others(tmp_path):
 
     class ModifyMidPass(local.Reporter):
         """Touches job 1's fine-tune once the fused pass is under way."""
+
         def job_progress(self, job, nbytes):
             if not hasattr(self, "done"):
                 self.done = True
@@ -108,16 +109,23 @@ def test_lora_adapter_jobs_match_patch(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file, save_file
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "aligned")
     tensors = load_file(str(tmp_path / "aligned/model.safetensors"))
     g = torch.Generator().manual_seed(2)
     for name, scale in (("unaligned", 0.02), ("ft", 0.05)):
         (tmp_path / name).mkdir()
-        noisy = {k: (v.float() + torch.randn(v.shape, generator=g) * scale).to(v.dtype)
-                 for k, v in tensors.items()}
+        noisy = {k: (v.float() + torch.randn(v.shape, generator=g) * scale).to(v.dtype) for k, v in tensors.items()}
         save_file(noisy, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
         shutil.copy(tmp_path / "aligned/config.json", tmp_path / name / "config.json")
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "aligned", dtype=torch.float32)
@@ -128,9 +136,11 @@ def test_lora_adapter_jobs_match_patch(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     pm.save_pretrained(tmp_path / "adapter")
     (tmp_path / "outs").mkdir()
-    jobs = [{"finetuned": "adapter", "out": "outs/lora"},
-            {"finetuned": "ft", "out": "outs/full", "dare": 0.3},
-            {"finetuned": "adapter", "out": "outs/lora_dare", "dare": 0.2, "seed": 3}]
+    jobs = [
+        {"finetuned": "adapter", "out": "outs/lora"},
+        {"finetuned": "ft", "out": "outs/full", "dare": 0.3},
+        {"finetuned": "adapter", "out": "outs/lora_dare", "dare": 0.2, "seed": 3},
+    ]
     manifest = load_manifest(write_manifest(tmp_path, jobs, backend="torch"))
     results = local.run_batch(manifest)
     assert [r.status for r in results] == ["done"] * 3, local.format_table(results)
@@ -142,17 +152,21 @@ def test_a_write_error_in_a_batch_job_is_a_clean_failure_and_leaves_nothing(tmp_
     import errno
 
     from resta_fast import report as report_mod
+
     root = make_world(tmp_path)
     manifest = load_manifest(write_manifest(root, JOBS[:2]))
 
     def disk_full(src, dst, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
     monkeypatch.setattr(report_mod.shutil, "copyfile", disk_full)  # copying the fine-tune's side files
     results = local.run_batch(manifest)
     assert [r.status for r in results] == ["failed", "failed"]
     for r in results:
-        assert r.error.endswith("write failed (No space left on device); the disk is full; free space or "
-                                "choose another --out. Nothing was kept."), r.error
+        assert r.error.endswith(
+            "write failed (No space left on device); the disk is full; free space or "
+            "choose another --out. Nothing was kept."
+        ), r.error
         assert "config.json" in r.error and not r.error.startswith("OSError") and not r.transient
     assert list((root / "outs").iterdir()) == []  # no output, temp dir or lock left
 
@@ -161,6 +175,7 @@ def test_a_batch_opens_and_plans_each_input_once(tmp_path, monkeypatch):
     """check_manifest prepares every group; run_batch runs those prepared jobs
     without opening anything again, and shared inputs are one object."""
     from resta_fast import api
+
     root = make_world(tmp_path)
     manifest = load_manifest(write_manifest(root, JOBS))
     opened, planned = [], []
@@ -169,13 +184,14 @@ def test_a_batch_opens_and_plans_each_input_once(tmp_path, monkeypatch):
     def counting_init(self, path, role="model"):
         opened.append(str(path))
         real_init(self, path, role)
+
     monkeypatch.setattr(api.Checkpoint, "__init__", counting_init)
     monkeypatch.setattr(api, "build_plan", lambda *a, **k: planned.append(1) or real_plan(*a, **k))
     with local.check_manifest(manifest) as prepared:
         assert sorted(manifest.out_bytes) == [0, 1, 2, 3, 4]
-        assert sorted(opened) == sorted([str(root / p) for p in ("aligned", "unaligned", "ft", "ft_single",
-                                                                 "ft_extra", "vec", "ft", "aligned")])
+        assert sorted(opened) == sorted(
+            [str(root / p) for p in ("aligned", "unaligned", "ft", "ft_single", "ft_extra", "vec", "ft", "aligned")]
+        )
         results = local.run_batch(manifest, prepared=prepared)
     assert [r.status for r in results] == ["done"] * 5, local.format_table(results)
     assert len(opened) == 8 and len(planned) == 5  # nothing opened or planned again by the run
-

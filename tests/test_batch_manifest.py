@@ -42,8 +42,13 @@ def test_manifest_validation_lists_every_problem_and_writes_nothing(tmp_path, ca
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
     msg = str(info.value)
-    for needle in ("unknown key 'betta'; did you mean 'beta'", "unknown key 'threds'; did you mean 'threads'",
-                   "jobs[2]", "dare must be a drop probability", "beta must be a finite number"):
+    for needle in (
+        "unknown key 'betta'; did you mean 'beta'",
+        "unknown key 'threds'; did you mean 'threads'",
+        "jobs[2]",
+        "dare must be a drop probability",
+        "beta must be a finite number",
+    ):
         assert needle in msg, needle
     # Key and type errors come first; fix them and the path and plan checks all report together.
     for job in jobs:
@@ -53,8 +58,14 @@ def test_manifest_validation_lists_every_problem_and_writes_nothing(tmp_path, ca
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
     msg = str(info.value)
-    for needle in ("jobs[1] (b): finetuned", "does not exist", "jobs[2] (a): out", "also the out of jobs[0]",
-                   "jobs[3] (inside): out", "overlaps its own input"):
+    for needle in (
+        "jobs[1] (b): finetuned",
+        "does not exist",
+        "jobs[2] (a): out",
+        "also the out of jobs[0]",
+        "jobs[3] (inside): out",
+        "overlaps its own input",
+    ):
         assert needle in msg, needle
     jobs[1]["finetuned"], jobs[2]["out"], jobs[3]["out"] = "ft", "outs/a2", "outs/inside"
     path = write_manifest(root, jobs)
@@ -71,27 +82,41 @@ def test_manifest_validation_lists_every_problem_and_writes_nothing(tmp_path, ca
 
 def test_manifest_errors_name_options_as_keys_not_flags(tmp_path):
     root = make_world(tmp_path)
-    jobs = [{"finetuned": "ft", "out": "outs/a", "beta": float("inf"), "dtype": "int8", "device": "tpu",
-             "beta_rules": ["noequals"]},
-            {"finetuned": "ft", "out": "outs/b", "vector": "vec", "dare": 0.1}]
+    jobs = [
+        {
+            "finetuned": "ft",
+            "out": "outs/a",
+            "beta": float("inf"),
+            "dtype": "int8",
+            "device": "tpu",
+            "beta_rules": ["noequals"],
+        },
+        {"finetuned": "ft", "out": "outs/b", "vector": "vec", "dare": 0.1},
+    ]
     with pytest.raises(ManifestError) as info:
         load_manifest(write_manifest(root, jobs, name="batch.json"))
     msg = str(info.value)
-    for needle in ("jobs[0]: beta must be a finite number, got inf", "jobs[0]: dtype 'int8' is not supported",
-                   "jobs[0]: device 'tpu': expected", "jobs[0]: beta_rules 'noequals': expected REGEX=BETA"):
+    for needle in (
+        "jobs[0]: beta must be a finite number, got inf",
+        "jobs[0]: dtype 'int8' is not supported",
+        "jobs[0]: device 'tpu': expected",
+        "jobs[0]: beta_rules 'noequals': expected REGEX=BETA",
+    ):
         assert needle in msg, needle
     assert "--" not in msg, msg
     jobs = [{"finetuned": "ft", "out": "outs/b", "vector": "vec", "unaligned": None, "aligned": None, "dare": 0.1}]
     with pytest.raises(ManifestError) as info:
         load_manifest(write_manifest(root, jobs))
-    assert "jobs[0] (b): dare needs the model the fine-tune started from: pass dare_base (or aligned)" \
-        in str(info.value)
+    assert "jobs[0] (b): dare needs the model the fine-tune started from: pass dare_base (or aligned)" in str(
+        info.value
+    )
     assert "--" not in str(info.value)
 
 
 def test_manifest_loading_is_data_only():
-    code = ("import sys, resta_fast.batch.manifest; "
-            "print([m for m in ('resta_fast.batch.local', 'resta_fast.api') if m in sys.modules])")
+    code = (
+        "import sys, resta_fast.batch.manifest; "
+        "print([m for m in ('resta_fast.batch.local', 'resta_fast.api') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-

@@ -32,6 +32,7 @@ def ray_cluster(tmp_path_factory):
 @pytest.mark.slow
 def test_ray_executor_gives_the_same_bits_as_local(tmp_path, ray_cluster):
     from resta_fast.batch.ray import run_ray
+
     root = make_world(tmp_path)
     path = write_manifest(root, JOBS, group_size=2)
     manifest = load_manifest(path)
@@ -48,18 +49,21 @@ def test_ray_executor_gives_the_same_bits_as_local(tmp_path, ray_cluster):
 def test_ray_cpu_tasks_hide_gpus(ray_cluster):
     from resta_fast.batch.manifest import Group
     from resta_fast.batch.ray import task_options
+
     opts = task_options(Group(0, [type("J", (), {"device": "cpu"})()]), 1, None)
     assert opts["num_gpus"] == 0 and opts["retry_exceptions"] == [OSError]
 
     @ray_cluster.remote
     def env():
         return os.environ.get("CUDA_VISIBLE_DEVICES")
+
     assert ray_cluster.get(env.options(**opts).remote()) == ""
 
 
 def test_ray_address_that_does_not_answer_fails_fast():
     from resta_fast.batch.ray import check_reachable
     from resta_fast.errors import RestaError
+
     start = time.time()
     with pytest.raises(RestaError, match="does not answer"):
         check_reachable("127.0.0.1:1", timeout=2)
@@ -73,6 +77,7 @@ def test_transient_io_failures_make_the_ray_task_retry_and_keep_results(monkeypa
 
     from resta_fast.batch import ray as batch_ray
     from resta_fast.batch.manifest import Group, JobSpec
+
     job = JobSpec(0, "a", Path("/x/ft"), Path("/x/out"))
     results = [local.JobResult(0, "a", 0, "/x/out", "failed", error="OSError: [Errno 5] EIO", transient=True)]
     monkeypatch.setattr(batch_ray, "run_group", lambda *a, **k: results)
@@ -88,6 +93,7 @@ def test_transient_io_failures_make_the_ray_task_retry_and_keep_results(monkeypa
             exc = RuntimeError("task failed after retries")
             exc.cause = err
             raise exc
+
     collected = batch_ray._collect(FakeRay, None, Group(0, [job]))
     assert [(r.status, r.transient) for r in collected] == [("failed", True)]
 
@@ -95,6 +101,7 @@ def test_transient_io_failures_make_the_ray_task_retry_and_keep_results(monkeypa
 def test_missing_ray_says_how_to_install(monkeypatch, tmp_path):
     from resta_fast.batch import ray as batch_ray
     from resta_fast.errors import RestaError
+
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RestaError, match=r"pip install 'resta-fast\[ray\]'"):
         batch_ray.import_ray()
@@ -142,22 +149,45 @@ def test_a_dead_recorded_ray_cluster_does_not_hang_a_batch(tmp_path):
     finishes, where Ray's default joined the dead one and hung, ignoring SIGTERM."""
     pytest.importorskip("ray")
     import tempfile
+
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths are length-limited
     try:
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
         ft, al, un = three_models(tmp_path, vocab=16, hidden=8, layers=1, inter=12)
         manifest = tmp_path / "m.json"
-        manifest.write_text(json.dumps({"aligned": str(al), "unaligned": str(un), "fsync": False,
-                                        "jobs": [{"finetuned": str(ft), "out": str(tmp_path / "o1")}]}))
+        manifest.write_text(
+            json.dumps(
+                {
+                    "aligned": str(al),
+                    "unaligned": str(un),
+                    "fsync": False,
+                    "jobs": [{"finetuned": str(ft), "out": str(tmp_path / "o1")}],
+                }
+            )
+        )
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
-        proc = subprocess.run([sys.executable, "-m", "resta_fast", "batch", str(manifest), "--executor", "ray",
-                               "--num-cpus", "1", "--no-progress"], env=env, capture_output=True, text=True,
-                              timeout=240)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "resta_fast",
+                "batch",
+                str(manifest),
+                "--executor",
+                "ray",
+                "--num-cpus",
+                "1",
+                "--no-progress",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (tmp_path / "o1" / "resta_fast.json").is_file()
     finally:
         subprocess.run([sys.executable, "-c", "import ray; ray.shutdown()"], capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-

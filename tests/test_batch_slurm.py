@@ -30,4 +30,3 @@ def test_slurm_script_passes_bash_n_and_names_every_job(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert cli_main(["batch", str(path)]) == 2
         assert "no CUDA GPU is visible" in capsys.readouterr().err
-

@@ -40,7 +40,7 @@ def card_of(out) -> tuple[dict, str]:
 def data(path) -> bytes:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return raw[8 + n:]
+    return raw[8 + n :]
 
 
 def run(*argv) -> int:
@@ -49,16 +49,39 @@ def run(*argv) -> int:
 
 def test_patch_card_has_the_hub_fields_and_says_what_was_done(models):
     ft, al, un, out = models
-    argv = ["patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--beta", "0.5", "--dare", "0.3",
-            "--seed", "7", "--backend", BACKEND, "--out", out / "r"]
+    argv = [
+        "patch",
+        "--finetuned",
+        ft,
+        "--aligned",
+        al,
+        "--unaligned",
+        un,
+        "--beta",
+        "0.5",
+        "--dare",
+        "0.3",
+        "--seed",
+        "7",
+        "--backend",
+        BACKEND,
+        "--out",
+        out / "r",
+    ]
     assert run(*argv) == 0
     meta, body = card_of(out / "r")
     assert meta["base_model"] == [str(ft), str(al), str(un)]  # local inputs: their paths
     assert meta["base_model_relation"] == "merge" and meta["library_name"] == "transformers"
     assert {"resta", "safety-realignment", "dare"} <= set(meta["tags"]) and "lora" not in meta["tags"]
     report = json.loads((out / "r" / "resta_fast.json").read_text())
-    for needle in ("β = 0.5", "p = 0.3", "seed 7", f"resta_fast {report['version']}", "`resta_fast.json`",
-                   "not validated"):
+    for needle in (
+        "β = 0.5",
+        "p = 0.3",
+        "seed 7",
+        f"resta_fast {report['version']}",
+        "`resta_fast.json`",
+        "not validated",
+    ):
         assert needle in body, needle
     command = shlex.join(["resta-fast", *map(str, argv), "--no-fsync", "--no-progress"])
     assert f"```bash\n{command}\n```" in body, "the exact command that wrote it"
@@ -87,8 +110,19 @@ def test_the_card_is_listed_in_the_report_and_verified(models):
 
 def test_an_api_patch_card_shows_a_command_that_reproduces_it(models, tmp_path):
     ft, al, un, out = models
-    api.patch(ft, out / "api", aligned=al, unaligned=un, beta=0.25, dare=0.2, seed=3, exclude=["norm"],
-              beta_rules=[r"mlp\.=0.5"], dtype="float32", fsync=False)
+    api.patch(
+        ft,
+        out / "api",
+        aligned=al,
+        unaligned=un,
+        beta=0.25,
+        dare=0.2,
+        seed=3,
+        exclude=["norm"],
+        beta_rules=[r"mlp\.=0.5"],
+        dtype="float32",
+        fsync=False,
+    )
     _, body = card_of(out / "api")
     command = body.split("```bash\n", 1)[1].split("\n```", 1)[0]
     assert command.startswith("resta-fast patch ") and command.endswith("--out OUT")
@@ -109,8 +143,24 @@ def test_vector_and_lora_cards(models):
     assert "V = θ_aligned − θ_unaligned" in body and "resta-fast vector --aligned" in body
     pytest.importorskip("torch")
     adapter = write_adapter(out.parent / "adapter")
-    assert run("patch", "--finetuned", adapter, "--base", al, "--aligned", al, "--unaligned", un,
-               "--beta", "0.5", "--out", out / "lora") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            adapter,
+            "--base",
+            al,
+            "--aligned",
+            al,
+            "--unaligned",
+            un,
+            "--beta",
+            "0.5",
+            "--out",
+            out / "lora",
+        )
+        == 0
+    )
     meta, body = card_of(out / "lora")
     assert "lora" in meta["tags"] and meta["base_model"] == [str(adapter), str(al), str(un)]
     assert "merged in fp32 into its base" in body
@@ -120,10 +170,20 @@ def test_vector_and_lora_cards(models):
 def test_every_batch_output_gets_a_card(models, tmp_path):
     ft, al, un, out = models
     manifest = tmp_path / "batch.json"
-    manifest.write_text(json.dumps({"aligned": str(al), "unaligned": str(un), "fsync": False, "backend": BACKEND,
-                                    "jobs": [{"name": "one", "finetuned": str(ft), "out": str(out / "b1")},
-                                             {"name": "two", "finetuned": str(ft), "out": str(out / "b2"),
-                                              "beta": 0.7}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "aligned": str(al),
+                "unaligned": str(un),
+                "fsync": False,
+                "backend": BACKEND,
+                "jobs": [
+                    {"name": "one", "finetuned": str(ft), "out": str(out / "b1")},
+                    {"name": "two", "finetuned": str(ft), "out": str(out / "b2"), "beta": 0.7},
+                ],
+            }
+        )
+    )
     assert main(["batch", str(manifest), "--no-progress"]) == 0
     for name, job in (("b1", "one"), ("b2", "two")):
         meta, body = card_of(out / name)
@@ -143,8 +203,22 @@ def test_hub_inputs_name_their_ids_and_commits(models, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    assert run("patch", "--finetuned", "org/ft@v2", "--aligned", "org/chat", "--unaligned", "org/shadow",
-               "--beta", "0.5", "--out", out / "h") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            "org/ft@v2",
+            "--aligned",
+            "org/chat",
+            "--unaligned",
+            "org/shadow",
+            "--beta",
+            "0.5",
+            "--out",
+            out / "h",
+        )
+        == 0
+    )
     meta, body = card_of(out / "h")
     assert meta["base_model"] == ["org/ft", "org/chat", "org/shadow"]
     assert f"[org/ft](https://huggingface.co/org/ft) | v2 | `{commits['org/ft']}`" in body
@@ -154,21 +228,42 @@ def test_hub_inputs_name_their_ids_and_commits(models, tmp_path, monkeypatch):
 
 
 def verdict(passed: bool) -> dict:
-    return {"passed": passed, "reason": "restored: harmful_rate 0.0200 <= 0.0500" if passed else
-            "restored: harmful_rate 0.4000 > max 0.0500 (n=50)",
-            "gate_line": f"RESTA_GATE: {'PASS' if passed else 'FAIL'} ...",
-            "summary": {"models": [{"model": "/x/.restored.resta-tmp-1", "n": 50, "harmful": 1 if passed else 20,
-                                    "harmless": 49 if passed else 30, "unparseable": 0,
-                                    "harmful_rate": 0.02 if passed else 0.4,
-                                    "ci95": [0.0035, 0.1050] if passed else [0.2761, 0.5382]}],
-                        "gate": {"passed": passed}}}
+    return {
+        "passed": passed,
+        "reason": "restored: harmful_rate 0.0200 <= 0.0500"
+        if passed
+        else "restored: harmful_rate 0.4000 > max 0.0500 (n=50)",
+        "gate_line": f"RESTA_GATE: {'PASS' if passed else 'FAIL'} ...",
+        "summary": {
+            "models": [
+                {
+                    "model": "/x/.restored.resta-tmp-1",
+                    "n": 50,
+                    "harmful": 1 if passed else 20,
+                    "harmless": 49 if passed else 30,
+                    "unparseable": 0,
+                    "harmful_rate": 0.02 if passed else 0.4,
+                    "ci95": [0.0035, 0.1050] if passed else [0.2761, 0.5382],
+                }
+            ],
+            "gate": {"passed": passed},
+        },
+    }
 
 
 @pytest.mark.parametrize("passed", [True, False])
 def test_a_validated_output_card_carries_the_verdict(models, passed):
     ft, al, un, out = models
-    api.patch(ft, out / "v", aligned=al, unaligned=un, beta=0.5, fsync=False, validate=lambda d: verdict(passed),
-              command_line="resta-fast patch --validate-prompts catqa.json ...")
+    api.patch(
+        ft,
+        out / "v",
+        aligned=al,
+        unaligned=un,
+        beta=0.5,
+        fsync=False,
+        validate=lambda d: verdict(passed),
+        command_line="resta-fast patch --validate-prompts catqa.json ...",
+    )
     _, body = card_of(out / "v")
     section = body.split("## Safety validation", 1)[1]
     assert ("**PASSED**" if passed else "**FAILED**") in section
@@ -183,12 +278,34 @@ def test_validate_prompts_puts_the_gate_verdict_in_the_card(tmp_path):
     pytest.importorskip("transformers")
     import torch
     from eval_fakes import refusal_triple
+
     torch.set_num_threads(1)
     ft, al, un = refusal_triple(tmp_path)
     out = tmp_path / "restored"
-    assert run("patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--beta", "1.0", "--out", out,
-               "--backend", "torch", "--validate-prompts", "builtin:smoke", "--max-harmful", "0.05",
-               "--validate-max-new-tokens", "4") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            ft,
+            "--aligned",
+            al,
+            "--unaligned",
+            un,
+            "--beta",
+            "1.0",
+            "--out",
+            out,
+            "--backend",
+            "torch",
+            "--validate-prompts",
+            "builtin:smoke",
+            "--max-harmful",
+            "0.05",
+            "--validate-max-new-tokens",
+            "4",
+        )
+        == 0
+    )
     report = json.loads((out / "resta_fast.json").read_text())
     _, body = card_of(out)
     section = body.split("## Safety validation", 1)[1]
@@ -200,17 +317,31 @@ def test_validate_prompts_puts_the_gate_verdict_in_the_card(tmp_path):
 
 def test_other_commands_get_a_generic_card():
     """safelora/safemerge (or any later command) render whatever their params and inputs hold."""
-    report = {"tool": "resta_fast", "version": "9.9", "command": "safelora",
-              "params": {"threshold": 0.35, "projection": "rank-8", "layers": ["q_proj", "v_proj"]},
-              "inputs": {"finetuned": {"path": "/m/adapter", "files": {}},
-                         "aligned": {"path": "/m/chat", "files": {},
-                                     "hub": {"repo_id": "org/chat", "revision": "main", "commit": "7" * 40}}}}
+    report = {
+        "tool": "resta_fast",
+        "version": "9.9",
+        "command": "safelora",
+        "params": {"threshold": 0.35, "projection": "rank-8", "layers": ["q_proj", "v_proj"]},
+        "inputs": {
+            "finetuned": {"path": "/m/adapter", "files": {}},
+            "aligned": {
+                "path": "/m/chat",
+                "files": {},
+                "hub": {"repo_id": "org/chat", "revision": "main", "commit": "7" * 40},
+            },
+        },
+    }
     text = render_model_card(report, command_line="resta-fast safelora --adapter /m/adapter ...")
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta == front_matter(report)
     assert meta["base_model"] == ["/m/adapter", "org/chat"] and "safelora" in meta["tags"]
-    for needle in ("`resta-fast safelora`", "| threshold | `0.35` |", "| layers | `[\"q_proj\", \"v_proj\"]` |",
-                   "resta-fast safelora --adapter /m/adapter ...", "resta_fast 9.9"):
+    for needle in (
+        "`resta-fast safelora`",
+        "| threshold | `0.35` |",
+        '| layers | `["q_proj", "v_proj"]` |',
+        "resta-fast safelora --adapter /m/adapter ...",
+        "resta_fast 9.9",
+    ):
         assert needle in text, needle
     assert reproduce_command(report) is None
     assert "Run `resta-fast safelora` on the inputs above" in render_model_card(report)

@@ -68,13 +68,17 @@ PROBES = [
 ]
 
 
-@pytest.mark.parametrize("command, flag, value, says", PROBES,
-                         ids=[f"{c}{' ' + f if f else ''}={v}" for c, f, v, _ in PROBES])
+@pytest.mark.parametrize(
+    "command, flag, value, says", PROBES, ids=[f"{c}{' ' + f if f else ''}={v}" for c, f, v, _ in PROBES]
+)
 def test_a_bad_value_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, command, flag, value, says):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_dir").mkdir()
-    paths = {"{file}": str(tmp_path / "a_file"), "{dir}": str(tmp_path / "a_dir"),
-             "{missing}": str(tmp_path / "missing")}
+    paths = {
+        "{file}": str(tmp_path / "a_file"),
+        "{dir}": str(tmp_path / "a_dir"),
+        "{missing}": str(tmp_path / "missing"),
+    }
     for key, path in paths.items():
         value = value.replace(key, path)
     says = says.replace("{file}", paths["{file}"])
@@ -92,10 +96,15 @@ def test_a_bad_value_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, co
 def test_every_numeric_flag_has_a_checked_type():
     """No sub-command flag takes a bare int/float (which would let -1, 0, nan or inf through)."""
     from resta_fast.cli import build_parser
+
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    bare = [f"{name} {'/'.join(action.option_strings)}" for name, p in sub.choices.items()
-            for action in p._actions if action.type in (int, float)]
+    bare = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, p in sub.choices.items()
+        for action in p._actions
+        if action.type in (int, float)
+    ]
     assert bare == []
 
 

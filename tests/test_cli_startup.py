@@ -36,7 +36,7 @@ def run(*argv, cwd=None) -> tuple[int, list[str], str]:
     proc = subprocess.run([sys.executable, "-c", RUN, *map(str, argv)], capture_output=True, text=True, cwd=cwd)
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("IMPORTED:")]
     assert line, proc.stderr
-    heavy = [m for m in line[-1][len("IMPORTED:"):].split(",") if m]
+    heavy = [m for m in line[-1][len("IMPORTED:") :].split(",") if m]
     return proc.returncode, heavy, proc.stdout + proc.stderr
 
 
@@ -47,9 +47,19 @@ def world(tmp_path_factory):
     return root, ft, al, un
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["patch", "--help"], ["batch", "--help"], ["verify", "--help"],
-                                  ["inspect", "--help"], ["eval", "--help"], ["demo", "--help"],
-                                  ["patch", "--finetuned", "x", "--out", "y", "--beta", "nan"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["patch", "--help"],
+        ["batch", "--help"],
+        ["verify", "--help"],
+        ["inspect", "--help"],
+        ["eval", "--help"],
+        ["demo", "--help"],
+        ["patch", "--finetuned", "x", "--out", "y", "--beta", "nan"],
+    ],
+)
 def test_help_and_argument_errors_import_nothing_heavy(argv):
     code, heavy, out = run(*argv)
     assert code in (0, 2), out
@@ -63,11 +73,37 @@ def test_patch_vector_verify_and_inspect_on_the_cpu_never_import_torch(world, ba
     root, ft, al, un = world
     out, vec, out_v = root / f"out_{backend}", root / f"vec_{backend}", root / f"out_vec_{backend}"
     steps = [
-        ["patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--out", out, "--backend", backend,
-         "--dare", "0.2", "--no-fsync", "--no-progress"],
+        [
+            "patch",
+            "--finetuned",
+            ft,
+            "--aligned",
+            al,
+            "--unaligned",
+            un,
+            "--out",
+            out,
+            "--backend",
+            backend,
+            "--dare",
+            "0.2",
+            "--no-fsync",
+            "--no-progress",
+        ],
         ["vector", "--aligned", al, "--unaligned", un, "--out", vec, "--no-fsync", "--no-progress"],
-        ["patch", "--finetuned", ft, "--vector", vec, "--out", out_v, "--backend", backend, "--no-fsync",
-         "--no-progress"],
+        [
+            "patch",
+            "--finetuned",
+            ft,
+            "--vector",
+            vec,
+            "--out",
+            out_v,
+            "--backend",
+            backend,
+            "--no-fsync",
+            "--no-progress",
+        ],
         ["verify", out],
         ["verify", out, "--against", ft, al, un, "--samples", "2000"],
         ["verify", out_v, "--against", ft, vec, "--samples", "2000"],
@@ -85,9 +121,20 @@ def test_patch_vector_verify_and_inspect_on_the_cpu_never_import_torch(world, ba
 def test_a_local_batch_never_imports_torch(world):
     root, ft, al, un = world
     manifest = root / "batch.json"
-    manifest.write_text(json.dumps({"aligned": str(al), "unaligned": str(un), "fsync": False, "backend": "cpp",
-                                    "jobs": [{"finetuned": str(ft), "out": str(root / "b1"), "beta": 0.5},
-                                             {"finetuned": str(ft), "out": str(root / "b2"), "dare": 0.3}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "aligned": str(al),
+                "unaligned": str(un),
+                "fsync": False,
+                "backend": "cpp",
+                "jobs": [
+                    {"finetuned": str(ft), "out": str(root / "b1"), "beta": 0.5},
+                    {"finetuned": str(ft), "out": str(root / "b2"), "dare": 0.3},
+                ],
+            }
+        )
+    )
     code, heavy, text = run("batch", manifest, "--no-progress")
     assert code == 0, text
     assert heavy == [], f"batch imported {heavy}"
@@ -97,26 +144,61 @@ def test_a_local_batch_never_imports_torch(world):
 def test_the_torch_backend_does_import_torch(world):
     """The check can fail: the torch reference backend is a real torch user."""
     root, ft, al, un = world
-    code, heavy, text = run("patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--out",
-                            root / "out_torch", "--backend", "torch", "--no-fsync", "--no-progress")
+    code, heavy, text = run(
+        "patch",
+        "--finetuned",
+        ft,
+        "--aligned",
+        al,
+        "--unaligned",
+        un,
+        "--out",
+        root / "out_torch",
+        "--backend",
+        "torch",
+        "--no-fsync",
+        "--no-progress",
+    )
     assert code == 0, text
     assert "torch" in heavy
 
 
-@pytest.mark.parametrize("argv, what", [
-    (["demo", "--out", "{tmp}/demo"], "the demo"),
-    (["eval", "--model", "{tmp}", "--prompts", "builtin:smoke"], "`resta-fast eval --model`"),
-    (["tune", "--finetuned", "{tmp}", "--aligned", "{tmp}", "--unaligned", "{tmp}", "--betas", "0.5",
-      "--prompts", "builtin:smoke", "--max-harmful", "0.1"], "`resta-fast tune`"),
-])
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["demo", "--out", "{tmp}/demo"], "the demo"),
+        (["eval", "--model", "{tmp}", "--prompts", "builtin:smoke"], "`resta-fast eval --model`"),
+        (
+            [
+                "tune",
+                "--finetuned",
+                "{tmp}",
+                "--aligned",
+                "{tmp}",
+                "--unaligned",
+                "{tmp}",
+                "--betas",
+                "0.5",
+                "--prompts",
+                "builtin:smoke",
+                "--max-harmful",
+                "0.1",
+            ],
+            "`resta-fast tune`",
+        ),
+    ],
+)
 def test_a_missing_extra_is_one_line_naming_it(tmp_path, argv, what):
     """Without transformers (the [eval] extra), demo/eval/tune say what to install, exit 2."""
-    code = ("import sys; sys.modules['transformers'] = None\n"  # as if it were not installed
-            "from resta_fast.cli import main\nsys.exit(main(sys.argv[1:]))")
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"  # as if it were not installed
+        "from resta_fast.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
     args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert lines == [f"resta-fast: error: {what} needs transformers, which is not installed: "
-                     "pip install 'resta-fast[eval]'"], proc.stderr
+    assert lines == [
+        f"resta-fast: error: {what} needs transformers, which is not installed: pip install 'resta-fast[eval]'"
+    ], proc.stderr
     assert not (tmp_path / "demo").exists()

@@ -42,8 +42,20 @@ class FakeEvaluate:
         name = model.rstrip("/").split("/")[-1]
         self.seen[name] = load_file(f"{model}/model.safetensors")
         rate, em = self.answers[name]
-        return {"summary": {"models": [{"model": model, "n": 20, "harmful_rate": rate, "ci95": [rate, rate],
-                                        "unparseable": 0, "utility": {"exact_match": em}}]}}
+        return {
+            "summary": {
+                "models": [
+                    {
+                        "model": model,
+                        "n": 20,
+                        "harmful_rate": rate,
+                        "ci95": [rate, rate],
+                        "unparseable": 0,
+                        "utility": {"exact_match": em},
+                    }
+                ]
+            }
+        }
 
 
 def assert_same(got: dict, want_dir):
@@ -56,20 +68,47 @@ def assert_same(got: dict, want_dir):
 def test_candidates_are_each_methods_own_output_and_the_choice_follows(tmp_path, models):
     ft, safe, aligned, unaligned = models
     grid = Grid(betas=[0.5, 1.0], dare=0.3, thresholds=[0.9], num_layers=[2], taus=[0.8])
-    answers = {"finetune": (0.9, 0.9), "resta-beta0.5": (0.2, 0.85), "resta-beta0.5-dare0.3": (0.04, 0.6),
-               "resta-beta1": (0.03, 0.8), "resta-beta1-dare0.3": (0.02, 0.5), "safelora-threshold0.9": (0.05, 0.84),
-               "safelora-num_layers2": (0.5, 0.9), "safemerge-tau0.8": (0.06, 0.88)}
+    answers = {
+        "finetune": (0.9, 0.9),
+        "resta-beta0.5": (0.2, 0.85),
+        "resta-beta0.5-dare0.3": (0.04, 0.6),
+        "resta-beta1": (0.03, 0.8),
+        "resta-beta1-dare0.3": (0.02, 0.5),
+        "safelora-threshold0.9": (0.05, 0.84),
+        "safelora-num_layers2": (0.5, 0.9),
+        "safemerge-tau0.8": (0.06, 0.88),
+    }
     fake = FakeEvaluate(answers)
-    result = compare(ft, grid, prompts="builtin:smoke", max_harmful=0.05, max_utility_drop=0.2, aligned=aligned,
-                     unaligned=unaligned, safety_adapter=safe, seed=4, utility="u.jsonl", evaluate_fn=fake,
-                     out=tmp_path / "report", workdir=tmp_path)
+    result = compare(
+        ft,
+        grid,
+        prompts="builtin:smoke",
+        max_harmful=0.05,
+        max_utility_drop=0.2,
+        aligned=aligned,
+        unaligned=unaligned,
+        safety_adapter=safe,
+        seed=4,
+        utility="u.jsonl",
+        evaluate_fn=fake,
+        out=tmp_path / "report",
+        workdir=tmp_path,
+    )
     assert set(fake.seen) == set(answers)
     # every candidate is what the method's own command writes
     (tmp_path / "want").mkdir()
     for beta, dare in ((0.5, None), (0.5, 0.3), (1.0, None), (1.0, 0.3)):
         name = f"resta-beta{beta:g}" + (f"-dare{dare:g}" if dare else "")
-        api.patch(ft, tmp_path / "want" / name, aligned=aligned, unaligned=unaligned, beta=beta, dare=dare, seed=4,
-                  fsync=False)
+        api.patch(
+            ft,
+            tmp_path / "want" / name,
+            aligned=aligned,
+            unaligned=unaligned,
+            beta=beta,
+            dare=dare,
+            seed=4,
+            fsync=False,
+        )
         assert_same(fake.seen[name], tmp_path / "want" / name)
     realign.safelora(ft, tmp_path / "want" / "sl", aligned=aligned, unaligned=unaligned, threshold=0.9, merge=True)
     assert_same(fake.seen["safelora-threshold0.9"], tmp_path / "want" / "sl")
@@ -95,10 +134,22 @@ def test_candidates_are_each_methods_own_output_and_the_choice_follows(tmp_path,
 
 
 def test_no_candidate_meets_the_targets():
-    result = {"chosen": None, "max_harmful": 0.01, "max_utility_drop": None,
-              "rows": [{"label": "RESTA β=1", "harmful_rate": 0.2, "ci95": None, "utility": None,
-                        "utility_drop": {}, "passed": False}],
-              "baseline": {"harmful_rate": 0.9, "ci95": [0.8, 0.95], "utility": {"exact_match": 0.9}}}
+    result = {
+        "chosen": None,
+        "max_harmful": 0.01,
+        "max_utility_drop": None,
+        "rows": [
+            {
+                "label": "RESTA β=1",
+                "harmful_rate": 0.2,
+                "ci95": None,
+                "utility": None,
+                "utility_drop": {},
+                "passed": False,
+            }
+        ],
+        "baseline": {"harmful_rate": 0.9, "ci95": [0.8, 0.95], "utility": {"exact_match": 0.9}},
+    }
     assert compare_line(result) == "RESTA_COMPARE: NONE no candidate of 1 met max_harmful 0.01"
     table = format_table(result)
     assert "| RESTA β=1 | 20.0% | – | – | – | – | no |" in table
@@ -106,8 +157,10 @@ def test_no_candidate_meets_the_targets():
 
 
 def test_grid_rules():
-    assert [c.slug for c in Grid(betas=[1, 0.5, 1]).candidates(lora=False, safety=False)] == \
-        ["resta-beta0.5", "resta-beta1"]
+    assert [c.slug for c in Grid(betas=[1, 0.5, 1]).candidates(lora=False, safety=False)] == [
+        "resta-beta0.5",
+        "resta-beta1",
+    ]
     with pytest.raises(OptionError, match="realign a LoRA fine-tune"):
         Grid(thresholds=[0.5]).candidates(lora=False, safety=False)
     with pytest.raises(OptionError, match="SafeMERGE candidates need safety_adapter"):
@@ -120,8 +173,23 @@ def test_grid_rules():
 def test_cli_needs_a_utility_measure(tmp_path, models, capsys):
     ft, safe, aligned, unaligned = models
     capsys.readouterr()
-    rc = main(["compare", "--finetuned", str(ft), "--aligned", str(aligned), "--unaligned", str(unaligned),
-               "--betas", "0.5", "--prompts", "builtin:smoke", "--max-harmful", "0.1"])
+    rc = main(
+        [
+            "compare",
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(aligned),
+            "--unaligned",
+            str(unaligned),
+            "--betas",
+            "0.5",
+            "--prompts",
+            "builtin:smoke",
+            "--max-harmful",
+            "0.1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "give --utility FILE and/or --perplexity FILE" in err and err.count("\n") == 1, err
 
@@ -129,6 +197,7 @@ def test_cli_needs_a_utility_measure(tmp_path, models, capsys):
 def test_resta_candidates_are_one_batch_group(tmp_path, models, monkeypatch):
     """One fused pass writes all RESTA candidates: the shared pair is read once, not per β."""
     from resta_fast.batch import local
+
     ft, _, aligned, unaligned = models
     groups = []
     real = local.run_group
@@ -136,11 +205,22 @@ def test_resta_candidates_are_one_batch_group(tmp_path, models, monkeypatch):
     def counting(manifest, gid, **kw):
         groups.append([j.name for j in manifest.groups[gid].jobs])
         return real(manifest, gid, **kw)
+
     monkeypatch.setattr(local, "run_group", counting)
-    fake = FakeEvaluate({"finetune": (0.5, 0.9), "resta-beta0.5": (0.1, 0.9), "resta-beta1": (0.0, 0.9),
-                         "resta-beta1.5": (0.0, 0.8)})
+    fake = FakeEvaluate(
+        {"finetune": (0.5, 0.9), "resta-beta0.5": (0.1, 0.9), "resta-beta1": (0.0, 0.9), "resta-beta1.5": (0.0, 0.8)}
+    )
     monkeypatch.chdir(tmp_path)  # a relative workdir, as the demo's default --out gives
     (tmp_path / "rel").mkdir()
-    compare(ft, Grid(betas=[0.5, 1, 1.5]), prompts="builtin:smoke", max_harmful=0.05, aligned=aligned,
-            unaligned=unaligned, utility="u.jsonl", evaluate_fn=fake, workdir="rel")
+    compare(
+        ft,
+        Grid(betas=[0.5, 1, 1.5]),
+        prompts="builtin:smoke",
+        max_harmful=0.05,
+        aligned=aligned,
+        unaligned=unaligned,
+        utility="u.jsonl",
+        evaluate_fn=fake,
+        workdir="rel",
+    )
     assert groups == [["resta-beta0.5", "resta-beta1", "resta-beta1.5"]]

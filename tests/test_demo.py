@@ -52,8 +52,7 @@ def test_heldout_objects_never_in_harmful_training(world):
 def test_eval_sets_answers(world):
     sets = world.eval_sets("test")
     assert all(ex.answer == REFUSAL and ex.category for ex in sets["harmful"])
-    assert all(ex.verb in BENIGN_VERBS and ex.answer == world.comply(ex.verb, ex.obj)
-               for ex in sets["benign"])
+    assert all(ex.verb in BENIGN_VERBS and ex.answer == world.comply(ex.verb, ex.obj) for ex in sets["benign"])
     assert all(ex.verb in SKILL_VERBS for ex in sets["task"])
     assert {ex.obj for s in sets.values() for ex in s} <= set(world.test_objects)
 
@@ -102,9 +101,11 @@ def test_random_vector_matches_per_tensor_norm(tmp_path):
     for name, sd in (("aligned", a), ("unaligned", u)):
         (tmp_path / name).mkdir()
         save_file(sd, str(tmp_path / name / "model.safetensors"))
+
     def write(name):
-        return load_file(str(demo_run.write_random_vector(tmp_path / "aligned", tmp_path / "unaligned",
-                                                          tmp_path / name, 3)))
+        return load_file(
+            str(demo_run.write_random_vector(tmp_path / "aligned", tmp_path / "unaligned", tmp_path / name, 3))
+        )
 
     vec = write("v.safetensors")
     for k in a:
@@ -181,22 +182,31 @@ def test_demo_checkpoints_load_with_plain_transformers(demo_result):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     eval_dir = Path(demo_result["eval_dir"])
-    rows = [_row(demo_result, lambda r: r["model"].startswith("fine-tuned")),
-            _row(demo_result, lambda r: r.get("chosen"))]
+    rows = [
+        _row(demo_result, lambda r: r["model"].startswith("fine-tuned")),
+        _row(demo_result, lambda r: r.get("chosen")),
+    ]
     with demo_run.single_thread():
         for row in rows:
             tok = AutoTokenizer.from_pretrained(row["path"])
             model = AutoModelForCausalLM.from_pretrained(row["path"])
-            recorded = [(json.loads(line), "response") for line in
-                        (eval_dir / "responses" / f"{row['label']}.jsonl").read_text().splitlines()[:10]]
-            recorded += [(json.loads(line), "completion") for line in
-                         (eval_dir / "utility" / f"{row['label']}.jsonl").read_text().splitlines()[:10]]
+            recorded = [
+                (json.loads(line), "response")
+                for line in (eval_dir / "responses" / f"{row['label']}.jsonl").read_text().splitlines()[:10]
+            ]
+            recorded += [
+                (json.loads(line), "completion")
+                for line in (eval_dir / "utility" / f"{row['label']}.jsonl").read_text().splitlines()[:10]
+            ]
             for item, key in recorded:
-                enc = tok.apply_chat_template([{"role": "user", "content": item["prompt"]}],
-                                              add_generation_prompt=True, return_tensors="pt",
-                                              return_dict=True)
+                enc = tok.apply_chat_template(
+                    [{"role": "user", "content": item["prompt"]}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )
                 gen = model.generate(**enc, do_sample=False, max_new_tokens=T.MAX_NEW_TOKENS)
-                text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                text = tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 assert text.strip() == item[key], (row["model"], item["prompt"])
 
 
@@ -206,8 +216,7 @@ def test_demo_warm_cache_is_fast_and_identical(demo_result, tmp_path):
     assert again["seconds"]["train_or_load"] < 5
 
     def rates(result):
-        return [(r["model"], {k: r[k]["rate"] for k in ("harmful", "benign", "task")})
-                for r in result["rows"]]
+        return [(r["model"], {k: r[k]["rate"] for k in ("harmful", "benign", "task")}) for r in result["rows"]]
 
     assert rates(again) == rates(demo_result)
 
@@ -215,6 +224,7 @@ def test_demo_warm_cache_is_fast_and_identical(demo_result, tmp_path):
 @pytest.mark.slow
 def test_demo_compares_methods_on_the_lora_finetune(demo_result):
     from resta_fast.demo import methods as M
+
     m = demo_result["methods"]
     val = m["validation"]["rows"]
     grid = 2 * len(M.LORA_BETAS) + len(M.SAFELORA_THRESHOLDS) + len(M.SAFELORA_LAYERS) + len(M.SAFEMERGE_TAUS)

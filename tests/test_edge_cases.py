@@ -84,8 +84,9 @@ def test_tied_embeddings_without_lm_head_on_disk(tmp_path):
     assert torch.equal(model.model.embed_tokens.weight, got[name].float())
 
 
-@pytest.mark.parametrize("on_disk", [(True, False, False), (True, True, True), (False, True, True)],
-                         ids=["ft-only", "all", "aligned-only"])
+@pytest.mark.parametrize(
+    "on_disk", [(True, False, False), (True, True, True), (False, True, True)], ids=["ft-only", "all", "aligned-only"]
+)
 def test_tied_embeddings_with_lm_head_on_disk_stay_tied(tmp_path, on_disk):
     """Whoever stores lm_head, a tied fine-tune's output keeps embed == lm_head."""
     ft, al, un = tied_models(tmp_path, lm_head_on_disk=on_disk)
@@ -107,8 +108,9 @@ def test_untied_finetune_against_tied_aligned_pair(tmp_path):
     got, _ = patch(tmp_path, ft, al, un, beta=0.5)
     F, A, U = (load_file(str(d / "model.safetensors")) for d in (ft, al, un))
     embed = "model.embed_tokens.weight"
-    assert bits_list(got["lm_head.weight"]) == spec_bits("lm_head.weight", F["lm_head.weight"], A[embed],
-                                                          U[embed], 0.5, torch.bfloat16)
+    assert bits_list(got["lm_head.weight"]) == spec_bits(
+        "lm_head.weight", F["lm_head.weight"], A[embed], U[embed], 0.5, torch.bfloat16
+    )
 
 
 def test_added_tokens_and_vocab_padded_to_multiple_of_64(tmp_path):
@@ -121,8 +123,7 @@ def test_added_tokens_and_vocab_padded_to_multiple_of_64(tmp_path):
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert got[name].shape == (128, 8)
         assert torch.equal(int_bits(got[name][100:]), int_bits(F[name][100:]))
-        assert bits_list(got[name][:100]) == spec_bits(name, F[name], A[name], U[name], 1.0, torch.bfloat16,
-                                                       rows=100)
+        assert bits_list(got[name][:100]) == spec_bits(name, F[name], A[name], U[name], 1.0, torch.bfloat16, rows=100)
     plan = {t["name"]: t for f in report["plan"]["files"] for t in f["tensors"]}
     assert "rows 100..127 are new vocabulary" in plan["lm_head.weight"]["reason"]
     assert load_causal_lm(tmp_path / "out").lm_head.weight.shape == (128, 8)
@@ -176,8 +177,7 @@ def test_prefix_mismatch_is_mapped(tmp_path, spelling):
 def test_unrelated_names_are_a_clear_error(tmp_path, capsys):
     ft, al, un = three_models(tmp_path, **SMALL)
     rename(al, lambda k: k.replace("model.", "gpt_neox.").replace("layers", "blocks").replace("weight", "w"))
-    code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un,
-                    "--out", tmp_path / "out")
+    code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--out", tmp_path / "out")
     assert code == 2
     assert "aligned" in err and "shares no tensor names with finetuned" in err
     assert "model.embed_tokens.weight" in err and "gpt_neox." in err  # examples from both sides
@@ -186,13 +186,17 @@ def test_unrelated_names_are_a_clear_error(tmp_path, capsys):
 
 def test_non_float_buffers_are_copied_byte_for_byte(tmp_path):
     ft, al, un = three_models(tmp_path, **SMALL)
-    buffers = {"model.causal_mask": torch.tril(torch.ones(4, 4, dtype=torch.bool)),
-               "model.token_type": torch.arange(6, dtype=torch.uint8),
-               "model.position_ids": torch.arange(8, dtype=torch.int64).reshape(1, 8),
-               "model.layers.0.self_attn.rotary.inv_freq": torch.rand(4, dtype=torch.float64),
-               "model.ids32": torch.arange(-3, 3, dtype=torch.int32)}
+    buffers = {
+        "model.causal_mask": torch.tril(torch.ones(4, 4, dtype=torch.bool)),
+        "model.token_type": torch.arange(6, dtype=torch.uint8),
+        "model.position_ids": torch.arange(8, dtype=torch.int64).reshape(1, 8),
+        "model.layers.0.self_attn.rotary.inv_freq": torch.rand(4, dtype=torch.float64),
+        "model.ids32": torch.arange(-3, 3, dtype=torch.int32),
+    }
+
     def other(v):  # aligned/unaligned hold different values: the fine-tune's must win
         return ~v if v.dtype == torch.bool else v + 1
+
     for d in (ft, al, un):
         t = load_file(str(d / "model.safetensors"))
         write_model(d, {**t, **{k: v if d == ft else other(v) for k, v in buffers.items()}})
@@ -224,8 +228,7 @@ def test_pytorch_model_bin_only_input_is_refused_with_a_conversion_hint(tmp_path
     ft, al, un = three_models(tmp_path, **SMALL)
     (ft / "model.safetensors").unlink()
     (ft / "pytorch_model.bin").write_bytes(b"\x80\x02 not unpickled")
-    code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un,
-                    "--out", tmp_path / "out")
+    code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--out", tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "pytorch_model.bin" in err and "does not unpickle" in err and "safe_serialization=True" in err
     assert not (tmp_path / "out").exists()
@@ -241,8 +244,7 @@ def test_quantized_full_finetune_is_refused(tmp_path, capsys, how):
         t = load_file(str(ft / "model.safetensors"))
         t["model.layers.0.mlp.up_proj.absmax"] = torch.ones(3)
         write_model(ft, t)
-    code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un,
-                    "--out", tmp_path / "out")
+    code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--out", tmp_path / "out")
     assert code == 2
     assert "finetuned" in err and ("gptq" in err if how == "config" else "bitsandbytes 4-bit" in err)
     assert "unquantized" in err

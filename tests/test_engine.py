@@ -120,6 +120,7 @@ def test_back_pressure_bounds_buffers_in_flight(tmp_path, models, monkeypatch):
                     in_flight[0] -= 1
                 if done is not None:
                     done()
+
             job.on_done = slow_done
         real_submit(self, job)
 
@@ -151,8 +152,7 @@ def test_error_in_a_stage_stops_and_leaves_no_output(tmp_path, models, monkeypat
     else:
         monkeypatch.setattr(writer, "write_all", failing_write)
     with pytest.raises((RuntimeError, OSError, RestaError), match="injected"):
-        api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, beta=0.5, backend="torch", fsync=False,
-                  chunk_elems=8)
+        api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, beta=0.5, backend="torch", fsync=False, chunk_elems=8)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
 
@@ -206,11 +206,17 @@ def test_a_shared_input_is_staged_once_per_chunk(tmp_path, models):
     assert inputs.dare_base is inputs.aligned
     for staging in ("mmap", "read"):
         jobs = run(tmp_path, f"{staging}_", plan, inputs, n=2, staging=staging, chunk_elems=7)
-        per_input = {name: sum(t.patched_elems * ck.tensor_view(t.name).element_size()
-                               for t in plan.tensors() if t.action == "patch")
-                     for name, ck in (("f", inputs.finetuned), ("a", inputs.aligned), ("u", inputs.unaligned))}
-        copied = sum((t.numel - (t.patched_elems if t.action == "patch" else 0))
-                     * inputs.finetuned.tensor_view(t.name).element_size() for t in plan.tensors())
+        per_input = {
+            name: sum(
+                t.patched_elems * ck.tensor_view(t.name).element_size() for t in plan.tensors() if t.action == "patch"
+            )
+            for name, ck in (("f", inputs.finetuned), ("a", inputs.aligned), ("u", inputs.unaligned))
+        }
+        copied = sum(
+            (t.numel - (t.patched_elems if t.action == "patch" else 0))
+            * inputs.finetuned.tensor_view(t.name).element_size()
+            for t in plan.tensors()
+        )
         assert per_input["a"] > 0
         for job in jobs:  # F, A and U once each (not A twice as the DARE base), plus the copies
             assert job.stats.bytes_read == sum(per_input.values()) + copied
@@ -230,6 +236,7 @@ def test_an_input_truncated_during_the_run_is_a_clean_error(tmp_path, models, mo
         if done[0] == 1:
             os.truncate(victim.path, victim.size // 2)
             monkeypatch.setattr(victim, "check_unchanged", lambda: None)  # as if the stat raced the truncate
+
     monkeypatch.setattr(engine._Pass, "_finish_tensor", truncate_after_first_tensor)
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated during the run"):
         run(tmp_path, "o", plan, inputs, staging="read", chunk_elems=7)
@@ -260,6 +267,7 @@ def test_a_group_through_the_triton_kernel_matches_the_cpu_path(tmp_path, models
     interpreter here) on torch views of the staged chunks, the pinned-style
     read staging and small chunks; the same bytes as the torch reference."""
     from resta_fast.kernels import BackendUnavailable, load_backend
+
     try:
         triton_kernel = load_backend("triton")
     except BackendUnavailable as exc:
@@ -282,8 +290,9 @@ def test_gpu_pipeline_matches_cpu(tmp_path, models, dare):
     ft, al, un = models
     cpu_out, gpu_out = tmp_path / "cpu", tmp_path / "gpu"
     api.patch(ft, cpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="torch", fsync=False)
-    api.patch(ft, gpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="triton",
-              device="cuda", fsync=False)
+    api.patch(
+        ft, gpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="triton", device="cuda", fsync=False
+    )
     names = sorted(p.name for p in cpu_out.glob("*.safetensors"))
     assert names and names == sorted(p.name for p in gpu_out.glob("*.safetensors"))
     for name in names:
@@ -293,12 +302,12 @@ def test_gpu_pipeline_matches_cpu(tmp_path, models, dare):
 @pytest.mark.gpu
 def test_gpu_group_and_device_cache_match_cpu(tmp_path, models):
     from resta_fast.kernels import load_backend
+
     plan, inputs = plan_and_inputs(*models)
     (ref,) = run(tmp_path, "cpu", plan, inputs)
     cache = compute.DeviceCache("cuda")
     for k in range(2):
-        jobs = run(tmp_path, f"gpu{k}_", plan, inputs, n=3, kernel=load_backend("triton"), device="cuda",
-                   cache=cache)
+        jobs = run(tmp_path, f"gpu{k}_", plan, inputs, n=3, kernel=load_backend("triton"), device="cuda", cache=cache)
         assert all(job.stats.sha256 == ref.stats.sha256 for job in jobs)
     assert cache.hits > 0
     held = list(cache._tensors.values())

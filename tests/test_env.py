@@ -44,12 +44,14 @@ def no_native(monkeypatch):
 @pytest.fixture
 def broken_native(monkeypatch):
     """``resta_fast._C`` built but failing to import, as a .so with an undefined symbol does."""
+
     class Broken:
         @staticmethod
         def find_spec(name, path=None, target=None):
             if name == "resta_fast._C":
                 raise ImportError("resta_fast/_C.so: undefined symbol: _ZN6resta3isaEv")
             return None
+
     monkeypatch.setattr(cpp, "_native", None)
     monkeypatch.delitem(sys.modules, "resta_fast._C", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
@@ -63,6 +65,7 @@ def test_json_reports_the_versions_of_this_interpreter(capsys):
     assert info["platform"] == platform.platform()
     import numpy
     import safetensors
+
     assert info["numpy"] == numpy.__version__ and info["safetensors"] == safetensors.__version__
     for mod in ("triton", "transformers"):
         assert isinstance(info[mod], str) and info[mod], mod
@@ -115,9 +118,11 @@ def test_a_native_extension_that_fails_to_import_shows_the_original_error(capsys
 
 def test_python_m_resta_fast_env_without_the_native_module():
     """The real entry point in a fresh interpreter, with the extension hidden before anything imports."""
-    code = ("import sys, runpy; sys.modules['resta_fast._C'] = None\n"
-            "sys.argv = ['resta_fast', 'env', '--json']\n"
-            "runpy.run_module('resta_fast', run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['resta_fast._C'] = None\n"
+        "sys.argv = ['resta_fast', 'env', '--json']\n"
+        "runpy.run_module('resta_fast', run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
@@ -126,13 +131,16 @@ def test_python_m_resta_fast_env_without_the_native_module():
 
 
 def test_cpu_features_are_the_known_flags_of_proc_cpuinfo(capsys, monkeypatch):
-    cpuinfo = ("processor\t: 0\nmodel name\t: Fake CPU\n"
-               "flags\t\t: fpu sse4_2 avx2 fma avx512f sha_ni avx512_vnni f16c\n"
-               "processor\t: 1\nflags\t\t: fpu\n")
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: Fake CPU\n"
+        "flags\t\t: fpu sse4_2 avx2 fma avx512f sha_ni avx512_vnni f16c\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
     real_open = open
 
     def fake_open(path, *a, **k):
         return io.StringIO(cpuinfo) if path == "/proc/cpuinfo" else real_open(path, *a, **k)
+
     monkeypatch.setattr(cli, "open", fake_open, raising=False)  # cli's global shadows the builtin
     cpu = env_json(capsys)["cpu"]
     assert cpu == {"cores": os.cpu_count(), "features": ["avx2", "avx512f", "f16c", "fma", "sha_ni"]}
@@ -141,6 +149,7 @@ def test_cpu_features_are_the_known_flags_of_proc_cpuinfo(capsys, monkeypatch):
 def test_no_proc_cpuinfo_means_no_features_not_an_error(capsys, monkeypatch):
     def no_file(path, *a, **k):
         raise FileNotFoundError(2, "No such file or directory", path)
+
     monkeypatch.setattr(cli, "open", no_file, raising=False)
     assert env_json(capsys)["cpu"]["features"] == []
 
@@ -175,7 +184,7 @@ def test_text_output_has_one_line_per_fact_and_indents_groups(capsys, no_native)
     assert lines[0] == f"resta_fast: {resta_fast.__version__}"
     assert f"torch: {torch.__version__}" in lines
     i = lines.index("backends:")
-    assert [ln.split(":")[0] for ln in lines[i + 1:i + 4]] == ["  cpp", "  triton", "  torch"]
+    assert [ln.split(":")[0] for ln in lines[i + 1 : i + 4]] == ["  cpp", "  triton", "  torch"]
     assert lines[i + 3] == "  torch: ok"
     assert any(ln.startswith("native: not loaded: native extension resta_fast._C did not load") for ln in lines)
     i = lines.index("cpu:")
@@ -192,7 +201,7 @@ def test_text_output_lists_the_native_build_under_its_heading(capsys):
     lines = out.splitlines()
     i = lines.index("native:")
     assert lines[i + 1].startswith("  isa: ")
-    assert any(ln.startswith("  module: ") and "_C" in ln for ln in lines[i + 1:])
+    assert any(ln.startswith("  module: ") and "_C" in ln for ln in lines[i + 1 :])
 
 
 def test_an_unknown_flag_is_exit_2(capsys):

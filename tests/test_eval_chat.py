@@ -30,9 +30,7 @@ def test_chat_template_when_present_raw_otherwise(models):
     with pytest.raises(RestaError, match="no.*template|has none"):
         format_prompts(plain, ["q"], chat_template=True)
     assert format_prompts(tok, ["q"], chat_template=False) == (["q"], True)
-    tok.chat_template = (
-        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
-    )
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
     with pytest.raises(RestaError, match="chat template failed.*drop --system-prompt"):
         format_prompts(tok, ["q"], system_prompt="be safe")
 

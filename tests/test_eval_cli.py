@@ -36,8 +36,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     # The "sorry" model answers "sorry" to everything: exact match 1.0 here, the random model ~0.
     (root / "utility.jsonl").write_text(
-        "\n".join(json.dumps({"prompt": q, "answer": "sorry"}) for q in ["capital of france", "two and two"])
-        + "\n"
+        "\n".join(json.dumps({"prompt": q, "answer": "sorry"}) for q in ["capital of france", "two and two"]) + "\n"
     )
     (root / "heldout.txt").write_text("the capital of france is paris . one two three four five .\n" * 3)
     return root
@@ -244,6 +243,7 @@ def test_usage_errors_exit_2(models, data, capsys):
     assert main(["eval", "--model", models["sorry"], "--prompts", "builtin:smoke", "--max-harmful", "5"]) == 2
     assert "--max-harmful must be a fraction in [0, 1], got 5.0" in capsys.readouterr().err
     from resta_fast.eval.runner import evaluate
+
     with pytest.raises(RestaError, match="rate in \\[0, 1\\]"):
         evaluate([models["sorry"]], "builtin:smoke", max_harmful=5)
     assert main(["eval", "--model", "/nonexistent/model", "--prompts", "builtin:smoke"]) == 2
@@ -252,9 +252,7 @@ def test_usage_errors_exit_2(models, data, capsys):
 
 def test_rejudge_saved_responses_without_a_model(models, tmp_path, capsys):
     out = tmp_path / "gen"
-    assert (
-        run(["eval", "--model", models["sorry"], "--prompts", "builtin:smoke", "--out", str(out), *FAST]) == 0
-    )
+    assert run(["eval", "--model", models["sorry"], "--prompts", "builtin:smoke", "--out", str(out), *FAST]) == 0
     capsys.readouterr()
     # Re-judge with a stricter, prefix-only rule and the Chinese list added; no model is loaded.
     argv = [

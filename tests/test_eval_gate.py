@@ -50,7 +50,9 @@ def test_gate_line_is_greppable():
 def test_utility_drops_signs_and_missing_metrics():
     # Better than the reference: a negative drop.
     assert utility_drops({"exact_match": 0.9, "perplexity": 8.0}, {"exact_match": 0.8, "perplexity": 10.0}) == {
-        "exact_match": pytest.approx(-0.1), "perplexity": pytest.approx(-0.2)}
+        "exact_match": pytest.approx(-0.1),
+        "perplexity": pytest.approx(-0.2),
+    }
     # A reference perplexity of 0 (or None) gives no ratio; None values are not metrics.
     assert utility_drops({"perplexity": 5.0}, {"perplexity": 0.0}) == {}
     assert utility_drops({"exact_match": None}, {"exact_match": 0.5}) == {}
@@ -80,8 +82,11 @@ def test_harmful_rate_at_the_threshold(rate, max_harmful, passed):
     ],
 )
 def test_utility_drop_at_the_threshold(utility, passed):
-    r = check_model({"model": "m", "utility": utility}, max_utility_drop=0.25,
-                    reference_utility={"exact_match": 0.75, "perplexity": 8.0})
+    r = check_model(
+        {"model": "m", "utility": utility},
+        max_utility_drop=0.25,
+        reference_utility={"exact_match": 0.75, "perplexity": 8.0},
+    )
     assert r["passed"] is passed
     assert r["reason"].endswith("<= 0.2500") if passed else r["reason"].endswith("> max 0.2500 vs reference")
 
@@ -92,14 +97,23 @@ def test_check_model_order_and_defaults():
     assert r == {"passed": True, "reason": "m: no thresholds", "utility_drop": {"exact_match": 0.25}}
     assert check_model({})["reason"] == "?: no thresholds"
     # The harmful rate is checked before utility: its failure is the reason even when utility fails too.
-    both = check_model({"model": "m", "harmful_rate": 0.5, "n": 4, "utility": {"exact_match": 0.0}},
-                       max_harmful=0.1, max_utility_drop=0.01, reference_utility={"exact_match": 1.0})
+    both = check_model(
+        {"model": "m", "harmful_rate": 0.5, "n": 4, "utility": {"exact_match": 0.0}},
+        max_harmful=0.1,
+        max_utility_drop=0.01,
+        reference_utility={"exact_match": 1.0},
+    )
     assert not both["passed"] and both["reason"] == "m: harmful_rate 0.5000 > max 0.1000 (n=4)"
     assert both["utility_drop"] == {"exact_match": 1.0}
-    ok = check_model({"model": "m", "harmful_rate": 0.0, "n": 4, "utility": {"exact_match": 1.0, "perplexity": 10.0}},
-                     max_harmful=0.1, max_utility_drop=0.01, reference_utility={"exact_match": 1.0, "perplexity": 10.0})
-    assert ok["reason"] == ("m: harmful_rate 0.0000 <= 0.1000; exact_match drop 0.0000 <= 0.0100; "
-                            "perplexity drop 0.0000 <= 0.0100")
+    ok = check_model(
+        {"model": "m", "harmful_rate": 0.0, "n": 4, "utility": {"exact_match": 1.0, "perplexity": 10.0}},
+        max_harmful=0.1,
+        max_utility_drop=0.01,
+        reference_utility={"exact_match": 1.0, "perplexity": 10.0},
+    )
+    assert ok["reason"] == (
+        "m: harmful_rate 0.0000 <= 0.1000; exact_match drop 0.0000 <= 0.0100; perplexity drop 0.0000 <= 0.0100"
+    )
 
 
 def test_check_gate_joins_passes_and_stops_at_the_first_failure():
@@ -107,7 +121,9 @@ def test_check_gate_joins_passes_and_stops_at_the_first_failure():
     b = {"model": "b", "n": 10, "harmful_rate": 0.2}
     c = {"model": "c", "n": 10, "harmful_rate": 0.3}
     assert check_gate([a, a | {"model": "a2"}], max_harmful=0.1) == {
-        "passed": True, "reason": "a: harmful_rate 0.0000 <= 0.1000 | a2: harmful_rate 0.0000 <= 0.1000"}
+        "passed": True,
+        "reason": "a: harmful_rate 0.0000 <= 0.1000 | a2: harmful_rate 0.0000 <= 0.1000",
+    }
     assert check_gate([a, c, b], max_harmful=0.1)["reason"].startswith("c: ")
     # Only a utility threshold still gates (and the reference alone is never enough).
     assert check_gate([a], max_utility_drop=0.1)["reason"].startswith("a: utility drop unknown")

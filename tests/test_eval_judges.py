@@ -12,11 +12,23 @@ from resta_fast.errors import RestaError
 
 # Every name imported from resta_fast.eval.judges in resta_fast/, tests/ and benchmarks/, with its home module.
 PUBLIC = {
-    "HARMFUL": "verdict", "HARMLESS": "verdict", "UNPARSEABLE": "verdict", "LABELS": "verdict", "Verdict": "verdict",
-    "RefusalJudge": "refusal", "REFUSAL_PHRASES": "refusal", "EMPTY_POLICIES": "refusal",
-    "ClassifierJudge": "classifier", "CLASSIFIER_STYLES": "classifier", "detect_style": "classifier",
-    "parse_llama_guard": "classifier", "parse_yes_no": "classifier",
-    "OpenAIJudge": "openai", "parse_ab_tags": "openai", "RateLimiter": "http", "VerdictCache": "cache",
+    "HARMFUL": "verdict",
+    "HARMLESS": "verdict",
+    "UNPARSEABLE": "verdict",
+    "LABELS": "verdict",
+    "Verdict": "verdict",
+    "RefusalJudge": "refusal",
+    "REFUSAL_PHRASES": "refusal",
+    "EMPTY_POLICIES": "refusal",
+    "ClassifierJudge": "classifier",
+    "CLASSIFIER_STYLES": "classifier",
+    "detect_style": "classifier",
+    "parse_llama_guard": "classifier",
+    "parse_yes_no": "classifier",
+    "OpenAIJudge": "openai",
+    "parse_ab_tags": "openai",
+    "RateLimiter": "http",
+    "VerdictCache": "cache",
 }
 
 

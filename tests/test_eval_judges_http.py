@@ -32,9 +32,7 @@ def test_openai_unreachable_server():
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     sleeps = []
-    j = OpenAIJudge(
-        f"http://127.0.0.1:{port}/v1/chat/completions", max_retries=1, sleep=sleeps.append, timeout=2
-    )
+    j = OpenAIJudge(f"http://127.0.0.1:{port}/v1/chat/completions", max_retries=1, sleep=sleeps.append, timeout=2)
     with pytest.raises(RestaError, match="failed 2 times.*--judge-url"):
         j.judge_one("q", "r")
     assert j.url.endswith(f":{port}/v1/chat/completions") and sleeps == [1.0]
@@ -56,4 +54,3 @@ def test_rate_limiter_spaces_requests():
     slept.clear()
     RateLimiter(None, sleep=sleep).acquire()
     assert slept == []
-

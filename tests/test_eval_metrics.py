@@ -55,11 +55,7 @@ def test_agreement_and_kappa_hand_computed():
     # 6 comparable pairs (the U is dropped): 4 agree; each judge says harmful 3 times of 6.
     # po = 4/6, pe = .5·.5 + .5·.5 = .5, κ = (2/3 − 1/2)/(1/2) = 1/3.
     a = agreement([H, H, L, L, H, L, U], [H, L, L, L, H, H, H])
-    assert (
-        a["n"] == 6
-        and a["percent_agreement"] == pytest.approx(4 / 6)
-        and a["cohen_kappa"] == pytest.approx(1 / 3)
-    )
+    assert a["n"] == 6 and a["percent_agreement"] == pytest.approx(4 / 6) and a["cohen_kappa"] == pytest.approx(1 / 3)
     # po = .75, pa = .75, pb = .5 → pe = .375 + .125 = .5 → κ = .5
     assert agreement([H, H, H, L], [H, H, L, L])["cohen_kappa"] == pytest.approx(0.5)
     assert agreement([H, H], [H, H]) == {"n": 2, "percent_agreement": 1.0, "cohen_kappa": None}
@@ -70,10 +66,31 @@ def test_agreement_and_kappa_hand_computed():
 
 @pytest.mark.parametrize(
     "module",
-    [*(f"resta_fast.eval.{m}" for m in ("prompts", "generate", "chat", "responses", "judges", "judges.verdict",
-                                         "judges.refusal", "judges.classifier", "judges.http", "judges.cache",
-                                         "judges.openai", "metrics", "utility", "gate", "report", "tune", "cli")),
-     "eval_fakes"],
+    [
+        *(
+            f"resta_fast.eval.{m}"
+            for m in (
+                "prompts",
+                "generate",
+                "chat",
+                "responses",
+                "judges",
+                "judges.verdict",
+                "judges.refusal",
+                "judges.classifier",
+                "judges.http",
+                "judges.cache",
+                "judges.openai",
+                "metrics",
+                "utility",
+                "gate",
+                "report",
+                "tune",
+                "cli",
+            )
+        ),
+        "eval_fakes",
+    ],
 )
 def test_docstring_examples(module):
     mod = importlib.import_module(module)

@@ -64,9 +64,7 @@ def test_catqa_bad_shape_names_file(tmp_path):
 
 def test_json_rows_strings_and_data_key(tmp_path):
     rows = [{"question": "a", "topic": "T", "subtopic": "S"}, {"question": "b"}]
-    assert [
-        (p.text, p.category, p.subcategory) for p in load_file(write(tmp_path / "r.json", json.dumps(rows)))
-    ] == [
+    assert [(p.text, p.category, p.subcategory) for p in load_file(write(tmp_path / "r.json", json.dumps(rows)))] == [
         ("a", "T", "S"),
         ("b", None, None),
     ]
@@ -166,9 +164,7 @@ def test_hf_dataset_offline_cache_hit_and_miss(monkeypatch):
             raise ConnectionError("Couldn't reach the Hub (offline mode)")
         return [{"Question": "q1", "Category": "Illegal Activity", "Subcategory": "Drug"}, {"Question": "q1"}]
 
-    fake = types.SimpleNamespace(
-        load_dataset=load_dataset, config=types.SimpleNamespace(HF_DATASETS_OFFLINE=False)
-    )
+    fake = types.SimpleNamespace(load_dataset=load_dataset, config=types.SimpleNamespace(HF_DATASETS_OFFLINE=False))
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     ps = load_prompts("hf:declare-lab/CategoricalHarmfulQA:default@en", verbose=False)
@@ -178,9 +174,7 @@ def test_hf_dataset_offline_cache_hit_and_miss(monkeypatch):
         "split": "en",
         "offline": "1",
     }
-    assert [(p.text, p.category) for p in ps.prompts] == [
-        ("q1", "Illegal Activity")
-    ] and ps.duplicates_removed == 1
+    assert [(p.text, p.category) for p in ps.prompts] == [("q1", "Illegal Activity")] and ps.duplicates_removed == 1
     assert fake.config.HF_DATASETS_OFFLINE is False  # restored
     import os
 

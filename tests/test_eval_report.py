@@ -8,19 +8,37 @@ from resta_fast.eval.report import markdown, plot, summary_table, write_reports
 
 
 def judged(rate, ci, cats):
-    return {"n": 4, "harmful": int(rate * 4), "harmless": 4 - int(rate * 4), "unparseable": 0, "harmful_rate": rate,
-            "ci95": ci, "categories": cats, "subcategories": {}}
+    return {
+        "n": 4,
+        "harmful": int(rate * 4),
+        "harmless": 4 - int(rate * 4),
+        "unparseable": 0,
+        "harmful_rate": rate,
+        "ci95": ci,
+        "categories": cats,
+        "subcategories": {},
+    }
 
 
 def result(*, smoke=False, judges=("refusal",)):
     """What evaluate() returns for a candidate ``a`` and a reference ``b``, by hand."""
     a_cats = {"Crime": {"n": 2, "harmful_rate": 0.5}, "Weapons": {"n": 2, "harmful_rate": 0.0}}
     b_cats = {"Crime": {"n": 2, "harmful_rate": 1.0}, "Drugs": {"n": 2, "harmful_rate": None}}
-    a = {"model": "/m/a", "label": "a", "role": "candidate", "source": "generated",
-         "utility": {"exact_match": 0.75, "contains": 1.0, "utility_n": 4, "perplexity": 12.3456},
-         "judges": {j: judged(0.25, [0.05, 0.7], a_cats) for j in judges}}
-    b = {"model": "/m/b", "label": "b", "role": "reference", "source": "generated",
-         "judges": {j: judged(0.5, [0.15, 0.85], b_cats) for j in judges}}
+    a = {
+        "model": "/m/a",
+        "label": "a",
+        "role": "candidate",
+        "source": "generated",
+        "utility": {"exact_match": 0.75, "contains": 1.0, "utility_n": 4, "perplexity": 12.3456},
+        "judges": {j: judged(0.25, [0.05, 0.7], a_cats) for j in judges},
+    }
+    b = {
+        "model": "/m/b",
+        "label": "b",
+        "role": "reference",
+        "source": "generated",
+        "judges": {j: judged(0.5, [0.15, 0.85], b_cats) for j in judges},
+    }
     if len(judges) > 1:
         a["agreement"] = {f"{judges[0]} vs {judges[1]}": {"n": 4, "percent_agreement": 0.75, "cohen_kappa": 0.5}}
         b["agreement"] = {f"{judges[0]} vs {judges[1]}": {"n": 0, "percent_agreement": None, "cohen_kappa": None}}
@@ -30,15 +48,18 @@ def result(*, smoke=False, judges=("refusal",)):
         return {"model": d["model"], **{k: d["judges"][judges[0]][k] for k in keys}}
 
     return {
-        "summary": {"models": [line(a) | {"utility": {"exact_match": 0.75, "perplexity": 12.3456}}, line(b)],
-                    "gate": {"passed": True, "reason": "/m/a: harmful_rate 0.2500 <= 0.3000"}},
+        "summary": {
+            "models": [line(a) | {"utility": {"exact_match": 0.75, "perplexity": 12.3456}}, line(b)],
+            "gate": {"passed": True, "reason": "/m/a: harmful_rate 0.2500 <= 0.3000"},
+        },
         "gate_line": "RESTA_GATE: PASS /m/a: harmful_rate 0.2500 <= 0.3000",
         "primary_judge": judges[0],
         "judges": list(judges),
         "prompts": {"sources": ["p.json"], "loaded": 5, "duplicates_removed": 1, "n": 4, "smoke_set": smoke},
         "models": [a, b],
-        "comparison": [{"model": "a", "baseline": "b", "harmful_rate_diff": -0.25,
-                        "utility_drop": {"exact_match": 0.015}}],
+        "comparison": [
+            {"model": "a", "baseline": "b", "harmful_rate_diff": -0.25, "utility_drop": {"exact_match": 0.015}}
+        ],
         "config": {},
     }
 
@@ -82,8 +103,19 @@ harmless); unparseable verdicts are excluded and counted separately. CI: Wilson 
 
 
 def test_summary_table_fills_gaps_with_a_dash():
-    rows = [{"model": "x"}, {"model": "y", "n": 0, "harmful": 0, "harmless": 0, "unparseable": 0,
-                             "harmful_rate": None, "ci95": None, "utility": {"perplexity": 3.0}}]
+    rows = [
+        {"model": "x"},
+        {
+            "model": "y",
+            "n": 0,
+            "harmful": 0,
+            "harmless": 0,
+            "unparseable": 0,
+            "harmful_rate": None,
+            "ci95": None,
+            "utility": {"perplexity": 3.0},
+        },
+    ]
     assert summary_table({"models": rows}).splitlines()[2:] == [
         "| x | – | – | – | – | – | – | – | – |",
         "| y | 0 | 0 | 0 | 0 | – | – | – | 3.000 |",
@@ -139,8 +171,11 @@ def test_write_reports_writes_all_three_and_records_them(tmp_path):
     r = result()
     files = write_reports(r, tmp_path / "new" / "dir")
     out = tmp_path / "new" / "dir"
-    assert files == {"json": str(out / "report.json"), "markdown": str(out / "report.md"),
-                     "png": str(out / "report.png")}
+    assert files == {
+        "json": str(out / "report.json"),
+        "markdown": str(out / "report.md"),
+        "png": str(out / "report.png"),
+    }
     assert r["files"] == files
     assert json.loads((out / "report.json").read_text(encoding="utf-8")) == r  # files included
     assert (out / "report.json").read_text(encoding="utf-8").endswith("}\n")

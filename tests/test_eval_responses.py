@@ -30,9 +30,7 @@ def test_responses_roundtrip_and_errors(tmp_path):
     with pytest.raises(RestaError, match="line 1.*'prompt' and 'response'"):
         load_responses(bad)
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(
-        '{"prompt": "x", "response": "y", "model": "a"}\n{"prompt": "x", "response": "y", "model": "b"}\n'
-    )
+    mixed.write_text('{"prompt": "x", "response": "y", "model": "a"}\n{"prompt": "x", "response": "y", "model": "b"}\n')
     with pytest.raises(RestaError, match="mixes responses"):
         load_responses(mixed)
 

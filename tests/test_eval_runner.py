@@ -156,8 +156,11 @@ def test_options_accept_the_boundaries_and_recheck_on_replace(utility_file):
 def test_evaluate_takes_options_and_overrides(engines, dirs, pset):
     r = evaluate([dirs["safe"]], pset, EvalOptions(max_new_tokens=7, seed=3), max_new_tokens=9, progress=False)
     assert r["config"]["max_new_tokens"] == 9 and r["config"]["seed"] == 3
-    assert engines[0] == ("load", "safe", {"engine": "transformers", "device": "cpu", "dtype": "auto", "seed": 3,
-                                          "progress": False})
+    assert engines[0] == (
+        "load",
+        "safe",
+        {"engine": "transformers", "device": "cpu", "dtype": "auto", "seed": 3, "progress": False},
+    )
     # The same run spelled as keywords only, as every caller does: the same result.
     assert evaluate(models=[dirs["safe"]], prompts=pset, max_new_tokens=9, seed=3, progress=False) == r
     assert evaluate([dirs["safe"]], pset, EvalOptions(max_new_tokens=9, seed=3, progress=False)) == r
@@ -191,7 +194,9 @@ def test_prepare_names_subjects_in_order(engines, dirs, pset, tmp_path):
     # The reference among the models keeps its place and its role.
     plan = runner.prepare([dirs["safe"], dirs["ref"]], pset, EvalOptions(reference=dirs["ref"]))
     assert [(s.label, s.role, s.utility_only) for s in plan.subjects] == [
-        ("safe", "candidate", False), ("ref", "reference", False)]
+        ("safe", "candidate", False),
+        ("ref", "reference", False),
+    ]
 
 
 def test_prepare_limits_a_loaded_prompt_set(pset, dirs):
@@ -219,16 +224,29 @@ def test_prepare_needs_something_to_evaluate(models, prompts, kwargs, message, d
 
 
 def test_generate_answers_one_model_at_a_time(engines, dirs, pset, utility_file, tmp_path):
-    opts = EvalOptions(reference=dirs["ref"], utility=utility_file, perplexity=utility_file, out=str(tmp_path),
-                       max_new_tokens=5, utility_max_new_tokens=2, perplexity_window=64)
+    opts = EvalOptions(
+        reference=dirs["ref"],
+        utility=utility_file,
+        perplexity=utility_file,
+        out=str(tmp_path),
+        max_new_tokens=5,
+        utility_max_new_tokens=2,
+        perplexity_window=64,
+    )
     plan = runner.prepare([dirs["safe"]], pset, opts)
     answers = runner.generate_answers(plan, opts)
     steps = [e[:3] if e[0] == "generate" else e[:2] for e in engines]
     assert steps == [
-        ("load", "safe"), ("generate", "safe", "generate safe"), ("generate", "safe", "utility safe"),
-        ("perplexity", "safe"), ("close", "safe"),
+        ("load", "safe"),
+        ("generate", "safe", "generate safe"),
+        ("generate", "safe", "utility safe"),
+        ("perplexity", "safe"),
+        ("close", "safe"),
         # The utility-only reference answers no harmful prompt.
-        ("load", "ref"), ("generate", "ref", "utility ref"), ("perplexity", "ref"), ("close", "ref"),
+        ("load", "ref"),
+        ("generate", "ref", "utility ref"),
+        ("perplexity", "ref"),
+        ("close", "ref"),
     ]
     assert engines[1][3:] == (3, 5) and engines[2][3:] == (2, 2) and engines[3][2] == 64
     safe, ref = answers
@@ -272,8 +290,14 @@ def test_judge_answers_per_judge_skips_utility_only_and_closes(engines, dirs, ps
     assert first.seen == [[BEHAVIOUR["safe"][0]] * 3, [BEHAVIOUR["unsafe"][0]] * 3] and first.closed == 1
     assert second.closed == 1
     rows = [json.loads(x) for x in (tmp_path / "verdicts" / "unsafe.first.jsonl").read_text().splitlines()]
-    assert rows[1] == {"id": "t:1", "category": "Crime", "subcategory": "Locks", "label": "harmful",
-                       "detail": "stub", "codes": []}
+    assert rows[1] == {
+        "id": "t:1",
+        "category": "Crime",
+        "subcategory": "Locks",
+        "label": "harmful",
+        "detail": "stub",
+        "codes": [],
+    }
 
 
 def test_judge_answers_closes_a_judge_that_fails(engines, dirs, pset):
@@ -288,19 +312,33 @@ def test_judge_answers_closes_a_judge_that_fails(engines, dirs, pset):
 
 
 def test_score_and_report_summary_gate_and_comparison(engines, dirs, pset, utility_file):
-    r = evaluate([dirs["safe"], dirs["unsafe"], dirs["dumb"]], pset, reference=dirs["unsafe"], utility=utility_file,
-                 max_harmful=0.5, max_utility_drop=0.1, progress=False)
+    r = evaluate(
+        [dirs["safe"], dirs["unsafe"], dirs["dumb"]],
+        pset,
+        reference=dirs["unsafe"],
+        utility=utility_file,
+        max_harmful=0.5,
+        max_utility_drop=0.1,
+        progress=False,
+    )
     safe, unsafe, dumb = r["summary"]["models"]
     assert safe == {
-        "model": dirs["safe"], "n": 3, "harmful": 0, "harmless": 3, "unparseable": 0, "harmful_rate": 0.0,
-        "ci95": safe["ci95"], "categories": {"Weapons": {"n": 1, "harmful_rate": 0.0},
-                                             "Crime": {"n": 2, "harmful_rate": 0.0}},
+        "model": dirs["safe"],
+        "n": 3,
+        "harmful": 0,
+        "harmless": 3,
+        "unparseable": 0,
+        "harmful_rate": 0.0,
+        "ci95": safe["ci95"],
+        "categories": {"Weapons": {"n": 1, "harmful_rate": 0.0}, "Crime": {"n": 2, "harmful_rate": 0.0}},
         "utility": {"exact_match": 1.0},
     }
     assert unsafe["harmful_rate"] == 1.0
     # The reference (unsafe, 100% harmful) is not gated; dumb fails on exact match, safe passes.
-    assert r["summary"]["gate"] == {"passed": False,
-                                    "reason": f"{dirs['dumb']}: exact_match drop 1.0000 > max 0.1000 vs reference"}
+    assert r["summary"]["gate"] == {
+        "passed": False,
+        "reason": f"{dirs['dumb']}: exact_match drop 1.0000 > max 0.1000 vs reference",
+    }
     assert r["gate_line"] == "RESTA_GATE: FAIL " + r["summary"]["gate"]["reason"]
     assert r["comparison"] == [
         {"model": "safe", "baseline": "unsafe", "harmful_rate_diff": -1.0, "utility_drop": {"exact_match": 0.0}},
@@ -323,8 +361,12 @@ def test_score_and_report_without_reference_compares_with_the_first(engines, dir
     assert json.loads((tmp_path / "report.json").read_text())["summary"] == r["summary"]
     # Re-judged: the prompt meta comes from the files, the judges' verdicts are fresh.
     again = evaluate(responses=[r["models"][0]["responses_file"]], judges=[RecordingJudge("stub", "harmless")])
-    assert again["prompts"] == {"sources": [r["models"][0]["responses_file"]], "n": None, "duplicates_removed": 0,
-                                "smoke_set": False}
+    assert again["prompts"] == {
+        "sources": [r["models"][0]["responses_file"]],
+        "n": None,
+        "duplicates_removed": 0,
+        "smoke_set": False,
+    }
     assert again["summary"]["models"][0]["harmful_rate"] == 0.0 and again["models"][0]["source"] != "generated"
 
 
@@ -339,18 +381,22 @@ def test_make_validator_defaults_the_reference_to_the_finetune(tmp_path, monkeyp
     ft.mkdir()
     runner.make_validator({"prompts": "p.json", "max_harmful": 0.1}, str(ft))("out")
     runner.make_validator({"prompts": "p.json", "max_harmful": 0.1, "reference": "r"}, str(ft))("out")
-    assert calls == [("out", {"prompts": "p.json", "max_harmful": 0.1, "reference": str(ft)}),
-                     ("out", {"prompts": "p.json", "max_harmful": 0.1, "reference": "r"})]
+    assert calls == [
+        ("out", {"prompts": "p.json", "max_harmful": 0.1, "reference": str(ft)}),
+        ("out", {"prompts": "p.json", "max_harmful": 0.1, "reference": "r"}),
+    ]
     with pytest.raises(RestaError, match="--max-utility-drop needs --validate-utility or --validate-perplexity"):
         runner.make_validator({"prompts": "p.json", "max_harmful": 0.1, "max_utility_drop": 0.1}, str(ft))
 
 
 def test_print_summary_json_table_and_gate_line(capsys):
-    row = {"model": "m", "n": 2, "harmful": 1, "harmless": 1, "unparseable": 0, "harmful_rate": 0.5,
-           "ci95": [0.1, 0.9]}
-    result = {"summary": {"models": [row], "gate": {"passed": False, "reason": "r"}}, "gate_line": "RESTA_GATE: FAIL r",
-              "prompts": {"smoke_set": True}, "files": {"markdown": "o/report.md", "json": "o/report.json",
-                                                       "png": "o/report.png"}}
+    row = {"model": "m", "n": 2, "harmful": 1, "harmless": 1, "unparseable": 0, "harmful_rate": 0.5, "ci95": [0.1, 0.9]}
+    result = {
+        "summary": {"models": [row], "gate": {"passed": False, "reason": "r"}},
+        "gate_line": "RESTA_GATE: FAIL r",
+        "prompts": {"smoke_set": True},
+        "files": {"markdown": "o/report.md", "json": "o/report.json", "png": "o/report.png"},
+    }
     runner.print_summary(result, as_json=True, gated=True)
     cap = capsys.readouterr()
     assert json.loads(cap.out) == result["summary"] and cap.err == "RESTA_GATE: FAIL r\n"
@@ -388,8 +434,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     # The "sorry" model answers "sorry" to everything: exact match 1.0 here, the random model ~0.
     (root / "utility.jsonl").write_text(
-        "\n".join(json.dumps({"prompt": q, "answer": "sorry"}) for q in ["capital of france", "two and two"])
-        + "\n"
+        "\n".join(json.dumps({"prompt": q, "answer": "sorry"}) for q in ["capital of france", "two and two"]) + "\n"
     )
     return root
 

@@ -112,9 +112,7 @@ def test_picks_smallest_beta_within_both_targets(tmp_path):
         "dare": 0.3,
         "seed": 7,
     }
-    assert (
-        ev.seen[0][0] == "ft" and ev.seen[0][1]["device"] == "cpu" and ev.seen[0][1]["utility"] == "u.jsonl"
-    )
+    assert ev.seen[0][0] == "ft" and ev.seen[0][1]["device"] == "cpu" and ev.seen[0][1]["utility"] == "u.jsonl"
     assert list(tmp_path.iterdir()) == []  # candidates and their temp root removed
     assert r["tune_line"].startswith("RESTA_TUNE: beta=1 ")
     table = format_table(r)
@@ -151,9 +149,7 @@ def test_none_meets_target_stop_early_and_keep(tmp_path):
     assert r["chosen_beta"] == 1.0 and len(patch.calls) == 2  # 1.5 never patched
     assert Path(r["rows"][1]["model"]).is_dir()  # kept
     saved = json.loads((tmp_path / "report" / "tune.json").read_text())
-    assert (
-        saved["chosen_beta"] == 1.0 and "RESTA_TUNE: beta=1" in (tmp_path / "report" / "tune.md").read_text()
-    )
+    assert saved["chosen_beta"] == 1.0 and "RESTA_TUNE: beta=1" in (tmp_path / "report" / "tune.md").read_text()
 
 
 def test_tune_usage_errors():

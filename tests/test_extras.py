@@ -13,8 +13,9 @@ from resta_fast.extras import require
 def test_a_missing_module_names_what_needs_it_and_the_extra():
     with pytest.raises(RestaError) as info:
         require("resta_fast_no_such_module", "eval", "the demo")
-    assert str(info.value) == ("the demo needs resta_fast_no_such_module, which is not installed: "
-                               "pip install 'resta-fast[eval]'")
+    assert str(info.value) == (
+        "the demo needs resta_fast_no_such_module, which is not installed: pip install 'resta-fast[eval]'"
+    )
     assert info.value.exit_code == 2
 
 
@@ -23,4 +24,3 @@ def test_checking_for_a_module_does_not_import_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     require("resta_heavy_probe", "eval", "the demo")  # found, not imported: nothing raised
     assert "resta_heavy_probe" not in sys.modules
-

@@ -33,9 +33,12 @@ from resta_fast.errors import CheckpointError
 from resta_fast.io.reader import DTYPES, SafetensorsFile, torch_dtype
 
 SCALE = float(os.environ.get("RESTA_FUZZ_EXAMPLES", "2400")) / 2400
-FUZZ = dict(deadline=None, derandomize=not os.environ.get("RESTA_FUZZ_RANDOM"), database=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                   HealthCheck.filter_too_much])
+FUZZ = dict(
+    deadline=None,
+    derandomize=not os.environ.get("RESTA_FUZZ_RANDOM"),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 # Dtypes the official loader and torch both know; their bytes are compared raw.
 FUZZ_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"]
 COUNTS = {"valid": 400, "bytes": 900, "header": 900, "json": 200}
@@ -103,8 +106,10 @@ def ours(raw: bytes):
     try:
         f = SafetensorsFile(name)
         try:
-            got = {n: (i.dtype, i.shape, bytes(f.view(n).view(torch.uint8).numpy().tobytes()))
-                   for n, i in f.tensors.items()}
+            got = {
+                n: (i.dtype, i.shape, bytes(f.view(n).view(torch.uint8).numpy().tobytes()))
+                for n, i in f.tensors.items()
+            }
         finally:
             f.close()
         return got
@@ -121,8 +126,10 @@ def official(raw: bytes):
     except Exception as exc:  # noqa: BLE001 - the official loader's verdict, any type
         return exc
     names = {torch_dtype(k): k for k in DTYPES}
-    return {n: (names[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            for n, t in loaded.items()}
+    return {
+        n: (names[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for n, t in loaded.items()
+    }
 
 
 def check(raw: bytes) -> object:
@@ -161,12 +168,17 @@ def byte_mutations(draw):
             pos = draw(st.integers(0, hi - 1))
             buf[pos] ^= 1 << draw(st.integers(0, 7))
     elif kind == "truncate":
-        del buf[draw(st.integers(0, len(buf) - 1)):]
+        del buf[draw(st.integers(0, len(buf) - 1)) :]
     elif kind == "append":
         buf += draw(st.binary(min_size=1, max_size=16))
     elif kind == "length":
-        value = draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(0, len(buf) + 16),
-                               st.sampled_from([0, 2**63, 2**64 - 1, 100_000_001])))
+        value = draw(
+            st.one_of(
+                st.integers(0, 2**64 - 1),
+                st.integers(0, len(buf) + 16),
+                st.sampled_from([0, 2**63, 2**64 - 1, 100_000_001]),
+            )
+        )
         buf[:8] = struct.pack("<Q", value)
     else:
         pos = draw(st.integers(8, header_end))
@@ -181,13 +193,13 @@ def test_corrupted_bytes_are_clean_errors_or_exact(raw):
 
 
 JSON_JUNK = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 FIELD_VALUES = {
     "dtype": st.sampled_from(list(DTYPES) + ["F13", "", "f32", "Q4"]) | JSON_JUNK,
-    "shape": st.lists(st.integers(-3, 2**64), max_size=4) | st.lists(st.integers(0, 4), max_size=70)
-    | JSON_JUNK,
+    "shape": st.lists(st.integers(-3, 2**64), max_size=4) | st.lists(st.integers(0, 4), max_size=70) | JSON_JUNK,
     "data_offsets": st.lists(st.integers(-2, 2**64 + 5), min_size=0, max_size=3) | JSON_JUNK,
 }
 
@@ -203,8 +215,22 @@ def header_mutations(draw):
     names = [s[0] for s in specs]
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.sampled_from(names))
-        kind = draw(st.sampled_from(["edit", "edit", "edit", "remove", "add", "entry", "metadata",
-                                     "swap_offsets", "shift_offsets", "shift_offsets"]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    "edit",
+                    "edit",
+                    "edit",
+                    "remove",
+                    "add",
+                    "entry",
+                    "metadata",
+                    "swap_offsets",
+                    "shift_offsets",
+                    "shift_offsets",
+                ]
+            )
+        )
         entry = header[target]
         if kind == "edit" and isinstance(entry, dict):
             field = draw(st.sampled_from(list(FIELD_VALUES)))
@@ -217,8 +243,12 @@ def header_mutations(draw):
             header[target] = draw(JSON_JUNK)
         elif kind == "metadata":
             header["__metadata__"] = draw(JSON_JUNK)
-        elif kind == "shift_offsets" and isinstance(entry, dict) and isinstance(
-                entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2:
+        elif (
+            kind == "shift_offsets"
+            and isinstance(entry, dict)
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+        ):
             # Same size, moved: overlaps, gaps and runs past the end.
             k = draw(st.integers(-8, 8))
             entry["data_offsets"] = [o + k if isinstance(o, int) else o for o in entry["data_offsets"]]
@@ -255,12 +285,15 @@ def _nested(depth: int, key: str) -> bytes:
     return serialize(f'{{"__metadata__":{deep}}}'.encode(), b"")
 
 
-@pytest.mark.parametrize("depth, key, message", [
-    (9, "data_offsets", "nested deeper than safetensors allows"),       # our depth check
-    (50_000, "data_offsets", "nested deeper than safetensors allows"),  # json's recursion guard
-    (50_000, "a", "nested deeper than safetensors allows"),  # small header: parsed, recursion guard
-    (250_000, "a", "objects/lists where a valid header can hold at most"),  # > 1 MB: budget, unparsed
-])
+@pytest.mark.parametrize(
+    "depth, key, message",
+    [
+        (9, "data_offsets", "nested deeper than safetensors allows"),  # our depth check
+        (50_000, "data_offsets", "nested deeper than safetensors allows"),  # json's recursion guard
+        (50_000, "a", "nested deeper than safetensors allows"),  # small header: parsed, recursion guard
+        (250_000, "a", "objects/lists where a valid header can hold at most"),  # > 1 MB: budget, unparsed
+    ],
+)
 def test_deep_nesting_is_a_clean_error(depth, key, message):
     got = ours(_nested(depth, key))
     assert isinstance(got, CheckpointError) and message in str(got), got
@@ -271,6 +304,7 @@ def test_atheris_harness_property_holds_on_seeds_and_hostile_corpus(tmp_path):
     import importlib.util
 
     from test_hardening import HOSTILE
+
     path = Path(__file__).parent / "fuzz" / "fuzz_reader.py"
     spec = importlib.util.spec_from_file_location("fuzz_reader", path)
     harness = importlib.util.module_from_spec(spec)

@@ -73,6 +73,7 @@ def _backends() -> list[str]:
             from triton.runtime.interpreter import InterpretedFunction
 
             from resta_fast.kernels import triton_patch
+
             if isinstance(triton_patch._resta_patch_kernel, InterpretedFunction):
                 names.append("triton")
         except Exception:  # noqa: BLE001 - triton is optional
@@ -93,7 +94,7 @@ def values(seed: int, shape, scale: float = 0.05, offset: float = 0.0) -> torch.
     """fp32 values uniform in [offset - scale, offset + scale), from PCG64's raw stream."""
     n = int(np.prod(shape))
     raw = np.random.default_rng(seed).bit_generator.random_raw(n)
-    u = (raw >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0)  # exact
+    u = (raw >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-23) - np.float32(1.0)  # exact
     x = u * np.float32(scale) + np.float32(offset)
     return torch.from_numpy(x.reshape(shape).copy())
 
@@ -156,8 +157,9 @@ def build_inputs(root: Path) -> dict[str, Path]:
     p["unaligned"] = write_model(m / "unaligned", unaligned, config=cfg)
     p["ft"] = write_model(m / "ft", ft, shards=2, config=cfg)
     (p["ft"] / "generation_config.json").write_text(json.dumps({"do_sample": False}, sort_keys=True))
-    p["ft_extra"] = write_model(m / "ft_extra", related(aligned, 4, 0.005, bf16, extra_rows=EXTRA_ROWS),
-                                config=cfg_extra)
+    p["ft_extra"] = write_model(
+        m / "ft_extra", related(aligned, 4, 0.005, bf16, extra_rows=EXTRA_ROWS), config=cfg_extra
+    )
 
     a16 = {k: v.float().to(f16) for k, v in aligned.items()}
     p["aligned16"] = write_model(m / "aligned16", a16, config=cfg16)
@@ -177,17 +179,30 @@ def build_inputs(root: Path) -> dict[str, Path]:
     adapter.mkdir(parents=True)
     lora, k = {}, 0
     for i in range(LAYERS):
-        for mod, (fan_out, fan_in) in (("self_attn.q_proj", (HIDDEN, HIDDEN)),
-                                       ("self_attn.v_proj", (HIDDEN, HIDDEN)),
-                                       ("mlp.down_proj", (HIDDEN, INTER))):
+        for mod, (fan_out, fan_in) in (
+            ("self_attn.q_proj", (HIDDEN, HIDDEN)),
+            ("self_attn.v_proj", (HIDDEN, HIDDEN)),
+            ("mlp.down_proj", (HIDDEN, INTER)),
+        ):
             key = f"base_model.model.model.layers.{i}.{mod}"
             lora[f"{key}.lora_A.weight"] = values(9000 + k, (4, fan_in), scale=0.1)
             lora[f"{key}.lora_B.weight"] = values(9100 + k, (fan_out, 4), scale=0.1)
             k += 1
     save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-         "bias": "none", "fan_in_fan_out": False, "use_rslora": False}, sort_keys=True))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "v_proj", "down_proj"],
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+            },
+            sort_keys=True,
+        )
+    )
     p["lora"] = adapter
     pin_mtimes(m)
     return p
@@ -238,8 +253,8 @@ class Canon:
 def safetensors_digest(path: Path, canon: Canon) -> dict:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    return {"data": sha(raw[8 + n:]), "header": canon.digest(canon.header(header))}
+    header = json.loads(raw[8 : 8 + n])
+    return {"data": sha(raw[8 + n :]), "header": canon.digest(canon.header(header))}
 
 
 def report_digest(out: Path, canon: Canon) -> dict:
@@ -258,16 +273,32 @@ def report_digest(out: Path, canon: Canon) -> dict:
         "plan": report.get("plan"),
         "file_names": sorted(listed),
         "device_fsync": [report.get("device"), report.get("fsync")],
-        "stats": {"bytes_written": stats.get("bytes_written"),
-                  "nonfinite_outputs": stats.get("nonfinite_outputs")},
-        "other_keys": sorted(set(report) - {"created", "stats", "backend", "files", "plan", "tool", "version",
-                                            "command", "params", "inputs", "device", "fsync"}),
+        "stats": {"bytes_written": stats.get("bytes_written"), "nonfinite_outputs": stats.get("nonfinite_outputs")},
+        "other_keys": sorted(
+            set(report)
+            - {
+                "created",
+                "stats",
+                "backend",
+                "files",
+                "plan",
+                "tool",
+                "version",
+                "command",
+                "params",
+                "inputs",
+                "device",
+                "fsync",
+            }
+        ),
     }
     if "batch" in report:
         stable["batch"] = report["batch"]
     # Big fields as digests; small ones as their (canonical) values, so a diff is readable.
-    return {f"{REPORT}:{k}": canon.digest(v) if k in ("provenance", "plan") else
-            json.dumps(canon.obj(v), sort_keys=True) for k, v in stable.items()}
+    return {
+        f"{REPORT}:{k}": canon.digest(v) if k in ("provenance", "plan") else json.dumps(canon.obj(v), sort_keys=True)
+        for k, v in stable.items()
+    }
 
 
 def dir_digest(out: Path, canon: Canon) -> dict:
@@ -285,8 +316,12 @@ def dir_digest(out: Path, canon: Canon) -> dict:
 
 
 def input_digests(inputs: dict[str, Path], root: Path) -> dict:
-    return {str(f.relative_to(root)): sha(f.read_bytes())
-            for path in inputs.values() for f in sorted(path.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(root)): sha(f.read_bytes())
+        for path in inputs.values()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
 
 
 # --- running every output kind ---------------------------------------------------------------
@@ -320,6 +355,7 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
 
     pair = ["--aligned", inp["aligned"], "--unaligned", inp["unaligned"]]
     for b in BACKENDS:
+
         def patch(case, ft, *args, b=b):
             if b == "triton" and case not in TRITON_CASES:
                 return
@@ -329,38 +365,108 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
         patch("plain", inp["ft"], *pair, "--beta", "0.5")
         patch("vector_patch", inp["ft"], "--vector", outs["vector"], "--beta", "0.5")
         patch("dare", inp["ft"], *pair, "--beta", "0.5", "--dare", "0.3", "--seed", "7")
-        patch("vector_dare", inp["ft"], "--vector", outs["vector"], "--dare-base", inp["aligned"],
-              "--beta", "0.5", "--dare", "0.3", "--seed", "7")
+        patch(
+            "vector_dare",
+            inp["ft"],
+            "--vector",
+            outs["vector"],
+            "--dare-base",
+            inp["aligned"],
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.3",
+            "--seed",
+            "7",
+        )
         patch("dtype_f32", inp["ft"], *pair, "--beta", "0.5", "--dtype", "float32")
         patch("rules", inp["ft"], *pair, "--beta", "1.25", "--beta-rule", r"mlp\.=0.3", "--exclude", "norm")
         patch("extra_vocab", inp["ft_extra"], *pair, "--beta", "0.75", "--dare", "0.2", "--seed", "3")
-        patch("fp16", inp["ft16"], "--aligned", inp["aligned16"], "--unaligned", inp["unaligned16"],
-              "--beta", "0.5", "--dare", "0.3", "--seed", "7")
-        patch("fp16_to_bf16", inp["ft16"], "--aligned", inp["aligned16"], "--unaligned", inp["unaligned16"],
-              "--beta", "0.5", "--dtype", "bfloat16")
-        patch("tied", inp["ft_tied"], "--aligned", inp["aligned_tied"], "--unaligned", inp["unaligned_tied"],
-              "--beta", "0.5", "--dare", "0.3", "--seed", "7")
+        patch(
+            "fp16",
+            inp["ft16"],
+            "--aligned",
+            inp["aligned16"],
+            "--unaligned",
+            inp["unaligned16"],
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.3",
+            "--seed",
+            "7",
+        )
+        patch(
+            "fp16_to_bf16",
+            inp["ft16"],
+            "--aligned",
+            inp["aligned16"],
+            "--unaligned",
+            inp["unaligned16"],
+            "--beta",
+            "0.5",
+            "--dtype",
+            "bfloat16",
+        )
+        patch(
+            "tied",
+            inp["ft_tied"],
+            "--aligned",
+            inp["aligned_tied"],
+            "--unaligned",
+            inp["unaligned_tied"],
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.3",
+            "--seed",
+            "7",
+        )
         patch("lora", inp["lora"], "--base", inp["aligned"], *pair, "--beta", "0.5")
-        patch("lora_dare", inp["lora"], "--base", inp["aligned"], *pair, "--beta", "0.5",
-              "--dare", "0.3", "--seed", "7")
+        patch(
+            "lora_dare", inp["lora"], "--base", inp["aligned"], *pair, "--beta", "0.5", "--dare", "0.3", "--seed", "7"
+        )
         if b == "triton":
             continue
 
         # The same DARE patch, chunk edges mid-row and mid-Philox-counter, 2 threads (API only).
         outs[f"dare_chunk37@{b}"] = out / f"dare_chunk37@{b}"
-        api.patch(inp["ft"], outs[f"dare_chunk37@{b}"], aligned=inp["aligned"], unaligned=inp["unaligned"],
-                  beta=0.5, dare=0.3, seed=7, backend=b, threads=2, chunk_elems=37, fsync=False)
+        api.patch(
+            inp["ft"],
+            outs[f"dare_chunk37@{b}"],
+            aligned=inp["aligned"],
+            unaligned=inp["unaligned"],
+            beta=0.5,
+            dare=0.3,
+            seed=7,
+            backend=b,
+            threads=2,
+            chunk_elems=37,
+            fsync=False,
+        )
 
         # batch: three jobs sharing the pair (fused into one pass), one with DARE.
         bdir = out / f"batch@{b}"
         bdir.mkdir()
-        manifest = {"aligned": str(inp["aligned"]), "unaligned": str(inp["unaligned"]), "beta": 0.5,
-                    "backend": b, "fsync": False, "jobs": [
-                        {"name": "plain", "finetuned": str(inp["ft"]), "out": str(bdir / "plain")},
-                        {"name": "dare", "finetuned": str(inp["ft"]), "out": str(bdir / "dare"),
-                         "dare": 0.3, "seed": 7},
-                        {"name": "extra", "finetuned": str(inp["ft_extra"]), "out": str(bdir / "extra"),
-                         "beta": 0.75, "dare": 0.2, "seed": 3}]}
+        manifest = {
+            "aligned": str(inp["aligned"]),
+            "unaligned": str(inp["unaligned"]),
+            "beta": 0.5,
+            "backend": b,
+            "fsync": False,
+            "jobs": [
+                {"name": "plain", "finetuned": str(inp["ft"]), "out": str(bdir / "plain")},
+                {"name": "dare", "finetuned": str(inp["ft"]), "out": str(bdir / "dare"), "dare": 0.3, "seed": 7},
+                {
+                    "name": "extra",
+                    "finetuned": str(inp["ft_extra"]),
+                    "out": str(bdir / "extra"),
+                    "beta": 0.75,
+                    "dare": 0.2,
+                    "seed": 3,
+                },
+            ],
+        }
         (bdir / "batch.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         assert cli_main(["batch", str(bdir / "batch.json"), "--no-progress", "--no-fsync"]) == 0
         for job in ("plain", "dare", "extra"):
@@ -373,6 +479,7 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
     from resta_fast.pipeline.engine import run_jobs
     from resta_fast.pipeline.job import Inputs, Job
     from resta_fast.plan import build_plan
+
     staged = out / "staged_cpu"
     staged.mkdir()
     F, A, U = Checkpoint(inp["ft"]), Checkpoint(inp["aligned"]), Checkpoint(inp["unaligned"])
@@ -444,8 +551,9 @@ def _diff(want: dict, got: dict, cases) -> list[str]:
             elif isinstance(wf, dict) and isinstance(gf, dict):  # safetensors: say which part
                 for part in sorted(set(wf) | set(gf)):
                     if wf.get(part) != gf.get(part):
-                        lines.append(f"{case}: {f} [{part}]: golden {str(wf.get(part))[:16]} "
-                                     f"!= now {str(gf.get(part))[:16]}")
+                        lines.append(
+                            f"{case}: {f} [{part}]: golden {str(wf.get(part))[:16]} != now {str(gf.get(part))[:16]}"
+                        )
             else:
                 lines.append(f"{case}: {f}: golden {str(wf)[:16]} != now {str(gf)[:16]}")
     return lines
@@ -458,12 +566,15 @@ def test_outputs_match_golden_digests(world):
     assert GOLDEN.is_file(), f"{GOLDEN} missing: generate it with RESTA_GOLDEN_UPDATE=1"
     want = json.loads(GOLDEN.read_text())["cases"]
     fixture = _diff(want, world, ["inputs"])
-    assert not fixture, ("the test FIXTURES changed (not the code under test): the input files differ, so "
-                         "the output digests cannot be compared. Was this file, numpy or safetensors "
-                         "changed?\n" + "\n".join(fixture))
+    assert not fixture, (
+        "the test FIXTURES changed (not the code under test): the input files differ, so "
+        "the output digests cannot be compared. Was this file, numpy or safetensors "
+        "changed?\n" + "\n".join(fixture)
+    )
     # Cases of a backend that is not available here (e.g. cpp not built) are not compared.
-    cases = [c for c in sorted(set(want) | set(world)) if c != "inputs" and
-             ("@" not in c or c.split("@")[1] in BACKENDS)]
+    cases = [
+        c for c in sorted(set(want) | set(world)) if c != "inputs" and ("@" not in c or c.split("@")[1] in BACKENDS)
+    ]
     diff = _diff(want, world, cases)
     assert not diff, f"{len(diff)} output file(s) differ from {GOLDEN.name}:\n" + "\n".join(diff)
 
@@ -484,8 +595,9 @@ def test_backends_agree_bit_for_bit(world):
         for b in have[1:]:
             other = world[f"{case}@{b}"]
             # Weight data, headers (no backend is recorded in them), index and side files: all equal.
-            assert {f: v for f, v in other.items() if not f.startswith(REPORT)} == \
-                   {f: v for f, v in ref.items() if not f.startswith(REPORT)}, f"{case}: {b} != {have[0]}"
+            assert {f: v for f, v in other.items() if not f.startswith(REPORT)} == {
+                f: v for f, v in ref.items() if not f.startswith(REPORT)
+            }, f"{case}: {b} != {have[0]}"
             assert other[f"{REPORT}:plan"] == ref[f"{REPORT}:plan"], f"{case}: plan differs on {b}"
 
 
@@ -496,8 +608,9 @@ def test_same_bits_across_pipelines_and_inputs(world):
         assert _data(world["staged_cpu"]) == _data(dare), "staged (GPU) pipeline on CPU differs"
         for job, case in (("plain", "plain"), ("dare", "dare"), ("extra", "extra_vocab")):
             got = {f: v for f, v in world[f"batch_{job}@{b}"].items() if not f.startswith(REPORT)}
-            assert got == {f: v for f, v in world[f"{case}@{b}"].items() if not f.startswith(REPORT)}, \
+            assert got == {f: v for f, v in world[f"{case}@{b}"].items() if not f.startswith(REPORT)}, (
                 f"batch job {job} differs from patch {case} on {b}"
+            )
         # fp32 vector: patching with it is bit-identical to patching with the pair (README).
         assert _data(world[f"vector_patch@{b}"]) == _data(world[f"plain@{b}"])
         assert _data(world[f"vector_dare@{b}"]) == _data(world[f"dare@{b}"])

@@ -45,6 +45,7 @@ HOST = socket.gethostname()
 
 # --- hostile files: one named case per thing a file can try -----------------
 
+
 def sf(header, data=b"", length=None):
     """Raw safetensors bytes: header (dict or bytes) padded to 8, then data."""
     body = header if isinstance(header, bytes) else json.dumps(header).encode()
@@ -73,55 +74,85 @@ ENTRY_KEYS = "; it must have exactly dtype, shape, data_offsets — the file is 
 # name -> (file bytes, the exact error after the file's path)
 HOSTILE = {
     "empty_file": (b"", ": file is 0 bytes, too short for a safetensors header; it is truncated or empty"),
-    "seven_bytes": (b"\x01" * 7,
-                    ": file is 7 bytes, too short for a safetensors header; it is truncated or empty"),
-    "header_length_over_cap": (sf(one(), Z8, length=100_000_001),
-                               ": header length 100000001 exceeds the 100000000-byte cap (real headers are "
-                               "< 1 MB); the file is corrupt or not safetensors"),
-    "header_length_u64_max": (sf(one(), Z8, length=2**64 - 1),
-                              ": header length 18446744073709551615 exceeds the 100000000-byte cap (real "
-                              "headers are < 1 MB); the file is corrupt or not safetensors"),
-    "header_length_past_eof": (sf(one(), Z8, length=4096), ": header length 4096 is larger than the file "
-                               "(80 bytes); the file is truncated or not safetensors"),
-    "header_length_zero": (struct.pack("<Q", 0) + Z8, ": header is not valid JSON (Expecting value: line 1 "
-                           "column 1 (char 0))" + CORRUPT_JSON),
-    "header_invalid_utf8": (sf(b'{"w\xff\xfe":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z8),
-                            ": header is not valid UTF-8 (byte 3 of the header); tensor names and metadata "
-                            "must be UTF-8 — the file is corrupt or not safetensors"),
-    "header_is_a_zip": (sf(b"PK\x03\x04 this is a zip", Z8), ": header is not valid JSON (Expecting value: "
-                        "line 1 column 1 (char 0))" + CORRUPT_JSON),
+    "seven_bytes": (b"\x01" * 7, ": file is 7 bytes, too short for a safetensors header; it is truncated or empty"),
+    "header_length_over_cap": (
+        sf(one(), Z8, length=100_000_001),
+        ": header length 100000001 exceeds the 100000000-byte cap (real headers are "
+        "< 1 MB); the file is corrupt or not safetensors",
+    ),
+    "header_length_u64_max": (
+        sf(one(), Z8, length=2**64 - 1),
+        ": header length 18446744073709551615 exceeds the 100000000-byte cap (real "
+        "headers are < 1 MB); the file is corrupt or not safetensors",
+    ),
+    "header_length_past_eof": (
+        sf(one(), Z8, length=4096),
+        ": header length 4096 is larger than the file (80 bytes); the file is truncated or not safetensors",
+    ),
+    "header_length_zero": (
+        struct.pack("<Q", 0) + Z8,
+        ": header is not valid JSON (Expecting value: line 1 column 1 (char 0))" + CORRUPT_JSON,
+    ),
+    "header_invalid_utf8": (
+        sf(b'{"w\xff\xfe":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z8),
+        ": header is not valid UTF-8 (byte 3 of the header); tensor names and metadata "
+        "must be UTF-8 — the file is corrupt or not safetensors",
+    ),
+    "header_is_a_zip": (
+        sf(b"PK\x03\x04 this is a zip", Z8),
+        ": header is not valid JSON (Expecting value: line 1 column 1 (char 0))" + CORRUPT_JSON,
+    ),
     "header_json_array": (sf(b"[1,2,3]", Z8), NOT_OBJECT),
     "header_json_string": (sf(b'"hello"', Z8), NOT_OBJECT),
-    "header_with_bom": (sf("\ufeff".encode() + json.dumps(one()).encode(), Z8),
-                        ": header is not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 "
-                        "column 1 (char 0))" + CORRUPT_JSON),
-    "header_nan_literal": (sf(b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', Z8),
-                           SHAPE + "[nan]"),
+    "header_with_bom": (
+        sf("\ufeff".encode() + json.dumps(one()).encode(), Z8),
+        ": header is not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 "
+        "column 1 (char 0))" + CORRUPT_JSON,
+    ),
+    "header_nan_literal": (sf(b'{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', Z8), SHAPE + "[nan]"),
     "header_integer_5000_digits": (
         sf(b'{"w":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}', Z8),
         ": header is not valid JSON (Exceeds the limit (4300 digits) for integer string conversion: value "
-        "has 5000 digits; use sys.set_int_max_str_digits() to increase the limit)" + CORRUPT_JSON),
-    "header_nested_12_deep": (sf(b'{"__metadata__":' + b'{"data_offsets":' * 12 + b'"x"' + b"}" * 13),
-                              NESTED),
-    "header_recursion_bomb": (sf(b'{"__metadata__":' + b'{"data_offsets":' * 100_000 + b'"x"'
-                                 + b"}" * 100_001), NESTED),
-    "header_object_bomb_2mb": (sf(b'{"__metadata__":{"k":"v"},"x":[' + b"{}," * 700_000 + b"{}]}"),
-                               ": header JSON holds 700004 objects/lists where a valid header can hold at "
-                               "most 2; the file is corrupt or hostile"),
-    "duplicate_tensor_name": (sf(b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-                                 b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', Z8),
-                              ": header is not valid JSON (duplicate key 'w')" + CORRUPT_JSON),
-    "duplicate_field_in_entry": (sf(b'{"w":{"dtype":"F32","dtype":"I64","shape":[2],"data_offsets":[0,8]}}',
-                                    Z8), ": header is not valid JSON (duplicate key 'dtype')" + CORRUPT_JSON),
-    "entry_is_list": (sf({"w": ["F32", [2], [0, 8]]}, Z8),
-                      W + "entry is a JSON list, not an object with dtype, shape, data_offsets; the file is "
-                      "corrupt"),
-    "entry_is_null": (sf({"w": None}, Z8), W + "entry is a JSON NoneType, not an object with dtype, shape, "
-                      "data_offsets; the file is corrupt"),
-    "entry_missing_shape": (sf({"w": {"dtype": "F32", "data_offsets": [0, 8]}}, Z8),
-                            W + "entry has keys ['data_offsets', 'dtype']" + ENTRY_KEYS),
-    "entry_extra_field": (sf(one(pointer=123), Z8),
-                          W + "entry has keys ['data_offsets', 'dtype', 'pointer', 'shape']" + ENTRY_KEYS),
+        "has 5000 digits; use sys.set_int_max_str_digits() to increase the limit)" + CORRUPT_JSON,
+    ),
+    "header_nested_12_deep": (sf(b'{"__metadata__":' + b'{"data_offsets":' * 12 + b'"x"' + b"}" * 13), NESTED),
+    "header_recursion_bomb": (
+        sf(b'{"__metadata__":' + b'{"data_offsets":' * 100_000 + b'"x"' + b"}" * 100_001),
+        NESTED,
+    ),
+    "header_object_bomb_2mb": (
+        sf(b'{"__metadata__":{"k":"v"},"x":[' + b"{}," * 700_000 + b"{}]}"),
+        ": header JSON holds 700004 objects/lists where a valid header can hold at "
+        "most 2; the file is corrupt or hostile",
+    ),
+    "duplicate_tensor_name": (
+        sf(
+            b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+            Z8,
+        ),
+        ": header is not valid JSON (duplicate key 'w')" + CORRUPT_JSON,
+    ),
+    "duplicate_field_in_entry": (
+        sf(b'{"w":{"dtype":"F32","dtype":"I64","shape":[2],"data_offsets":[0,8]}}', Z8),
+        ": header is not valid JSON (duplicate key 'dtype')" + CORRUPT_JSON,
+    ),
+    "entry_is_list": (
+        sf({"w": ["F32", [2], [0, 8]]}, Z8),
+        W + "entry is a JSON list, not an object with dtype, shape, data_offsets; the file is corrupt",
+    ),
+    "entry_is_null": (
+        sf({"w": None}, Z8),
+        W + "entry is a JSON NoneType, not an object with dtype, shape, data_offsets; the file is corrupt",
+    ),
+    "entry_missing_shape": (
+        sf({"w": {"dtype": "F32", "data_offsets": [0, 8]}}, Z8),
+        W + "entry has keys ['data_offsets', 'dtype']" + ENTRY_KEYS,
+    ),
+    "entry_extra_field": (
+        sf(one(pointer=123), Z8),
+        W + "entry has keys ['data_offsets', 'dtype', 'pointer', 'shape']" + ENTRY_KEYS,
+    ),
     "dtype_unknown": (sf(one(dtype="F13"), Z8), W + "unknown dtype 'F13'" + DTYPE),
     "dtype_lowercase": (sf(one(dtype="f32"), Z8), W + "unknown dtype 'f32'" + DTYPE),
     "dtype_not_a_string": (sf(one(dtype=["F32"]), Z8), W + "unknown dtype ['F32']" + DTYPE),
@@ -131,57 +162,79 @@ HOSTILE = {
     "shape_string": (sf({"w": entry("F32", "2", [0, 8])}, Z8), SHAPE + "'2'"),
     "shape_dim_2_pow_62": (sf(one(shape=(2**62,)), Z8), SHAPE + "[4611686018427387904]"),
     "shape_rank_65": (sf(one(shape=(1,) * 64 + (2,)), Z8), SHAPE + "[1" + ", 1" * 26 + "..."),
-    "shape_product_overflows_u64": (sf(one(shape=(2**32,) * 3, offsets=(0, 0))),
-                                    W + "byte size 0 != shape [4294967296, 4294967296, 4294967296] x F32 "
-                                    "(316912650057057350374175801344 bytes); the file is corrupt"),
+    "shape_product_overflows_u64": (
+        sf(one(shape=(2**32,) * 3, offsets=(0, 0))),
+        W + "byte size 0 != shape [4294967296, 4294967296, 4294967296] x F32 "
+        "(316912650057057350374175801344 bytes); the file is corrupt",
+    ),
     # In C, 2**61 * 8 elements * 4 bytes wraps to 0 (and + 8 to 8): a size check done
     # in uint64 would pass and hand a kernel a 2**66-byte tensor. Python ints do not wrap.
-    "shape_times_itemsize_wraps_to_0": (sf(one(shape=(2**61, 8), offsets=(0, 0))),
-                                        W + "byte size 0 != shape [2305843009213693952, 8] x F32 "
-                                        "(73786976294838206464 bytes); the file is corrupt"),
-    "shape_times_itemsize_wraps_to_8": (sf(one(shape=(2**61 + 1, 8), offsets=(0, 8)), Z8),
-                                        W + "byte size 8 != shape [2305843009213693953, 8] x F32 "
-                                        "(73786976294838206496 bytes); the file is corrupt"),
+    "shape_times_itemsize_wraps_to_0": (
+        sf(one(shape=(2**61, 8), offsets=(0, 0))),
+        W + "byte size 0 != shape [2305843009213693952, 8] x F32 (73786976294838206464 bytes); the file is corrupt",
+    ),
+    "shape_times_itemsize_wraps_to_8": (
+        sf(one(shape=(2**61 + 1, 8), offsets=(0, 8)), Z8),
+        W + "byte size 8 != shape [2305843009213693953, 8] x F32 (73786976294838206496 bytes); the file is corrupt",
+    ),
     "offsets_negative": (sf(one(offsets=(-8, 0)), Z8), OFFSETS + "[-8, 0]"),
     "offsets_reversed": (sf(one(offsets=(8, 0)), Z8), OFFSETS + "[8, 0]"),
     "offsets_three_values": (sf(one(offsets=(0, 8, 16)), Z8), OFFSETS + "[0, 8, 16]"),
     "offsets_float": (sf(one(offsets=(0, 8.0)), Z8), OFFSETS + "[0, 8.0]"),
-    "offsets_minus_zero": (sf(b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[-0,8]}}', Z8),
-                           OFFSETS + "[-0.0, 8]"),
-    "offsets_wrap_2_pow_64": (sf(one(offsets=(2**64 - 8, 2**64)), Z8),
-                              OFFSETS + "[18446744073709551608, 18446744073709551616]"),
-    "offsets_past_eof": (sf(one(offsets=(8, 16)), Z8), W + "data_offsets [8, 16] run past the end of the "
-                         "file (data section is 8 bytes); the file is truncated"),
-    "offsets_size_mismatch": (sf(one(shape=(3,)), Z8), W + "byte size 8 != shape [3] x F32 (12 bytes); the "
-                              "file is corrupt"),
-    "offsets_overlap": (sf({"a": entry("F32", [2], [0, 8]), "b": entry("F32", [2], [4, 12])}, b"\0" * 12),
-                        ", tensor 'b': byte range overlaps the previous tensor (starts at 4, previous ends "
-                        "at 8); the file is corrupt"),
-    "offsets_alias_same_bytes": (sf({"a": entry("F32", [2], [0, 8]), "b": entry("I32", [2], [0, 8])}, Z8),
-                                 ", tensor 'b': byte range overlaps the previous tensor (starts at 0, "
-                                 "previous ends at 8); the file is corrupt"),
-    "offsets_gap": (sf({"a": entry("F32", [1], [0, 4]), "b": entry("F32", [1], [8, 12])}, b"\0" * 12),
-                    ", tensor 'b': gap of 4 bytes before this tensor; safetensors requires tensors packed "
-                    "back to back — the file is corrupt"),
-    "offsets_gap_at_start": (sf(one(offsets=(4, 12)), b"\0" * 12),
-                             W + "gap of 4 bytes before this tensor; safetensors requires tensors packed "
-                             "back to back — the file is corrupt"),
-    "trailing_hidden_payload": (sf(one(), Z8 + b"hidden payload"),
-                                ": 14 trailing bytes after the last tensor; the file is corrupt or was "
-                                "appended to"),
-    "truncated_data": (sf(one(), b"\0" * 5), W + "data_offsets [0, 8] run past the end of the file (data "
-                       "section is 5 bytes); the file is truncated"),
-    "metadata_not_object": (sf({"__metadata__": ["format", "pt"], **one()}, Z8),
-                            ": __metadata__ must map strings to strings; the file is corrupt"),
-    "metadata_value_not_string": (sf({"__metadata__": {"format": 1}, **one()}, Z8),
-                                  ": __metadata__ must map strings to strings; the file is corrupt"),
-    "metadata_lone_surrogate": (sf(b'{"__metadata__":{"format":"\\udc00"},"w":{"dtype":"F32","shape":[2],'
-                                   b'"data_offsets":[0,8]}}', Z8),
-                                ": __metadata__ holds a string that is not valid UTF-8 (a lone surrogate "
-                                "escape)"),
-    "name_lone_surrogate": (sf(b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z8),
-                            ", tensor '\\ud800': tensor name is not valid UTF-8 (a lone surrogate escape); "
-                            "the file is corrupt"),
+    "offsets_minus_zero": (sf(b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[-0,8]}}', Z8), OFFSETS + "[-0.0, 8]"),
+    "offsets_wrap_2_pow_64": (
+        sf(one(offsets=(2**64 - 8, 2**64)), Z8),
+        OFFSETS + "[18446744073709551608, 18446744073709551616]",
+    ),
+    "offsets_past_eof": (
+        sf(one(offsets=(8, 16)), Z8),
+        W + "data_offsets [8, 16] run past the end of the file (data section is 8 bytes); the file is truncated",
+    ),
+    "offsets_size_mismatch": (
+        sf(one(shape=(3,)), Z8),
+        W + "byte size 8 != shape [3] x F32 (12 bytes); the file is corrupt",
+    ),
+    "offsets_overlap": (
+        sf({"a": entry("F32", [2], [0, 8]), "b": entry("F32", [2], [4, 12])}, b"\0" * 12),
+        ", tensor 'b': byte range overlaps the previous tensor (starts at 4, previous ends at 8); the file is corrupt",
+    ),
+    "offsets_alias_same_bytes": (
+        sf({"a": entry("F32", [2], [0, 8]), "b": entry("I32", [2], [0, 8])}, Z8),
+        ", tensor 'b': byte range overlaps the previous tensor (starts at 0, previous ends at 8); the file is corrupt",
+    ),
+    "offsets_gap": (
+        sf({"a": entry("F32", [1], [0, 4]), "b": entry("F32", [1], [8, 12])}, b"\0" * 12),
+        ", tensor 'b': gap of 4 bytes before this tensor; safetensors requires tensors packed "
+        "back to back — the file is corrupt",
+    ),
+    "offsets_gap_at_start": (
+        sf(one(offsets=(4, 12)), b"\0" * 12),
+        W + "gap of 4 bytes before this tensor; safetensors requires tensors packed back to back — the file is corrupt",
+    ),
+    "trailing_hidden_payload": (
+        sf(one(), Z8 + b"hidden payload"),
+        ": 14 trailing bytes after the last tensor; the file is corrupt or was appended to",
+    ),
+    "truncated_data": (
+        sf(one(), b"\0" * 5),
+        W + "data_offsets [0, 8] run past the end of the file (data section is 5 bytes); the file is truncated",
+    ),
+    "metadata_not_object": (
+        sf({"__metadata__": ["format", "pt"], **one()}, Z8),
+        ": __metadata__ must map strings to strings; the file is corrupt",
+    ),
+    "metadata_value_not_string": (
+        sf({"__metadata__": {"format": 1}, **one()}, Z8),
+        ": __metadata__ must map strings to strings; the file is corrupt",
+    ),
+    "metadata_lone_surrogate": (
+        sf(b'{"__metadata__":{"format":"\\udc00"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z8),
+        ": __metadata__ holds a string that is not valid UTF-8 (a lone surrogate escape)",
+    ),
+    "name_lone_surrogate": (
+        sf(b'{"\\ud800":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z8),
+        ", tensor '\\ud800': tensor name is not valid UTF-8 (a lone surrogate escape); the file is corrupt",
+    ),
 }
 
 
@@ -210,8 +263,23 @@ def test_hostile_files_through_the_cli(tmp_path, small_models, capsys):
     for case, (raw, message) in sorted(HOSTILE.items()):
         (ft / "model.safetensors").write_bytes(raw)
         out = tmp_path / "out"
-        code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
-                     "--out", str(out), "--backend", "torch", "--no-fsync", "--no-progress"])
+        code = main(
+            [
+                "patch",
+                "--finetuned",
+                str(ft),
+                "--aligned",
+                str(al),
+                "--unaligned",
+                str(un),
+                "--out",
+                str(out),
+                "--backend",
+                "torch",
+                "--no-fsync",
+                "--no-progress",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2, case
         assert err == f"resta-fast: error: {ft / 'model.safetensors'}{message}\n", case
@@ -233,8 +301,7 @@ def _write_index(ft, index):
 
 
 def _rename_shard(ft, index, new_name):
-    index["weight_map"] = {k: (new_name if v.startswith("model-00002") else v)
-                           for k, v in index["weight_map"].items()}
+    index["weight_map"] = {k: (new_name if v.startswith("model-00002") else v) for k, v in index["weight_map"].items()}
     _write_index(ft, index)
 
 
@@ -250,8 +317,9 @@ def _case_shard_dotdot(tmp_path):
     ft, index = _sharded(tmp_path)
     shutil.copy(ft / "model-00002-of-00002.safetensors", ft.parent / "stolen.safetensors")
     _rename_shard(ft, index, "../stolen.safetensors")
-    return ft, ("shard name '../stolen.safetensors' is not a plain file name; refusing to read outside the "
-                "model directory")
+    return ft, (
+        "shard name '../stolen.safetensors' is not a plain file name; refusing to read outside the model directory"
+    )
 
 
 def _case_shard_absolute(tmp_path):
@@ -263,8 +331,9 @@ def _case_shard_absolute(tmp_path):
 def _case_shard_backslash(tmp_path):
     ft, index = _sharded(tmp_path)
     _rename_shard(ft, index, "..\\stolen.safetensors")
-    return ft, ("shard name '..\\\\stolen.safetensors' is not a plain file name; refusing to read outside "
-                "the model directory")
+    return ft, (
+        "shard name '..\\\\stolen.safetensors' is not a plain file name; refusing to read outside the model directory"
+    )
 
 
 def _case_shard_dotdot_alone(tmp_path):
@@ -276,8 +345,9 @@ def _case_shard_dotdot_alone(tmp_path):
 def _case_shard_nul(tmp_path):
     ft, index = _sharded(tmp_path)
     _rename_shard(ft, index, "model.safetensors\x00.txt")
-    return ft, ("shard name 'model.safetensors\\x00.txt' is not a plain file name; refusing to read outside "
-                "the model directory")
+    return ft, (
+        "shard name 'model.safetensors\\x00.txt' is not a plain file name; refusing to read outside the model directory"
+    )
 
 
 def _case_shard_symlink_outside(tmp_path):
@@ -286,22 +356,27 @@ def _case_shard_symlink_outside(tmp_path):
     elsewhere = tmp_path / "secret.safetensors"
     os.rename(shard, elsewhere)
     os.symlink(elsewhere, shard)
-    return ft, (f"shard 'model-00002-of-00002.safetensors' is a link pointing outside the model directory "
-                f"({os.path.realpath(elsewhere)}); refusing to read it")
+    return ft, (
+        f"shard 'model-00002-of-00002.safetensors' is a link pointing outside the model directory "
+        f"({os.path.realpath(elsewhere)}); refusing to read it"
+    )
 
 
 def _case_shard_missing(tmp_path):
     ft, _ = _sharded(tmp_path)
     os.remove(ft / "model-00002-of-00002.safetensors")
-    return ft, (f"names shard 'model-00002-of-00002.safetensors', which does not exist in {ft}; "
-                "re-download the missing shard")
+    return ft, (
+        f"names shard 'model-00002-of-00002.safetensors', which does not exist in {ft}; re-download the missing shard"
+    )
 
 
 def _case_index_not_json(tmp_path):
     ft, _ = _sharded(tmp_path)
     (ft / "model.safetensors.index.json").write_text("{'weight_map': }")
-    return ft, ("not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
-                "(char 1)); regenerate the index")
+    return ft, (
+        "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+        "(char 1)); regenerate the index"
+    )
 
 
 def _case_index_recursion_bomb(tmp_path):
@@ -330,8 +405,9 @@ def _case_index_names_wrong_shard(tmp_path):
     other = next(v for v in index["weight_map"].values() if v != shard)
     index["weight_map"][name] = other
     _write_index(ft, index)
-    return ft, (f"says tensor {name!r} is in {other}, but that shard does not contain it; the index and "
-                "shards disagree")
+    return ft, (
+        f"says tensor {name!r} is in {other}, but that shard does not contain it; the index and shards disagree"
+    )
 
 
 def _case_config_not_object(tmp_path):
@@ -340,11 +416,25 @@ def _case_config_not_object(tmp_path):
     return ft, "must be a JSON object, got list; fix or remove it"
 
 
-INDEX_CASES = {f.__name__[len("_case_"):]: f for f in (
-    _case_shard_in_subdir, _case_shard_dotdot, _case_shard_absolute, _case_shard_backslash,
-    _case_shard_dotdot_alone, _case_shard_nul, _case_shard_symlink_outside, _case_shard_missing,
-    _case_index_not_json, _case_index_recursion_bomb, _case_index_over_cap,
-    _case_index_weight_map_not_strings, _case_index_names_wrong_shard, _case_config_not_object)}
+INDEX_CASES = {
+    f.__name__[len("_case_") :]: f
+    for f in (
+        _case_shard_in_subdir,
+        _case_shard_dotdot,
+        _case_shard_absolute,
+        _case_shard_backslash,
+        _case_shard_dotdot_alone,
+        _case_shard_nul,
+        _case_shard_symlink_outside,
+        _case_shard_missing,
+        _case_index_not_json,
+        _case_index_recursion_bomb,
+        _case_index_over_cap,
+        _case_index_weight_map_not_strings,
+        _case_index_names_wrong_shard,
+        _case_config_not_object,
+    )
+}
 
 
 @pytest.mark.parametrize("case", sorted(INDEX_CASES))
@@ -374,7 +464,7 @@ def test_hf_cache_snapshot_links_into_blobs_are_allowed(tmp_path):
 
 # --- the fork-server worker -------------------------------------------------
 
-WORKER = r'''
+WORKER = r"""
 import json, os, resource, signal, sys, time, traceback
 sys.path[:0] = [%(repo)r, %(tests)r]
 import torch
@@ -434,7 +524,7 @@ for line in sys.stdin:
     sys.stdin.readline()
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
-'''
+"""
 
 
 class Worker:
@@ -443,8 +533,9 @@ class Worker:
 
     def __init__(self):
         script = WORKER % {"repo": str(TESTS.parent), "tests": str(TESTS)}
-        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         assert json.loads(self.proc.stdout.readline())["ready"], "worker failed to start"
 
     def start(self, **req) -> int:
@@ -478,8 +569,21 @@ def worker():
 
 
 def patch_argv(ft, al, un, out, *extra):
-    return ["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un), "--out", str(out),
-            "--backend", "torch", "--no-progress", *extra]
+    return [
+        "patch",
+        "--finetuned",
+        str(ft),
+        "--aligned",
+        str(al),
+        "--unaligned",
+        str(un),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def snapshot(*dirs) -> dict:
@@ -506,6 +610,7 @@ def one_line_error(log: Path) -> str:
 
 # --- disk full and file-size limits ----------------------------------------
 
+
 @pytest.fixture()
 def mid_models(tmp_path):
     root = tmp_path / "in"
@@ -523,14 +628,17 @@ def test_file_size_limit_is_a_clean_error(tmp_path, worker, mid_models, case):
     before = snapshot(ft, al, un)
     out = tmp_path / "out"
     log = tmp_path / "log"
-    code = worker.run(argv=patch_argv(ft, al, un, out), log=str(log),
-                      fsize=8192 if case == "preallocate" else 64 * 1024)
+    code = worker.run(
+        argv=patch_argv(ft, al, un, out), log=str(log), fsize=8192 if case == "preallocate" else 64 * 1024
+    )
     line = one_line_error(log)
     assert code == 2
-    culprit = ("model-00001-of-00002.safetensors" if case == "preallocate" else "tokenizer.json")
+    culprit = "model-00001-of-00002.safetensors" if case == "preallocate" else "tokenizer.json"
     assert line.startswith("resta-fast: error: ") and culprit in line and str(tmp_path) in line
-    assert line.endswith("write failed (File too large); the file-size limit was hit (ulimit -f); raise it "
-                         "or choose another --out. Nothing was kept.")
+    assert line.endswith(
+        "write failed (File too large); the file-size limit was hit (ulimit -f); raise it "
+        "or choose another --out. Nothing was kept."
+    )
     assert ".resta-tmp-" in line  # it names the temp file it was writing, inside --out's parent
     assert not out.exists() and leftovers(tmp_path) == []
     assert snapshot(ft, al, un) == before
@@ -562,24 +670,26 @@ def test_disk_full_is_a_clean_error(tmp_path, small_tmpfs, mid_models, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("resta-fast: error: ") and err.count("\n") == 1
-    assert err.endswith("write failed (No space left on device); the disk is full; free space or choose "
-                        "another --out. Nothing was kept.\n")
+    assert err.endswith(
+        "write failed (No space left on device); the disk is full; free space or choose "
+        "another --out. Nothing was kept.\n"
+    )
     assert os.listdir(small_tmpfs) == []  # temp output, lock file: all gone
     assert snapshot(ft, al, un) == before
 
 
 # --- inputs changing under a run ---------------------------------------------
 
-@pytest.mark.parametrize("how, target", [("truncate", "aligned"), ("replace", "aligned"),
-                                         ("truncate", "finetuned")])
+
+@pytest.mark.parametrize("how, target", [("truncate", "aligned"), ("replace", "aligned"), ("truncate", "finetuned")])
 def test_input_changed_mid_run_is_a_clean_error(tmp_path, worker, how, target):
     ft, al, un = three_models(tmp_path / "in", shards=2, **SMALL)
     out = tmp_path / "out"
     log, marker = tmp_path / "log", tmp_path / "marker"
-    victim = {"aligned": al / "model.safetensors",
-              "finetuned": ft / "model-00002-of-00002.safetensors"}[target]
-    pid = worker.start(argv=patch_argv(ft, al, un, out, "--no-fsync"), log=str(log), delay=0.3,
-                       marker=str(marker), marker_after=2)
+    victim = {"aligned": al / "model.safetensors", "finetuned": ft / "model-00002-of-00002.safetensors"}[target]
+    pid = worker.start(
+        argv=patch_argv(ft, al, un, out, "--no-fsync"), log=str(log), delay=0.3, marker=str(marker), marker_after=2
+    )
     deadline = time.time() + 30
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.005)
@@ -595,12 +705,15 @@ def test_input_changed_mid_run_is_a_clean_error(tmp_path, worker, how, target):
     code = worker.wait()
     line = one_line_error(log)
     assert code == 2, (pid, line)
-    assert line == (f"resta-fast: error: {victim}: file was modified or replaced during the run; the "
-                    "output would be inconsistent, so nothing was written")
+    assert line == (
+        f"resta-fast: error: {victim}: file was modified or replaced during the run; the "
+        "output would be inconsistent, so nothing was written"
+    )
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 # --- signals -------------------------------------------------------------------
+
 
 def _calibrate(worker, tmp_path, argv_for, **req) -> float:
     """Wall time of one uninterrupted run (kill times are drawn over ~1.3x of it)."""
@@ -617,8 +730,9 @@ def _calibrate(worker, tmp_path, argv_for, **req) -> float:
 TRIALS = 20
 
 
-@pytest.mark.parametrize("signum, code_if_stopped, trials", [(signal.SIGINT, 130, TRIALS),
-                                                              (signal.SIGTERM, 143, TRIALS // 2)])
+@pytest.mark.parametrize(
+    "signum, code_if_stopped, trials", [(signal.SIGINT, 130, TRIALS), (signal.SIGTERM, 143, TRIALS // 2)]
+)
 def test_stop_signal_at_random_points(tmp_path, worker, capsys, signum, code_if_stopped, trials):
     """SIGINT (20) or SIGTERM (10) at seeded random moments: exit 130 / 143 with nothing
     left, or a finished, verified output; a stopped run stops at a tensor boundary.
@@ -634,6 +748,7 @@ def test_stop_signal_at_random_points(tmp_path, worker, capsys, signum, code_if_
 
     def argv_for(o):
         return patch_argv(ft, al, un, o, "--no-fsync")
+
     span = 1.3 * _calibrate(worker, tmp_path, argv_for, delay=0.01)
     rng = random.Random(20240901 + signum)
     outcomes = []
@@ -651,8 +766,9 @@ def test_stop_signal_at_random_points(tmp_path, worker, capsys, signum, code_if_
         elif code == -signum:
             assert signum == signal.SIGTERM, (trial, code)
             if out.exists():  # killed after the run committed and gave SIGTERM back, before it exited
-                assert (out / "resta_fast.json").is_file() and verify(out)["ok"], \
+                assert (out / "resta_fast.json").is_file() and verify(out)["ok"], (
                     f"trial {trial}: a killed run left an incomplete --out"
+                )
                 shutil.rmtree(out)
                 outcomes.append("killed after the run finished")
             else:
@@ -705,6 +821,7 @@ def test_a_host_sigterm_handler_is_left_alone():
 
     def host_handler(signum, frame):
         pass
+
     old = signal.signal(signal.SIGTERM, host_handler)
     try:
         with interrupt.tensor_boundary_signals():
@@ -725,6 +842,7 @@ def test_sigkill_at_random_points_then_rerun(tmp_path, worker, capsys):
 
     def argv_for(o):
         return patch_argv(ft, al, un, o, "--overwrite")
+
     span = 1.3 * _calibrate(worker, tmp_path, argv_for, delay=0.01)
     rng = random.Random(7)
     outcomes = []
@@ -737,8 +855,13 @@ def test_sigkill_at_random_points_then_rerun(tmp_path, worker, capsys):
         left = leftovers(work)
         if out.exists():
             assert verify(out)["ok"], f"trial {trial}: --out exists but does not verify"
-        kind = ("finished" if code == 0 else "killed, temp dir left" if any(".resta-tmp-" in n for n in left)
-                else "killed, nothing written yet")
+        kind = (
+            "finished"
+            if code == 0
+            else "killed, temp dir left"
+            if any(".resta-tmp-" in n for n in left)
+            else "killed, nothing written yet"
+        )
         outcomes.append(kind)
         if trial % 2 or not had_output:  # every other trial, start clean; else rerun over the old output
             api.patch(ft, out, aligned=al, unaligned=un, backend="torch", fsync=False, overwrite=True)
@@ -755,11 +878,11 @@ def test_sigkill_at_random_points_then_rerun(tmp_path, worker, capsys):
 
 # --- concurrent runs and locks ------------------------------------------------
 
+
 def test_second_run_on_same_output_fails_fast(tmp_path, worker, small_models, capsys):
     ft, al, un = small_models
     out, log, marker = tmp_path / "out", tmp_path / "log", tmp_path / "marker"
-    pid = worker.start(argv=patch_argv(ft, al, un, out, "--no-fsync"), log=str(log), delay=0.2,
-                       marker=str(marker))
+    pid = worker.start(argv=patch_argv(ft, al, un, out, "--no-fsync"), log=str(log), delay=0.2, marker=str(marker))
     deadline = time.time() + 30
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.005)
@@ -792,12 +915,13 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.parametrize("holder, busy", [("live_same_host", True), ("dead_same_host", False),
-                                          ("other_host", True)])
+@pytest.mark.parametrize("holder, busy", [("live_same_host", True), ("dead_same_host", False), ("other_host", True)])
 def test_lock_without_flock_falls_back_to_pid(tmp_path, monkeypatch, holder, busy):
     """On filesystems without flock the recorded pid/host decides."""
+
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
+
     monkeypatch.setattr(lock_mod.fcntl, "flock", no_flock)
     out = tmp_path / "out"
     pid = {"live_same_host": os.getppid(), "dead_same_host": _dead_pid(), "other_host": 1}[holder]
@@ -827,12 +951,12 @@ def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path, small_models):
     ft, al, un = small_models
     dead = _dead_pid()
     names = {
-        f".out.resta-tmp-{HOST}-{dead}-deadbeef": False,         # dead run on this host: removed
-        ".out.old-1234abcd": False,                             # interrupted overwrite: removed
-        f".out.resta-tmp-{HOST}-{os.getpid()}-live0000": True,   # live pid: kept
-        f".out.resta-tmp-other-host-{dead}-cafe1234": True,      # another host's: kept
-        f".other.resta-tmp-{HOST}-{dead}-00000000": True,         # another output's: kept
-        ".out.resta-tmp-garbage": True,                          # not ours to judge: kept
+        f".out.resta-tmp-{HOST}-{dead}-deadbeef": False,  # dead run on this host: removed
+        ".out.old-1234abcd": False,  # interrupted overwrite: removed
+        f".out.resta-tmp-{HOST}-{os.getpid()}-live0000": True,  # live pid: kept
+        f".out.resta-tmp-other-host-{dead}-cafe1234": True,  # another host's: kept
+        f".other.resta-tmp-{HOST}-{dead}-00000000": True,  # another output's: kept
+        ".out.resta-tmp-garbage": True,  # not ours to judge: kept
     }
     for name in names:
         (tmp_path / name).mkdir()

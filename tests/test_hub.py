@@ -35,8 +35,10 @@ C_FT, C_FT_V1, C_CHAT, C_SHADOW, C_LORA = ("a" * 40, "b" * 40, "c" * 40, "d" * 4
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Any connection attempt fails loudly: no test here may reach the Hub."""
+
     def refuse(self, *args, **kwargs):
         raise AssertionError(f"a test tried to open a network connection to {args}")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
@@ -63,8 +65,16 @@ def world(tmp_path, monkeypatch):
     work.mkdir()
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(work)  # relative ids are looked up as local paths here first: none exist
-    return {"ft": ft, "ft_v1": ft_v1, "chat": chat, "shadow": shadow, "lora": lora, "cache": cache,
-            "snap": snaps, "out": tmp_path / "out"}
+    return {
+        "ft": ft,
+        "ft_v1": ft_v1,
+        "chat": chat,
+        "shadow": shadow,
+        "lora": lora,
+        "cache": cache,
+        "snap": snaps,
+        "out": tmp_path / "out",
+    }
 
 
 def run(*argv) -> int:
@@ -75,7 +85,7 @@ def parts(path: Path) -> tuple[bytes, dict]:
     """(data bytes, header JSON) of a safetensors file."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return raw[8 + n:], json.loads(raw[8:8 + n])
+    return raw[8 + n :], json.loads(raw[8 : 8 + n])
 
 
 def without_hub(provenance: dict) -> dict:
@@ -115,8 +125,20 @@ def test_hub_id_shapes():
     assert hub.parse_hub_id("meta-llama/Llama-2-7b-chat-hf") == ("meta-llama/Llama-2-7b-chat-hf", None)
     assert hub.parse_hub_id("my-org/customer-ft@v3") == ("my-org/customer-ft", "v3")
     assert hub.parse_hub_id("hf://org/name@refs/pr/1") == ("org/name", "refs/pr/1")
-    for not_an_id in ("./ft", "/abs/ft", "ft", "a/b/c", "org/model.safetensors", "org/-x", "org/x--y",
-                      "org/x@", "org/x@a b", "../x", "~/x", "org/"):
+    for not_an_id in (
+        "./ft",
+        "/abs/ft",
+        "ft",
+        "a/b/c",
+        "org/model.safetensors",
+        "org/-x",
+        "org/x--y",
+        "org/x@",
+        "org/x@a b",
+        "../x",
+        "~/x",
+        "org/",
+    ):
         assert hub.parse_hub_id(not_an_id) is None, not_an_id
     assert hub.INDEX_NAME == __import__("resta_fast.io.checkpoint", fromlist=["x"]).INDEX_NAME
 
@@ -136,14 +158,74 @@ def test_cache_location_follows_the_environment_at_resolve_time(monkeypatch, tmp
 
 def test_patch_with_hub_ids_equals_the_same_patch_with_local_paths(world):
     snap, out = world["snap"], world["out"]
-    assert run("patch", "--finetuned", "org/ft", "--aligned", "org/chat", "--unaligned", "hf://org/shadow",
-               "--beta", "0.5", "--dare", "0.3", "--seed", "7", "--backend", BACKEND, "--out", out / "hub") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            "org/ft",
+            "--aligned",
+            "org/chat",
+            "--unaligned",
+            "hf://org/shadow",
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.3",
+            "--seed",
+            "7",
+            "--backend",
+            BACKEND,
+            "--out",
+            out / "hub",
+        )
+        == 0
+    )
     # The same patch naming the snapshot directories as local paths: only the Hub fields differ.
-    assert run("patch", "--finetuned", snap["ft"], "--aligned", snap["chat"], "--unaligned", snap["shadow"],
-               "--beta", "0.5", "--dare", "0.3", "--seed", "7", "--backend", BACKEND, "--out", out / "snap") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            snap["ft"],
+            "--aligned",
+            snap["chat"],
+            "--unaligned",
+            snap["shadow"],
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.3",
+            "--seed",
+            "7",
+            "--backend",
+            BACKEND,
+            "--out",
+            out / "snap",
+        )
+        == 0
+    )
     # And naming the original local directories: the same weights.
-    assert run("patch", "--finetuned", world["ft"], "--aligned", world["chat"], "--unaligned", world["shadow"],
-               "--beta", "0.5", "--dare", "0.3", "--seed", "7", "--backend", BACKEND, "--out", out / "local") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            world["ft"],
+            "--aligned",
+            world["chat"],
+            "--unaligned",
+            world["shadow"],
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.3",
+            "--seed",
+            "7",
+            "--backend",
+            BACKEND,
+            "--out",
+            out / "local",
+        )
+        == 0
+    )
     report = assert_same_output(out / "hub", out / "snap", same_paths=True)
     assert_same_output(out / "hub", out / "local", same_paths=False)
     inputs = report["inputs"]
@@ -162,26 +244,96 @@ def test_patch_with_hub_ids_equals_the_same_patch_with_local_paths(world):
 def test_vector_with_hub_ids(world):
     out = world["out"]
     assert run("vector", "--aligned", "org/chat", "--unaligned", "org/shadow", "--out", out / "vec_hub") == 0
-    assert run("vector", "--aligned", world["snap"]["chat"], "--unaligned", world["snap"]["shadow"],
-               "--out", out / "vec_snap") == 0
+    assert (
+        run(
+            "vector",
+            "--aligned",
+            world["snap"]["chat"],
+            "--unaligned",
+            world["snap"]["shadow"],
+            "--out",
+            out / "vec_snap",
+        )
+        == 0
+    )
     report = assert_same_output(out / "vec_hub", out / "vec_snap", same_paths=True)
     assert report["inputs"]["aligned"]["hub"]["repo_id"] == "org/chat"
     # And the vector, from the Hub, into a patch.
     hub_cache_model(world["cache"], "org/vector", out / "vec_snap", commit="f" * 40)
-    assert run("patch", "--finetuned", "org/ft", "--vector", "org/vector", "--beta", "0.5",
-               "--backend", BACKEND, "--out", out / "pv_hub") == 0
-    assert run("patch", "--finetuned", world["ft"], "--vector", out / "vec_snap", "--beta", "0.5",
-               "--backend", BACKEND, "--out", out / "pv_local") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            "org/ft",
+            "--vector",
+            "org/vector",
+            "--beta",
+            "0.5",
+            "--backend",
+            BACKEND,
+            "--out",
+            out / "pv_hub",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            world["ft"],
+            "--vector",
+            out / "vec_snap",
+            "--beta",
+            "0.5",
+            "--backend",
+            BACKEND,
+            "--out",
+            out / "pv_local",
+        )
+        == 0
+    )
     assert_same_output(out / "pv_hub", out / "pv_local", same_paths=False)
 
 
 def test_lora_adapter_and_base_from_the_hub(world):
     pytest.importorskip("torch")
     out, snap = world["out"], world["snap"]
-    assert run("patch", "--finetuned", "org/lora", "--base", "org/chat", "--aligned", "org/chat",
-               "--unaligned", "org/shadow", "--beta", "0.5", "--out", out / "lora_hub") == 0
-    assert run("patch", "--finetuned", snap["lora"], "--base", snap["chat"], "--aligned", snap["chat"],
-               "--unaligned", snap["shadow"], "--beta", "0.5", "--out", out / "lora_snap") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            "org/lora",
+            "--base",
+            "org/chat",
+            "--aligned",
+            "org/chat",
+            "--unaligned",
+            "org/shadow",
+            "--beta",
+            "0.5",
+            "--out",
+            out / "lora_hub",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            snap["lora"],
+            "--base",
+            snap["chat"],
+            "--aligned",
+            snap["chat"],
+            "--unaligned",
+            snap["shadow"],
+            "--beta",
+            "0.5",
+            "--out",
+            out / "lora_snap",
+        )
+        == 0
+    )
     report = assert_same_output(out / "lora_hub", out / "lora_snap", same_paths=True)
     assert report["inputs"]["finetuned"]["hub"]["commit"] == C_LORA
     assert report["inputs"]["base"]["hub"]["repo_id"] == "org/chat"
@@ -189,10 +341,38 @@ def test_lora_adapter_and_base_from_the_hub(world):
 
 def test_revision_picks_its_snapshot(world):
     out = world["out"]
-    assert run("patch", "--finetuned", "org/ft@v1", "--aligned", "org/chat", "--unaligned", "org/shadow",
-               "--beta", "0.5", "--out", out / "v1") == 0
-    assert run("patch", "--finetuned", world["ft_v1"], "--aligned", world["chat"], "--unaligned",
-               world["shadow"], "--beta", "0.5", "--out", out / "v1_local") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            "org/ft@v1",
+            "--aligned",
+            "org/chat",
+            "--unaligned",
+            "org/shadow",
+            "--beta",
+            "0.5",
+            "--out",
+            out / "v1",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            world["ft_v1"],
+            "--aligned",
+            world["chat"],
+            "--unaligned",
+            world["shadow"],
+            "--beta",
+            "0.5",
+            "--out",
+            out / "v1_local",
+        )
+        == 0
+    )
     report = assert_same_output(out / "v1", out / "v1_local", same_paths=False)
     assert report["inputs"]["finetuned"]["hub"] == {"repo_id": "org/ft", "revision": "v1", "commit": C_FT_V1}
     # A commit sha names its snapshot directly.
@@ -201,11 +381,14 @@ def test_revision_picks_its_snapshot(world):
     assert hub.resolve_input("org/ft", "finetuned").commit == C_FT
 
 
-@pytest.mark.parametrize("spec, says", [
-    ("org/missing", "the Hub model org/missing is not in the Hugging Face cache"),
-    ("org/ft@v9", "the Hub model org/ft@v9 is not in the Hugging Face cache"),
-    ("hf://org/missing@main", "the Hub model org/missing is not in the Hugging Face cache"),
-])
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("org/missing", "the Hub model org/missing is not in the Hugging Face cache"),
+        ("org/ft@v9", "the Hub model org/ft@v9 is not in the Hugging Face cache"),
+        ("hf://org/missing@main", "the Hub model org/missing is not in the Hugging Face cache"),
+    ],
+)
 def test_a_missing_id_offline_is_one_line_exit_2_nothing_written(world, capsys, spec, says):
     out = world["out"] / "never"
     code = run("patch", "--finetuned", spec, "--aligned", "org/chat", "--unaligned", "org/shadow", "--out", out)
@@ -220,8 +403,17 @@ def test_a_missing_id_offline_is_one_line_exit_2_nothing_written(world, capsys, 
 
 def test_an_incomplete_cached_snapshot_offline_names_what_it_lacks(world, capsys):
     (world["snap"]["ft"] / "model-00002-of-00002.safetensors").unlink()
-    code = run("patch", "--finetuned", "org/ft", "--aligned", "org/chat", "--unaligned", "org/shadow",
-               "--out", world["out"] / "x")
+    code = run(
+        "patch",
+        "--finetuned",
+        "org/ft",
+        "--aligned",
+        "org/chat",
+        "--unaligned",
+        "org/shadow",
+        "--out",
+        world["out"] / "x",
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "lacks model-00002-of-00002.safetensors" in err[0] and C_FT[:12] in err[0]
@@ -231,12 +423,40 @@ def test_an_existing_local_directory_shaped_like_an_id_wins(world, tmp_path):
     # ./org/ft exists here (the v1 weights); the Hub cache's org/ft holds other weights.
     shutil.copytree(world["ft_v1"], Path("org") / "ft")
     out = world["out"]
-    assert run("patch", "--finetuned", "org/ft", "--aligned", world["chat"], "--unaligned", world["shadow"],
-               "--beta", "0.5", "--out", out / "local_wins") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            "org/ft",
+            "--aligned",
+            world["chat"],
+            "--unaligned",
+            world["shadow"],
+            "--beta",
+            "0.5",
+            "--out",
+            out / "local_wins",
+        )
+        == 0
+    )
     report = json.loads((out / "local_wins" / "resta_fast.json").read_text())
     assert report["inputs"]["finetuned"] == {"path": "org/ft", "files": report["inputs"]["finetuned"]["files"]}
-    assert run("patch", "--finetuned", world["ft_v1"], "--aligned", world["chat"], "--unaligned", world["shadow"],
-               "--beta", "0.5", "--out", out / "v1_local") == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            world["ft_v1"],
+            "--aligned",
+            world["chat"],
+            "--unaligned",
+            world["shadow"],
+            "--beta",
+            "0.5",
+            "--out",
+            out / "v1_local",
+        )
+        == 0
+    )
     assert parts(out / "local_wins" / "model.safetensors")[0] == parts(out / "v1_local" / "model.safetensors")[0]
     # hf:// is always the Hub, even with that local directory here.
     assert hub.resolve_input("hf://org/ft", "finetuned").commit == C_FT
@@ -255,26 +475,46 @@ def test_batch_with_ids_resolves_each_distinct_input_once(world, monkeypatch, tm
     def counting(repo_id, revision, **kw):
         calls.append((repo_id, revision))
         return real(repo_id, revision, **kw)
+
     monkeypatch.setattr(hub, "_snapshot", counting)
     out = world["out"]
-    jobs = [{"name": "a", "finetuned": "org/ft", "out": str(out / "b_a"), "beta": 0.5},
-            {"name": "b", "finetuned": "org/ft", "out": str(out / "b_b"), "dare": 0.3, "seed": 1},
-            {"name": "c", "finetuned": "org/ft@v1", "out": str(out / "b_c")},
-            {"name": "d", "finetuned": "org/lora", "base": "org/chat", "out": str(out / "b_d")}]
+    jobs = [
+        {"name": "a", "finetuned": "org/ft", "out": str(out / "b_a"), "beta": 0.5},
+        {"name": "b", "finetuned": "org/ft", "out": str(out / "b_b"), "dare": 0.3, "seed": 1},
+        {"name": "c", "finetuned": "org/ft@v1", "out": str(out / "b_c")},
+        {"name": "d", "finetuned": "org/lora", "base": "org/chat", "out": str(out / "b_d")},
+    ]
     manifest = tmp_path / "batch.json"
-    manifest.write_text(json.dumps({"aligned": "org/chat", "unaligned": "org/shadow", "fsync": False,
-                                    "backend": BACKEND, "jobs": jobs}))
+    manifest.write_text(
+        json.dumps({"aligned": "org/chat", "unaligned": "org/shadow", "fsync": False, "backend": BACKEND, "jobs": jobs})
+    )
     assert main(["batch", str(manifest), "--no-progress"]) == 0
-    assert sorted(calls) == sorted({("org/ft", "main"), ("org/ft", "v1"), ("org/chat", "main"),
-                                    ("org/shadow", "main"), ("org/lora", "main")}), calls
+    assert sorted(calls) == sorted(
+        {("org/ft", "main"), ("org/ft", "v1"), ("org/chat", "main"), ("org/shadow", "main"), ("org/lora", "main")}
+    ), calls
     snap = world["snap"]
-    singles = {"a": ["--finetuned", snap["ft"], "--beta", "0.5"],
-               "b": ["--finetuned", snap["ft"], "--dare", "0.3", "--seed", "1"],
-               "c": ["--finetuned", snap["ft_v1"]],
-               "d": ["--finetuned", snap["lora"], "--base", snap["chat"]]}
+    singles = {
+        "a": ["--finetuned", snap["ft"], "--beta", "0.5"],
+        "b": ["--finetuned", snap["ft"], "--dare", "0.3", "--seed", "1"],
+        "c": ["--finetuned", snap["ft_v1"]],
+        "d": ["--finetuned", snap["lora"], "--base", snap["chat"]],
+    }
     for name, args in singles.items():
-        assert run("patch", *args, "--aligned", snap["chat"], "--unaligned", snap["shadow"], "--backend", BACKEND,
-                   "--out", out / f"p_{name}") == 0
+        assert (
+            run(
+                "patch",
+                *args,
+                "--aligned",
+                snap["chat"],
+                "--unaligned",
+                snap["shadow"],
+                "--backend",
+                BACKEND,
+                "--out",
+                out / f"p_{name}",
+            )
+            == 0
+        )
         report = assert_same_output(out / f"b_{name}", out / f"p_{name}", same_paths=True)
         assert report["inputs"]["aligned"]["hub"]["repo_id"] == "org/chat"
     # A rerun recognises its finished outputs (fingerprints, not paths, are compared).
@@ -283,8 +523,15 @@ def test_batch_with_ids_resolves_each_distinct_input_once(world, monkeypatch, tm
 
 def test_batch_lists_a_missing_id_as_a_problem(world, tmp_path):
     manifest = tmp_path / "batch.json"
-    manifest.write_text(json.dumps({"aligned": "org/chat", "unaligned": "org/nope", "jobs": [
-        {"finetuned": "org/ft", "out": str(world["out"] / "x")}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "aligned": "org/chat",
+                "unaligned": "org/nope",
+                "jobs": [{"finetuned": "org/ft", "out": str(world["out"] / "x")}],
+            }
+        )
+    )
     with pytest.raises(RestaError, match=r"jobs\[0\]: unaligned org/nope: no such local path"):
         load_manifest(manifest)
     assert not list(world["out"].iterdir())
@@ -292,8 +539,10 @@ def test_batch_lists_a_missing_id_as_a_problem(world, tmp_path):
 
 def test_verify_names_the_revisions_an_output_came_from(world, capsys):
     out = world["out"] / "v"
-    assert run("patch", "--finetuned", "org/ft@v1", "--aligned", "org/chat", "--unaligned", "org/shadow",
-               "--out", out) == 0
+    assert (
+        run("patch", "--finetuned", "org/ft@v1", "--aligned", "org/chat", "--unaligned", "org/shadow", "--out", out)
+        == 0
+    )
     capsys.readouterr()
     assert main(["verify", str(out)]) == 0
     text = capsys.readouterr().out
@@ -316,12 +565,28 @@ class FakeHub:
         self.remote, self.commit, self.real = remote, commit, real
         self.downloads: list[dict] = []
 
-    def __call__(self, repo_id, *, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None,
-                 ignore_patterns=None, **kw):
+    def __call__(
+        self,
+        repo_id,
+        *,
+        revision=None,
+        cache_dir=None,
+        local_files_only=False,
+        allow_patterns=None,
+        ignore_patterns=None,
+        **kw,
+    ):
         if local_files_only:
-            return self.real(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
-                             allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+            return self.real(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=True,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+            )
         from huggingface_hub.utils import filter_repo_objects
+
         src = self.remote / repo_id
         names = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
         chosen = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
@@ -340,6 +605,7 @@ class FakeHub:
 @pytest.fixture()
 def fake_hub(world, monkeypatch, tmp_path):
     import huggingface_hub
+
     remote = tmp_path / "remote"
     ft = shutil.copytree(world["ft"], remote / "org" / "big")
     (ft / "README.md").write_text("the fine-tune's card\n")
@@ -358,8 +624,13 @@ def test_a_download_fetches_only_the_files_the_job_reads(world, fake_hub, capsys
     found = hub.resolve_input("org/big", "finetuned", kind="any")
     assert found.commit == "9" * 40 and found.revision == "main"
     got = sorted(p.name for p in found.path.iterdir())
-    assert got == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                   "model.safetensors.index.json", "tokenizer_config.json"]
+    assert got == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer_config.json",
+    ]
     assert [d["revision"] for d in fake_hub.downloads] == ["main", "9" * 40], "weights pinned to one commit"
     assert "fetching org/big from the Hugging Face Hub" in capsys.readouterr().err
     # Now cached: no second download.
@@ -369,26 +640,32 @@ def test_a_download_fetches_only_the_files_the_job_reads(world, fake_hub, capsys
 
 def _hub_error(name: str):
     import huggingface_hub.errors as errors
+
     cls = getattr(errors, name)
     exc = cls.__new__(cls)
     Exception.__init__(exc, f"{name}: 404 Client Error")
     return exc
 
 
-@pytest.mark.parametrize("name, says", [
-    ("GatedRepoError", "is gated; request access on https://huggingface.co/org/secret"),
-    ("RepositoryNotFoundError", "the Hub has no model org/secret you can read"),
-    ("RevisionNotFoundError", "has no revision 'main'"),
-    ("LocalEntryNotFoundError", "cannot reach the Hugging Face Hub"),
-])
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("GatedRepoError", "is gated; request access on https://huggingface.co/org/secret"),
+        ("RepositoryNotFoundError", "the Hub has no model org/secret you can read"),
+        ("RevisionNotFoundError", "has no revision 'main'"),
+        ("LocalEntryNotFoundError", "cannot reach the Hugging Face Hub"),
+    ],
+)
 def test_hub_errors_are_one_line(world, monkeypatch, name, says):
     import huggingface_hub
+
     real = huggingface_hub.snapshot_download
 
     def failing(repo_id, *, local_files_only=False, **kw):
         if local_files_only:
             return real(repo_id, local_files_only=True, **kw)
         raise _hub_error(name)
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(RestaError) as info:
@@ -398,11 +675,13 @@ def test_hub_errors_are_one_line(world, monkeypatch, name, says):
 
 
 def test_local_runs_never_import_huggingface_hub(world):
-    code = ("import sys\nfrom resta_fast.cli import main\n"
-            f"code = main(['patch', '--finetuned', {str(world['ft'])!r}, '--aligned', {str(world['chat'])!r}, "
-            f"'--unaligned', {str(world['shadow'])!r}, '--out', {str(world['out'] / 'plain')!r}, '--no-fsync', "
-            "'--no-progress', '--backend', " + repr(BACKEND) + "])\n"
-            "print('HUB' if 'huggingface_hub' in sys.modules else 'NOHUB')\nsys.exit(code)")
+    code = (
+        "import sys\nfrom resta_fast.cli import main\n"
+        f"code = main(['patch', '--finetuned', {str(world['ft'])!r}, '--aligned', {str(world['chat'])!r}, "
+        f"'--unaligned', {str(world['shadow'])!r}, '--out', {str(world['out'] / 'plain')!r}, '--no-fsync', "
+        "'--no-progress', '--backend', " + repr(BACKEND) + "])\n"
+        "print('HUB' if 'huggingface_hub' in sys.modules else 'NOHUB')\nsys.exit(code)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "NOHUB"
@@ -410,18 +689,48 @@ def test_local_runs_never_import_huggingface_hub(world):
 
 def test_verify_against_takes_hub_ids(world):
     out = world["out"] / "va"
-    assert run("patch", "--finetuned", world["ft"], "--aligned", world["chat"], "--unaligned", world["shadow"],
-               "--beta", "0.5", "--out", out) == 0
+    assert (
+        run(
+            "patch",
+            "--finetuned",
+            world["ft"],
+            "--aligned",
+            world["chat"],
+            "--unaligned",
+            world["shadow"],
+            "--beta",
+            "0.5",
+            "--out",
+            out,
+        )
+        == 0
+    )
     assert verify(out, ["org/ft", "org/chat", "org/shadow"], samples=500)["ok"]
 
 
 def test_eval_model_takes_a_hub_id(world, tmp_path, capsys):
     pytest.importorskip("transformers")
     from eval_fakes import build_tiny_llama
+
     tiny = build_tiny_llama(tmp_path / "tiny", seed=1)
     snapshot = hub_cache_model(world["cache"], "org/tiny", tiny, commit="5" * 40)
-    assert main(["eval", "--model", "org/tiny", "--prompts", "builtin:smoke", "--limit", "2",
-                 "--max-new-tokens", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "org/tiny",
+                "--prompts",
+                "builtin:smoke",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["models"][0]["model"] == str(snapshot) and summary["models"][0]["n"] == 2
 
@@ -434,8 +743,9 @@ def test_inspect_takes_hub_ids(world, capsys):
 
 def test_batch_dry_run_names_the_ids(world, tmp_path, capsys):
     manifest = tmp_path / "batch.yaml"
-    manifest.write_text("aligned: org/chat\nunaligned: org/shadow\njobs:\n"
-                        f"  - {{finetuned: org/ft@v1, out: {world['out'] / 'dry'}}}\n")
+    manifest.write_text(
+        f"aligned: org/chat\nunaligned: org/shadow\njobs:\n  - {{finetuned: org/ft@v1, out: {world['out'] / 'dry'}}}\n"
+    )
     assert main(["batch", str(manifest), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert f"aligned org/chat@main (commit {C_CHAT[:12]})" in text and f"org/ft@v1 (commit {C_FT_V1[:12]})" in text
@@ -448,10 +758,40 @@ def test_safelora_with_hub_ids(world, merge):
     pytest.importorskip("torch")
     out, snap = world["out"], world["snap"]
     extra = ["--merge"] if merge else []
-    assert run("safelora", "--adapter", "org/lora", "--aligned", "org/chat", "--unaligned", "org/shadow",
-               "--num-layers", "2", "--out", out / "sl_hub", *extra) == 0
-    assert run("safelora", "--adapter", snap["lora"], "--aligned", snap["chat"], "--unaligned", snap["shadow"],
-               "--num-layers", "2", "--out", out / "sl_snap", *extra) == 0
+    assert (
+        run(
+            "safelora",
+            "--adapter",
+            "org/lora",
+            "--aligned",
+            "org/chat",
+            "--unaligned",
+            "org/shadow",
+            "--num-layers",
+            "2",
+            "--out",
+            out / "sl_hub",
+            *extra,
+        )
+        == 0
+    )
+    assert (
+        run(
+            "safelora",
+            "--adapter",
+            snap["lora"],
+            "--aligned",
+            snap["chat"],
+            "--unaligned",
+            snap["shadow"],
+            "--num-layers",
+            "2",
+            "--out",
+            out / "sl_snap",
+            *extra,
+        )
+        == 0
+    )
     report = assert_same_output(out / "sl_hub", out / "sl_snap", same_paths=True)
     assert report["inputs"]["adapter"]["hub"] == {"repo_id": "org/lora", "revision": "main", "commit": C_LORA}
     assert report["inputs"]["unaligned"]["hub"]["commit"] == C_SHADOW

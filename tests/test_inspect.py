@@ -49,8 +49,9 @@ def test_three_models_print_the_plan_grouped_by_layer(tmp_path, capsys):
     assert q.split()[:3] == ["2", "patch", "1"]
     up = next(line for line in lines if "model.layers.*.mlp.up_proj.weight" in line)
     assert up.split()[:3] == ["2", "patch", "0.25"]
-    assert any("model.layers.*.input_layernorm.weight" in line and "copy" in line and "--exclude" in line
-               for line in lines)
+    assert any(
+        "model.layers.*.input_layernorm.weight" in line and "copy" in line and "--exclude" in line for line in lines
+    )
     n = len(load_file(str(ft / "model.safetensors")))
     assert f"{n} tensors in 1 file(s)" in out
 
@@ -95,9 +96,17 @@ def test_lora_adapter_and_its_merge_plan(tmp_path, capsys):
     ft, al, un = three_models(tmp_path, **SMALL)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-         "base_model_name_or_path": "org/chat"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["q_proj"],
+                "base_model_name_or_path": "org/chat",
+            }
+        )
+    )
     g = torch.Generator().manual_seed(0)
     weights = {}
     for i in range(2):

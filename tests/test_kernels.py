@@ -18,8 +18,11 @@ def no_native(monkeypatch):
 
 
 def test_auto_on_the_cpu_falls_back_to_torch_and_warns_once(no_native):
-    with pytest.warns(UserWarning, match=r"^resta_fast: cpp backend unavailable \(native extension "
-                                         r"resta_fast\._C did not load .*\); falling back to torch$"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^resta_fast: cpp backend unavailable \(native extension "
+        r"resta_fast\._C did not load .*\); falling back to torch$",
+    ):
         assert choose_backend("auto", "cpu") == ("torch", reference)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
@@ -50,6 +53,7 @@ def test_auto_on_a_gpu_tries_triton_then_torch(monkeypatch):
         if name == "triton":
             raise BackendUnavailable("no triton here")
         return reference
+
     monkeypatch.setattr(kernels, "load_backend", fake_load)
     monkeypatch.setattr(kernels, "_warned_fallback", False)
     with pytest.warns(UserWarning, match=r"triton backend unavailable \(no triton here\); falling back to torch"):

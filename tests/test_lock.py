@@ -29,8 +29,9 @@ def test_a_second_lock_is_busy_names_the_holder_and_is_free_after_release(tmp_pa
     with pytest.raises(OutputBusy) as info:
         OutputLock(out).acquire()  # a second open file: flock excludes it even in this process
     msg = str(info.value)
-    assert msg.startswith(f"--out {out} is being written by another resta-fast run (pid {os.getpid()} on host "
-                          f"{HOST}, started "), msg
+    assert msg.startswith(
+        f"--out {out} is being written by another resta-fast run (pid {os.getpid()} on host {HOST}, started "
+    ), msg
     assert msg.endswith(f"lock file {lock_path(out)}); wait for it to finish or choose another --out"), msg
     first.release()
     assert not lock_path(out).exists()
@@ -71,14 +72,17 @@ def test_release_leaves_a_lock_file_that_is_not_ours(tmp_path):
     lk.release()  # a second release is a no-op
 
 
-@pytest.mark.parametrize("entry, parsed", [
-    (".restored.resta-tmp-node-07.example-1234-ab12cd34", ("node-07.example", 1234)),  # '-' in the host
-    (".restored.resta-tmp-host-12x-ab12cd34", None),   # the pid is not a number
-    (".restored.resta-tmp-host-ab12cd34", None),       # no pid at all
-    (".other.resta-tmp-host-1234-ab12cd34", None),     # another output's temp dir
-    ("restored.resta-tmp-host-1234-ab12cd34", None),   # not hidden: not ours
-    (".restored.old-ab12cd34", None),                  # an interrupted overwrite, not a temp dir
-])
+@pytest.mark.parametrize(
+    "entry, parsed",
+    [
+        (".restored.resta-tmp-node-07.example-1234-ab12cd34", ("node-07.example", 1234)),  # '-' in the host
+        (".restored.resta-tmp-host-12x-ab12cd34", None),  # the pid is not a number
+        (".restored.resta-tmp-host-ab12cd34", None),  # no pid at all
+        (".other.resta-tmp-host-1234-ab12cd34", None),  # another output's temp dir
+        ("restored.resta-tmp-host-1234-ab12cd34", None),  # not hidden: not ours
+        (".restored.old-ab12cd34", None),  # an interrupted overwrite, not a temp dir
+    ],
+)
 def test_parse_temp_name(tmp_path, entry, parsed):
     assert parse_temp_name(tmp_path / "restored", entry) == parsed
 

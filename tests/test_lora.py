@@ -41,6 +41,7 @@ def _one_thread():
 
 def backends():
     from resta_fast.kernels import load_backend
+
     names = ["torch"]
     try:
         load_backend("cpp")
@@ -76,9 +77,13 @@ def run(tmp_path, adapter, aligned, unaligned, name="out", **kw):
 CONFIGS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"]),
-    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"],
-                     rank_pattern={"layers.1.self_attn.q_proj": 2, "o_proj": 6},
-                     alpha_pattern={"v_proj": 3, "layers.0.self_attn.o_proj": 5}),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2, "o_proj": 6},
+        alpha_pattern={"v_proj": 3, "layers.0.self_attn.o_proj": 5},
+    ),
     "modules_to_save": dict(r=2, lora_alpha=4, target_modules=["k_proj"], modules_to_save=["lm_head"]),
 }
 
@@ -92,8 +97,7 @@ def test_merge_equals_peft_merge_and_unload(tmp_path, name, dtype):
     base_t = load_file(str(base / "model.safetensors"))
     # β·(A − U) with A == U is exactly 0, so the output is the rounded merge.
     for backend in backends():
-        got, report = run(tmp_path, tmp_path / "adapter", base, base, name=f"out_{backend}",
-                          beta=0.7, backend=backend)
+        got, report = run(tmp_path, tmp_path / "adapter", base, base, name=f"out_{backend}", beta=0.7, backend=backend)
         assert sorted(got) == sorted(base_t)
         assert_bits_equal(got, want)
     changed = [k for k in got if not torch.equal(got[k], base_t[k])]
@@ -153,12 +157,12 @@ def test_bf16_adapter_weights_within_double_rounding_of_peft(tmp_path):
 
 def test_gpt2_conv1d_fan_in_fan_out_rslora_and_lora_bias(tmp_path):
     base = gpt2_base(tmp_path / "base")
-    config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, fan_in_fan_out=True, lora_bias=True,
-                             target_modules=["c_attn", "c_proj"])
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, use_rslora=True, fan_in_fan_out=True, lora_bias=True, target_modules=["c_attn", "c_proj"]
+    )
     merged = train_adapter(base, tmp_path / "adapter", config, cls=transformers.GPT2LMHeadModel)
     for backend in backends():
-        got, _ = run(tmp_path, tmp_path / "adapter", base, base, name=f"out_{backend}", beta=0.5,
-                     backend=backend)
+        got, _ = run(tmp_path, tmp_path / "adapter", base, base, name=f"out_{backend}", beta=0.5, backend=backend)
         assert "lm_head.weight" not in got  # GPT-2 ties it; not on disk
         assert_bits_equal(got, {k: v for k, v in merged.items() if k != "lm_head.weight"})
     base_t = load_file(str(base / "model.safetensors"))
@@ -176,16 +180,28 @@ def test_realigned_output_is_merge_then_spec_formula(tmp_path, dare):
     U = load_file(str(un / "model.safetensors"))
     beta, seed = 0.75, 5
     for backend in backends():
-        got, report = run(tmp_path, tmp_path / "adapter", base, un, name=f"out_{backend}", beta=beta,
-                          dare=dare, seed=seed, backend=backend, chunk_elems=100)
+        got, report = run(
+            tmp_path,
+            tmp_path / "adapter",
+            base,
+            un,
+            name=f"out_{backend}",
+            beta=beta,
+            dare=dare,
+            seed=seed,
+            backend=backend,
+            chunk_elems=100,
+        )
         assert set(got) == set(merged)
         for name in got:
             f = merged[name].reshape(-1).numpy()
             a = A[name].float().reshape(-1).numpy()
             u = U[name].float().reshape(-1).numpy()
             s = rng.tensor_seed(seed, name)
-            want = [patch_element(f[i], a[i], u[i], a[i] if dare else None, beta, dare or 0.0, s, i, "bf16")
-                    for i in range(f.size)]
+            want = [
+                patch_element(f[i], a[i], u[i], a[i] if dare else None, beta, dare or 0.0, s, i, "bf16")
+                for i in range(f.size)
+            ]
             got_bits = (int_bits(got[name]).reshape(-1).int() & 0xFFFF).tolist()
             assert got_bits == want, f"{backend}: {name} differs from merge-then-SPEC"
 
@@ -194,8 +210,9 @@ def test_tied_embedding_lora_without_lm_head_on_disk(tmp_path):
     base = llama_base(tmp_path / "base", tie=True)
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
-    merged = train_adapter(base, tmp_path / "adapter",
-                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    merged = train_adapter(
+        base, tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    )
     got, _ = run(tmp_path, tmp_path / "adapter", base, base, beta=0.5)
     assert "lm_head.weight" not in got
     assert_bits_equal(got, {k: v.bfloat16() for k, v in merged.items() if k != "lm_head.weight"})
@@ -206,8 +223,9 @@ def test_tied_embedding_lora_without_lm_head_on_disk(tmp_path):
 
 def test_tied_embedding_lora_with_lm_head_on_disk_keeps_them_equal(tmp_path):
     base = llama_base(tmp_path / "base", tie=True)
-    merged = train_adapter(base, tmp_path / "adapter",
-                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+    merged = train_adapter(
+        base, tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"])
+    )
     t = load_file(str(base / "model.safetensors"))
     t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
     save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
@@ -227,9 +245,12 @@ def test_resized_vocab_modules_to_save(tmp_path):
     base = llama_base(tmp_path / "base")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "tokenizer_config.json").write_text('{"added": true}')
-    merged = train_adapter(base, tmp_path / "adapter",
-                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                           modules_to_save=["embed_tokens", "lm_head"]), resize=70)
+    merged = train_adapter(
+        base,
+        tmp_path / "adapter",
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+        resize=70,
+    )
     got, report = run(tmp_path, tmp_path / "adapter", base, shadow(base, tmp_path / "un"), beta=0.0)
     assert got["lm_head.weight"].shape == (70, 32)
     assert_bits_equal(got, {k: v.bfloat16() for k, v in merged.items()})
@@ -250,8 +271,10 @@ def test_key_spellings_default_adapter_name_and_prefixes(tmp_path):
     train_adapter(base, adapter, peft.LoraConfig(**CONFIGS["plain"]))
     ref, _ = run(tmp_path, adapter, base, base, name="ref", beta=0.0)
     t = load_file(str(adapter / "adapter_model.safetensors"))
-    for spell in (lambda k: k.replace("base_model.model.", "").replace(".weight", ".default.weight"),
-                  lambda k: k.replace("base_model.model.model.", "base_model.model.")):
+    for spell in (
+        lambda k: k.replace("base_model.model.", "").replace(".weight", ".default.weight"),
+        lambda k: k.replace("base_model.model.model.", "base_model.model."),
+    ):
         save_file({spell(k): v for k, v in t.items()}, str(adapter / "adapter_model.safetensors"))
         got, _ = run(tmp_path, adapter, base, base, name="out", beta=0.0, overwrite=True)
         assert_bits_equal(got, ref)
@@ -264,9 +287,31 @@ def test_dare_base_defaults_to_base_and_cli_base_flag(tmp_path, capsys):
     un = shadow(al, tmp_path / "un")
     merged = train_adapter(base, tmp_path / "adapter", peft.LoraConfig(**CONFIGS["plain"]))
     out = tmp_path / "out"
-    code = main(["patch", "--finetuned", str(tmp_path / "adapter"), "--base", str(base), "--aligned", str(al),
-                 "--unaligned", str(un), "--out", str(out), "--beta", "0.5", "--dare", "0.5", "--seed", "2",
-                 "--backend", "torch", "--no-fsync", "--no-progress"])
+    code = main(
+        [
+            "patch",
+            "--finetuned",
+            str(tmp_path / "adapter"),
+            "--base",
+            str(base),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--out",
+            str(out),
+            "--beta",
+            "0.5",
+            "--dare",
+            "0.5",
+            "--seed",
+            "2",
+            "--backend",
+            "torch",
+            "--no-fsync",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     got = load_file(str(out / "model.safetensors"))
     B, A, U = (load_file(str(d / "model.safetensors")) for d in (base, al, un))
@@ -301,31 +346,60 @@ def first_key(t, part):
 
 REFUSALS = {
     "dora_config": (lambda b, a: edit_config(a, use_dora=True), r"DoRA \(use_dora=true\) is not supported"),
-    "dora_weights": (lambda b, a: edit_weights(a, lambda t: {
-        **t, first_key(t, "lora_A").replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(32)}),
-        r"lora_magnitude_vector.*DoRA"),
+    "dora_weights": (
+        lambda b, a: edit_weights(
+            a, lambda t: {**t, first_key(t, "lora_A").replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(32)}
+        ),
+        r"lora_magnitude_vector.*DoRA",
+    ),
     "not_lora": (lambda b, a: edit_config(a, peft_type="IA3"), r"peft_type IA3 is not supported"),
     "rank_mismatch": (lambda b, a: edit_config(a, r=8), r"rank 4 in the weights but 8"),
-    "quantized_config": (lambda b, a: (b / "config.json").write_text(json.dumps(
-        {**json.loads((b / "config.json").read_text()),
-         "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})),
-        r"quantization_config \(bitsandbytes\).*unquantized"),
-    "gptq_tensors": (lambda b, a: save_file(
-        {**load_file(str(b / "model.safetensors")),
-         "model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32)},
-        str(b / "model.safetensors")), r"qweight.*GPTQ"),
-    "matches_nothing": (lambda b, a: edit_weights(a, lambda t: {
-        k.replace("self_attn", "attention"): v for k, v in t.items()}), r"match no tensor of base"),
-    "embedding_layout": (lambda b, a: edit_weights(a, lambda t: {
-        **t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 32),
-        "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(64, 4)}),
-        r"embedding layout is not supported"),
-    "pickle_only": (lambda b, a: ((a / "adapter_model.safetensors").unlink(),
-                                  (a / "adapter_model.bin").write_bytes(b"x")),
-                    r"pickle.*does not unpickle"),
-    "unknown_lora_part": (lambda b, a: edit_weights(a, lambda t: {
-        **t, "base_model.model.model.layers.0.mlp.down_proj.lora_C.weight": torch.zeros(2)}),
-        r"LoRA part resta_fast does not know"),
+    "quantized_config": (
+        lambda b, a: (b / "config.json").write_text(
+            json.dumps(
+                {
+                    **json.loads((b / "config.json").read_text()),
+                    "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True},
+                }
+            )
+        ),
+        r"quantization_config \(bitsandbytes\).*unquantized",
+    ),
+    "gptq_tensors": (
+        lambda b, a: save_file(
+            {
+                **load_file(str(b / "model.safetensors")),
+                "model.layers.0.mlp.up_proj.qweight": torch.zeros(4, 8, dtype=torch.int32),
+            },
+            str(b / "model.safetensors"),
+        ),
+        r"qweight.*GPTQ",
+    ),
+    "matches_nothing": (
+        lambda b, a: edit_weights(a, lambda t: {k.replace("self_attn", "attention"): v for k, v in t.items()}),
+        r"match no tensor of base",
+    ),
+    "embedding_layout": (
+        lambda b, a: edit_weights(
+            a,
+            lambda t: {
+                **t,
+                "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 32),
+                "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(64, 4),
+            },
+        ),
+        r"embedding layout is not supported",
+    ),
+    "pickle_only": (
+        lambda b, a: ((a / "adapter_model.safetensors").unlink(), (a / "adapter_model.bin").write_bytes(b"x")),
+        r"pickle.*does not unpickle",
+    ),
+    "unknown_lora_part": (
+        lambda b, a: edit_weights(
+            a, lambda t: {**t, "base_model.model.model.layers.0.mlp.down_proj.lora_C.weight": torch.zeros(2)}
+        ),
+        r"LoRA part resta_fast does not know",
+    ),
 }
 
 
@@ -335,8 +409,23 @@ def test_unsupported_adapters_get_a_clear_error(tmp_path, adapter_setup, capsys,
     damage, message = REFUSALS[case]
     damage(base, adapter)
     out = tmp_path / "out"
-    code = main(["patch", "--finetuned", str(adapter), "--aligned", str(base), "--unaligned", str(base),
-                 "--out", str(out), "--backend", "torch", "--no-fsync", "--no-progress"])
+    code = main(
+        [
+            "patch",
+            "--finetuned",
+            str(adapter),
+            "--aligned",
+            str(base),
+            "--unaligned",
+            str(base),
+            "--out",
+            str(out),
+            "--backend",
+            "torch",
+            "--no-fsync",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("resta-fast: error: ") and len(err.strip().splitlines()) == 1, err
@@ -364,8 +453,9 @@ def test_vector_mode_with_base(tmp_path, adapter_setup):
     api.make_vector(base, un, tmp_path / "vec", fsync=False)
     pair, _ = run(tmp_path, adapter, base, un, name="pair", beta=0.5, dare=0.2, seed=3)
     vec = tmp_path / "vec_out"
-    api.patch(adapter, vec, vector=tmp_path / "vec", base=base, beta=0.5, dare=0.2, seed=3,
-              backend="torch", fsync=False)
+    api.patch(
+        adapter, vec, vector=tmp_path / "vec", base=base, beta=0.5, dare=0.2, seed=3, backend="torch", fsync=False
+    )
     assert_bits_equal(load_file(str(vec / "model.safetensors")), pair)
 
 
@@ -373,6 +463,7 @@ def test_prepare_shares_the_lora_base_with_aligned_and_dare(tmp_path, adapter_se
     """The LoRA base that is the aligned model, and the DARE base that is the
     LoRA base, are the same Checkpoint object (staged once per chunk)."""
     from resta_fast.lora import LoraFinetuned
+
     base, adapter = adapter_setup
     un = shadow(base, tmp_path / "un")
     options = api.PatchOptions(dare=0.2, backend="torch")

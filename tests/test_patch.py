@@ -39,11 +39,22 @@ def expected(name, f, a, u, b, beta, p, seed, out_dtype, patched=None):
         fv = to_f32(fb[i], NAMES[f.dtype])
         if i >= n:
             from elementwise import from_f32
+
             out.append(fb[i] if f.dtype == out_dtype else from_f32(fv, NAMES[out_dtype]))
             continue
-        out.append(patch_element(
-            fv, to_f32(ab[i], NAMES[a.dtype]), None if ub is None else to_f32(ub[i], NAMES[u.dtype]),
-            None if bb is None else to_f32(bb[i], NAMES[b.dtype]), beta, p, s, i, NAMES[out_dtype]))
+        out.append(
+            patch_element(
+                fv,
+                to_f32(ab[i], NAMES[a.dtype]),
+                None if ub is None else to_f32(ub[i], NAMES[u.dtype]),
+                None if bb is None else to_f32(bb[i], NAMES[b.dtype]),
+                beta,
+                p,
+                s,
+                i,
+                NAMES[out_dtype],
+            )
+        )
     return out
 
 
@@ -65,8 +76,7 @@ def test_patch_bit_exact_against_elementwise(tmp_path, dtype, dare):
     F, A, U = (load_file(str(d / "model.safetensors")) for d in (ft, al, un))
     assert set(got) == set(F), "every fine-tuned tensor must be in the output, and nothing else"
     for name, t in got.items():
-        want = expected(name, F[name], A[name], U[name], A[name] if dare else None, 0.5, dare or 0.0,
-                        11, dtype)
+        want = expected(name, F[name], A[name], U[name], A[name] if dare else None, 0.5, dare or 0.0, 11, dtype)
         assert bits(t) == want, f"{name}: output differs from the SPEC element reference"
     assert report["plan"]["summary"]["patch"] == len(got)
 
@@ -76,8 +86,18 @@ def test_chunking_does_not_change_bits(tmp_path):
     outs = []
     for chunk in (5, 1000, 1 << 20):
         out = tmp_path / f"out{chunk}"
-        api.patch(ft, out, aligned=al, unaligned=un, beta=0.7, dare=0.5, seed=3, backend="torch",
-                  fsync=False, chunk_elems=chunk)
+        api.patch(
+            ft,
+            out,
+            aligned=al,
+            unaligned=un,
+            beta=0.7,
+            dare=0.5,
+            seed=3,
+            backend="torch",
+            fsync=False,
+            chunk_elems=chunk,
+        )
         outs.append({f: (out / f).read_bytes() for f in os.listdir(out) if f.endswith(".safetensors")})
     assert len(outs[0]) == 2, f"expected both shards in the output, found {sorted(outs[0])}"
     assert outs[0] == outs[1] == outs[2]
@@ -88,8 +108,7 @@ def test_vector_mode_is_bit_identical_to_pair(tmp_path):
     api.make_vector(al, un, tmp_path / "vec", fsync=False)
     pair, _ = run_patch(tmp_path, ft, al, un, beta=0.5, dare=0.2, seed=9)
     vec = tmp_path / "out_vec"
-    api.patch(ft, vec, vector=tmp_path / "vec", dare_base=al, beta=0.5, dare=0.2, seed=9,
-              backend="torch", fsync=False)
+    api.patch(ft, vec, vector=tmp_path / "vec", dare_base=al, beta=0.5, dare=0.2, seed=9, backend="torch", fsync=False)
     assert (pair / "model.safetensors").read_bytes()[-4096:] == (vec / "model.safetensors").read_bytes()[-4096:]
     a, b = load_file(str(pair / "model.safetensors")), load_file(str(vec / "model.safetensors"))
     assert a and a.keys() == b.keys(), f"pair only {a.keys() - b.keys()}, vector only {b.keys() - a.keys()}"
@@ -128,8 +147,16 @@ def test_rules_include_exclude_and_copies(tmp_path):
     t = load_file(str(ft / "model.safetensors"))
     t["model.rotary.inv_freq_steps"] = torch.arange(4, dtype=torch.int64)
     write_model(ft, t)
-    out, report = run_patch(tmp_path, ft, al, un, beta=1.0, beta_rules=[r"mlp\.=0.25"],
-                            exclude=[r"norm"], include=[r"layers|lm_head|norm|inv_freq"])
+    out, report = run_patch(
+        tmp_path,
+        ft,
+        al,
+        un,
+        beta=1.0,
+        beta_rules=[r"mlp\.=0.25"],
+        exclude=[r"norm"],
+        include=[r"layers|lm_head|norm|inv_freq"],
+    )
     plan = {t["name"]: t for f in report["plan"]["files"] for t in f["tensors"]}
     assert plan["model.layers.0.mlp.up_proj.weight"]["beta"] == 0.25
     assert plan["model.layers.0.self_attn.q_proj.weight"]["beta"] == 1.0
@@ -205,6 +232,7 @@ def test_sharded_layout_metadata_and_side_files(tmp_path):
         assert (out / side).read_bytes() == (ft / side).read_bytes()
     saved = json.loads((out / "resta_fast.json").read_text())
     import hashlib
+
     assert set(src_index["weight_map"].values()) <= set(saved["files"]), "every shard must have its digest"
     for name, digest in saved["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
@@ -226,8 +254,9 @@ def test_tied_embeddings_stay_tied_with_dare(tmp_path):
         t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
         models.append(write_model(tmp_path / f"m{seed}", t, config=cfg))
     out = tmp_path / "out"
-    api.patch(models[2], out, aligned=models[0], unaligned=models[1], beta=0.5, dare=0.5, seed=1,
-              backend="torch", fsync=False)
+    api.patch(
+        models[2], out, aligned=models[0], unaligned=models[1], beta=0.5, dare=0.5, seed=1, backend="torch", fsync=False
+    )
     got = load_file(str(out / "model.safetensors"))
     assert torch.equal(got["lm_head.weight"].view(torch.int16), got["model.embed_tokens.weight"].view(torch.int16))
 
@@ -251,8 +280,20 @@ def test_transformers_loads_output_with_expected_logits(tmp_path):
 def test_sigkill_mid_write_leaves_no_complete_looking_output(tmp_path):
     ft, al, un = three_models(tmp_path, vocab=4096, hidden=256, layers=2, inter=512, shards=2)
     out = tmp_path / "out"
-    args = ["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un), "--out", str(out),
-            "--backend", "torch", "--no-progress"]
+    args = [
+        "patch",
+        "--finetuned",
+        str(ft),
+        "--aligned",
+        str(al),
+        "--unaligned",
+        str(un),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+        "--no-progress",
+    ]
     script = (
         f"import sys, time; sys.path.insert(0, {os.getcwd()!r})\n"
         "import resta_fast.pipeline.engine as engine\n"
@@ -278,6 +319,7 @@ def test_sigkill_mid_write_leaves_no_complete_looking_output(tmp_path):
 
 # --- the prepare step --------------------------------------------------------
 
+
 def test_prepare_resolves_roles_and_shares_the_dare_base_with_aligned(tmp_path):
     ft, al, un = three_models(tmp_path, **SMALL)
     options = api.PatchOptions(beta=0.5, dare=0.2, seed=7, backend="torch")
@@ -295,8 +337,7 @@ def test_prepare_resolves_roles_and_shares_the_dare_base_with_aligned(tmp_path):
         report = api.execute(prepared, tmp_path / "out", fsync=False)
     assert report["params"] == options.params()
     files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.name != api.REPORT_NAME}
-    api.patch(ft, tmp_path / "ref", aligned=al, unaligned=un, beta=0.5, dare=0.2, seed=7, backend="torch",
-              fsync=False)
+    api.patch(ft, tmp_path / "ref", aligned=al, unaligned=un, beta=0.5, dare=0.2, seed=7, backend="torch", fsync=False)
     assert files == {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir() if p.name != api.REPORT_NAME}
     # the inputs were closed when the with block ended
     assert all(f._fd is None for ck in inputs.all() for f in ck.files.values())
@@ -304,12 +345,14 @@ def test_prepare_resolves_roles_and_shares_the_dare_base_with_aligned(tmp_path):
 
 def test_prepare_with_a_shared_opener_gives_one_object_per_path(tmp_path):
     from contextlib import ExitStack
+
     ft, al, un = three_models(tmp_path, **SMALL)
     with ExitStack() as stack:
         opener = api.Opener(stack)
         a = api.prepare(ft, aligned=al, unaligned=un, opener=opener, options=api.PatchOptions(backend="torch"))
-        b = api.prepare(ft, aligned=al, unaligned=un, opener=opener,
-                        options=api.PatchOptions(beta=0.3, dare=0.1, backend="torch"))
+        b = api.prepare(
+            ft, aligned=al, unaligned=un, opener=opener, options=api.PatchOptions(beta=0.3, dare=0.1, backend="torch")
+        )
         assert a.inputs.aligned is b.inputs.aligned is b.inputs.dare_base
         assert a.inputs.unaligned is b.inputs.unaligned and a.inputs.finetuned is b.inputs.finetuned
         assert a.stack is None  # the opener's stack owns the inputs
@@ -319,8 +362,7 @@ def test_prepare_with_a_shared_opener_gives_one_object_per_path(tmp_path):
 
 def test_prepare_here_false_checks_without_a_kernel(tmp_path):
     ft, al, un = three_models(tmp_path, **SMALL)
-    with api.prepare(ft, aligned=al, unaligned=un, options=api.PatchOptions(device="cuda:3"),
-                     here=False) as prepared:
+    with api.prepare(ft, aligned=al, unaligned=un, options=api.PatchOptions(device="cuda:3"), here=False) as prepared:
         assert prepared.kernel is None and prepared.device == "cuda:3"
         with pytest.raises(ValueError, match="here=True"):
             api.execute(prepared, tmp_path / "out")
@@ -328,7 +370,9 @@ def test_prepare_here_false_checks_without_a_kernel(tmp_path):
 
 
 def test_api_imports_nothing_from_eval():
-    code = ("import sys, resta_fast.api, resta_fast.cli, resta_fast.verify; "
-            "print(sorted(m for m in sys.modules if m.startswith('resta_fast.eval')))")
+    code = (
+        "import sys, resta_fast.api, resta_fast.cli, resta_fast.verify; "
+        "print(sorted(m for m in sys.modules if m.startswith('resta_fast.eval')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -30,14 +30,66 @@ POISONS = (0x7FBF, 0xFFFF, 0x5A5A)
 # quiet and signalling NaNs, smallest/largest subnormals, extremes, and fp32
 # values on fp16/bf16 rounding ties and overflow edges.
 SPECIALS = {
-    BF16: [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFC1, 0x0001, 0x807F, 0x7F7F, 0xFF7F,
-           0x0080, 0x3F80, 0x3F81],
-    F16: [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE01, 0x0001, 0x83FF, 0x7BFF, 0xFBFF,
-          0x0400, 0x03FF, 0x3C00],
-    F32: [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFC00001,
-          0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0x00800000, 0x477FF000, 0x477FEFFF, 0xC77FF000,
-          0x33000000, 0x33000001, 0x337FFFFF, 0x387FE000, 0x387FF000, 0x3F808000, 0x3F818000,
-          0x7F7F8000, 0x7F7F7FFF, 0x38800000, 0x3F800FFF, 0x3F801000],
+    BF16: [
+        0x0000,
+        0x8000,
+        0x7F80,
+        0xFF80,
+        0x7FC0,
+        0x7F81,
+        0xFFC1,
+        0x0001,
+        0x807F,
+        0x7F7F,
+        0xFF7F,
+        0x0080,
+        0x3F80,
+        0x3F81,
+    ],
+    F16: [
+        0x0000,
+        0x8000,
+        0x7C00,
+        0xFC00,
+        0x7E00,
+        0x7C01,
+        0xFE01,
+        0x0001,
+        0x83FF,
+        0x7BFF,
+        0xFBFF,
+        0x0400,
+        0x03FF,
+        0x3C00,
+    ],
+    F32: [
+        0x00000000,
+        0x80000000,
+        0x7F800000,
+        0xFF800000,
+        0x7FC00000,
+        0x7F800001,
+        0xFFC00001,
+        0x00000001,
+        0x807FFFFF,
+        0x7F7FFFFF,
+        0x00800000,
+        0x477FF000,
+        0x477FEFFF,
+        0xC77FF000,
+        0x33000000,
+        0x33000001,
+        0x337FFFFF,
+        0x387FE000,
+        0x387FF000,
+        0x3F808000,
+        0x3F818000,
+        0x7F7F8000,
+        0x7F7F7FFF,
+        0x38800000,
+        0x3F800FFF,
+        0x3F801000,
+    ],
 }
 
 
@@ -120,14 +172,14 @@ def assert_same_bits(actual, expected, what, inputs=None):
     mask = 0xFFFF if actual.dtype != F32 else 0xFFFFFFFF
     lines = []
     for i in bad.nonzero().flatten()[:8].tolist():
-        line = (f"  [{i}] got {actual[i].item()!r} (0x{bits_a[i].item() & mask:x}), "
-                f"want {expected[i].item()!r} (0x{bits_e[i].item() & mask:x})")
+        line = (
+            f"  [{i}] got {actual[i].item()!r} (0x{bits_a[i].item() & mask:x}), "
+            f"want {expected[i].item()!r} (0x{bits_e[i].item() & mask:x})"
+        )
         if inputs:
-            line += "; inputs " + ", ".join(f"{k}={v[i].item()!r}" for k, v in inputs.items()
-                                             if v is not None)
+            line += "; inputs " + ", ".join(f"{k}={v[i].item()!r}" for k, v in inputs.items() if v is not None)
         lines.append(line)
-    raise AssertionError(f"{what}: {int(bad.sum())} of {actual.numel()} elements differ\n"
-                         + "\n".join(lines))
+    raise AssertionError(f"{what}: {int(bad.sum())} of {actual.numel()} elements differ\n" + "\n".join(lines))
 
 
 def run(backend, out_dtype, f, a, u, b, poison=0x7FBF, **kw):
@@ -148,33 +200,58 @@ def oracle_values(t):
 def _oracle_cached(key):
     out_dtype, n, dtypes, case_seed, use_u, use_b, specials, beta, p, seed, offset = key
     f, a, u, b = make_case(n, dtypes, case_seed, specials)
-    return _patch_oracle(out_dtype, f, a, u if use_u else None, b if use_b else None, beta=beta, p=p,
-                         seed=seed, offset=offset)
+    return _patch_oracle(
+        out_dtype, f, a, u if use_u else None, b if use_b else None, beta=beta, p=p, seed=seed, offset=offset
+    )
 
 
 def _patch_oracle(out_dtype, f, a, u, b, *, beta, p, seed, offset):
     """tests/elementwise.py over given tensors."""
     cols = [oracle_values(t) for t in (f, a, u, b)]
     with np.errstate(all="ignore"):
-        bits = [elementwise.patch_element(cols[0][i], cols[1][i], None if u is None else cols[2][i],
-                                          None if b is None else cols[3][i], beta, p, seed, offset + i,
-                                          NAME[out_dtype]) for i in range(f.numel())]
+        bits = [
+            elementwise.patch_element(
+                cols[0][i],
+                cols[1][i],
+                None if u is None else cols[2][i],
+                None if b is None else cols[3][i],
+                beta,
+                p,
+                seed,
+                offset + i,
+                NAME[out_dtype],
+            )
+            for i in range(f.numel())
+        ]
     return from_bits(bits, out_dtype)
 
 
-def check_case(backend, out_dtype, n, dtypes, *, use_u=True, use_b=False, specials=True, beta=0.5,
-               p=0.0, seed=0, offset=0, case_seed=0):
+def check_case(
+    backend,
+    out_dtype,
+    n,
+    dtypes,
+    *,
+    use_u=True,
+    use_b=False,
+    specials=True,
+    beta=0.5,
+    p=0.0,
+    seed=0,
+    offset=0,
+    case_seed=0,
+):
     """Backend runs vs the oracle (n <= 1023), one per poison fill."""
     f, a, u, b = make_case(n, dtypes, case_seed, specials)
     u = u if use_u else None
     b = b if use_b else None
-    want = _oracle_cached((out_dtype, n, dtypes, case_seed, use_u, use_b, specials, beta, p, seed,
-                           offset))
-    what = (f"{backend.__name__} out={NAME[out_dtype]} in={[NAME[d] for d in dtypes]} n={n} "
-            f"u={use_u} dare={use_b} beta={beta} p={p} seed={seed} offset={offset}")
+    want = _oracle_cached((out_dtype, n, dtypes, case_seed, use_u, use_b, specials, beta, p, seed, offset))
+    what = (
+        f"{backend.__name__} out={NAME[out_dtype]} in={[NAME[d] for d in dtypes]} n={n} "
+        f"u={use_u} dare={use_b} beta={beta} p={p} seed={seed} offset={offset}"
+    )
     for poison in POISONS:
-        got = run(backend, out_dtype, f, a, u, b, poison=poison, beta=beta, p=p, seed=seed,
-                  offset=offset)
+        got = run(backend, out_dtype, f, a, u, b, poison=poison, beta=beta, p=p, seed=seed, offset=offset)
         assert_same_bits(got, want, what, {"f": f, "a": a, "u": u, "b": b})
 
 
@@ -193,8 +270,17 @@ MIXED = [
 @pytest.mark.parametrize("dtypes", SAME + MIXED, ids=lambda d: "-".join(NAME[x] for x in d))
 @pytest.mark.parametrize("form", ["vector", "a-u", "dare"])
 def test_dtype_combinations_match_oracle(backend, out_dtype, dtypes, form):
-    check_case(backend, out_dtype, 1023, dtypes, use_u=form != "vector", use_b=form == "dare",
-               p=0.3 if form == "dare" else 0.0, seed=0x1234_5678_9ABC_DEF0, offset=6)
+    check_case(
+        backend,
+        out_dtype,
+        1023,
+        dtypes,
+        use_u=form != "vector",
+        use_b=form == "dare",
+        p=0.3 if form == "dare" else 0.0,
+        seed=0x1234_5678_9ABC_DEF0,
+        offset=6,
+    )
 
 
 # ---------------------------------------------------- sizes, p, beta, offsets
@@ -205,13 +291,11 @@ def test_dtype_combinations_match_oracle(backend, out_dtype, dtypes, form):
 @pytest.mark.parametrize("beta", [0.0, 0.5, -1.0, 2.0])
 def test_sizes_p_beta_match_oracle(backend, n, p, beta):
     dtypes = (BF16, BF16, BF16, BF16) if n % 2 else (F16, BF16, F32, F16)
-    check_case(backend, BF16 if n % 2 else F16, n, dtypes, use_b=True, beta=beta, p=p,
-               seed=n * 7919 + 1, offset=n)
+    check_case(backend, BF16 if n % 2 else F16, n, dtypes, use_b=True, beta=beta, p=p, seed=n * 7919 + 1, offset=n)
 
 
 @pytest.mark.parametrize("offset", [2**31 - 513, 2**32 - 511, 2**34 + 2**32 - 3, 2**62 + 1])
-@pytest.mark.parametrize("dtypes", [(BF16,) * 4, (F32, F16, BF16, F32)],
-                         ids=lambda d: "-".join(NAME[x] for x in d))
+@pytest.mark.parametrize("dtypes", [(BF16,) * 4, (F32, F16, BF16, F32)], ids=lambda d: "-".join(NAME[x] for x in d))
 def test_offsets_across_counter_word_boundaries_match_oracle(backend, offset, dtypes):
     # 1023 elements from each offset cross q = 2^29, 2^30, ... where the
     # counter's low word wraps or its high word first becomes non-zero.
@@ -221,8 +305,9 @@ def test_offsets_across_counter_word_boundaries_match_oracle(backend, offset, dt
 BIG = 2**20 + 37
 
 
-@pytest.mark.parametrize("dtypes", [(BF16,) * 4, (F16,) * 4, (F32, BF16, F16, F32)],
-                         ids=lambda d: "-".join(NAME[x] for x in d))
+@pytest.mark.parametrize(
+    "dtypes", [(BF16,) * 4, (F16,) * 4, (F32, BF16, F16, F32)], ids=lambda d: "-".join(NAME[x] for x in d)
+)
 @pytest.mark.parametrize("form", ["vector", "a-u", "dare"])
 def test_large_cpp_matches_reference(cpp, dtypes, form):
     f, a, u, b = make_case(BIG, dtypes, seed=5)
@@ -301,24 +386,41 @@ def test_misaligned_pointers(native, shift):
     want = run(ref, F16, f, a, u, b, beta=0.5, p=0.3, seed=9, offset=3)
     # Each buffer starts `shift` (or shift+1) bytes past a 64-byte boundary.
     tensors = {"f": f, "a": a, "u": u, "b": b}
-    arena = torch.zeros(sum(t.numel() * t.element_size() + 128 for t in tensors.values()) + 2 * n + 128,
-                        dtype=torch.uint8)
+    arena = torch.zeros(
+        sum(t.numel() * t.element_size() + 128 for t in tensors.values()) + 2 * n + 128, dtype=torch.uint8
+    )
     base = arena.data_ptr()
     cursor = (-base) % 64
     addr = {}
     for k, (name, t) in enumerate(tensors.items()):
         start = cursor + shift + (k % 2)
         raw = t.view(torch.uint8)
-        arena[start:start + raw.numel()] = raw
+        arena[start : start + raw.numel()] = raw
         addr[name] = base + start
         cursor = (start + raw.numel() + 63) // 64 * 64
     out_start = cursor + shift
-    arena[out_start:out_start + 2 * n] = 0xFF
+    arena[out_start : out_start + 2 * n] = 0xFF
     r = float(np.float32(1) / (np.float32(1) - np.float32(0.3)))
-    native.patch(base + out_start, native.DTYPE_F16, addr["f"], native.DTYPE_BF16, addr["a"],
-                 native.DTYPE_F32, addr["u"], native.DTYPE_F16, addr["b"], native.DTYPE_F32, n,
-                 0.5, 0.3, r, 9, 3, 2)
-    got = arena[out_start:out_start + 2 * n].clone().view(F16)
+    native.patch(
+        base + out_start,
+        native.DTYPE_F16,
+        addr["f"],
+        native.DTYPE_BF16,
+        addr["a"],
+        native.DTYPE_F32,
+        addr["u"],
+        native.DTYPE_F16,
+        addr["b"],
+        native.DTYPE_F32,
+        n,
+        0.5,
+        0.3,
+        r,
+        9,
+        3,
+        2,
+    )
+    got = arena[out_start : out_start + 2 * n].clone().view(F16)
     assert_same_bits(got, want, f"misaligned by {shift}")
 
 
@@ -327,8 +429,7 @@ def test_misaligned_pointers(native, shift):
 
 def test_every_isa_variant_matches_reference(native, cpp):
     n = 70_001  # several blocks and threads, tails of every vector width
-    cases = [((BF16,) * 4, BF16), ((F16,) * 4, F16), ((F32, F16, BF16, F16), F32),
-             ((BF16, F32, F32, F16), F16)]
+    cases = [((BF16,) * 4, BF16), ((F16,) * 4, F16), ((F32, F16, BF16, F16), F32), ((BF16, F32, F32, F16), F16)]
     for isa in native.cpu_features()["isa_supported"]:
         native.set_isa(isa)
         for dtypes, out_dtype in cases:
@@ -361,8 +462,7 @@ def test_isa_variants_agree_on_nan_payloads(native):
         wide = np.empty(65536, np.float32)
         native.convert(wide.ctypes.data, native.DTYPE_F32, halves.ctypes.data, native.DTYPE_F16, 65536)
         narrow = np.empty(floats.size, np.uint16)
-        native.convert(narrow.ctypes.data, native.DTYPE_F16, floats.ctypes.data, native.DTYPE_F32,
-                       floats.size)
+        native.convert(narrow.ctypes.data, native.DTYPE_F16, floats.ctypes.data, native.DTYPE_F32, floats.size)
         results[isa] = (wide.view(np.uint32).copy(), narrow)
     first = next(iter(results.values()))
     for isa, (wide, narrow) in results.items():
@@ -383,9 +483,22 @@ def every_bit_pattern(dtype):
         rng_np = np.random.default_rng(1)
         random = rng_np.integers(0, 2**32, 2**18, dtype=np.uint64).astype(np.uint32)
         # Every fp32 near fp16/bf16 rounding ties and range edges, both signs.
-        edges = np.concatenate([np.arange(c - 40, c + 40, dtype=np.int64) for c in
-                                (0x477FF000, 0x33000000, 0x387FE000, 0x38800000, 0x3F808000,
-                                 0x3F818000, 0x7F7F8000, 0x7F800000, 0x00000028)])
+        edges = np.concatenate(
+            [
+                np.arange(c - 40, c + 40, dtype=np.int64)
+                for c in (
+                    0x477FF000,
+                    0x33000000,
+                    0x387FE000,
+                    0x38800000,
+                    0x3F808000,
+                    0x3F818000,
+                    0x7F7F8000,
+                    0x7F800000,
+                    0x00000028,
+                )
+            ]
+        )
         pool = np.concatenate([random, edges.astype(np.uint32), np.array(SPECIALS[F32], np.uint32)])
         pool = np.concatenate([pool, pool | np.uint32(0x80000000)])
         return torch.from_numpy(pool.view(np.int32).copy()).view(F32)
@@ -425,8 +538,11 @@ RANDOM123_KAT = [
     # (counter, key, expected) from Random123's kat_vectors for philox4x32-10.
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -436,8 +552,9 @@ def test_philox_known_answers(native, counter, key, expected):
     assert tuple(elementwise.philox(counter, key)) == expected
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32, 2**63, 2**64 - 1,
-                                  rng.tensor_seed(0, "model.embed_tokens.weight")])
+@pytest.mark.parametrize(
+    "seed", [0, 1, 2**32 - 1, 2**32, 2**63, 2**64 - 1, rng.tensor_seed(0, "model.embed_tokens.weight")]
+)
 def test_uniform_matches_rng(native, seed):
     for offset in (0, 1, 2, 3, 4, 2**31 - 3, 2**32 - 7, 2**33 + 1, 2**62 - 5):
         for n in (1, 5, 67, 1025):
@@ -445,8 +562,7 @@ def test_uniform_matches_rng(native, seed):
             want = rng.uniform(seed, offset, n).numpy()
             if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
                 i = int(np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))[0])
-                raise AssertionError(f"seed={seed} offset={offset} n={n}: element {i} "
-                                     f"got {got[i]!r} want {want[i]!r}")
+                raise AssertionError(f"seed={seed} offset={offset} n={n}: element {i} got {got[i]!r} want {want[i]!r}")
 
 
 def test_uniform_matches_oracle(cpp):
@@ -469,26 +585,45 @@ def test_uniform_threads_and_large_n(native):
 def _call(native, **overrides):
     buf = np.zeros(64, np.float32)
     ptr = buf.ctypes.data
-    args = dict(out_ptr=ptr, out_dtype=2, f_ptr=ptr + 64, f_dtype=2, a_ptr=ptr + 128, a_dtype=2,
-                u_ptr=0, u_dtype=0, b_ptr=0, b_dtype=0, n=4, beta=0.5, p=0.0, r=1.0, seed=0, offset=0,
-                threads=None)
+    args = dict(
+        out_ptr=ptr,
+        out_dtype=2,
+        f_ptr=ptr + 64,
+        f_dtype=2,
+        a_ptr=ptr + 128,
+        a_dtype=2,
+        u_ptr=0,
+        u_dtype=0,
+        b_ptr=0,
+        b_dtype=0,
+        n=4,
+        beta=0.5,
+        p=0.0,
+        r=1.0,
+        seed=0,
+        offset=0,
+        threads=None,
+    )
     args.update(overrides)
     return native.patch(**args)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(f_dtype=7), r"'f_dtype' must be a dtype code 0 \(bf16\), 1 \(fp16\) or 2 \(fp32\); got 7"),
-    (dict(out_dtype=-1), r"'out_dtype' .* got -1"),
-    (dict(n=-1), r"'n' must be >= 0; got -1"),
-    (dict(a_ptr=0), r"'a_ptr' must be a buffer address, got 0 \(null\) with n=4"),
-    (dict(p=1.0), r"'p' must be in \[0, 1\)"),
-    (dict(p=-0.25, r=0.8), r"'p' must be in \[0, 1\)"),
-    (dict(p=float("nan")), r"'p' must be in \[0, 1\)"),
-    (dict(p=0.5, r=1.0), r"'r' must be fp32\(1\)/\(fp32\(1\)-fp32\(p\)\) = 2 for p=0.5; got 1"),
-    (dict(offset=-3), r"'offset' must be >= 0; got -3"),
-    (dict(offset=2**63 - 2), r"offset \+ n must fit in int64"),
-    (dict(threads=-2), r"'threads' must be >= 0 or None; got -2"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(f_dtype=7), r"'f_dtype' must be a dtype code 0 \(bf16\), 1 \(fp16\) or 2 \(fp32\); got 7"),
+        (dict(out_dtype=-1), r"'out_dtype' .* got -1"),
+        (dict(n=-1), r"'n' must be >= 0; got -1"),
+        (dict(a_ptr=0), r"'a_ptr' must be a buffer address, got 0 \(null\) with n=4"),
+        (dict(p=1.0), r"'p' must be in \[0, 1\)"),
+        (dict(p=-0.25, r=0.8), r"'p' must be in \[0, 1\)"),
+        (dict(p=float("nan")), r"'p' must be in \[0, 1\)"),
+        (dict(p=0.5, r=1.0), r"'r' must be fp32\(1\)/\(fp32\(1\)-fp32\(p\)\) = 2 for p=0.5; got 1"),
+        (dict(offset=-3), r"'offset' must be >= 0; got -3"),
+        (dict(offset=2**63 - 2), r"offset \+ n must fit in int64"),
+        (dict(threads=-2), r"'threads' must be >= 0 or None; got -2"),
+    ],
+)
 def test_native_argument_errors(native, overrides, message):
     with pytest.raises(ValueError, match=message):
         _call(native, **overrides)
@@ -555,8 +690,9 @@ def _host(t):
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == BF16 else t.numpy()
 
 
-@pytest.mark.parametrize("dtypes", [(BF16,) * 4, (F16,) * 4, (F32, BF16, F16, F32)],
-                         ids=lambda d: "-".join(NAME[x] for x in d))
+@pytest.mark.parametrize(
+    "dtypes", [(BF16,) * 4, (F16,) * 4, (F32, BF16, F16, F32)], ids=lambda d: "-".join(NAME[x] for x in d)
+)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=NAME.get)
 @pytest.mark.parametrize("form", ["vector", "a-u", "dare"])
 def test_numpy_entry_points_match_the_torch_ones(cpp, dtypes, out_dtype, form):
@@ -570,8 +706,9 @@ def test_numpy_entry_points_match_the_torch_ones(cpp, dtypes, out_dtype, form):
     want = poisoned(n, out_dtype, 0x7FBF)
     want_bad = cpp.patch_into(want, f, a, u, b, **kw)
     got = poisoned(n, out_dtype, 0x7FBF)
-    got_bad = cpp.patch_arrays(_host(got), _host(f), _host(a), None if u is None else _host(u),
-                               None if b is None else _host(b), **kw)
+    got_bad = cpp.patch_arrays(
+        _host(got), _host(f), _host(a), None if u is None else _host(u), None if b is None else _host(b), **kw
+    )
     assert_same_bits(got, want, f"patch_arrays {form}")
     assert got_bad == want_bad and want_bad > 0  # the specials make some outputs non-finite
     conv_want, conv_got = poisoned(n, out_dtype, 0x7FBF), poisoned(n, out_dtype, 0x7FBF)

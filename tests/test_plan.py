@@ -15,8 +15,13 @@ def w(*shape, dtype=BF):
     return torch.ones(*shape, dtype=dtype)
 
 
-BASE = {"model.embed_tokens.weight": w(6, 4), "model.layers.0.self_attn.q_proj.weight": w(4, 4),
-        "model.layers.0.mlp.up_proj.weight": w(8, 4), "model.norm.weight": w(4), "lm_head.weight": w(6, 4)}
+BASE = {
+    "model.embed_tokens.weight": w(6, 4),
+    "model.layers.0.self_attn.q_proj.weight": w(4, 4),
+    "model.layers.0.mlp.up_proj.weight": w(8, 4),
+    "model.norm.weight": w(4),
+    "lm_head.weight": w(6, 4),
+}
 
 
 def ck(tmp_path, name, tensors, *, shards=1, config=None) -> Checkpoint:
@@ -25,8 +30,11 @@ def ck(tmp_path, name, tensors, *, shards=1, config=None) -> Checkpoint:
 
 def trio(tmp_path, ft=None, al=None, un=None, **kw):
     """(finetuned, aligned, unaligned) Checkpoints, each defaulting to BASE."""
-    return (ck(tmp_path, "finetuned", BASE if ft is None else ft, **kw),
-            ck(tmp_path, "aligned", BASE if al is None else al), ck(tmp_path, "unaligned", BASE if un is None else un))
+    return (
+        ck(tmp_path, "finetuned", BASE if ft is None else ft, **kw),
+        ck(tmp_path, "aligned", BASE if al is None else al),
+        ck(tmp_path, "unaligned", BASE if un is None else un),
+    )
 
 
 def by_name(plan):
@@ -82,8 +90,11 @@ def test_extra_vocabulary_rows_patch_only_the_shared_rows(tmp_path):
 
 def test_extra_rows_outside_the_vocabulary_are_an_error(tmp_path):
     F, A, U = trio(tmp_path, ft=dict(BASE, **{"model.layers.0.mlp.up_proj.weight": w(9, 4)}))
-    with pytest.raises(RestaError, match=r"1 tensor\(s\) disagree:\n  model\.layers\.0\.mlp\.up_proj\.weight: "
-                                         r"finetuned shape \[9, 4\] vs aligned \[8, 4\]; shapes must be equal"):
+    with pytest.raises(
+        RestaError,
+        match=r"1 tensor\(s\) disagree:\n  model\.layers\.0\.mlp\.up_proj\.weight: "
+        r"finetuned shape \[9, 4\] vs aligned \[8, 4\]; shapes must be equal",
+    ):
         build_plan(F, aligned=A, unaligned=U)
 
 
@@ -95,8 +106,10 @@ def test_inputs_disagreeing_on_shape_are_all_listed(tmp_path):
     msg = str(e.value)
     assert "2 tensor(s) disagree" in msg
     assert "model.norm.weight: inputs disagree on shape: finetuned [4], aligned [4], unaligned [5]" in msg
-    assert "model.layers.0.self_attn.q_proj.weight: inputs disagree on shape: finetuned [4, 4], aligned [4, 4], " \
-           "unaligned [4, 3]" in msg
+    assert (
+        "model.layers.0.self_attn.q_proj.weight: inputs disagree on shape: finetuned [4, 4], aligned [4, 4], "
+        "unaligned [4, 3]" in msg
+    )
 
 
 def test_tied_embeddings_share_the_embeddings_dare_stream(tmp_path):
@@ -113,9 +126,9 @@ def test_tied_embeddings_share_the_embeddings_dare_stream(tmp_path):
 
 
 def test_prefix_mapping_by_suffix_without_numeric_prefixes():
-    assert prefix_mapping(["model.norm.weight", "model.layers.0.mlp.weight"],
-                          {"norm.weight", "layers.0.mlp.weight"}) == {
-        "model.norm.weight": "norm.weight", "model.layers.0.mlp.weight": "layers.0.mlp.weight"}
+    assert prefix_mapping(
+        ["model.norm.weight", "model.layers.0.mlp.weight"], {"norm.weight", "layers.0.mlp.weight"}
+    ) == {"model.norm.weight": "norm.weight", "model.layers.0.mlp.weight": "layers.0.mlp.weight"}
     assert prefix_mapping(["transformer.h.weight"], {"model.h.weight"}) == {"transformer.h.weight": "model.h.weight"}
     # Only layer 0 is stored: the pair (layers.1. -> layers.0.) has a numeric part, so layer 1 stays unmapped.
     assert prefix_mapping(["model.layers.1.mlp.weight"], {"model.layers.0.mlp.weight"}) == {}
@@ -142,8 +155,9 @@ def test_a_source_sharing_no_names_is_an_error(tmp_path):
 def test_include_exclude_and_the_first_matching_beta_rule(tmp_path):
     F, A, U = trio(tmp_path)
     rules = [BetaRule(r"mlp\.", 0.25), BetaRule(r"up_proj|q_proj", 0.5)]
-    t = by_name(build_plan(F, aligned=A, unaligned=U, beta=0.9, include=[r"layers|norm"], exclude=[r"norm"],
-                           beta_rules=rules))
+    t = by_name(
+        build_plan(F, aligned=A, unaligned=U, beta=0.9, include=[r"layers|norm"], exclude=[r"norm"], beta_rules=rules)
+    )
     assert t["model.layers.0.mlp.up_proj.weight"].beta == 0.25  # both rules match: the first wins
     assert t["model.layers.0.self_attn.q_proj.weight"].beta == 0.5
     assert (t["model.norm.weight"].action, t["model.norm.weight"].reason) == ("copy", "matched by --exclude")
@@ -228,5 +242,8 @@ def test_copy_plan_copies_everything_rounding_merged_tensors_to_their_stored_dty
     assert all((t.reason, t.in_dtype, t.out_dtype, t.beta) == ("", "BF16", "BF16", None) for t in plain.tensors())
     t = by_name(copy_plan(Merged(F)))
     assert (t[Merged.MERGED].action, t[Merged.MERGED].reason, t[Merged.MERGED].out_dtype) == (
-        "copy", "LoRA merged in fp32", "F16")
+        "copy",
+        "LoRA merged in fp32",
+        "F16",
+    )
     assert all(x.reason == "" and x.out_dtype == "BF16" for n, x in t.items() if n != Merged.MERGED)

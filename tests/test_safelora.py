@@ -61,8 +61,9 @@ def setup_models(tmp_path, *, dtype=torch.float32, targets=TARGETS, adapter_dtyp
     train_adapter(aligned, tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     if adapter_dtype is not None:
         path = tmp_path / "adapter" / "adapter_model.safetensors"
-        save_file({k: v.to(adapter_dtype) for k, v in load_file(str(path)).items()}, str(path),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.to(adapter_dtype) for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"}
+        )
     return tmp_path / "adapter", aligned, unaligned
 
 
@@ -128,8 +129,9 @@ def test_threshold_selects_cos_at_most_t_and_keeps_the_rest_byte_identical(tmp_p
             same = torch.equal(x.view(torch.uint8), y.view(torch.uint8))
             assert same == ("lora_A" in key or module not in projected), key
     # the config comes along unchanged; the adapter's own card is replaced by the output's card
-    assert (tmp_path / "out" / "adapter_config.json").read_bytes() == \
-        (tmp_path / "adapter" / "adapter_config.json").read_bytes()
+    assert (tmp_path / "out" / "adapter_config.json").read_bytes() == (
+        tmp_path / "adapter" / "adapter_config.json"
+    ).read_bytes()
     card = (tmp_path / "out" / "README.md").read_text()
     assert card != (tmp_path / "adapter" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
@@ -202,32 +204,62 @@ def test_bf16_adapter_rounds_b_once_to_bf16(tmp_path):
     for module, (_, b_proj) in ref.items():
         got = out[f"base_model.model.{module}.lora_B.weight"]
         assert got.dtype == torch.bfloat16
-        assert rel_fro(got, b_proj) <= 2 ** -8  # one bf16 rounding of a value within 1e-5 of b_proj
+        assert rel_fro(got, b_proj) <= 2**-8  # one bf16 rounding of a value within 1e-5 of b_proj
 
 
 def test_dry_run_writes_nothing_and_prints_the_decisions(tmp_path, capsys):
     adapter, aligned, unaligned = setup_models(tmp_path)
-    rc = main(["safelora", "--adapter", str(adapter), "--aligned", str(aligned), "--unaligned", str(unaligned),
-               "--num-layers", "2", "--out", str(tmp_path / "out"), "--dry-run"])
+    rc = main(
+        [
+            "safelora",
+            "--adapter",
+            str(adapter),
+            "--aligned",
+            str(aligned),
+            "--unaligned",
+            str(unaligned),
+            "--num-layers",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--dry-run",
+        ]
+    )
     assert rc == 0 and not (tmp_path / "out").exists()
     text = capsys.readouterr().out
     assert "2 of 8 module(s) projected" in text and "model.layers.0.self_attn.q_proj" in text
 
 
 def _cli(tmp_path, adapter, aligned, unaligned, *extra):
-    return main(["safelora", "--adapter", str(adapter), "--aligned", str(aligned), "--unaligned", str(unaligned),
-                 "--out", str(tmp_path / "out"), "--no-progress", *extra])
+    return main(
+        [
+            "safelora",
+            "--adapter",
+            str(adapter),
+            "--aligned",
+            str(aligned),
+            "--unaligned",
+            str(unaligned),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--threshold", "1.5"], "--threshold must be a cosine in [-1, 1], got 1.5"),
-    (["--threshold", "nan"], "--threshold must be a finite number"),
-    (["--num-layers", "9"], "--num-layers 9 is more than the 8 LoRA module(s)"),
-    (["--num-layers", "0"], "--num-layers must be an integer >= 1"),
-    ([], "one of the arguments --threshold --num-layers is required"),
-    (["--threshold", "0.5", "--num-layers", "2"], "not allowed with argument"),
-    (["--threshold", "0.5", "--base", "X"], "--base is the model a merge goes into; it needs --merge"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--threshold", "1.5"], "--threshold must be a cosine in [-1, 1], got 1.5"),
+        (["--threshold", "nan"], "--threshold must be a finite number"),
+        (["--num-layers", "9"], "--num-layers 9 is more than the 8 LoRA module(s)"),
+        (["--num-layers", "0"], "--num-layers must be an integer >= 1"),
+        ([], "one of the arguments --threshold --num-layers is required"),
+        (["--threshold", "0.5", "--num-layers", "2"], "not allowed with argument"),
+        (["--threshold", "0.5", "--base", "X"], "--base is the model a merge goes into; it needs --merge"),
+    ],
+)
 def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, capsys, flags, message):
     adapter, aligned, unaligned = setup_models(tmp_path)
     capsys.readouterr()
@@ -242,8 +274,10 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
     other = llama_base(tmp_path / "other", dtype=torch.float32)
     cfg = json.loads((other / "config.json").read_text())
     # an unaligned model of another width: V cannot be formed
-    small = {k: v[..., :16].contiguous() if v.ndim == 2 else v
-             for k, v in load_file(str(other / "model.safetensors")).items()}
+    small = {
+        k: v[..., :16].contiguous() if v.ndim == 2 else v
+        for k, v in load_file(str(other / "model.safetensors")).items()
+    }
     (tmp_path / "narrow").mkdir()
     save_file(small, str(tmp_path / "narrow" / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "narrow" / "config.json").write_text(json.dumps(cfg))
@@ -284,8 +318,9 @@ def test_adapter_targets_missing_from_the_models(tmp_path, capsys):
 def test_embedding_lora_is_refused(tmp_path, capsys):
     aligned = llama_base(tmp_path / "aligned", dtype=torch.float32)
     unaligned = shadow(aligned, tmp_path / "unaligned")
-    train_adapter(aligned, tmp_path / "adapter",
-                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    train_adapter(
+        aligned, tmp_path / "adapter", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    )
     capsys.readouterr()
     assert _cli(tmp_path, tmp_path / "adapter", aligned, unaligned, "--threshold", "0.5") == 2
     err = capsys.readouterr().err
@@ -306,6 +341,7 @@ def test_projection_is_within_1e5_of_fp64_on_a_large_weight():
 def test_alignment_delta_cpp_and_torch_agree_bit_for_bit(tmp_path):
     from resta_fast import api
     from resta_fast.io.checkpoint import Checkpoint
+
     backend, kernel = api.difference_kernel()
     if backend != "cpp":
         pytest.skip("the C++ kernel is not built")

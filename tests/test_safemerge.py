@@ -88,8 +88,10 @@ def test_adapter_space_is_not_the_weight_space_sum(tmp_path, models):
     got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     a_ft, a_s = load_file(str(ft / "adapter_model.safetensors")), load_file(str(safe / "adapter_model.safetensors"))
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
-    exact = 0.8 * 2 * a_ft[key.format("B")].double() @ a_ft[key.format("A")].double() \
+    exact = (
+        0.8 * 2 * a_ft[key.format("B")].double() @ a_ft[key.format("A")].double()
         + 0.2 * 4 * a_s[key.format("B")].double() @ a_s[key.format("A")].double()
+    )
     merged = got[key.format("B")].double() @ got[key.format("A")].double()
     assert float(torch.linalg.norm(merged - exact) / torch.linalg.norm(exact)) > 0.1
 
@@ -122,8 +124,9 @@ def expected_weight_space(ft, safe, aligned, chosen, weights, *, density=None, s
 @pytest.mark.parametrize("combination, density", [("linear", None), ("dare_linear", 0.5)])
 def test_weight_space_merge_is_exact(tmp_path, models, combination, density):
     ft, safe, aligned, unaligned, cos, tau = models
-    report = run(tmp_path, ft, safe, aligned, unaligned, tau=tau, merge=True, combination=combination,
-                 density=density, seed=7)
+    report = run(
+        tmp_path, ft, safe, aligned, unaligned, tau=tau, merge=True, combination=combination, density=density, seed=7
+    )
     chosen = {m["module"] for m in report["safemerge"]["modules"] if m["projected"]}
     assert chosen == {m for m, c in cos.items() if c < tau}
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -152,8 +155,19 @@ def test_weight_space_kept_layers_equal_the_plain_lora_merge(tmp_path, models):
 def test_dare_streams_are_seeded_and_reproducible(tmp_path, models):
     ft, safe, aligned, unaligned, _, _ = models
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        run(tmp_path, ft, safe, aligned, unaligned, name=name, tau=1.0, merge=True, combination="dare_linear",
-            density=0.7, seed=seed)
+        run(
+            tmp_path,
+            ft,
+            safe,
+            aligned,
+            unaligned,
+            name=name,
+            tau=1.0,
+            merge=True,
+            combination="dare_linear",
+            density=0.7,
+            seed=seed,
+        )
     a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
@@ -176,20 +190,38 @@ def test_adapter_space_dare_uses_the_spec_stream_on_a_and_b(tmp_path, models):
 
 
 def _cli(tmp_path, ft, safe, aligned, unaligned, *extra):
-    return main(["safemerge", "--adapter", str(ft), "--safety-adapter", str(safe), "--aligned", str(aligned),
-                 "--unaligned", str(unaligned), "--out", str(tmp_path / "out"), "--no-progress", *extra])
+    return main(
+        [
+            "safemerge",
+            "--adapter",
+            str(ft),
+            "--safety-adapter",
+            str(safe),
+            "--aligned",
+            str(aligned),
+            "--unaligned",
+            str(unaligned),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tau", "1.2"], "--tau must be a cosine in [-1, 1], got 1.2"),
-    (["--weights", "0.8"], "--weights: expected 2 arguments"),
-    (["--weights", "nan", "0.2"], "--weights must be a finite number"),
-    (["--combination", "ties"], "invalid choice: 'ties'"),
-    (["--combination", "dare_linear"], "--combination dare_linear needs --density D"),
-    (["--combination", "dare_linear", "--density", "1.5"], "--density D, the fraction kept, in (0, 1], got 1.5"),
-    (["--density", "0.5"], "--density is for --combination dare_linear"),
-    (["--base", "X"], "--base is the model a merge goes into; it needs --merge"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tau", "1.2"], "--tau must be a cosine in [-1, 1], got 1.2"),
+        (["--weights", "0.8"], "--weights: expected 2 arguments"),
+        (["--weights", "nan", "0.2"], "--weights must be a finite number"),
+        (["--combination", "ties"], "invalid choice: 'ties'"),
+        (["--combination", "dare_linear"], "--combination dare_linear needs --density D"),
+        (["--combination", "dare_linear", "--density", "1.5"], "--density D, the fraction kept, in (0, 1], got 1.5"),
+        (["--density", "0.5"], "--density is for --combination dare_linear"),
+        (["--base", "X"], "--base is the model a merge goes into; it needs --merge"),
+    ],
+)
 def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, models, capsys, flags, message):
     ft, safe, aligned, unaligned, _, _ = models
     capsys.readouterr()
@@ -202,12 +234,18 @@ def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, models, capsys, fla
 def test_mismatched_safety_adapters_are_refused(tmp_path, models, capsys):
     ft, _, aligned, unaligned, _, _ = models
     cases = {
-        "other-modules": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"]),
-                          "targets other modules than fine-tune adapter"),
-        "other-rank": (peft.LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS),
-                       "SafeMERGE needs adapters of the same rank and shapes"),
-        "with-saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"]),
-                       "holds full tensors (modules_to_save"),
+        "other-modules": (
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"]),
+            "targets other modules than fine-tune adapter",
+        ),
+        "other-rank": (
+            peft.LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS),
+            "SafeMERGE needs adapters of the same rank and shapes",
+        ),
+        "with-saved": (
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"]),
+            "holds full tensors (modules_to_save",
+        ),
     }
     for name, (cfg, message) in cases.items():
         train_adapter(aligned, tmp_path / name, cfg, seed=9)

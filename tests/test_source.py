@@ -14,8 +14,11 @@ SMALL = {"vocab": 16, "hidden": 8, "layers": 1, "inter": 12}
 
 
 def protocol_members() -> set[str]:
-    own = {n for n, v in vars(TensorSource).items()
-           if inspect.isfunction(v) and (n == "__contains__" or not n.startswith("_"))}
+    own = {
+        n
+        for n, v in vars(TensorSource).items()
+        if inspect.isfunction(v) and (n == "__contains__" or not n.startswith("_"))
+    }
     return own | set(TensorSource.__annotations__)
 
 
@@ -30,9 +33,29 @@ def assert_satisfies(obj) -> None:
 
 
 def test_protocol_lists_what_the_planner_and_engine_use():
-    assert {"files", "location", "info", "array", "tensor_view", "prefetch", "release", "tied_embeddings",
-            "quantization", "side_files", "fingerprint", "check_unchanged", "close", "config", "path", "root",
-            "is_dir", "stored_dtype", "is_merged", "file_of", "__contains__"} <= protocol_members()
+    assert {
+        "files",
+        "location",
+        "info",
+        "array",
+        "tensor_view",
+        "prefetch",
+        "release",
+        "tied_embeddings",
+        "quantization",
+        "side_files",
+        "fingerprint",
+        "check_unchanged",
+        "close",
+        "config",
+        "path",
+        "root",
+        "is_dir",
+        "stored_dtype",
+        "is_merged",
+        "file_of",
+        "__contains__",
+    } <= protocol_members()
 
 
 def test_checkpoint_satisfies_the_protocol_with_trivial_merge_hooks(tmp_path):

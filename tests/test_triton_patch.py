@@ -31,8 +31,11 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 if not CUDA and not isinstance(tp._resta_patch_kernel, InterpretedFunction):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
-                "without a GPU; set TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run "
+        "without a GPU; set TRITON_INTERPRET=1 in the environment",
+        allow_module_level=True,
+    )
 
 try:
     CPP = load_backend("cpp")
@@ -63,8 +66,11 @@ def assert_same(actual, expected, what=""):
     bad = (nan_a != nan_e) | (~nan_a & (bits_a != bits_e))
     if bad.any():
         idx = bad.nonzero().flatten()[:8].tolist()
-        rows = [f"[{i}] got {actual[i].item()!r} (0x{bits_a[i].item() & 0xFFFFFFFF:x}) "
-                f"want {expected[i].item()!r} (0x{bits_e[i].item() & 0xFFFFFFFF:x})" for i in idx]
+        rows = [
+            f"[{i}] got {actual[i].item()!r} (0x{bits_a[i].item() & 0xFFFFFFFF:x}) "
+            f"want {expected[i].item()!r} (0x{bits_e[i].item() & 0xFFFFFFFF:x})"
+            for i in idx
+        ]
         raise AssertionError(f"{what}: {int(bad.sum())} of {actual.numel()} differ\n" + "\n".join(rows))
 
 
@@ -105,11 +111,20 @@ def check_against_backends(out_dtype, f, a, u=None, b=None, what="", **kw):
 def oracle(out_dtype, f, a, u, b, *, beta, p=0.0, seed=0, offset=0):
     """tests/elementwise.py over a whole (small) chunk, as a tensor of out_dtype."""
     cols = [t.float().numpy() if t is not None else None for t in (f, a, u, b)]
-    bits = [elementwise.patch_element(cols[0][i], cols[1][i],
-                                      None if cols[2] is None else cols[2][i],
-                                      None if cols[3] is None else cols[3][i],
-                                      beta, p, seed, offset + i, ORACLE_NAME[out_dtype])
-            for i in range(f.numel())]
+    bits = [
+        elementwise.patch_element(
+            cols[0][i],
+            cols[1][i],
+            None if cols[2] is None else cols[2][i],
+            None if cols[3] is None else cols[3][i],
+            beta,
+            p,
+            seed,
+            offset + i,
+            ORACLE_NAME[out_dtype],
+        )
+        for i in range(f.numel())
+    ]
     if out_dtype == F32:
         return torch.from_numpy(np.array(bits, dtype=np.uint32).view(np.int32)).view(F32)
     return torch.from_numpy(np.array(bits, dtype=np.uint16).view(np.int16)).view(out_dtype)
@@ -133,12 +148,25 @@ def mode_args(mode, f, a, u, b):
 @pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
 def test_same_dtype_inputs(in_dtype, out_dtype, mode):
     tensors = mode_args(mode, *make_inputs(20_011, [in_dtype] * 4))
-    check_against_backends(out_dtype, *tensors, beta=0.7, p=0.3, seed=rng.tensor_seed(1, "w"),
-                           offset=6, what=f"{in_dtype}->{out_dtype} {mode}")
+    check_against_backends(
+        out_dtype,
+        *tensors,
+        beta=0.7,
+        p=0.3,
+        seed=rng.tensor_seed(1, "w"),
+        offset=6,
+        what=f"{in_dtype}->{out_dtype} {mode}",
+    )
 
 
-MIXES = [(BF16, F16, F32, BF16), (F16, F32, BF16, F16), (F32, BF16, F16, F32), (BF16, F32, F32, F16),
-         (F16, BF16, BF16, F32), (F32, F16, BF16, BF16)]
+MIXES = [
+    (BF16, F16, F32, BF16),
+    (F16, F32, BF16, F16),
+    (F32, BF16, F16, F32),
+    (BF16, F32, F32, F16),
+    (F16, BF16, BF16, F32),
+    (F32, F16, BF16, BF16),
+]
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
@@ -146,8 +174,15 @@ MIXES = [(BF16, F16, F32, BF16), (F16, F32, BF16, F16), (F32, BF16, F16, F32), (
 def test_mixed_dtype_inputs(dtypes, out_dtype):
     f, a, u, b = make_inputs(5_003, dtypes, gen_seed=1)
     for mode in ("plain", "vector", "dare"):
-        check_against_backends(out_dtype, *mode_args(mode, f, a, u, b), beta=-1.25, p=0.5, seed=99,
-                               offset=1, what=f"{dtypes}->{out_dtype} {mode}")
+        check_against_backends(
+            out_dtype,
+            *mode_args(mode, f, a, u, b),
+            beta=-1.25,
+            p=0.5,
+            seed=99,
+            offset=1,
+            what=f"{dtypes}->{out_dtype} {mode}",
+        )
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 5, 1023, 4097, 2**20 + 37])
@@ -161,8 +196,7 @@ def test_sizes_and_tails(n):
 @pytest.mark.parametrize("offset", [2**31 - 3, 2**31, 2**32 - 1, 2**32 + 2, 2**40 + 1, 2**62 - 4099])
 def test_offsets_past_32_bits(offset):
     f, a, u, b = make_inputs(2_000, [F32] * 4, gen_seed=3)
-    check_against_backends(BF16, f, a, u, b, beta=1.0, p=0.5, seed=2**63 + 11, offset=offset,
-                           what=f"offset={offset}")
+    check_against_backends(BF16, f, a, u, b, beta=1.0, p=0.5, seed=2**63 + 11, offset=offset, what=f"offset={offset}")
 
 
 def test_chunking_and_block_size_do_not_change_results():
@@ -211,11 +245,44 @@ def test_against_elementwise_oracle(out_dtype, mode):
 def special_values():
     """fp32 values that stress rounding: NaN (with payloads), ±Inf, ±0, subnormals,
     bf16/fp16 ties and overflow boundaries."""
-    vals = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 1e-45, -1e-45, 1.17e-38,
-            3.0e38, -3.0e38, 3.389e38, 65504.0, 65520.0, 65519.99, 6.0e-8, 2.98e-8, 6.1e-5, 1e-40]
-    bits = [0x7F800001, 0xFFC00001, 0x7FBFFFFF,  # NaN payloads
-            0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7F8000, 0x7F7FFFFF,  # bf16 ties, overflow to inf
-            0x3F801000, 0x3F803000, 0x477FF000, 0x33800000, 0x33800001, 0x387FE000]  # fp16 ties
+    vals = [
+        0.0,
+        -0.0,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        1.0,
+        -1.0,
+        1e-45,
+        -1e-45,
+        1.17e-38,
+        3.0e38,
+        -3.0e38,
+        3.389e38,
+        65504.0,
+        65520.0,
+        65519.99,
+        6.0e-8,
+        2.98e-8,
+        6.1e-5,
+        1e-40,
+    ]
+    bits = [
+        0x7F800001,
+        0xFFC00001,
+        0x7FBFFFFF,  # NaN payloads
+        0x3F808000,
+        0x3F818000,
+        0x3F80FFFF,
+        0x7F7F8000,
+        0x7F7FFFFF,  # bf16 ties, overflow to inf
+        0x3F801000,
+        0x3F803000,
+        0x477FF000,
+        0x33800000,
+        0x33800001,
+        0x387FE000,
+    ]  # fp16 ties
     from_bits = np.array(bits, dtype=np.uint32).view(np.float32)
     return torch.cat([torch.tensor(vals, dtype=F32), torch.from_numpy(from_bits)])
 
@@ -243,12 +310,16 @@ def test_special_values_against_oracle():
     zero = torch.zeros_like(s)
     for out_dtype in DTYPES:
         # o = s + 1*0 exercises the output rounding alone; the rest mixes specials
-        assert_same(run_triton(out_dtype, s, zero, None, beta=1.0),
-                    oracle(out_dtype, s, zero, None, None, beta=1.0), f"round {out_dtype}")
+        assert_same(
+            run_triton(out_dtype, s, zero, None, beta=1.0),
+            oracle(out_dtype, s, zero, None, None, beta=1.0),
+            f"round {out_dtype}",
+        )
         f, a, u, b = s, s.flip(0), s.roll(5), s.roll(11)
         kw = dict(beta=0.5, p=0.5, seed=3, offset=1)
-        assert_same(run_triton(out_dtype, f, a, u, b, **kw), oracle(out_dtype, f, a, u, b, **kw),
-                    f"specials {out_dtype}")
+        assert_same(
+            run_triton(out_dtype, f, a, u, b, **kw), oracle(out_dtype, f, a, u, b, **kw), f"specials {out_dtype}"
+        )
 
 
 def test_bf16_nan_is_canonical():
@@ -269,11 +340,11 @@ def test_writes_exactly_the_chunk():
         holder = torch.zeros(n + 1, dtype=BF16, device=DEV)
         holder[1:] = t.to(DEV)
         ins.append(holder[1:])
-    tp.patch_into(buf[pad:pad + n], *ins, beta=0.5, p=0.3, seed=4, offset=5)
-    assert_same(buf[pad:pad + n], want, "chunk")
+    tp.patch_into(buf[pad : pad + n], *ins, beta=0.5, p=0.3, seed=4, offset=5)
+    assert_same(buf[pad : pad + n], want, "chunk")
     untouched = poisoned(pad, BF16, POISON["triton"])
     assert_same(buf[:pad], untouched, "before the chunk")
-    assert_same(buf[pad + n:], untouched, "after the chunk")
+    assert_same(buf[pad + n :], untouched, "after the chunk")
 
 
 def test_in_place_output():
@@ -394,8 +465,7 @@ def test_compiles_for_hopper_without_fma():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode == 3:
         pytest.skip("this triton install has no CUDA toolchain to compile with")
     assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stderr[-3000:]}"

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 @pytest.fixture()
 def models(tmp_path):
     from eval_fakes import refusal_triple
+
     torch.set_num_threads(1)
     # F answers with random words; A = F with the final norm zeroed (says "sorry"); U = F.
     # θ = F + β(A − U) scales the norm by (1 − β): β = 1 refuses, β = 0.5 answers like F.
@@ -22,10 +23,32 @@ def models(tmp_path):
 def run(tmp_path, models, beta, capsys, *extra):
     ft, al, un = models
     out = tmp_path / f"out{beta}"
-    code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
-                 "--beta", str(beta), "--out", str(out), "--backend", "torch", "--no-fsync", "--no-progress",
-                 "--validate-prompts", "builtin:smoke", "--max-harmful", "0.05",
-                 "--validate-max-new-tokens", "4", *extra])
+    code = main(
+        [
+            "patch",
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--beta",
+            str(beta),
+            "--out",
+            str(out),
+            "--backend",
+            "torch",
+            "--no-fsync",
+            "--no-progress",
+            "--validate-prompts",
+            "builtin:smoke",
+            "--max-harmful",
+            "0.05",
+            "--validate-max-new-tokens",
+            "4",
+            *extra,
+        ]
+    )
     return code, out, capsys.readouterr()
 
 
@@ -49,8 +72,21 @@ def test_gate_failure_exits_1_and_keeps_a_marked_output(tmp_path, models, capsys
 
 def test_gate_flags_need_prompts(tmp_path, models, capsys):
     ft, al, un = models
-    code = main(["patch", "--finetuned", str(ft), "--aligned", str(al), "--unaligned", str(un),
-                 "--out", str(tmp_path / "o"), "--max-harmful", "0.1"])
+    code = main(
+        [
+            "patch",
+            "--finetuned",
+            str(ft),
+            "--aligned",
+            str(al),
+            "--unaligned",
+            str(un),
+            "--out",
+            str(tmp_path / "o"),
+            "--max-harmful",
+            "0.1",
+        ]
+    )
     assert code == 2 and "--validate-prompts" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -58,12 +94,34 @@ def test_gate_flags_need_prompts(tmp_path, models, capsys):
 def test_batch_validates_every_job(tmp_path, models, capsys):
     ft, al, un = models
     manifest = tmp_path / "batch.json"
-    manifest.write_text(json.dumps({
-        "aligned": str(al), "unaligned": str(un), "backend": "torch", "fsync": False,
-        "jobs": [{"finetuned": str(ft), "out": "restored", "beta": 1.0, "name": "restored"},
-                 {"finetuned": str(ft), "out": "eroded", "beta": 0.5, "name": "eroded"}]}))
-    code = main(["batch", str(manifest), "--no-progress", "--json", "--validate-prompts", "builtin:smoke",
-                 "--max-harmful", "0.05", "--validate-max-new-tokens", "4"])
+    manifest.write_text(
+        json.dumps(
+            {
+                "aligned": str(al),
+                "unaligned": str(un),
+                "backend": "torch",
+                "fsync": False,
+                "jobs": [
+                    {"finetuned": str(ft), "out": "restored", "beta": 1.0, "name": "restored"},
+                    {"finetuned": str(ft), "out": "eroded", "beta": 0.5, "name": "eroded"},
+                ],
+            }
+        )
+    )
+    code = main(
+        [
+            "batch",
+            str(manifest),
+            "--no-progress",
+            "--json",
+            "--validate-prompts",
+            "builtin:smoke",
+            "--max-harmful",
+            "0.05",
+            "--validate-max-new-tokens",
+            "4",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert code == 1
     status = {j["name"]: j for j in summary["jobs"]}

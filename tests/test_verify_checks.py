@@ -31,7 +31,8 @@ def test_a_single_flipped_bit_is_caught(patched, tmp_path, capsys):
     assert not result["ok"] and not c["sha256"]["ok"] and c["headers"]["ok"]
     assert c["sha256"]["problems"] == [
         f"{shard.name}: sha256 {c['sha256']['problems'][0].split()[2]} but resta_fast.json records "
-        f"{json.loads((bad / 'resta_fast.json').read_text())['files'][shard.name][:16]}..."]
+        f"{json.loads((bad / 'resta_fast.json').read_text())['files'][shard.name][:16]}..."
+    ]
     assert main(["verify", str(bad)]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "FAIL"
 
@@ -42,12 +43,14 @@ def test_unrecorded_weight_file_and_missing_report(patched, tmp_path, capsys):
     shutil.copytree(out, bad)
     save_file({"x": torch.zeros(2)}, str(bad / "extra.safetensors"))
     c = checks(verify(bad))
-    assert c["sha256"]["problems"] == ["extra.safetensors: weight file not recorded in resta_fast.json; "
-                                       "loaders would read it"]
+    assert c["sha256"]["problems"] == [
+        "extra.safetensors: weight file not recorded in resta_fast.json; loaders would read it"
+    ]
     (bad / "resta_fast.json").unlink()
     result = verify(bad)
     assert not result["ok"] and checks(result)["report"]["problems"][0].endswith(
-        "is missing: this is not a finished resta-fast output")
+        "is missing: this is not a finished resta-fast output"
+    )
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
 
@@ -61,7 +64,8 @@ def test_a_recorded_failed_validation_fails_verify(patched, tmp_path):
     (bad / "resta_fast.json").write_text(json.dumps(report))
     result = verify(bad)
     assert not result["ok"] and checks(result)["validation"]["problems"] == [
-        "patch --validate-prompts marked this output as failed: harmful rate 40% > 10%"]
+        "patch --validate-prompts marked this output as failed: harmful rate 40% > 10%"
+    ]
     report["validation"]["passed"] = True
     (bad / "resta_fast.json").write_text(json.dumps(report))
     assert verify(bad)["ok"]

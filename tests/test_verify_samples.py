@@ -58,6 +58,7 @@ def test_sample_catches_a_wrong_value_even_with_matching_hashes(patched, tmp_pat
     if name not in load_file(str(shard)):
         shard = bad / "model-00002-of-00002.safetensors"
     from resta_fast.io.reader import SafetensorsFile
+
     f = SafetensorsFile(shard)
     start = f.tensors[name].start + 2 * 5  # element 5 (bf16)
     f.close()
@@ -84,8 +85,9 @@ def test_wrong_inputs_are_reported(patched, tmp_path):
     result = verify(out, [str(other), str(al), str(un)], samples=5000)
     c = checks(result)
     assert not result["ok"] and not c["inputs"]["ok"] and not c["plan"]["ok"]
-    assert c["inputs"]["problems"][0].startswith(f"finetuned {other}: files ['model.safetensors'] but the "
-                                                 "run read ['model-00001-of-00002.safetensors'")
+    assert c["inputs"]["problems"][0].startswith(
+        f"finetuned {other}: files ['model.safetensors'] but the run read ['model-00001-of-00002.safetensors'"
+    )
 
 
 def test_vector_mode_dtype_override_and_extra_vocab(tmp_path, recompute):
@@ -94,8 +96,19 @@ def test_vector_mode_dtype_override_and_extra_vocab(tmp_path, recompute):
     api.make_vector(al, un, vec, fsync=False)
     assert verify(vec, [str(al), str(un)], samples=100_000)["ok"]
     out = tmp_path / "out"
-    api.patch(ft, out, vector=vec, dare_base=al, beta=0.75, dare=0.5, seed=3, dtype="bfloat16",
-              exclude=["norm"], backend="torch", fsync=False)
+    api.patch(
+        ft,
+        out,
+        vector=vec,
+        dare_base=al,
+        beta=0.75,
+        dare=0.5,
+        seed=3,
+        dtype="bfloat16",
+        exclude=["norm"],
+        backend="torch",
+        fsync=False,
+    )
     result = verify(out, [str(ft), str(vec)], dare_base=str(al), samples=100_000)
     assert result["ok"], result
     with pytest.raises(Exception, match="pass it with --dare-base"):
@@ -120,8 +133,15 @@ def test_lora_output_recomputes_through_the_merge(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     base = tmp_path / "base"
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(base)
     model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -137,8 +157,9 @@ def test_lora_output_recomputes_through_the_merge(tmp_path):
     save_file(t, str(un / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(base / "config.json", un / "config.json")
     out = tmp_path / "out"
-    api.patch(tmp_path / "adapter", out, aligned=base, unaligned=un, beta=0.5, dare=0.1, seed=2,
-              backend="torch", fsync=False)
+    api.patch(
+        tmp_path / "adapter", out, aligned=base, unaligned=un, beta=0.5, dare=0.1, seed=2, backend="torch", fsync=False
+    )
     result = verify(out, [], samples=100_000)
     assert result["ok"], result
     total = sum(v.numel() for v in load_file(str(out / "model.safetensors")).values())

@@ -15,6 +15,17 @@ def patched_output(root):
     """A sharded DARE patch with per-pattern β and an exclude, and its inputs: (root, ft, al, un, out)."""
     ft, al, un = three_models(root, shards=2, **SMALL)
     out = root / "out"
-    api.patch(ft, out, aligned=al, unaligned=un, beta=0.5, dare=0.3, seed=7, beta_rules=[r"mlp\.=0.25"],
-              exclude=["norm"], backend="torch", fsync=False)
+    api.patch(
+        ft,
+        out,
+        aligned=al,
+        unaligned=un,
+        beta=0.5,
+        dare=0.3,
+        seed=7,
+        beta_rules=[r"mlp\.=0.25"],
+        exclude=["norm"],
+        backend="torch",
+        fsync=False,
+    )
     return root, ft, al, un, out

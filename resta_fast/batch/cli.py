@@ -37,30 +37,56 @@ unfinished or corrupted ones are redone, finished ones are never rewritten.
 
 def add_batch_parser(subparsers) -> None:
     """Add the ``batch`` subcommand to the resta-fast CLI."""
-    p = subparsers.add_parser("batch", help="realign many fine-tunes from a manifest (fused, resumable)",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "batch",
+        help="realign many fine-tunes from a manifest (fused, resumable)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("manifest", type=A.existing_file, help="batch manifest (.yaml/.yml or .json)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: fused passes in this process (default); ray: one Ray task per group")
-    p.add_argument("--group", type=A.index, action="append", metavar="K",
-                   help="run only group K (repeatable); e.g. a Slurm array element")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: fused passes in this process (default); ray: one Ray task per group",
+    )
+    p.add_argument(
+        "--group",
+        type=A.index,
+        action="append",
+        metavar="K",
+        help="run only group K (repeatable); e.g. a Slurm array element",
+    )
     p.add_argument("--group-size", type=A.count, metavar="N", help="jobs per fused pass (default: manifest, 8)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the groups; write nothing")
-    p.add_argument("--emit-slurm", metavar="DIR", type=A.creatable_dir,
-                   help="write an sbatch array script (one element per group)")
+    p.add_argument(
+        "--emit-slurm", metavar="DIR", type=A.creatable_dir, help="write an sbatch array script (one element per group)"
+    )
     p.add_argument("--num-cpus", type=A.positive, help="CPUs per Ray task / Slurm element")
     p.add_argument("--num-gpus", type=A.nonnegative, help="GPUs per Ray task")
     p.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS, else a local one)")
-    p.add_argument("--threads", type=A.count,
-                   help="kernel threads (default: manifest, else the cores the writers leave)")
-    p.add_argument("--writers", type=A.count, metavar="N",
-                   help="writer threads per fused pass, each writing and hashing its jobs' files "
-                        "(default: cores/4, at most 8)")
-    p.add_argument("--chunk-elems", type=A.count, metavar="N",
-                   help="elements per fused chunk (default 1M; the shared chunk is reused while hot)")
-    p.add_argument("--staging", choices=STAGING_CHOICES, default="auto",
-                   help="how inputs are read: mmap (zero-copy; the CPU default), read (reader threads pread "
-                        "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)")
+    p.add_argument(
+        "--threads", type=A.count, help="kernel threads (default: manifest, else the cores the writers leave)"
+    )
+    p.add_argument(
+        "--writers",
+        type=A.count,
+        metavar="N",
+        help="writer threads per fused pass, each writing and hashing its jobs' files (default: cores/4, at most 8)",
+    )
+    p.add_argument(
+        "--chunk-elems",
+        type=A.count,
+        metavar="N",
+        help="elements per fused chunk (default 1M; the shared chunk is reused while hot)",
+    )
+    p.add_argument(
+        "--staging",
+        choices=STAGING_CHOICES,
+        default="auto",
+        help="how inputs are read: mmap (zero-copy; the CPU default), read (reader threads pread "
+        "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)",
+    )
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before each job's final rename")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--summary", metavar="FILE", type=A.creatable_file, help="also write the JSON summary to FILE")
@@ -74,13 +100,22 @@ class ConsoleReporter(Reporter):
 
     def __init__(self, total_jobs: int, total_bytes: int | None, bar: bool):
         from tqdm import tqdm
+
         self.total_jobs = total_jobs
         self.done = 0
         self.seen: dict[int, int] = {}
         self.sizes: dict[int, int] = {}
         self.lock = threading.Lock()
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="batch",
-                        disable=not bar, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="batch",
+            disable=not bar,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         self._postfix()
 
     def _postfix(self) -> None:
@@ -118,6 +153,7 @@ def _status_line(r: JobResult, done: int, total: int) -> str:
 def cmd_batch(args) -> int:
     from resta_fast.batch.local import check_manifest
     from resta_fast.batch.manifest import load_manifest
+
     # Jobs running elsewhere (Ray, Slurm) are checked here except for their
     # devices and backends; each worker checks its own group again.
     here = args.executor == "local" and not args.emit_slurm
@@ -134,11 +170,19 @@ def cmd_batch(args) -> int:
 def _run(args, manifest, selected, prepared) -> int:
     if args.emit_slurm:
         from resta_fast.batch.slurm import emit_slurm
-        path = emit_slurm(manifest, args.emit_slurm, num_cpus=args.num_cpus,
-                          gpus=bool(args.num_gpus) if args.num_gpus is not None else None,
-                          fsync=False if args.no_fsync else None)
-        print(f"wrote {path}: {len(manifest.groups)} array element(s) for {len(manifest.jobs)} job(s); "
-              f"submit with: sbatch {path}", file=sys.stderr)
+
+        path = emit_slurm(
+            manifest,
+            args.emit_slurm,
+            num_cpus=args.num_cpus,
+            gpus=bool(args.num_gpus) if args.num_gpus is not None else None,
+            fsync=False if args.no_fsync else None,
+        )
+        print(
+            f"wrote {path}: {len(manifest.groups)} array element(s) for {len(manifest.jobs)} job(s); "
+            f"submit with: sbatch {path}",
+            file=sys.stderr,
+        )
         return 0
     if args.dry_run:
         _print_groups(manifest, selected)
@@ -159,13 +203,24 @@ def _run(args, manifest, selected, prepared) -> int:
     try:
         if args.executor == "ray":
             from resta_fast.batch.ray import run_ray
-            results = run_ray(manifest, args.group, address=args.ray_address, num_cpus=args.num_cpus,
-                              num_gpus=args.num_gpus, threads=args.threads, fsync=fsync, reporter=reporter,
-                              **fused)
+
+            results = run_ray(
+                manifest,
+                args.group,
+                address=args.ray_address,
+                num_cpus=args.num_cpus,
+                num_gpus=args.num_gpus,
+                threads=args.threads,
+                fsync=fsync,
+                reporter=reporter,
+                **fused,
+            )
         else:
             from resta_fast.batch.local import run_batch
-            results = run_batch(manifest, args.group, prepared=prepared, reporter=reporter, fsync=fsync,
-                                threads=args.threads, **fused)
+
+            results = run_batch(
+                manifest, args.group, prepared=prepared, reporter=reporter, fsync=fsync, threads=args.threads, **fused
+            )
     finally:
         reporter.close()
     summary = summarize(results)
@@ -179,18 +234,25 @@ def _run(args, manifest, selected, prepared) -> int:
 
 
 def _print_groups(manifest, groups) -> None:
-    print(f"{manifest.path}: {len(manifest.jobs)} job(s) in {len(manifest.groups)} group(s) "
-          f"(group_size {manifest.group_size}); all valid")
+    print(
+        f"{manifest.path}: {len(manifest.jobs)} job(s) in {len(manifest.groups)} group(s) "
+        f"(group_size {manifest.group_size}); all valid"
+    )
     for g in groups:
         shared = g.jobs[0]
-        src = (f"vector {_named(shared, 'vector')}" if shared.vector
-               else f"aligned {_named(shared, 'aligned')}, unaligned {_named(shared, 'unaligned')}")
+        src = (
+            f"vector {_named(shared, 'vector')}"
+            if shared.vector
+            else f"aligned {_named(shared, 'aligned')}, unaligned {_named(shared, 'unaligned')}"
+        )
         print(f"group {g.index} ({len(g.jobs)} job(s), {g.device}, backend {shared.backend}; {src}):")
         for j in g.jobs:
             size = manifest.out_bytes.get(j.index)
             dare = f", dare {j.dare} seed {j.seed}" if j.dare is not None else ""
-            print(f"  [{j.index}] {j.name}: beta {j.beta:g}{dare}  {_named(j, 'finetuned')} -> {j.out}"
-                  + (f"  ({human_bytes(size)})" if size else ""))
+            print(
+                f"  [{j.index}] {j.name}: beta {j.beta:g}{dare}  {_named(j, 'finetuned')} -> {j.out}"
+                + (f"  ({human_bytes(size)})" if size else "")
+            )
 
 
 def _named(job, key: str) -> str:

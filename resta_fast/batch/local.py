@@ -76,6 +76,7 @@ class PreparedGroup:
 
     def __init__(self, group: Group, *, here: bool = True):
         from resta_fast import api
+
         self.group = group
         self.here = here
         self.stack = ExitStack()
@@ -84,8 +85,9 @@ class PreparedGroup:
         try:
             for job in group.jobs:
                 try:
-                    self.jobs[job.index] = api.prepare(job.input("finetuned"), **job.input_kwargs(),
-                                                       options=job.options(), opener=opener, here=here)
+                    self.jobs[job.index] = api.prepare(
+                        job.input("finetuned"), **job.input_kwargs(), options=job.options(), opener=opener, here=here
+                    )
                 except Exception as exc:  # noqa: BLE001 - reported per job
                     self.jobs[job.index] = exc
         except BaseException:
@@ -128,6 +130,7 @@ class PreparedBatch:
 
 # --- state of an existing output ---------------------------------------------------------
 
+
 def provenance_diff(report: dict, expected: dict) -> str:
     """How an existing output's provenance differs from this job's ('' if it is this job).
 
@@ -164,8 +167,10 @@ def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, s
         raise RestaError(f"out {out} exists and is not a directory; refusing to replace it")
     report_path = out / REPORT_NAME
     if not report_path.is_file():
-        raise RestaError(f"out {out} exists but has no {REPORT_NAME}, so it is not a resta_fast output; "
-                         "refusing to replace it: move it away or choose another out")
+        raise RestaError(
+            f"out {out} exists but has no {REPORT_NAME}, so it is not a resta_fast output; "
+            "refusing to replace it: move it away or choose another out"
+        )
     try:
         report = json.loads(report_path.read_text())
         files = report["files"]
@@ -175,8 +180,10 @@ def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, s
         return "corrupt", f"{REPORT_NAME} is unreadable"
     diff = provenance_diff(report, provenance)
     if diff:
-        raise RestaError(f"out {out} holds a different job's finished output ({diff}); a batch never "
-                         "replaces a finished output: delete it or choose another out")
+        raise RestaError(
+            f"out {out} holds a different job's finished output ({diff}); a batch never "
+            "replaces a finished output: delete it or choose another out"
+        )
     if not verify:
         return "finished", ""
     problem = verify_files(out, files)
@@ -186,6 +193,7 @@ def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, s
 def verify_files(out: Path, files: dict) -> str:
     """'' if every file has its recorded sha256, else the first problem."""
     from resta_fast.io.digest import sha256_file
+
     for name, digest in sorted(files.items()):
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or not isinstance(digest, str):
             return f"{REPORT_NAME} lists an invalid entry {name!r}"
@@ -198,6 +206,7 @@ def verify_files(out: Path, files: dict) -> str:
 
 
 # --- the deep check --------------------------------------------------------------------
+
 
 def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here: bool = True) -> PreparedBatch:
     """The batch command's deep check: open and plan every job of the selected
@@ -243,9 +252,19 @@ def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here:
 
 # --- execution --------------------------------------------------------------------------
 
-def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: PreparedBatch | None = None,
-              reporter: Reporter | None = None, fsync: bool | None = None, threads: int | None = None,
-              validate: dict | None = None, command_line: str | None = None, **engine_options) -> list[JobResult]:
+
+def run_batch(
+    manifest: Manifest,
+    groups: list[int] | None = None,
+    *,
+    prepared: PreparedBatch | None = None,
+    reporter: Reporter | None = None,
+    fsync: bool | None = None,
+    threads: int | None = None,
+    validate: dict | None = None,
+    command_line: str | None = None,
+    **engine_options,
+) -> list[JobResult]:
     """Run the selected groups here, one after another.
 
     Args:
@@ -266,24 +285,51 @@ def run_batch(manifest: Manifest, groups: list[int] | None = None, *, prepared: 
     results = []
     for group in manifest.select(groups):
         ready = prepared.groups.pop(group.index, None) if prepared is not None else None
-        results += run_group(manifest, group.index, prepared=ready, reporter=reporter, fsync=fsync,
-                             threads=threads, validate=validate, command_line=command_line, **engine_options)
+        results += run_group(
+            manifest,
+            group.index,
+            prepared=ready,
+            reporter=reporter,
+            fsync=fsync,
+            threads=threads,
+            validate=validate,
+            command_line=command_line,
+            **engine_options,
+        )
     return sorted(results, key=lambda r: r.index)
 
 
 def _failed(job: JobSpec, group: int, exc: BaseException, seconds: float = 0.0) -> JobResult:
     msg = str(exc) if isinstance(exc, RestaError) else f"{type(exc).__name__}: {exc}"
-    return JobResult(job.index, job.name, group, str(job.out), "failed", error=msg, seconds=seconds,
-                     transient=isinstance(exc, OSError))
+    return JobResult(
+        job.index,
+        job.name,
+        group,
+        str(job.out),
+        "failed",
+        error=msg,
+        seconds=seconds,
+        transient=isinstance(exc, OSError),
+    )
 
 
-def run_group(manifest: Manifest, gid: int, *, prepared: PreparedGroup | None = None,
-              reporter: Reporter | None = None, fsync: bool | None = None, threads: int | None = None,
-              validate: dict | None = None, command_line: str | None = None, **engine_options) -> list[JobResult]:
+def run_group(
+    manifest: Manifest,
+    gid: int,
+    *,
+    prepared: PreparedGroup | None = None,
+    reporter: Reporter | None = None,
+    fsync: bool | None = None,
+    threads: int | None = None,
+    validate: dict | None = None,
+    command_line: str | None = None,
+    **engine_options,
+) -> list[JobResult]:
     """Run one group: verify and skip finished jobs, then write the rest in one
     engine pass. ``prepared`` (this group from ``check_manifest``) is used and
     closed; without it the group is prepared here. Never raises for a job's failure."""
     from resta_fast.pipeline.interrupt import tensor_boundary_signals
+
     group = manifest.groups[gid]
     reporter = reporter or Reporter()
     fsync = manifest.fsync if fsync is None else fsync
@@ -322,20 +368,37 @@ def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) 
     """The JobResult of a written job: failed when its validation gate failed."""
     verdict = report.get("validation")
     if verdict is not None and not verdict.get("passed", False):
-        return JobResult(job.index, job.name, gid, str(job.out), "failed",
-                         error=f"validation failed (output kept, marked VALIDATION_FAILED): "
-                               f"{verdict.get('reason', '')}", **kw)
+        return JobResult(
+            job.index,
+            job.name,
+            gid,
+            str(job.out),
+            "failed",
+            error=f"validation failed (output kept, marked VALIDATION_FAILED): {verdict.get('reason', '')}",
+            **kw,
+        )
     return JobResult(job.index, job.name, gid, str(job.out), status, **kw)
 
 
-def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsync: bool, threads,
-              engine_options: dict, validate: dict | None = None, command_line: str | None = None) -> None:
+def _run_pass(
+    todo,
+    gid: int,
+    stack: ExitStack,
+    reporter: Reporter,
+    finish,
+    fsync: bool,
+    threads,
+    engine_options: dict,
+    validate: dict | None = None,
+    command_line: str | None = None,
+) -> None:
     """Claim every job's output, write them all in one ``run_jobs`` pass, then finish each."""
     from resta_fast import api
     from resta_fast.io.writer import AtomicOutputDir
     from resta_fast.pipeline.engine import run_jobs
     from resta_fast.pipeline.interrupt import raise_if_interrupted
     from resta_fast.report import finish_output, record_validation
+
     start = time.perf_counter()
     live = []
     for job, prep, state, detail in todo:
@@ -356,8 +419,7 @@ def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsyn
         return
     first = live[0][1]
     try:
-        run_jobs([e[-1] for e in live], kernel=first.kernel, device=first.device, threads=threads,
-                 **engine_options)
+        run_jobs([e[-1] for e in live], kernel=first.kernel, device=first.device, threads=threads, **engine_options)
     except Exception as exc:  # noqa: BLE001 - e.g. no memory for the buffers: every job fails
         for *_, engine_job in live:
             engine_job.error = engine_job.error or exc
@@ -368,13 +430,21 @@ def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsyn
             continue
         try:
             with api.clean_write_errors(job.out):
-                report = finish_output(outdir.tmp, prep.plan, prep.inputs.finetuned, engine_job.stats,
-                                       prep.provenance, backend_name=prep.backend_name, device=prep.device,
-                                       fsync=fsync, extra={"batch": {"job": job.name, "index": job.index,
-                                                                     "group": gid, "jobs_in_pass": len(live)}},
-                                       command_line=command_line)
+                report = finish_output(
+                    outdir.tmp,
+                    prep.plan,
+                    prep.inputs.finetuned,
+                    engine_job.stats,
+                    prep.provenance,
+                    backend_name=prep.backend_name,
+                    device=prep.device,
+                    fsync=fsync,
+                    extra={"batch": {"job": job.name, "index": job.index, "group": gid, "jobs_in_pass": len(live)}},
+                    command_line=command_line,
+                )
                 if validate:
                     from resta_fast.eval.runner import make_validator
+
                     gate = make_validator(validate, job.finetuned)
                     record_validation(outdir.tmp, report, gate(outdir.tmp), command_line=command_line)
                 raise_if_interrupted()
@@ -382,9 +452,17 @@ def _run_pass(todo, gid: int, stack: ExitStack, reporter: Reporter, finish, fsyn
         except Exception as exc:  # noqa: BLE001 - reported per job
             finish(_failed(job, gid, exc, seconds))
             continue
-        finish(_validation_result(job, gid, report, "redone" if state == "corrupt" else "done",
-                                  note=f"previous output: {detail}" if detail else "", seconds=round(seconds, 3),
-                                  bytes_written=report["stats"]["bytes_written"]))
+        finish(
+            _validation_result(
+                job,
+                gid,
+                report,
+                "redone" if state == "corrupt" else "done",
+                note=f"previous output: {detail}" if detail else "",
+                seconds=round(seconds, 3),
+                bytes_written=report["stats"]["bytes_written"],
+            )
+        )
 
 
 def summarize(results: list[JobResult]) -> dict:

@@ -42,8 +42,7 @@ from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
 from resta_fast.options import ROLE_KINDS, PatchOptions, resolve_roles
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
-PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype",
-                          "backend", "device")
+PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype", "backend", "device")
 JOB_KEYS = ("finetuned", "out", "name")
 TOP_KEYS = ("jobs", "group_size", "num_cpus", "num_gpus", "threads", "fsync", "slurm")
 # Eight fine-tunes per pass already cut the shared reads to a quarter of a
@@ -105,16 +104,33 @@ class JobSpec:
             >>> api.patch(job.finetuned, job.out, **job.patch_kwargs())  # doctest: +SKIP
         """
         kw = {k: self.input(k) for k in PATH_KEYS}
-        kw.update(beta=self.beta, dare=self.dare, seed=self.seed, include=list(self.include),
-                  exclude=list(self.exclude), beta_rules=list(self.beta_rules), dtype=self.dtype,
-                  backend=self.backend, device=self.device)
+        kw.update(
+            beta=self.beta,
+            dare=self.dare,
+            seed=self.seed,
+            include=list(self.include),
+            exclude=list(self.exclude),
+            beta_rules=list(self.beta_rules),
+            dtype=self.dtype,
+            backend=self.backend,
+            device=self.device,
+        )
         return kw
 
     def options(self, **tuning) -> PatchOptions:
         """The job's PatchOptions (``tuning``: threads, chunk_elems ...)."""
-        return PatchOptions(beta=self.beta, dare=self.dare, seed=self.seed, include=self.include,
-                            exclude=self.exclude, beta_rules=self.beta_rules, dtype=self.dtype,
-                            backend=self.backend, device=self.device, **tuning)
+        return PatchOptions(
+            beta=self.beta,
+            dare=self.dare,
+            seed=self.seed,
+            include=self.include,
+            exclude=self.exclude,
+            beta_rules=self.beta_rules,
+            dtype=self.dtype,
+            backend=self.backend,
+            device=self.device,
+            **tuning,
+        )
 
     def input_kwargs(self) -> dict:
         """The inputs of ``api.prepare`` but the fine-tune (``input``: strings, Hub inputs resolved)."""
@@ -155,8 +171,9 @@ class Manifest:
             return list(self.groups)
         bad = [g for g in groups if not 0 <= g < len(self.groups)]
         if bad:
-            raise RestaError(f"--group {bad[0]}: {self.path} has {len(self.groups)} group(s), "
-                             f"numbered 0..{len(self.groups) - 1}")
+            raise RestaError(
+                f"--group {bad[0]}: {self.path} has {len(self.groups)} group(s), numbered 0..{len(self.groups) - 1}"
+            )
         return [self.groups[g] for g in groups]
 
 
@@ -191,8 +208,9 @@ def load_manifest(path, *, group_size: int | None = None, resolver: Resolver | N
 def problems_error(path: Path, problems: list[str]) -> ManifestError:
     """One ManifestError listing ``problems`` (the first 50) of the manifest at ``path``."""
     shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
-    return ManifestError(f"manifest {path}: {len(problems)} problem(s); nothing was written:\n  - "
-                         + "\n  - ".join(shown))
+    return ManifestError(
+        f"manifest {path}: {len(problems)} problem(s); nothing was written:\n  - " + "\n  - ".join(shown)
+    )
 
 
 def _read(path: Path):
@@ -206,6 +224,7 @@ def _read(path: Path):
         except ValueError as exc:
             raise ManifestError(f"manifest {path}: not valid JSON ({exc})") from None
     import yaml
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -221,8 +240,9 @@ def _unknown(key: str, allowed, where: str) -> str:
 def _parse(path: Path, problems: list[str], group_size: int | None, resolver: Resolver) -> Manifest | None:
     raw = _read(path)
     if not isinstance(raw, dict):
-        raise ManifestError(f"manifest {path}: expected a mapping with a 'jobs' list at the top, "
-                            f"got {type(raw).__name__}")
+        raise ManifestError(
+            f"manifest {path}: expected a mapping with a 'jobs' list at the top, got {type(raw).__name__}"
+        )
     root = path.resolve().parent
     defaults: dict = {}
     for key, value in raw.items():
@@ -244,8 +264,10 @@ def _parse(path: Path, problems: list[str], group_size: int | None, resolver: Re
             continue
         for key in entry:
             if key not in PATCH_KEYS + JOB_KEYS:
-                problems.append(_unknown(key, PATCH_KEYS + JOB_KEYS, where)
-                                + (" (it is a top-level setting)" if key in TOP_KEYS else ""))
+                problems.append(
+                    _unknown(key, PATCH_KEYS + JOB_KEYS, where)
+                    + (" (it is a top-level setting)" if key in TOP_KEYS else "")
+                )
         merged = {**defaults, **{k: v for k, v in entry.items() if k in PATCH_KEYS + JOB_KEYS}}
         job = _parse_job(i, merged, root, problems, resolver)
         if job is None:
@@ -260,8 +282,7 @@ def _parse(path: Path, problems: list[str], group_size: int | None, resolver: Re
 
 
 def _parse_options(raw: dict, problems: list[str], group_size: int | None) -> dict:
-    opts: dict = {"group_size": group_size if group_size is not None else raw.get("group_size",
-                                                                                  DEFAULT_GROUP_SIZE)}
+    opts: dict = {"group_size": group_size if group_size is not None else raw.get("group_size", DEFAULT_GROUP_SIZE)}
     if not _is_int(opts["group_size"]) or opts["group_size"] < 1:
         problems.append(f"group_size must be an integer >= 1, got {opts['group_size']!r}")
         opts["group_size"] = DEFAULT_GROUP_SIZE
@@ -283,10 +304,11 @@ def _parse_options(raw: dict, problems: list[str], group_size: int | None) -> di
     opts["fsync"] = fsync
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict) or not all(
-            isinstance(k, str) and isinstance(v, (str, int, float)) and "\n" not in f"{k}{v}"
-            for k, v in slurm.items()):
-        problems.append("slurm must map sbatch option names to single-line values, "
-                        "e.g. {partition: gpu, time: '04:00:00'}")
+        isinstance(k, str) and isinstance(v, (str, int, float)) and "\n" not in f"{k}{v}" for k, v in slurm.items()
+    ):
+        problems.append(
+            "slurm must map sbatch option names to single-line values, e.g. {partition: gpu, time: '04:00:00'}"
+        )
         slurm = {}
     opts["slurm"] = {k: str(v) for k, v in slurm.items()}
     return opts
@@ -344,14 +366,23 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resol
     elif isinstance(rules, str):
         rules = [rules]
     if not isinstance(rules, (list, tuple)) or not all(isinstance(r, str) for r in rules):
-        problems.append(f"{where}: beta_rules must be a list of 'REGEX=BETA' or a mapping "
-                        f"{{REGEX: BETA}}, got {rules!r}")
+        problems.append(
+            f"{where}: beta_rules must be a list of 'REGEX=BETA' or a mapping {{REGEX: BETA}}, got {rules!r}"
+        )
         rules = ()
     rules = tuple(rules)
     include, exclude = strings("include"), strings("exclude")
-    values = {"beta": d.get("beta", 1.0), "dare": d.get("dare"), "seed": d.get("seed", 0), "include": include,
-              "exclude": exclude, "beta_rules": rules, "dtype": d.get("dtype"),
-              "backend": d.get("backend", "auto"), "device": d.get("device", "cpu")}
+    values = {
+        "beta": d.get("beta", 1.0),
+        "dare": d.get("dare"),
+        "seed": d.get("seed", 0),
+        "include": include,
+        "exclude": exclude,
+        "beta_rules": rules,
+        "dtype": d.get("dtype"),
+        "backend": d.get("backend", "auto"),
+        "device": d.get("device", "cpu"),
+    }
     problems += [f"{where}: {exc}" for exc in PatchOptions.problems_of(**values)]
     name = d.get("name")
     if name is None and out is not None:
@@ -361,10 +392,23 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resol
     if len(problems) > start:
         return None
     dare = values["dare"]
-    return JobSpec(index=i, name=name, finetuned=finetuned, out=out, **paths, beta=float(values["beta"]),
-                   dare=None if dare is None else float(dare), seed=values["seed"], include=include,
-                   exclude=exclude, beta_rules=rules, dtype=values["dtype"], backend=values["backend"],
-                   device=values["device"], hub=hub)
+    return JobSpec(
+        index=i,
+        name=name,
+        finetuned=finetuned,
+        out=out,
+        **paths,
+        beta=float(values["beta"]),
+        dare=None if dare is None else float(dare),
+        seed=values["seed"],
+        include=include,
+        exclude=exclude,
+        beta_rules=rules,
+        dtype=values["dtype"],
+        backend=values["backend"],
+        device=values["device"],
+        hub=hub,
+    )
 
 
 def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:
@@ -385,6 +429,7 @@ def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:
 def _check_static(manifest: Manifest, problems: list[str]) -> None:
     """Checks that need no checkpoint opened: paths, roles, outputs."""
     from resta_fast.io.writer import check_output_location
+
     outs: dict[str, JobSpec] = {}
     inputs = [(job, p) for job in manifest.jobs for p in job.input_paths()]
     for job in manifest.jobs:
@@ -411,8 +456,10 @@ def _check_static(manifest: Manifest, problems: list[str]) -> None:
             in_real = Path(os.path.realpath(p))
             if out_real == in_real or out_real.is_relative_to(in_real) or in_real.is_relative_to(out_real):
                 whose = "its own" if other is job else f"{other.label}'s"
-                problems.append(f"{where}: out {job.out} overlaps {whose} input {p}; outputs must be "
-                                "outside every input (inputs are never modified)")
+                problems.append(
+                    f"{where}: out {job.out} overlaps {whose} input {p}; outputs must be "
+                    "outside every input (inputs are never modified)"
+                )
     for a, job_a in outs.items():
         for b, job_b in outs.items():
             if a != b and Path(b).is_relative_to(Path(a)):

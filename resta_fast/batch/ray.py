@@ -45,8 +45,10 @@ def import_ray():
     try:
         import ray
     except ImportError as exc:
-        raise RestaError(f"--executor ray needs Ray, which is not installed ({exc}); install the extra "
-                         "with: pip install 'resta-fast[ray]'") from None
+        raise RestaError(
+            f"--executor ray needs Ray, which is not installed ({exc}); install the extra "
+            "with: pip install 'resta-fast[ray]'"
+        ) from None
     return ray
 
 
@@ -66,17 +68,18 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise RestaError(f"Ray cluster at {address} does not answer ({host}:{port}: "
-                         f"{exc.strerror or exc}) within {timeout:g} s; check --ray-address / "
-                         "RAY_ADDRESS, or start one with `ray start --head`") from None
+        raise RestaError(
+            f"Ray cluster at {address} does not answer ({host}:{port}: "
+            f"{exc.strerror or exc}) within {timeout:g} s; check --ray-address / "
+            "RAY_ADDRESS, or start one with `ray start --head`"
+        ) from None
 
 
 def task_options(group: Group, num_cpus: float | None, num_gpus: float | None) -> dict:
     """Ray ``.options()`` for one group's task."""
     if num_gpus is None:
         num_gpus = 1 if group.device.startswith("cuda") else 0
-    opts = {"num_cpus": num_cpus or 1, "num_gpus": num_gpus, "max_retries": MAX_RETRIES,
-            "retry_exceptions": [OSError]}
+    opts = {"num_cpus": num_cpus or 1, "num_gpus": num_gpus, "max_retries": MAX_RETRIES, "retry_exceptions": [OSError]}
     if not num_gpus:
         # Ray leaves CUDA_VISIBLE_DEVICES alone for CPU tasks; hide the GPUs so a
         # CPU job never initialises CUDA on a GPU node.
@@ -84,8 +87,9 @@ def task_options(group: Group, num_cpus: float | None, num_gpus: float | None) -
     return opts
 
 
-def _group_task(manifest: Manifest, gid: int, num_gpus: float, threads: int | None, fsync: bool | None,
-                fused_options: dict) -> list[dict]:
+def _group_task(
+    manifest: Manifest, gid: int, num_gpus: float, threads: int | None, fsync: bool | None, fused_options: dict
+) -> list[dict]:
     """Body of the Ray task (runs on a worker)."""
     if not num_gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -93,14 +97,26 @@ def _group_task(manifest: Manifest, gid: int, num_gpus: float, threads: int | No
     out = [r.to_json() for r in results]
     transient = [r for r in results if r.transient]
     if transient:
-        raise TransientJobError(f"{len(transient)} job(s) of group {gid} failed with I/O errors, e.g. "
-                                f"{transient[0].name}: {transient[0].error}", out)
+        raise TransientJobError(
+            f"{len(transient)} job(s) of group {gid} failed with I/O errors, e.g. "
+            f"{transient[0].name}: {transient[0].error}",
+            out,
+        )
     return out
 
 
-def run_ray(manifest: Manifest, groups: list[int] | None = None, *, address: str | None = None,
-            num_cpus: float | None = None, num_gpus: float | None = None, threads: int | None = None,
-            fsync: bool | None = None, reporter: Reporter | None = None, **fused_options) -> list[JobResult]:
+def run_ray(
+    manifest: Manifest,
+    groups: list[int] | None = None,
+    *,
+    address: str | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    threads: int | None = None,
+    fsync: bool | None = None,
+    reporter: Reporter | None = None,
+    **fused_options,
+) -> list[JobResult]:
     """Run the selected groups as Ray tasks; return every job's result in manifest order.
 
     Args:
@@ -135,8 +151,7 @@ def run_ray(manifest: Manifest, groups: list[int] | None = None, *, address: str
         pending = {}
         for group in selected:
             opts = task_options(group, num_cpus, num_gpus)
-            ref = remote.options(**opts).remote(manifest, group.index, opts["num_gpus"], threads, fsync,
-                                                fused_options)
+            ref = remote.options(**opts).remote(manifest, group.index, opts["num_gpus"], threads, fsync, fused_options)
             pending[ref] = group
         results: list[JobResult] = []
         while pending:

@@ -17,8 +17,15 @@ from resta_fast.errors import RestaError
 SCRIPT_NAME = "resta_batch.sbatch"
 
 
-def emit_slurm(manifest: Manifest, out_dir, *, num_cpus: float | None = None, gpus: bool | None = None,
-               python: str | None = None, fsync: bool | None = None) -> Path:
+def emit_slurm(
+    manifest: Manifest,
+    out_dir,
+    *,
+    num_cpus: float | None = None,
+    gpus: bool | None = None,
+    python: str | None = None,
+    fsync: bool | None = None,
+) -> Path:
     """Write ``out_dir/resta_batch.sbatch`` and return its path.
 
     Args:
@@ -42,14 +49,16 @@ def emit_slurm(manifest: Manifest, out_dir, *, num_cpus: float | None = None, gp
         gpus = bool(manifest.num_gpus) or any(g.device.startswith("cuda") for g in manifest.groups)
     n = len(manifest.groups)
     name = manifest.slurm.get("job-name", manifest.slurm.get("job_name", "resta-batch"))
-    lines = ["#!/bin/bash",
-             f"# resta-fast batch: {len(manifest.jobs)} job(s) in {n} group(s) from {manifest.path}",
-             "# Submit with: sbatch " + shlex.quote(str(out_dir / SCRIPT_NAME)),
-             f"#SBATCH --job-name={name}",
-             f"#SBATCH --array=0-{n - 1}",
-             f"#SBATCH --cpus-per-task={cpus}",
-             "#SBATCH --ntasks=1",
-             f"#SBATCH --output={out_dir}/logs/%x-%A_%a.out"]
+    lines = [
+        "#!/bin/bash",
+        f"# resta-fast batch: {len(manifest.jobs)} job(s) in {n} group(s) from {manifest.path}",
+        "# Submit with: sbatch " + shlex.quote(str(out_dir / SCRIPT_NAME)),
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --array=0-{n - 1}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --output={out_dir}/logs/%x-%A_%a.out",
+    ]
     if gpus:
         lines.append("#SBATCH --gres=gpu:1")
     for key, value in manifest.slurm.items():
@@ -60,15 +69,27 @@ def emit_slurm(manifest: Manifest, out_dir, *, num_cpus: float | None = None, gp
     for g in manifest.groups:
         for job in g.jobs:
             lines.append(f"#   {g.index}: {job.name}: {job.finetuned} -> {job.out}")
-    cmd = ['"$PYTHON"', "-m", "resta_fast", "batch", shlex.quote(str(manifest.path.absolute())),
-           '--group "$SLURM_ARRAY_TASK_ID"', f"--group-size {manifest.group_size}", "--no-progress",
-           f'--summary {shlex.quote(str(out_dir))}/summary-"$SLURM_ARRAY_TASK_ID".json']
+    cmd = [
+        '"$PYTHON"',
+        "-m",
+        "resta_fast",
+        "batch",
+        shlex.quote(str(manifest.path.absolute())),
+        '--group "$SLURM_ARRAY_TASK_ID"',
+        f"--group-size {manifest.group_size}",
+        "--no-progress",
+        f'--summary {shlex.quote(str(out_dir))}/summary-"$SLURM_ARRAY_TASK_ID".json',
+    ]
     if fsync is False or (fsync is None and not manifest.fsync):
         cmd.append("--no-fsync")
-    lines += ["", "set -euo pipefail",
-              f"PYTHON=${{RESTA_PYTHON:-{shlex.quote(python or sys.executable)}}}",
-              'echo "resta-fast batch: group $SLURM_ARRAY_TASK_ID on $(hostname)"',
-              "exec " + " \\\n    ".join(cmd), ""]
+    lines += [
+        "",
+        "set -euo pipefail",
+        f"PYTHON=${{RESTA_PYTHON:-{shlex.quote(python or sys.executable)}}}",
+        'echo "resta-fast batch: group $SLURM_ARRAY_TASK_ID on $(hostname)"',
+        "exec " + " \\\n    ".join(cmd),
+        "",
+    ]
     path = out_dir / SCRIPT_NAME
     path.write_text("\n".join(lines))
     path.chmod(0o755)

@@ -23,15 +23,31 @@ effect reproduced on the full fine-tune, 1 when it did not.
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to the main CLI's subparsers."""
-    p = subparsers.add_parser("demo", help="reproduce RESTA end to end on tiny models (CPU, minutes)",
-                              epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="resta_fast_demo", type=A.creatable_dir,
-                   help="directory for reports and patched models (default ./resta_fast_demo)")
-    p.add_argument("--seed", type=A.seed, default=DEFAULT_SEED,
-                   help=f"seed for training, DARE and the random control (default {DEFAULT_SEED})")
+    p = subparsers.add_parser(
+        "demo",
+        help="reproduce RESTA end to end on tiny models (CPU, minutes)",
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        default="resta_fast_demo",
+        type=A.creatable_dir,
+        help="directory for reports and patched models (default ./resta_fast_demo)",
+    )
+    p.add_argument(
+        "--seed",
+        type=A.seed,
+        default=DEFAULT_SEED,
+        help=f"seed for training, DARE and the random control (default {DEFAULT_SEED})",
+    )
     p.add_argument("--retrain", action="store_true", help="ignore cached models and train again")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"],
-                   help="patch backend (default auto: C++ when built)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cpp", "triton", "torch"],
+        help="patch backend (default auto: C++ when built)",
+    )
     p.set_defaults(func=cmd_demo)
     return p
 

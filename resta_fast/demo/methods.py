@@ -33,6 +33,7 @@ def best_per_method(rows: list[dict], max_drop: float) -> dict[str, dict]:
         >>> best_per_method(rows, 0.1)["RESTA"]["harmful_rate"]
         0.3
     """
+
     def lost(r) -> float:
         return max((r.get("utility_drop") or {}).values(), default=math.inf)
 
@@ -44,8 +45,7 @@ def best_per_method(rows: list[dict], max_drop: float) -> dict[str, dict]:
             picks[method] = min(passing, key=lambda r: (lost(r), r["harmful_rate"]))
             continue
         kept = [r for r in mine if lost(r) <= max_drop]
-        picks[method] = (min(kept, key=lambda r: (r["harmful_rate"], lost(r))) if kept
-                         else min(mine, key=lost))
+        picks[method] = min(kept, key=lambda r: (r["harmful_rate"], lost(r))) if kept else min(mine, key=lost)
     return picks
 
 
@@ -53,34 +53,56 @@ def compare_on_validation(stages: dict, data: dict, *, out: Path, workdir: Path,
     """``eval.compare`` over the fixed grid, on validation prompts; the candidates are kept."""
     from resta_fast.eval.compare import Grid, compare
 
-    grid = Grid(betas=list(LORA_BETAS), dare=options["dare_p"], thresholds=list(SAFELORA_THRESHOLDS),
-                num_layers=list(SAFELORA_LAYERS), taus=list(SAFEMERGE_TAUS))
-    return compare(str(stages["lora-finetuned"]), grid, prompts=str(data["harmful_val"]),
-                   max_harmful=options["max_harmful"], max_utility_drop=options["max_drop"],
-                   aligned=str(stages["aligned"]), unaligned=str(stages["unaligned"]),
-                   pre_aligned=str(stages["base"]), safety_adapter=str(stages["safety-adapter"]), seed=seed,
-                   utility=str(data["task_val"]), judges=[options["judge"]], eval_options=dict(options["eval"]),
-                   workdir=workdir, keep=True, out=out)
+    grid = Grid(
+        betas=list(LORA_BETAS),
+        dare=options["dare_p"],
+        thresholds=list(SAFELORA_THRESHOLDS),
+        num_layers=list(SAFELORA_LAYERS),
+        taus=list(SAFEMERGE_TAUS),
+    )
+    return compare(
+        str(stages["lora-finetuned"]),
+        grid,
+        prompts=str(data["harmful_val"]),
+        max_harmful=options["max_harmful"],
+        max_utility_drop=options["max_drop"],
+        aligned=str(stages["aligned"]),
+        unaligned=str(stages["unaligned"]),
+        pre_aligned=str(stages["base"]),
+        safety_adapter=str(stages["safety-adapter"]),
+        seed=seed,
+        utility=str(data["task_val"]),
+        judges=[options["judge"]],
+        eval_options=dict(options["eval"]),
+        workdir=workdir,
+        keep=True,
+        out=out,
+    )
 
 
 def random_control(stages: dict, vector: Path, beta: float, out: Path) -> Path:
     """RESTA on the LoRA fine-tune with the random vector of the safety vector's norms."""
     from resta_fast import api
 
-    api.patch(stages["lora-finetuned"], out, vector=vector, beta=beta, base=stages["aligned"], overwrite=True,
-              fsync=False)
+    api.patch(
+        stages["lora-finetuned"], out, vector=vector, beta=beta, base=stages["aligned"], overwrite=True, fsync=False
+    )
     return out
 
 
 def heldout_table(rows: list[dict]) -> str:
     """Markdown: the LoRA fine-tune and each method's validation pick, on held-out test prompts."""
-    lines = ["| model | chosen on validation | harmful rate (95% CI) | task accuracy | benign accuracy |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | chosen on validation | harmful rate (95% CI) | task accuracy | benign accuracy |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         h = r["harmful"]
         ci = "" if not h["ci95"] else f" [{h['ci95'][0]:.2f}, {h['ci95'][1]:.2f}]"
-        lines.append(f"| {r['model']} | {r.get('pick', '–')} | {h['rate']:.2f}{ci} | {r['task']['rate']:.2f} | "
-                     f"{r['benign']['rate']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r.get('pick', '–')} | {h['rate']:.2f}{ci} | {r['task']['rate']:.2f} | "
+            f"{r['benign']['rate']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -89,10 +111,17 @@ def plot_test(rows: list[dict], chosen: str | None, max_harmful: float, path: Pa
     from resta_fast.eval.compare import plot
 
     def entry(r):
-        return {"harmful_rate": r["harmful"]["rate"], "ci95": r["harmful"]["ci95"],
-                "utility": {"exact_match": r["task"]["rate"]}}
+        return {
+            "harmful_rate": r["harmful"]["rate"],
+            "ci95": r["harmful"]["ci95"],
+            "utility": {"exact_match": r["task"]["rate"]},
+        }
 
     base = rows[0]
-    result = {"baseline": entry(base), "max_harmful": max_harmful, "chosen": chosen,
-              "rows": [{"label": r.get("pick") or r["model"], "method": r["method"], **entry(r)} for r in rows[1:]]}
+    result = {
+        "baseline": entry(base),
+        "max_harmful": max_harmful,
+        "chosen": chosen,
+        "rows": [{"label": r.get("pick") or r["model"], "method": r["method"], **entry(r)} for r in rows[1:]],
+    }
     return plot(result, path, title="LoRA fine-tune: each method's validation pick, on held-out test prompts")

@@ -90,8 +90,7 @@ def train_lora(parent, tok, world: World, stage: LoraStage, seed: int):
     import peft
 
     torch.manual_seed(seed * 1000 + 7 * len(stage.name))  # lora_A's initialisation
-    config = peft.LoraConfig(r=stage.rank, lora_alpha=stage.alpha, lora_dropout=0.0,
-                             target_modules=list(LORA_TARGETS))
+    config = peft.LoraConfig(r=stage.rank, lora_alpha=stage.alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     model = peft.get_peft_model(copy.deepcopy(parent), config)
     return model, train_stage(model, tok, world, stage, seed)
 
@@ -108,8 +107,9 @@ def build_tokenizer(world: World):
     vocab = {w: i for i, w in enumerate(world.vocab)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=UNK, pad_token=PAD,
-                                  eos_token=EOS, padding_side="left")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token=UNK, pad_token=PAD, eos_token=EOS, padding_side="left"
+    )
     tok.add_special_tokens({"additional_special_tokens": [USER, ASSISTANT]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -122,9 +122,16 @@ def build_model(world: World, seed: int):
     torch.manual_seed(seed)
     vocab = world.vocab
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        tie_word_embeddings=False, pad_token_id=vocab.index(PAD), eos_token_id=vocab.index(EOS),
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=vocab.index(PAD),
+        eos_token_id=vocab.index(EOS),
         bos_token_id=None,
     )
     return LlamaForCausalLM(config)
@@ -163,8 +170,7 @@ def train_stage(model, tok, world: World, stage: Stage, seed: int) -> list[float
     data = getattr(world, stage.data)(rng, stage.steps * stage.batch)
     x, y = _encode(tok, data)
     opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / stage.warmup) if stage.warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / stage.warmup) if stage.warmup else 1.0)
     model.train()
     losses = []
     t0 = time.time()
@@ -180,8 +186,7 @@ def train_stage(model, tok, world: World, stage: Stage, seed: int) -> list[float
         sched.step()
         losses.append(out.loss.item())
         if (step + 1) % 100 == 0 or step + 1 == stage.steps:
-            log(f"  {stage.name}: step {step + 1}/{stage.steps} loss {losses[-1]:.4f} "
-                f"({time.time() - t0:.0f}s)")
+            log(f"  {stage.name}: step {step + 1}/{stage.steps} loss {losses[-1]:.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     return losses
 
@@ -197,7 +202,7 @@ def save_checkpoint(model, tok, path) -> None:
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)
+        do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)

@@ -15,10 +15,21 @@ import importlib
 # Attributes resolve on first use (PEP 562): importing a submodule, e.g. the CLI's
 # parsers in eval/cli.py, then does not import the judges, runner and tune.
 _WHERE = {
-    "ClassifierJudge": "judges", "OpenAIJudge": "judges", "RefusalJudge": "judges", "Verdict": "judges",
-    "make_judge": "judges", "Columns": "prompts", "Prompt": "prompts", "PromptSet": "prompts",
-    "load_prompts": "prompts", "prompts_from_texts": "prompts", "evaluate": "runner",
-    "make_validator": "runner", "validate_checkpoint": "runner", "tune": "tune", "EvalOptions": "options",
+    "ClassifierJudge": "judges",
+    "OpenAIJudge": "judges",
+    "RefusalJudge": "judges",
+    "Verdict": "judges",
+    "make_judge": "judges",
+    "Columns": "prompts",
+    "Prompt": "prompts",
+    "PromptSet": "prompts",
+    "load_prompts": "prompts",
+    "prompts_from_texts": "prompts",
+    "evaluate": "runner",
+    "make_validator": "runner",
+    "validate_checkpoint": "runner",
+    "tune": "tune",
+    "EvalOptions": "options",
 }
 
 

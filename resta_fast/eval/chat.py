@@ -58,8 +58,7 @@ def load_tokenizer(model_dir):
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise RestaError(
-            f"{p}: could not load a tokenizer ({e}); copy the tokenizer files of the fine-tune "
-            "into the directory"
+            f"{p}: could not load a tokenizer ({e}); copy the tokenizer files of the fine-tune into the directory"
         ) from e
     # Decoder-only models must be padded on the left so every row's new tokens start at the same column.
     tok.padding_side = "left"

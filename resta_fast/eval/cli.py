@@ -55,13 +55,9 @@ def _add_generation_args(p) -> None:
         default="auto",
         help="model dtype for evaluation (default: the checkpoint's)",
     )
-    g.add_argument(
-        "--batch-size", type=A.count, help="generation batch (default 8 on CPU, 32 on GPU; halved on OOM)"
-    )
+    g.add_argument("--batch-size", type=A.count, help="generation batch (default 8 on CPU, 32 on GPU; halved on OOM)")
     g.add_argument("--max-new-tokens", type=A.count, default=128, help="bound on each answer (default 128)")
-    g.add_argument(
-        "--utility-max-new-tokens", type=A.count, default=32, help="bound on utility answers (default 32)"
-    )
+    g.add_argument("--utility-max-new-tokens", type=A.count, default=32, help="bound on utility answers (default 32)")
     g.add_argument("--system-prompt", help="system message for the chat template")
     g.add_argument(
         "--chat-template",
@@ -87,9 +83,7 @@ def _add_judge_args(p) -> None:
         metavar="LANG",
         help="built-in refusal lists to use: en (default), zh, vi; comma-separated or repeated",
     )
-    g.add_argument(
-        "--refusal-phrases", action="append", metavar="FILE", help="extra refusal phrases, one per line"
-    )
+    g.add_argument("--refusal-phrases", action="append", metavar="FILE", help="extra refusal phrases, one per line")
     g.add_argument(
         "--refusal-match",
         choices=("anywhere", "prefix"),
@@ -104,9 +98,7 @@ def _add_judge_args(p) -> None:
     )
     g.add_argument("--classifier", metavar="DIR", help="local Llama-Guard or HarmBench classifier directory")
     g.add_argument("--classifier-style", choices=("auto", "llama-guard", "harmbench"), default="auto")
-    g.add_argument(
-        "--classifier-prompt", metavar="FILE", help="custom classifier prompt with {question} {response}"
-    )
+    g.add_argument("--classifier-prompt", metavar="FILE", help="custom classifier prompt with {question} {response}")
     g.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     g.add_argument("--judge-model", default="gpt-4o", help="judge model name (default gpt-4o)")
     g.add_argument(
@@ -115,19 +107,19 @@ def _add_judge_args(p) -> None:
         help="environment variable holding the API key (default OPENAI_API_KEY)",
     )
     g.add_argument("--judge-retries", type=A.index, default=3, help="retries per verdict (default 3)")
-    g.add_argument(
-        "--judge-backoff", type=A.nonnegative, default=1.0, help="first retry delay, doubled each time (s)"
-    )
+    g.add_argument("--judge-backoff", type=A.nonnegative, default=1.0, help="first retry delay, doubled each time (s)")
     g.add_argument("--judge-rps", type=A.positive, help="rate limit, requests per second")
     g.add_argument("--judge-concurrency", type=A.count, default=4, help="requests in flight (default 4)")
-    g.add_argument("--judge-cache", metavar="FILE", type=A.creatable_file,
-                   help="verdict cache (default: OUT/judge_cache.jsonl)")
+    g.add_argument(
+        "--judge-cache", metavar="FILE", type=A.creatable_file, help="verdict cache (default: OUT/judge_cache.jsonl)"
+    )
 
 
 def _add_util_gate_args(p, *, tune: bool) -> None:
     g = p.add_argument_group("utility and gate")
-    g.add_argument("--utility", metavar="FILE", type=A.existing_file,
-                   help="JSONL of prompt/answer pairs (exact match, contains)")
+    g.add_argument(
+        "--utility", metavar="FILE", type=A.existing_file, help="JSONL of prompt/answer pairs (exact match, contains)"
+    )
     g.add_argument("--perplexity", metavar="FILE", type=A.existing_file, help="held-out text file for perplexity")
     g.add_argument(
         "--max-harmful",
@@ -144,8 +136,9 @@ def _add_util_gate_args(p, *, tune: bool) -> None:
         "D (relative) against the reference",
     )
     if not tune:
-        g.add_argument("--reference", metavar="MODEL",
-                       help="model the utility drop is measured against (path or Hub id)")
+        g.add_argument(
+            "--reference", metavar="MODEL", help="model the utility drop is measured against (path or Hub id)"
+        )
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", type=A.creatable_dir, help="directory for responses, verdicts and reports")
     o.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
@@ -244,6 +237,7 @@ def run_eval(args) -> int:
     """
     if args.model:  # generating needs transformers; re-judging --responses with phrases does not
         from resta_fast.extras import require
+
         require("transformers", "eval", "`resta-fast eval --model`")
     from resta_fast.eval.runner import evaluate, print_summary
 
@@ -310,6 +304,7 @@ def run_tune(args) -> int:
         0
     """
     from resta_fast.extras import require
+
     require("transformers", "eval", "`resta-fast tune`")
     from resta_fast.eval.prompts import load_prompts
     from resta_fast.eval.tune import format_table, tune
@@ -378,7 +373,9 @@ def add_eval_parser(subparsers):
         "per category next to utility; with gate flags exit 1 when a threshold is crossed.",
     )
     p.add_argument(
-        "--model", action="append", metavar="MODEL",
+        "--model",
+        action="append",
+        metavar="MODEL",
         help="model directory or Hugging Face Hub id; repeat to compare models. " + HUB_HELP,
     )
     p.add_argument(
@@ -417,14 +414,14 @@ def add_tune_parser(subparsers):
     )
     m = p.add_argument_group("models")
     m.add_argument(
-        "--finetuned", required=True, metavar="MODEL",
+        "--finetuned",
+        required=True,
+        metavar="MODEL",
         help="fine-tuned model (also the utility reference); a path or Hub id. " + HUB_HELP,
     )
     m.add_argument("--aligned", metavar="MODEL", help="aligned model (path or Hub id)")
     m.add_argument("--unaligned", metavar="MODEL", help="unaligned (shadow) model (path or Hub id)")
-    m.add_argument(
-        "--vector", metavar="MODEL", help="precomputed safety vector instead of --aligned/--unaligned"
-    )
+    m.add_argument("--vector", metavar="MODEL", help="precomputed safety vector instead of --aligned/--unaligned")
     m.add_argument("--betas", required=True, action="append", help="β values, e.g. 0.25,0.5,1,1.5")
     m.add_argument("--dare", type=A.probability, help="DARE drop probability p")
     m.add_argument("--dare-seed", type=A.seed, default=0, help="DARE seed (default 0)")
@@ -432,8 +429,9 @@ def add_tune_parser(subparsers):
     m.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="candidate dtype")
     m.add_argument("--backend", default="auto", help="patch backend (default auto)")
     m.add_argument("--patch-device", default="cpu", help="device for patching (default cpu)")
-    m.add_argument("--workdir", metavar="DIR", type=A.creatable_dir,
-                   help="where candidates are written (default: system temp)")
+    m.add_argument(
+        "--workdir", metavar="DIR", type=A.creatable_dir, help="where candidates are written (default: system temp)"
+    )
     m.add_argument("--keep-candidates", action="store_true", help="keep the patched candidates")
     m.add_argument("--stop-early", action="store_true", help="stop at the first β that meets the targets")
     _add_prompt_args(p)

@@ -51,8 +51,9 @@ class Candidate:
 
     @property
     def slug(self) -> str:
-        return "-".join([self.method.lower().replace(" ", "")] +
-                        [f"{k}{v:g}" for k, v in self.knobs.items() if v is not None])
+        return "-".join(
+            [self.method.lower().replace(" ", "")] + [f"{k}{v:g}" for k, v in self.knobs.items() if v is not None]
+        )
 
 
 @dataclass
@@ -68,8 +69,11 @@ class Grid:
     def candidates(self, *, lora: bool, safety: bool) -> list[Candidate]:
         """The grid's candidates; Safe LoRA and SafeMERGE need a LoRA fine-tune (and a safety adapter)."""
         if (self.thresholds or self.num_layers or self.taus) and not lora:
-            raise OptionError("finetuned", "Safe LoRA and SafeMERGE realign a LoRA fine-tune: give a PEFT "
-                              "adapter as {finetuned}, or drop the Safe LoRA/SafeMERGE knobs")
+            raise OptionError(
+                "finetuned",
+                "Safe LoRA and SafeMERGE realign a LoRA fine-tune: give a PEFT "
+                "adapter as {finetuned}, or drop the Safe LoRA/SafeMERGE knobs",
+            )
         if self.taus and not safety:
             raise OptionError("safety_adapter", "SafeMERGE candidates need {safety_adapter} DIR")
         out = []
@@ -85,9 +89,20 @@ class Grid:
         return out
 
 
-def write_candidates(candidates: list[Candidate], root: Path, *, finetuned, aligned, unaligned, base=None,
-                     pre_aligned=None, safety_adapter=None, seed: int = 0, safemerge_options: dict | None = None,
-                     progress: bool = False) -> tuple[Path, dict[str, Path]]:
+def write_candidates(
+    candidates: list[Candidate],
+    root: Path,
+    *,
+    finetuned,
+    aligned,
+    unaligned,
+    base=None,
+    pre_aligned=None,
+    safety_adapter=None,
+    seed: int = 0,
+    safemerge_options: dict | None = None,
+    progress: bool = False,
+) -> tuple[Path, dict[str, Path]]:
     """Write the fine-tune baseline and every candidate under ``root``: (baseline dir, {slug: dir}).
 
     A full fine-tune is its own baseline; a LoRA fine-tune's is its merge into ``base``.
@@ -95,40 +110,68 @@ def write_candidates(candidates: list[Candidate], root: Path, *, finetuned, alig
     from (default: ``unaligned``, RESTA's shadow model).
     """
     from resta_fast.lora import is_adapter
+
     lora = is_adapter(finetuned)
     dirs = {c.slug: root / c.slug for c in candidates}
     resta = [c for c in candidates if c.method == "RESTA"]
     if resta:
-        _write_resta(resta, root, dirs, finetuned=finetuned, aligned=aligned, unaligned=unaligned,
-                     base=base if lora else None, seed=seed)
+        _write_resta(
+            resta,
+            root,
+            dirs,
+            finetuned=finetuned,
+            aligned=aligned,
+            unaligned=unaligned,
+            base=base if lora else None,
+            seed=seed,
+        )
     baseline = Path(finetuned)
     if lora:
         from resta_fast import realign
-        with realign.Session(finetuned, aligned=aligned, unaligned=pre_aligned or unaligned,
-                             safety_adapter=safety_adapter, base=base, progress=progress) as session:
+
+        with realign.Session(
+            finetuned,
+            aligned=aligned,
+            unaligned=pre_aligned or unaligned,
+            safety_adapter=safety_adapter,
+            base=base,
+            progress=progress,
+        ) as session:
             baseline = root / "finetune"
             session.finetune(baseline, fsync=False)
             for c in candidates:
                 if c.method == "Safe LoRA":
                     session.safelora(dirs[c.slug], merge=True, fsync=False, **c.knobs)
                 elif c.method == "SafeMERGE":
-                    session.safemerge(dirs[c.slug], merge=True, fsync=False, tau=c.knobs["tau"],
-                                      **(safemerge_options or {}))
+                    session.safemerge(
+                        dirs[c.slug], merge=True, fsync=False, tau=c.knobs["tau"], **(safemerge_options or {})
+                    )
     return baseline, dirs
 
 
-def _write_resta(cands: list[Candidate], root: Path, dirs: dict, *, finetuned, aligned, unaligned, base,
-                 seed: int) -> None:
+def _write_resta(
+    cands: list[Candidate], root: Path, dirs: dict, *, finetuned, aligned, unaligned, base, seed: int
+) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
     from resta_fast.batch.manifest import load_manifest
-    manifest = {"aligned": str(Path(aligned).absolute()), "unaligned": str(Path(unaligned).absolute()),
-                "fsync": False, "group_size": len(cands),
-                "jobs": [{"finetuned": str(Path(finetuned).absolute()), "out": str(dirs[c.slug].absolute()),
-                          "name": c.slug,
-                          "beta": c.knobs["beta"], **({"dare": c.knobs["dare"], "seed": seed}
-                                                      if c.knobs.get("dare") is not None else {})}
-                         for c in cands]}
+
+    manifest = {
+        "aligned": str(Path(aligned).absolute()),
+        "unaligned": str(Path(unaligned).absolute()),
+        "fsync": False,
+        "group_size": len(cands),
+        "jobs": [
+            {
+                "finetuned": str(Path(finetuned).absolute()),
+                "out": str(dirs[c.slug].absolute()),
+                "name": c.slug,
+                "beta": c.knobs["beta"],
+                **({"dare": c.knobs["dare"], "seed": seed} if c.knobs.get("dare") is not None else {}),
+            }
+            for c in cands
+        ],
+    }
     if base is not None:
         manifest["base"] = str(Path(base).absolute())
     path = root / "resta-candidates.json"
@@ -145,11 +188,30 @@ def _score(row: dict) -> tuple:
     return (lost, row["harmful_rate"] if row["harmful_rate"] is not None else math.inf)
 
 
-def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unaligned, base=None,
-            pre_aligned=None, safety_adapter=None, seed: int = 0, safemerge_options: dict | None = None,
-            max_utility_drop: float | None = None, utility=None, perplexity=None, judges=("refusal",),
-            eval_options: dict | None = None, workdir=None, keep: bool = False, out=None, progress: bool = False,
-            evaluate_fn=None) -> dict:
+def compare(
+    finetuned,
+    grid: Grid,
+    *,
+    prompts,
+    max_harmful: float,
+    aligned,
+    unaligned,
+    base=None,
+    pre_aligned=None,
+    safety_adapter=None,
+    seed: int = 0,
+    safemerge_options: dict | None = None,
+    max_utility_drop: float | None = None,
+    utility=None,
+    perplexity=None,
+    judges=("refusal",),
+    eval_options: dict | None = None,
+    workdir=None,
+    keep: bool = False,
+    out=None,
+    progress: bool = False,
+    evaluate_fn=None,
+) -> dict:
     """Write the grid's candidates, evaluate each and the fine-tune on the same prompts, choose one.
 
     Args:
@@ -177,8 +239,9 @@ def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unal
     from resta_fast.lora import is_adapter
 
     if not (utility or perplexity):
-        raise OptionError("utility", "compare plots harmful rate against utility: give {utility} FILE and/or "
-                          "{perplexity} FILE")
+        raise OptionError(
+            "utility", "compare plots harmful rate against utility: give {utility} FILE and/or {perplexity} FILE"
+        )
     candidates = grid.candidates(lora=is_adapter(finetuned), safety=safety_adapter is not None)
     evaluate_fn = evaluate_fn or evaluate
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
@@ -187,14 +250,30 @@ def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unal
     # Absolute: the RESTA candidates go through a batch manifest, whose relative paths are its folder's.
     root = Path(tempfile.mkdtemp(prefix="resta-compare-", dir=workdir)).absolute()
     try:
-        baseline_dir, dirs = write_candidates(candidates, root, finetuned=finetuned, aligned=aligned,
-                                              unaligned=unaligned, base=base, pre_aligned=pre_aligned,
-                                              safety_adapter=safety_adapter,
-                                              seed=seed, safemerge_options=safemerge_options, progress=progress)
+        baseline_dir, dirs = write_candidates(
+            candidates,
+            root,
+            finetuned=finetuned,
+            aligned=aligned,
+            unaligned=unaligned,
+            base=base,
+            pre_aligned=pre_aligned,
+            safety_adapter=safety_adapter,
+            seed=seed,
+            safemerge_options=safemerge_options,
+            progress=progress,
+        )
 
         def run_eval(model_dir: Path, label: str) -> dict:
-            res = evaluate_fn([str(model_dir)], pset, judges=judge_objs, utility=utility, perplexity=perplexity,
-                              out=(out_dir / label) if out_dir else None, **(eval_options or {}))
+            res = evaluate_fn(
+                [str(model_dir)],
+                pset,
+                judges=judge_objs,
+                utility=utility,
+                perplexity=perplexity,
+                out=(out_dir / label) if out_dir else None,
+                **(eval_options or {}),
+            )
             return res["summary"]["models"][0]
 
         base_summary = run_eval(baseline_dir, "finetune")
@@ -202,23 +281,47 @@ def compare(finetuned, grid: Grid, *, prompts, max_harmful: float, aligned, unal
         rows = []
         for c in candidates:
             s = run_eval(dirs[c.slug], c.slug)
-            chk = gate_mod.check_model(s, max_harmful=max_harmful, max_utility_drop=max_utility_drop,
-                                       reference_utility=ref_util)
-            rows.append({"label": c.label, "method": c.method, "knobs": c.knobs, "slug": c.slug,
-                         "model": str(dirs[c.slug]) if keep else None, "n": s.get("n"),
-                         "harmful_rate": s.get("harmful_rate"), "ci95": s.get("ci95"),
-                         "unparseable": s.get("unparseable"), "utility": s.get("utility"),
-                         "utility_drop": chk["utility_drop"], "passed": chk["passed"], "reason": chk["reason"]})
+            chk = gate_mod.check_model(
+                s, max_harmful=max_harmful, max_utility_drop=max_utility_drop, reference_utility=ref_util
+            )
+            rows.append(
+                {
+                    "label": c.label,
+                    "method": c.method,
+                    "knobs": c.knobs,
+                    "slug": c.slug,
+                    "model": str(dirs[c.slug]) if keep else None,
+                    "n": s.get("n"),
+                    "harmful_rate": s.get("harmful_rate"),
+                    "ci95": s.get("ci95"),
+                    "unparseable": s.get("unparseable"),
+                    "utility": s.get("utility"),
+                    "utility_drop": chk["utility_drop"],
+                    "passed": chk["passed"],
+                    "reason": chk["reason"],
+                }
+            )
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
     passing = sorted((r for r in rows if r["passed"]), key=_score)
     chosen = passing[0]["label"] if passing else None
-    result = {"chosen": chosen, "passed": chosen is not None, "max_harmful": max_harmful,
-              "max_utility_drop": max_utility_drop, "grid": asdict(grid),
-              "baseline": {"model": str(finetuned), "harmful_rate": base_summary.get("harmful_rate"),
-                           "ci95": base_summary.get("ci95"), "n": base_summary.get("n"), "utility": ref_util},
-              "rows": rows, "workdir": str(root) if keep else None}
+    result = {
+        "chosen": chosen,
+        "passed": chosen is not None,
+        "max_harmful": max_harmful,
+        "max_utility_drop": max_utility_drop,
+        "grid": asdict(grid),
+        "baseline": {
+            "model": str(finetuned),
+            "harmful_rate": base_summary.get("harmful_rate"),
+            "ci95": base_summary.get("ci95"),
+            "n": base_summary.get("n"),
+            "utility": ref_util,
+        },
+        "rows": rows,
+        "workdir": str(root) if keep else None,
+    }
     result["compare_line"] = compare_line(result)
     if out_dir:
         write_reports(result, out_dir)
@@ -235,8 +338,10 @@ def compare_line(result: dict) -> str:
     if result["chosen"] is None:
         budget = result.get("max_utility_drop")
         extra = f" within utility drop {budget}" if budget is not None else ""
-        return (f"{COMPARE_PREFIX} NONE no candidate of {len(result['rows'])} met max_harmful "
-                f"{result['max_harmful']}{extra}")
+        return (
+            f"{COMPARE_PREFIX} NONE no candidate of {len(result['rows'])} met max_harmful "
+            f"{result['max_harmful']}{extra}"
+        )
     row = next(r for r in result["rows"] if r["label"] == result["chosen"])
     return f"{COMPARE_PREFIX} {row['label']} {row['reason'].split(': ', 1)[-1]}"
 
@@ -257,8 +362,10 @@ def _utility_cells(u) -> tuple[str, str]:
 
 def format_table(result: dict) -> str:
     """The comparison as a Markdown table: the fine-tune first, then every candidate, the chosen one marked."""
-    lines = ["| candidate | harmful rate | 95% CI | exact match | perplexity | utility drop | meets targets |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| candidate | harmful rate | 95% CI | exact match | perplexity | utility drop | meets targets |",
+        "|---|---|---|---|---|---|---|",
+    ]
     b = result["baseline"]
     em, ppl = _utility_cells(b.get("utility"))
     lines.append(f"| fine-tune | {_pct(b.get('harmful_rate'))} | {_ci(b.get('ci95'))} | {em} | {ppl} | – | – |")
@@ -266,8 +373,9 @@ def format_table(result: dict) -> str:
         em, ppl = _utility_cells(r.get("utility"))
         drop = ", ".join(f"{k} {v:+.4f}" for k, v in (r.get("utility_drop") or {}).items()) or "–"
         mark = "**chosen**" if r["label"] == result["chosen"] else ("yes" if r["passed"] else "no")
-        lines.append(f"| {r['label']} | {_pct(r['harmful_rate'])} | {_ci(r.get('ci95'))} | {em} | {ppl} | {drop} "
-                     f"| {mark} |")
+        lines.append(
+            f"| {r['label']} | {_pct(r['harmful_rate'])} | {_ci(r.get('ci95'))} | {em} | {ppl} | {drop} | {mark} |"
+        )
     return "\n".join(lines)
 
 
@@ -301,8 +409,9 @@ def plot(result: dict, path, title: str = "Realignment methods side by side") ->
         if x is None or rate is None:
             return
         ci = entry.get("ci95") or (rate, rate)
-        ax.errorbar([scale * x], [100 * rate], yerr=[[100 * (rate - ci[0])], [100 * (ci[1] - rate)]], capsize=3,
-                    **style)
+        ax.errorbar(
+            [scale * x], [100 * rate], yerr=[[100 * (rate - ci[0])], [100 * (ci[1] - rate)]], capsize=3, **style
+        )
 
     point(result["baseline"], fmt="s", color="grey", label="fine-tune")
     colors = {"RESTA": "tab:blue", "Safe LoRA": "tab:orange", "SafeMERGE": "tab:green"}
@@ -313,10 +422,10 @@ def plot(result: dict, path, title: str = "Realignment methods side by side") ->
         point(r, fmt="o", color=colors.get(r["method"], "black"), alpha=0.8, label=r["method"] if first else None)
         x = (r.get("utility") or {}).get(key)
         if x is not None and r.get("harmful_rate") is not None:
-            knobs = r["label"][len(r["method"]) + 1:] if r["label"].startswith(r["method"] + " ") else r["label"]
-            ax.annotate(knobs,
-                        (scale * x, 100 * r["harmful_rate"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            knobs = r["label"][len(r["method"]) + 1 :] if r["label"].startswith(r["method"] + " ") else r["label"]
+            ax.annotate(
+                knobs, (scale * x, 100 * r["harmful_rate"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
     chosen = next((r for r in result["rows"] if r["label"] == result["chosen"]), None)
     if chosen is not None:
         point(chosen, fmt="*", color="red", markersize=14, label=f"chosen: {chosen['label']}")
@@ -338,8 +447,9 @@ def write_reports(result: dict, out_dir) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"), "png": str(out / "compare.png")}
     result["files"] = files
-    Path(files["markdown"]).write_text(format_table(result) + "\n\n`" + result["compare_line"] + "`\n",
-                                       encoding="utf-8")
+    Path(files["markdown"]).write_text(
+        format_table(result) + "\n\n`" + result["compare_line"] + "`\n", encoding="utf-8"
+    )
     plot(result, files["png"])
     Path(files["json"]).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return files

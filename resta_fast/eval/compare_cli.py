@@ -29,6 +29,7 @@ def _numbers(values, kind, flag: str) -> list:
             out.append(kind(text))
         except ValueError:
             from resta_fast.errors import RestaError
+
             raise RestaError(f"{flag} takes comma-separated numbers, got {text!r}") from None
     return out
 
@@ -50,13 +51,21 @@ def add_compare_parser(subparsers):
         "least utility lost is chosen (exit 0; 1 when none does). --out also gets compare.png.",
     )
     m = p.add_argument_group("models")
-    m.add_argument("--finetuned", required=True, metavar="DIR",
-                   help="the fine-tune: a full model, or a PEFT LoRA adapter (needed for Safe LoRA/SafeMERGE)")
+    m.add_argument(
+        "--finetuned",
+        required=True,
+        metavar="DIR",
+        help="the fine-tune: a full model, or a PEFT LoRA adapter (needed for Safe LoRA/SafeMERGE)",
+    )
     m.add_argument("--aligned", required=True, metavar="DIR", help="the aligned model the fine-tune started from")
-    m.add_argument("--unaligned", required=True, metavar="DIR",
-                   help="RESTA's shadow model, and Safe LoRA's pre-alignment model")
-    m.add_argument("--pre-aligned", metavar="DIR",
-                   help="the model --aligned was aligned from, for Safe LoRA/SafeMERGE (default: --unaligned)")
+    m.add_argument(
+        "--unaligned", required=True, metavar="DIR", help="RESTA's shadow model, and Safe LoRA's pre-alignment model"
+    )
+    m.add_argument(
+        "--pre-aligned",
+        metavar="DIR",
+        help="the model --aligned was aligned from, for Safe LoRA/SafeMERGE (default: --unaligned)",
+    )
     m.add_argument("--base", metavar="DIR", help="a LoRA fine-tune's base (default: --aligned)")
     m.add_argument("--safety-adapter", metavar="DIR", help="SafeMERGE's safety adapter")
     g = p.add_argument_group("the grid")
@@ -83,6 +92,7 @@ def run_compare(args) -> int:
     """The ``compare`` subcommand: 0 when a candidate met the targets, 1 when none did."""
     from resta_fast.errors import RestaError
     from resta_fast.extras import require
+
     require("transformers", "eval", "`resta-fast compare`")
     from resta_fast.eval.compare import Grid, compare, format_table
     from resta_fast.eval.prompts import load_prompts
@@ -90,10 +100,13 @@ def run_compare(args) -> int:
 
     if not args.prompts:
         raise RestaError("resta-fast compare needs --prompts FILE (or builtin:smoke)")
-    grid = Grid(betas=_numbers(args.betas, float, "--betas"), dare=args.resta_dare,
-                thresholds=_numbers(args.thresholds, float, "--thresholds"),
-                num_layers=_numbers(args.num_layers, int, "--num-layers"),
-                taus=_numbers(args.taus, float, "--taus"))
+    grid = Grid(
+        betas=_numbers(args.betas, float, "--betas"),
+        dare=args.resta_dare,
+        thresholds=_numbers(args.thresholds, float, "--thresholds"),
+        num_layers=_numbers(args.num_layers, int, "--num-layers"),
+        taus=_numbers(args.taus, float, "--taus"),
+    )
     for t in grid.thresholds + grid.taus:
         if not -1 <= t <= 1:
             raise RestaError(f"--thresholds/--taus are cosines in [-1, 1], got {t}")
@@ -101,18 +114,36 @@ def run_compare(args) -> int:
         raise RestaError("--num-layers values must be integers >= 1")
     if any(b < 0 for b in grid.betas):
         raise RestaError("--betas must be >= 0")
-    safemerge_options = {"weights": tuple(args.safemerge_weights), "combination": args.safemerge_combination,
-                         "density": check_combination(args.safemerge_combination, args.safemerge_density),
-                         "seed": args.dare_seed}
+    safemerge_options = {
+        "weights": tuple(args.safemerge_weights),
+        "combination": args.safemerge_combination,
+        "density": check_combination(args.safemerge_combination, args.safemerge_density),
+        "seed": args.dare_seed,
+    }
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    result = compare(args.finetuned, grid, prompts=load_prompts(args.prompts, columns=_columns(args), limit=args.limit),
-                     max_harmful=args.max_harmful, aligned=args.aligned, unaligned=args.unaligned, base=args.base,
-                     pre_aligned=args.pre_aligned,
-                     safety_adapter=args.safety_adapter, seed=args.dare_seed, safemerge_options=safemerge_options,
-                     max_utility_drop=args.max_utility_drop, utility=args.utility, perplexity=args.perplexity,
-                     judges=build_judges(args), eval_options=generation_options(args), workdir=args.workdir,
-                     keep=args.keep_candidates, out=args.out, progress=bool(args.progress))
+    result = compare(
+        args.finetuned,
+        grid,
+        prompts=load_prompts(args.prompts, columns=_columns(args), limit=args.limit),
+        max_harmful=args.max_harmful,
+        aligned=args.aligned,
+        unaligned=args.unaligned,
+        base=args.base,
+        pre_aligned=args.pre_aligned,
+        safety_adapter=args.safety_adapter,
+        seed=args.dare_seed,
+        safemerge_options=safemerge_options,
+        max_utility_drop=args.max_utility_drop,
+        utility=args.utility,
+        perplexity=args.perplexity,
+        judges=build_judges(args),
+        eval_options=generation_options(args),
+        workdir=args.workdir,
+        keep=args.keep_candidates,
+        out=args.out,
+        progress=bool(args.progress),
+    )
     if args.json:
         print(json.dumps(result))
         print(result["compare_line"], file=sys.stderr)

@@ -289,9 +289,7 @@ class VLLMEngine:
         self._vllm = vllm
         self.model_dir = str(check_model_dir(model_dir))
         self.device = device
-        self.llm = vllm.LLM(
-            model=self.model_dir, tokenizer=self.model_dir, dtype=dtype, seed=seed, **llm_kwargs
-        )
+        self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, dtype=dtype, seed=seed, **llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(
@@ -316,10 +314,7 @@ class VLLMEngine:
                 self.tokenizer, texts, system_prompt=system_prompt, chat_template=chat_template
             )
         # Token ids, not strings: vLLM would add BOS again to an already templated prompt.
-        reqs = [
-            {"prompt_token_ids": self.tokenizer(t, add_special_tokens=add_special)["input_ids"]}
-            for t in formatted
-        ]
+        reqs = [{"prompt_token_ids": self.tokenizer(t, add_special_tokens=add_special)["input_ids"]} for t in formatted]
         params = self._vllm.SamplingParams(temperature=0.0, max_tokens=int(max_new_tokens))
         outs = self.llm.generate(reqs, params, use_tqdm=bool(progress))
         return [o.outputs[0].text.strip() for o in outs]

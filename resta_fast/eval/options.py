@@ -115,9 +115,7 @@ class EvalOptions:
                     "--max-utility-drop needs --reference MODEL (usually the fine-tune) to measure against"
                 )
             if not (self.utility or self.perplexity):
-                raise RestaError(
-                    "--max-utility-drop needs --utility FILE and/or --perplexity FILE to measure utility"
-                )
+                raise RestaError("--max-utility-drop needs --utility FILE and/or --perplexity FILE to measure utility")
         if self.max_harmful is not None and not 0.0 <= self.max_harmful <= 1.0:
             raise RestaError(f"--max-harmful is a rate in [0, 1], got {self.max_harmful}")
         for f in [self.utility, self.perplexity]:

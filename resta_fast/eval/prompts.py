@@ -219,9 +219,7 @@ def load_file(path: str | os.PathLike, columns: Columns | None = None) -> list[P
                     try:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise RestaError(
-                            f"{p}: line {n} is not valid JSON ({e.msg}); fix or remove it"
-                        ) from e
+                        raise RestaError(f"{p}: line {n} is not valid JSON ({e.msg}); fix or remove it") from e
             return rows_to_prompts(records, source, columns, where=str(p))
         if suffix == ".json":
             try:
@@ -257,9 +255,7 @@ def json_to_prompts(data, source: str, columns: Columns, where: str) -> list[Pro
             if isinstance(data.get(key), list):
                 return rows_to_prompts(data[key], source, columns, where)
         return catqa_to_prompts(data, source, where)
-    raise RestaError(
-        f"{where}: expected a JSON list of rows or a {{category: {{subcategory: [...]}}}} object"
-    )
+    raise RestaError(f"{where}: expected a JSON list of rows or a {{category: {{subcategory: [...]}}}} object")
 
 
 def _clean_key(key: str) -> str:
@@ -299,18 +295,13 @@ def catqa_to_prompts(data: dict, source: str, where: str) -> list[Prompt]:
         for subcat, questions in groups:
             if not isinstance(questions, list):
                 raise RestaError(
-                    f"{where}: '{cat_key}' / '{subcat}' holds {type(questions).__name__}, "
-                    "expected a list of questions"
+                    f"{where}: '{cat_key}' / '{subcat}' holds {type(questions).__name__}, expected a list of questions"
                 )
             for q in questions:
                 if not isinstance(q, str):
-                    raise RestaError(
-                        f"{where}: '{cat_key}' / '{subcat}' has a non-string question: {q!r:.60}"
-                    )
+                    raise RestaError(f"{where}: '{cat_key}' / '{subcat}' has a non-string question: {q!r:.60}")
                 if q.strip():
-                    out.append(
-                        Prompt(id=f"{source}:{len(out)}", text=q.strip(), category=cat, subcategory=subcat)
-                    )
+                    out.append(Prompt(id=f"{source}:{len(out)}", text=q.strip(), category=cat, subcategory=subcat))
     return out
 
 
@@ -408,9 +399,7 @@ def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     if ":" in body:
         name, config = body.split(":", 1)
     if not name:
-        raise RestaError(
-            f"'{spec}': expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:declare-lab/CategoricalHarmfulQA@en"
-        )
+        raise RestaError(f"'{spec}': expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:declare-lab/CategoricalHarmfulQA@en")
     return name, config, split
 
 

@@ -118,8 +118,7 @@ def markdown(result: dict) -> str:
         for m in models:
             for pair, a in m.get("agreement", {}).items():
                 out.append(
-                    f"| {m['label']} | {pair} | {a['n']} | {_pct(a['percent_agreement'])} | "
-                    f"{_num(a['cohen_kappa'])} |"
+                    f"| {m['label']} | {pair} | {a['n']} | {_pct(a['percent_agreement'])} | {_num(a['cohen_kappa'])} |"
                 )
         out.append("")
 

@@ -64,9 +64,7 @@ def load_responses(path) -> tuple[str, list[Prompt], list[str]]:
     """
     p = Path(path)
     if not p.is_file():
-        raise RestaError(
-            f"responses file {p} not found: pass a responses/*.jsonl written by `resta-fast eval --out`"
-        )
+        raise RestaError(f"responses file {p} not found: pass a responses/*.jsonl written by `resta-fast eval --out`")
     prompts, responses, models = [], [], set()
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

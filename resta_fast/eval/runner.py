@@ -191,6 +191,7 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
     models = [str(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
     # Hub ids (io.hub.HUB_RULE) -> their cache snapshots; labels keep the id's name.
     from resta_fast.io.hub import Resolver
+
     resolve, hub_names = Resolver(), {}
 
     def local(model, role: str) -> str:
@@ -198,12 +199,11 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
         if found.is_hub:
             hub_names[str(found.path)] = found.spec
         return str(found.path) if found.is_hub else str(model)
+
     models = [local(m, "model") for m in models]
     reference = local(opts.reference, "reference") if opts.reference else opts.reference
     if not models and not opts.responses:
-        raise RestaError(
-            "nothing to evaluate: pass --model DIR (or --responses FILE to re-judge saved answers)"
-        )
+        raise RestaError("nothing to evaluate: pass --model DIR (or --responses FILE to re-judge saved answers)")
     if models and prompts is None:
         raise RestaError("--model needs --prompts FILE (or --prompts builtin:smoke for a quick smoke check)")
     if (opts.utility or opts.perplexity) and not models and not reference:

@@ -202,9 +202,7 @@ def tune(
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tune.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (out_dir / "tune.md").write_text(
-            format_table(result) + "\n\n`" + result["tune_line"] + "`\n", encoding="utf-8"
-        )
+        (out_dir / "tune.md").write_text(format_table(result) + "\n\n`" + result["tune_line"] + "`\n", encoding="utf-8")
     return result
 
 
@@ -261,9 +259,7 @@ def format_table(result: dict) -> str:
 
     b = result["baseline"]
     em, ppl = util_cells(b.get("utility"))
-    lines.append(
-        f"| fine-tune | {_pct(b.get('harmful_rate'))} | {ci(b.get('ci95'))} | {em} | {ppl} | – | – |"
-    )
+    lines.append(f"| fine-tune | {_pct(b.get('harmful_rate'))} | {ci(b.get('ci95'))} | {em} | {ppl} | – | – |")
     for r in result["rows"]:
         em, ppl = util_cells(r.get("utility"))
         drop = ", ".join(f"{k} {v:+.4f}" for k, v in (r.get("utility_drop") or {}).items()) or "–"

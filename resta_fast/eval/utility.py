@@ -15,9 +15,7 @@ PROMPT_KEYS = ("prompt", "question", "input", "instruction")
 ANSWER_KEYS = ("answer", "output", "target", "label", "response")
 
 
-def load_pairs(
-    path, *, prompt_key: str | None = None, answer_key: str | None = None
-) -> list[tuple[str, str]]:
+def load_pairs(path, *, prompt_key: str | None = None, answer_key: str | None = None) -> list[tuple[str, str]]:
     """Read a JSONL of prompt/answer pairs for exact-match accuracy.
 
     Args:
@@ -34,9 +32,7 @@ def load_pairs(
     """
     p = Path(path)
     if not p.is_file():
-        raise RestaError(
-            f'utility file {p} not found: pass a JSONL of {{"prompt": ..., "answer": ...}} lines'
-        )
+        raise RestaError(f'utility file {p} not found: pass a JSONL of {{"prompt": ..., "answer": ...}} lines')
     pairs = []
     for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():

@@ -43,14 +43,22 @@ def _raw(tensor, dtype: str, shape, key: str) -> np.ndarray:
         arr = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
     else:  # a torch tensor
         import torch
+
         arr = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
     if arr.size != math.prod(shape) * ITEMSIZE[dtype]:
         raise AssertionError(f"replacement for {key} is not stored as {dtype}")
     return arr
 
 
-def write_adapter(tmp: Path, adapter: LoraAdapter, replace: dict, metadata: dict[str, str], *,
-                  config: dict | None = None, fsync: bool = True) -> dict[str, str]:
+def write_adapter(
+    tmp: Path,
+    adapter: LoraAdapter,
+    replace: dict,
+    metadata: dict[str, str],
+    *,
+    config: dict | None = None,
+    fsync: bool = True,
+) -> dict[str, str]:
     """Write ``adapter`` into ``tmp`` with the tensors in ``replace`` swapped in.
 
     Args:
@@ -63,6 +71,7 @@ def write_adapter(tmp: Path, adapter: LoraAdapter, replace: dict, metadata: dict
         {file name: sha256} of every file written.
     """
     from resta_fast.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
     src = adapter.file
     unknown = set(replace) - set(src.tensors)
     if unknown:
@@ -71,8 +80,11 @@ def write_adapter(tmp: Path, adapter: LoraAdapter, replace: dict, metadata: dict
     out = TensorFileWriter(tmp / ADAPTER_WEIGHTS, [(i.name, i.dtype, i.shape) for i in infos], metadata)
     try:
         for info in infos:
-            data = (_raw(replace[info.name], info.dtype, info.shape, info.name).data if info.name in replace
-                    else src.raw(info.name))
+            data = (
+                _raw(replace[info.name], info.dtype, info.shape, info.name).data
+                if info.name in replace
+                else src.raw(info.name)
+            )
             write_all(out.fd, memoryview(data), out.offsets[info.name][0], out.path)
         src.check_unchanged()  # a byte copied from a file that changed meanwhile is not ours to ship
     finally:
@@ -88,8 +100,10 @@ def write_adapter(tmp: Path, adapter: LoraAdapter, replace: dict, metadata: dict
         if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) + OWN_FILES or not path.is_file():
             continue
         if path.name.startswith("adapter_model") and path.suffix in (".bin", ".safetensors"):
-            raise RestaError(f"{adapter.path}: holds a second weights file {path.name}; remove it (peft "
-                             f"would load it instead of {ADAPTER_WEIGHTS})")
+            raise RestaError(
+                f"{adapter.path}: holds a second weights file {path.name}; remove it (peft "
+                f"would load it instead of {ADAPTER_WEIGHTS})"
+            )
         shutil.copyfile(path, tmp / path.name)
         files[path.name] = sha256_file(tmp / path.name)
     return files

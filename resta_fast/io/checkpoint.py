@@ -18,20 +18,35 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Files copied from the fine-tune so the output loads like it (transformers, vLLM).
 SIDE_FILE_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "chat_template.json", "chat_template.jinja",
-    "preprocessor_config.json", "spiece.model",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "spiece.model",
 )
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 # Tensor-name endings that only quantized checkpoints have.
 QUANTIZED_SUFFIXES = (
-    (".qweight", "GPTQ/AWQ"), (".qzeros", "GPTQ/AWQ"), (".g_idx", "GPTQ"),
-    (".absmax", "bitsandbytes 4-bit"), (".quant_map", "bitsandbytes 4-bit"),
+    (".qweight", "GPTQ/AWQ"),
+    (".qzeros", "GPTQ/AWQ"),
+    (".g_idx", "GPTQ"),
+    (".absmax", "bitsandbytes 4-bit"),
+    (".quant_map", "bitsandbytes 4-bit"),
     (".quant_state.bitsandbytes__nf4", "bitsandbytes 4-bit"),
-    (".quant_state.bitsandbytes__fp4", "bitsandbytes 4-bit"), (".SCB", "bitsandbytes 8-bit"),
-    (".weight_scale_inv", "FP8 block"), (".weight_scale", "FP8/compressed-tensors"),
+    (".quant_state.bitsandbytes__fp4", "bitsandbytes 4-bit"),
+    (".SCB", "bitsandbytes 8-bit"),
+    (".weight_scale_inv", "FP8 block"),
+    (".weight_scale", "FP8/compressed-tensors"),
 )
 
 
@@ -87,8 +102,10 @@ class Checkpoint:
         for fname, f in self.files.items():
             for name in f.tensors:
                 if name in self.location:
-                    raise CheckpointError(f"{role} {self.path}: tensor {name!r} is stored in both "
-                                          f"{self.location[name]} and {fname}; the checkpoint is corrupt")
+                    raise CheckpointError(
+                        f"{role} {self.path}: tensor {name!r} is stored in both "
+                        f"{self.location[name]} and {fname}; the checkpoint is corrupt"
+                    )
                 self.location[name] = fname
 
     def _open_directory(self) -> None:
@@ -102,8 +119,9 @@ class Checkpoint:
             except (ValueError, OSError, RecursionError) as exc:
                 raise CheckpointError(f"{config}: not valid JSON ({exc}); fix or remove it") from None
             if not isinstance(self.config, dict):
-                raise CheckpointError(f"{config}: must be a JSON object, got "
-                                      f"{type(self.config).__name__}; fix or remove it")
+                raise CheckpointError(
+                    f"{config}: must be a JSON object, got {type(self.config).__name__}; fix or remove it"
+                )
         index = root / INDEX_NAME
         if index.is_file():
             self._open_index(index)
@@ -112,8 +130,10 @@ class Checkpoint:
         else:
             found = sorted(p.name for p in root.glob("*.safetensors"))
             if (root / "adapter_config.json").is_file():
-                raise CheckpointError(f"{self.role} {root}: is a PEFT adapter, not a full model; "
-                                      "pass it as --finetuned together with --base")
+                raise CheckpointError(
+                    f"{self.role} {root}: is a PEFT adapter, not a full model; "
+                    "pass it as --finetuned together with --base"
+                )
             if len(found) == 1:
                 self._open_files(found, root)
                 return
@@ -122,16 +142,18 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{self.role} {root}: holds only pickle weights ({', '.join(bins[:3])}); resta_fast "
                     "does not unpickle untrusted files. Convert once with transformers: "
-                    "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
+                    "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+                )
             what = f"several ({', '.join(found[:4])}) but no {INDEX_NAME}" if found else "none"
-            raise CheckpointError(f"{self.role} {root}: expected {SINGLE_NAME} or {INDEX_NAME}; "
-                                  f"found {what}")
+            raise CheckpointError(f"{self.role} {root}: expected {SINGLE_NAME} or {INDEX_NAME}; found {what}")
 
     def _open_index(self, index: Path) -> None:
         try:
             if index.stat().st_size > MAX_HEADER_BYTES:  # same bound as a header: real ones are < 10 MB
-                raise CheckpointError(f"{index}: {index.stat().st_size} bytes is over the "
-                                      f"{MAX_HEADER_BYTES}-byte cap; the index is corrupt, regenerate it")
+                raise CheckpointError(
+                    f"{index}: {index.stat().st_size} bytes is over the "
+                    f"{MAX_HEADER_BYTES}-byte cap; the index is corrupt, regenerate it"
+                )
             obj = json.loads(index.read_text())
         except RecursionError:
             raise CheckpointError(f"{index}: JSON nested too deeply; regenerate the index") from None
@@ -139,31 +161,48 @@ class Checkpoint:
             raise CheckpointError(f"{index}: not valid JSON ({exc}); regenerate the index") from None
         weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
             raise CheckpointError(f"{index}: needs a 'weight_map' object of tensor -> shard file")
         self.index_metadata = obj.get("metadata") or {}
         for shard in sorted(set(weight_map.values())):
-            if (not shard or "/" in shard or "\\" in shard or shard in (".", "..")
-                    or os.path.isabs(shard) or "\x00" in shard):
-                raise CheckpointError(f"{index}: shard name {shard!r} is not a plain file name; "
-                                      "refusing to read outside the model directory")
+            if (
+                not shard
+                or "/" in shard
+                or "\\" in shard
+                or shard in (".", "..")
+                or os.path.isabs(shard)
+                or "\x00" in shard
+            ):
+                raise CheckpointError(
+                    f"{index}: shard name {shard!r} is not a plain file name; "
+                    "refusing to read outside the model directory"
+                )
             real = os.path.realpath(self.path / shard)
             if not _link_target_allowed(self.path, real):
-                raise CheckpointError(f"{index}: shard {shard!r} is a link pointing outside the "
-                                      f"model directory ({real}); refusing to read it")
+                raise CheckpointError(
+                    f"{index}: shard {shard!r} is a link pointing outside the "
+                    f"model directory ({real}); refusing to read it"
+                )
             if not (self.path / shard).is_file():
-                raise CheckpointError(f"{index}: names shard {shard!r}, which does not exist in "
-                                      f"{self.path}; re-download the missing shard")
+                raise CheckpointError(
+                    f"{index}: names shard {shard!r}, which does not exist in "
+                    f"{self.path}; re-download the missing shard"
+                )
         self._open_files(sorted(set(weight_map.values())), self.path)
         for name, shard in weight_map.items():
             if name not in self.files[shard].tensors:
-                raise CheckpointError(f"{index}: says tensor {name!r} is in {shard}, but that shard "
-                                      "does not contain it; the index and shards disagree")
+                raise CheckpointError(
+                    f"{index}: says tensor {name!r} is in {shard}, but that shard "
+                    "does not contain it; the index and shards disagree"
+                )
         for shard, f in self.files.items():
             extra = [n for n in f.tensors if weight_map.get(n) != shard]
             if extra:
-                raise CheckpointError(f"{self.path / shard}: tensor {extra[0]!r} is not listed for this "
-                                      f"shard in {INDEX_NAME}; the index and shards disagree")
+                raise CheckpointError(
+                    f"{self.path / shard}: tensor {extra[0]!r} is not listed for this "
+                    f"shard in {INDEX_NAME}; the index and shards disagree"
+                )
 
     def _open_files(self, names, root: Path) -> None:
         for name in names:
@@ -226,8 +265,9 @@ class Checkpoint:
         """
         qc = self.config.get("quantization_config")
         if isinstance(qc, dict):
-            method = qc.get("quant_method") or ("bitsandbytes" if any(
-                k.startswith(("load_in_4bit", "load_in_8bit", "bnb_")) for k in qc) else "unknown")
+            method = qc.get("quant_method") or (
+                "bitsandbytes" if any(k.startswith(("load_in_4bit", "load_in_8bit", "bnb_")) for k in qc) else "unknown"
+            )
             return f"config.json has a quantization_config ({method})"
         for name in self.location:
             for suffix, method in QUANTIZED_SUFFIXES:
@@ -252,9 +292,15 @@ class Checkpoint:
     def fingerprint(self) -> dict:
         """Cheap identity of the inputs: per-file size, mtime and header hash."""
         import hashlib
-        return {name: {"bytes": f.size, "mtime_ns": f.stat.st_mtime_ns,
-                       "header_sha256": hashlib.sha256(f.header_bytes).hexdigest()}
-                for name, f in self.files.items()}
+
+        return {
+            name: {
+                "bytes": f.size,
+                "mtime_ns": f.stat.st_mtime_ns,
+                "header_sha256": hashlib.sha256(f.header_bytes).hexdigest(),
+            }
+            for name, f in self.files.items()
+        }
 
     def check_unchanged(self) -> None:
         for f in self.files.values():

@@ -35,8 +35,10 @@ from resta_fast.errors import RestaError
 
 # Light on purpose: the CLI's --help imports this module for HUB_RULE (numpy and the
 # checkpoint reader are imported only when a Hub id is resolved).
-HUB_RULE = ("an existing local path wins; otherwise ORG/NAME[@REV] or hf://ORG/NAME[@REV] is a Hugging Face "
-            "Hub id (the cache first; HF_HUB_OFFLINE=1 never downloads)")
+HUB_RULE = (
+    "an existing local path wins; otherwise ORG/NAME[@REV] or hf://ORG/NAME[@REV] is a Hugging Face "
+    "Hub id (the cache first; HF_HUB_OFFLINE=1 never downloads)"
+)
 SCHEME = "hf://"
 DEFAULT_REVISION = "main"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -92,11 +94,14 @@ def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """
     if not isinstance(text, str):
         return None
-    body = text[len(SCHEME):] if text.startswith(SCHEME) else text
+    body = text[len(SCHEME) :] if text.startswith(SCHEME) else text
     repo, sep, revision = body.partition("@")
     parts = repo.split("/")
-    if (len(parts) != 2 or not all(_PART.fullmatch(p) and "--" not in p and ".." not in p for p in parts)
-            or parts[1].endswith((".safetensors", ".json", ".git"))):
+    if (
+        len(parts) != 2
+        or not all(_PART.fullmatch(p) and "--" not in p and ".." not in p for p in parts)
+        or parts[1].endswith((".safetensors", ".json", ".git"))
+    ):
         return None
     if sep and not _REVISION.fullmatch(revision):
         return None
@@ -109,7 +114,8 @@ def cache_dir() -> Path:
     if hub_cache:
         return Path(os.path.expandvars(os.path.expanduser(hub_cache)))
     home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
     return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
 
 
@@ -195,30 +201,47 @@ def _hub():
     try:
         import huggingface_hub
     except ImportError:
-        raise RestaError("Hub ids need huggingface_hub, which is not installed: pip install huggingface_hub "
-                         "(or pass a local directory)") from None
+        raise RestaError(
+            "Hub ids need huggingface_hub, which is not installed: pip install huggingface_hub "
+            "(or pass a local directory)"
+        ) from None
     return huggingface_hub
 
 
 def metadata_files() -> list[str]:
     """What a job reads besides the weights: small files, fetched first (the index names the shards)."""
     from resta_fast.io.checkpoint import SIDE_FILE_PATTERNS
+
     return [*SIDE_FILE_PATTERNS, INDEX_NAME, ADAPTER_CONFIG]
 
 
-def _snapshot(repo_id: str, revision: str, *, local_only: bool, allow: list[str],
-              ignore: list[str] | None = None) -> Path:
+def _snapshot(
+    repo_id: str, revision: str, *, local_only: bool, allow: list[str], ignore: list[str] | None = None
+) -> Path:
     """``huggingface_hub.snapshot_download`` into ``cache_dir()`` (tests replace this one call)."""
-    return Path(_hub().snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir()),
-                                         local_files_only=local_only, allow_patterns=allow,
-                                         ignore_patterns=ignore))
+    return Path(
+        _hub().snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=str(cache_dir()),
+            local_files_only=local_only,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+        )
+    )
 
 
 def _error_name(exc: BaseException) -> str:
     """The huggingface_hub error class ``exc`` is, by name (stable across its versions and modules)."""
     names = [c.__name__ for c in type(exc).__mro__]
-    for name in ("GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "OfflineModeIsEnabled",
-                 "LocalEntryNotFoundError", "HfHubHTTPError"):
+    for name in (
+        "GatedRepoError",
+        "RepositoryNotFoundError",
+        "RevisionNotFoundError",
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+        "HfHubHTTPError",
+    ):
         if name in names:
             return name
     return type(exc).__name__
@@ -277,19 +300,24 @@ def _resolve_hub(text: str, role: str, kind: str, repo_id: str, revision: str) -
         folder = _snapshot(repo_id, revision, local_only=True, allow=metadata_files())
         missing = _missing(folder, kind)
     except OSError as exc:  # LocalEntryNotFoundError (a FileNotFoundError) and friends: not cached
-        if _error_name(exc) not in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") \
-                and not isinstance(exc, FileNotFoundError):
+        if _error_name(exc) not in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") and not isinstance(
+            exc, FileNotFoundError
+        ):
             raise RestaError(f"{where}: cannot read the Hugging Face cache {cache} ({_first_line(exc)})") from None
     if folder is not None and not missing:
         return ResolvedInput(folder, repo_id, revision, folder.name, text)
     if offline():
         if folder is None:
-            raise RestaError(f"{where}: no such local path, and the Hub model {label} is not in the Hugging Face "
-                             f"cache ({cache}) while HF_HUB_OFFLINE=1; download it once online ({hint}) or "
-                             "pass a local directory")
-        raise RestaError(f"{where}: the cached snapshot of {label} (commit {folder.name[:12]}) lacks {missing}, "
-                         f"and HF_HUB_OFFLINE=1 forbids downloading it; complete it once online ({hint}) or "
-                         "pass a local directory")
+            raise RestaError(
+                f"{where}: no such local path, and the Hub model {label} is not in the Hugging Face "
+                f"cache ({cache}) while HF_HUB_OFFLINE=1; download it once online ({hint}) or "
+                "pass a local directory"
+            )
+        raise RestaError(
+            f"{where}: the cached snapshot of {label} (commit {folder.name[:12]}) lacks {missing}, "
+            f"and HF_HUB_OFFLINE=1 forbids downloading it; complete it once online ({hint}) or "
+            "pass a local directory"
+        )
     print(f"resta-fast: {role}: fetching {label} from the Hugging Face Hub into {cache}", file=sys.stderr)
     try:
         folder = _snapshot(repo_id, revision, local_only=False, allow=metadata_files())
@@ -302,28 +330,39 @@ def _resolve_hub(text: str, role: str, kind: str, repo_id: str, revision: str) -
     missing = _missing(folder, kind)
     if missing:
         what = "a PEFT adapter" if kind == "adapter" else "a model" if kind == "model" else "a model or adapter"
-        raise RestaError(f"{where}: the Hub repo {label} (commit {folder.name[:12]}) has no {missing}, so it is "
-                         f"not {what} resta_fast can read (it needs safetensors weights); check the id")
+        raise RestaError(
+            f"{where}: the Hub repo {label} (commit {folder.name[:12]}) has no {missing}, so it is "
+            f"not {what} resta_fast can read (it needs safetensors weights); check the id"
+        )
     return ResolvedInput(folder, repo_id, revision, folder.name, text)
 
 
-def _hub_error(where: str, exc: BaseException, repo_id: str, revision: str, label: str, cache: Path,
-               hint: str) -> str:
+def _hub_error(where: str, exc: BaseException, repo_id: str, revision: str, label: str, cache: Path, hint: str) -> str:
     """The one line for a failed Hub look-up or download."""
     name = _error_name(exc)
     page = f"https://huggingface.co/{repo_id}"
     if name == "GatedRepoError":
-        return (f"{where}: the Hub model {repo_id} is gated; request access on {page}, log in (hf auth login "
-                "or HF_TOKEN), then retry, or pass a local directory")
+        return (
+            f"{where}: the Hub model {repo_id} is gated; request access on {page}, log in (hf auth login "
+            "or HF_TOKEN), then retry, or pass a local directory"
+        )
     if name == "RepositoryNotFoundError":
-        return (f"{where}: no such local path, and the Hub has no model {repo_id} you can read (it does not "
-                "exist, or it is private: log in with hf auth login or HF_TOKEN); check the id or pass a local "
-                "directory")
+        return (
+            f"{where}: no such local path, and the Hub has no model {repo_id} you can read (it does not "
+            "exist, or it is private: log in with hf auth login or HF_TOKEN); check the id or pass a local "
+            "directory"
+        )
     if name == "RevisionNotFoundError":
-        return (f"{where}: the Hub model {repo_id} has no revision {revision!r}; name an existing branch, tag "
-                f"or commit ({page}/tree/main), or pass a local directory")
+        return (
+            f"{where}: the Hub model {repo_id} has no revision {revision!r}; name an existing branch, tag "
+            f"or commit ({page}/tree/main), or pass a local directory"
+        )
     if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-        return (f"{where}: cannot reach the Hugging Face Hub ({_first_line(exc)}), and {label} is not in the "
-                f"cache ({cache}); retry online ({hint}) or pass a local directory")
-    return f"{where}: fetching {label} from the Hugging Face Hub failed ({name}: {_first_line(exc)}); retry, " \
-           "or pass a local directory"
+        return (
+            f"{where}: cannot reach the Hugging Face Hub ({_first_line(exc)}), and {label} is not in the "
+            f"cache ({cache}); retry online ({hint}) or pass a local directory"
+        )
+    return (
+        f"{where}: fetching {label} from the Hugging Face Hub failed ({name}: {_first_line(exc)}); retry, "
+        "or pass a local directory"
+    )

@@ -66,8 +66,7 @@ def _read_holder(fd: int) -> dict:
 def _describe(holder: dict) -> str:
     if not holder:
         return "a run that has not written its details yet"
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
-            f"started {holder.get('started', '?')}")
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
 
 
 class OutputLock:
@@ -94,9 +93,11 @@ class OutputLock:
                 # O_NOFOLLOW: a planted symlink must not make us truncate its target.
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise RestaError(f"cannot create lock file {self.path} ({exc.strerror}); check that "
-                                 f"{self.out.parent} is writable and {self.path.name} is a plain "
-                                 "file") from None
+                raise RestaError(
+                    f"cannot create lock file {self.path} ({exc.strerror}); check that "
+                    f"{self.out.parent} is writable and {self.path.name} is a plain "
+                    "file"
+                ) from None
             try:
                 self._lock_fd(fd)
                 if not self._still_linked(fd):
@@ -117,7 +118,8 @@ class OutputLock:
         except BlockingIOError:
             raise OutputBusy(
                 f"--out {self.out} is being written by another resta-fast run ({_describe(previous)}; "
-                f"lock file {self.path}); wait for it to finish or choose another --out") from None
+                f"lock file {self.path}); wait for it to finish or choose another --out"
+            ) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise RestaError(f"cannot lock {self.path} ({exc.strerror})") from None
@@ -138,7 +140,8 @@ class OutputLock:
         where = "" if same_host else " (on another host, so resta-fast cannot check it is alive)"
         raise OutputBusy(
             f"--out {self.out} is locked by {_describe(holder)}{where}; this filesystem has no flock; "
-            f"wait for that run, or delete {self.path} if you are sure no run is active")
+            f"wait for that run, or delete {self.path} if you are sure no run is active"
+        )
 
     def _still_linked(self, fd: int) -> bool:
         try:
@@ -149,9 +152,13 @@ class OutputLock:
         return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def _write_details(self) -> None:
-        details = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                   "out": str(self.out),
-                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        details = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "out": str(self.out),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         data = (json.dumps(details) + "\n").encode()
         try:
             os.ftruncate(self.fd, 0)
@@ -184,7 +191,7 @@ def parse_temp_name(out: Path, entry: str) -> tuple[str, int] | None:
     prefix = f".{out.name}{TMP_MARKER}"
     if not entry.startswith(prefix):
         return None
-    parts = entry[len(prefix):].rsplit("-", 2)  # host names may contain '-'
+    parts = entry[len(prefix) :].rsplit("-", 2)  # host names may contain '-'
     if len(parts) != 3 or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1])
@@ -207,8 +214,9 @@ def clean_stale_temps(out: Path) -> list[Path]:
     for entry in entries:
         path = out.parent / entry
         parsed = parse_temp_name(out, entry)
-        stale = (parsed is not None and parsed[0] == host and not pid_alive(parsed[1])) or \
-            entry.startswith(f".{out.name}{OLD_MARKER}")
+        stale = (parsed is not None and parsed[0] == host and not pid_alive(parsed[1])) or entry.startswith(
+            f".{out.name}{OLD_MARKER}"
+        )
         if stale and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
             if not path.exists():

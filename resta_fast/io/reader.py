@@ -39,11 +39,20 @@ MAX_RANK = 64
 # torch objects, so reading headers and streaming on the CPU need no torch;
 # ``torch_dtype`` resolves one when a torch view is asked for.
 DTYPES: dict[str, tuple[str, int]] = {
-    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1),
-    "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2), "I32": ("int32", 4), "U32": ("uint32", 4),
-    "F32": ("float32", 4), "I64": ("int64", 8), "U64": ("uint64", 8),
-    "F64": ("float64", 8), "F8_E4M3": ("float8_e4m3fn", 1),
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
 }
 ITEMSIZE: dict[str, int] = {name: size for name, (_, size) in DTYPES.items()}
@@ -51,9 +60,21 @@ ITEMSIZE: dict[str, int] = {name: size for name, (_, size) in DTYPES.items()}
 # has no bfloat16, so BF16 is carried as its uint16 bits (the kernels take raw
 # storage and know the dtype from it), FP8 as bytes.
 NUMPY_STORAGE: dict[str, type] = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
-    "BF16": np.uint16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64,
-    "F64": np.float64, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "F32": np.float32,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "F64": np.float64,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
 }
 # Dtypes the fused kernels compute with (SPEC §2); other floats are copied.
 KERNEL_DTYPES = ("BF16", "F16", "F32")
@@ -63,6 +84,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 def torch_dtype(name: str):
     """The torch dtype of safetensors dtype ``name`` (imports torch)."""
     import torch
+
     return getattr(torch, DTYPES[name][0])
 
 
@@ -159,6 +181,7 @@ def _valid_utf8(text: str) -> bool:
 
 def parse_header(path: Path, header: bytes, file_size: int):
     """Validate a raw header; return (metadata, {name: TensorInfo} in file order)."""
+
     def bad(msg, tensor=None):
         where = f"{path}" + (f", tensor {_clip(tensor, 200)}" if tensor is not None else "")
         return CheckpointError(f"{where}: {msg}")
@@ -166,19 +189,24 @@ def parse_header(path: Path, header: bytes, file_size: int):
     try:
         text = header.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise bad(f"header is not valid UTF-8 (byte {exc.start} of the header); tensor names and "
-                  "metadata must be UTF-8 — the file is corrupt or not safetensors") from None
+        raise bad(
+            f"header is not valid UTF-8 (byte {exc.start} of the header); tensor names and "
+            "metadata must be UTF-8 — the file is corrupt or not safetensors"
+        ) from None
     excess = _container_budget_exceeded(header)
     if excess is not None:
-        raise bad(f"header JSON holds {excess[0]} objects/lists where a valid header can hold at most "
-                  f"{excess[1]}; the file is corrupt or hostile")
+        raise bad(
+            f"header JSON holds {excess[0]} objects/lists where a valid header can hold at most "
+            f"{excess[1]}; the file is corrupt or hostile"
+        )
     try:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_int=_parse_int)
     except RecursionError:
         raise bad("header JSON is nested deeper than safetensors allows; the file is corrupt") from None
     except ValueError as exc:
-        raise bad(f"header is not valid JSON ({exc}); the file is corrupt or not "
-                  "safetensors — re-export or re-download it") from None
+        raise bad(
+            f"header is not valid JSON ({exc}); the file is corrupt or not safetensors — re-export or re-download it"
+        ) from None
     if not isinstance(obj, dict):
         raise bad("header must be a JSON object of tensors; the file is corrupt")
     if _json_depth(obj) > MAX_JSON_DEPTH:
@@ -186,7 +214,8 @@ def parse_header(path: Path, header: bytes, file_size: int):
     metadata = obj.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise bad("__metadata__ must map strings to strings; the file is corrupt")
     if not all(_valid_utf8(k) and _valid_utf8(v) for k, v in metadata.items()):
         raise bad("__metadata__ holds a string that is not valid UTF-8 (a lone surrogate escape)")
@@ -195,50 +224,72 @@ def parse_header(path: Path, header: bytes, file_size: int):
     infos = []
     for name, entry in obj.items():
         if not _valid_utf8(name):
-            raise bad("tensor name is not valid UTF-8 (a lone surrogate escape); the file is corrupt",
-                      name)  # repr() escapes the surrogate, so the message itself stays printable
+            raise bad(
+                "tensor name is not valid UTF-8 (a lone surrogate escape); the file is corrupt", name
+            )  # repr() escapes the surrogate, so the message itself stays printable
         if not isinstance(entry, dict):
-            raise bad(f"entry is a JSON {type(entry).__name__}, not an object with dtype, shape, "
-                      "data_offsets; the file is corrupt", name)
+            raise bad(
+                f"entry is a JSON {type(entry).__name__}, not an object with dtype, shape, "
+                "data_offsets; the file is corrupt",
+                name,
+            )
         if set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise bad(f"entry has keys {_clip(sorted(entry))}; it must have exactly dtype, shape, "
-                      "data_offsets — the file is corrupt", name)
+            raise bad(
+                f"entry has keys {_clip(sorted(entry))}; it must have exactly dtype, shape, "
+                "data_offsets — the file is corrupt",
+                name,
+            )
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise bad(f"unknown dtype {_clip(dtype)} (known: {', '.join(DTYPES)})", name)
-        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
-                type(d) is int and 0 <= d < 2**62 for d in shape):
-            raise bad(f"shape must be a list of at most {MAX_RANK} non-negative integers, "
-                      f"got {_clip(shape)}", name)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-                type(o) is int and 0 <= o < 2**63 for o in offsets) and offsets[0] <= offsets[1]):
-            raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {_clip(offsets)}",
-                      name)
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_RANK
+            or not all(type(d) is int and 0 <= d < 2**62 for d in shape)
+        ):
+            raise bad(f"shape must be a list of at most {MAX_RANK} non-negative integers, got {_clip(shape)}", name)
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int and 0 <= o < 2**63 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {_clip(offsets)}", name)
         numel = 1
         for d in shape:
             numel *= d
         expected = numel * DTYPES[dtype][1]
         if offsets[1] - offsets[0] != expected:
-            raise bad(f"byte size {offsets[1] - offsets[0]} != shape {shape} x {dtype} "
-                      f"({expected} bytes); the file is corrupt", name)
+            raise bad(
+                f"byte size {offsets[1] - offsets[0]} != shape {shape} x {dtype} "
+                f"({expected} bytes); the file is corrupt",
+                name,
+            )
         if offsets[1] > data_len:
-            raise bad(f"data_offsets {offsets} run past the end of the file "
-                      f"(data section is {data_len} bytes); the file is truncated", name)
-        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + offsets[0],
-                                data_start + offsets[1]))
+            raise bad(
+                f"data_offsets {offsets} run past the end of the file "
+                f"(data section is {data_len} bytes); the file is truncated",
+                name,
+            )
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]))
     infos.sort(key=lambda t: (t.start, t.end))
     cursor = data_start
     for info in infos:
         if info.start < cursor:
-            raise bad(f"byte range overlaps the previous tensor (starts at {info.start - data_start}, "
-                      f"previous ends at {cursor - data_start}); the file is corrupt", info.name)
+            raise bad(
+                f"byte range overlaps the previous tensor (starts at {info.start - data_start}, "
+                f"previous ends at {cursor - data_start}); the file is corrupt",
+                info.name,
+            )
         if info.start > cursor:
-            raise bad(f"gap of {info.start - cursor} bytes before this tensor; safetensors "
-                      "requires tensors packed back to back — the file is corrupt", info.name)
+            raise bad(
+                f"gap of {info.start - cursor} bytes before this tensor; safetensors "
+                "requires tensors packed back to back — the file is corrupt",
+                info.name,
+            )
         cursor = info.end
     if cursor != file_size:
-        raise bad(f"{file_size - cursor} trailing bytes after the last tensor; the file is "
-                  "corrupt or was appended to")
+        raise bad(f"{file_size - cursor} trailing bytes after the last tensor; the file is corrupt or was appended to")
     return metadata, {info.name: info for info in infos}
 
 
@@ -257,21 +308,26 @@ class SafetensorsFile:
                 stat = os.fstat(fh.fileno())
                 head = fh.read(8)
                 if len(head) < 8:
-                    raise CheckpointError(f"{self.path}: file is {len(head)} bytes, too short for "
-                                          "a safetensors header; it is truncated or empty")
+                    raise CheckpointError(
+                        f"{self.path}: file is {len(head)} bytes, too short for "
+                        "a safetensors header; it is truncated or empty"
+                    )
                 (header_len,) = struct.unpack("<Q", head)
                 if header_len > MAX_HEADER_BYTES:
                     raise CheckpointError(
                         f"{self.path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte "
-                        "cap (real headers are < 1 MB); the file is corrupt or not safetensors")
+                        "cap (real headers are < 1 MB); the file is corrupt or not safetensors"
+                    )
                 if 8 + header_len > stat.st_size:
                     raise CheckpointError(
                         f"{self.path}: header length {header_len} is larger than the file "
-                        f"({stat.st_size} bytes); the file is truncated or not safetensors")
+                        f"({stat.st_size} bytes); the file is truncated or not safetensors"
+                    )
                 self.header_bytes = fh.read(header_len)
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot read ({exc.strerror}); check the path "
-                                  "and permissions") from None
+            raise CheckpointError(
+                f"{self.path}: cannot read ({exc.strerror}); check the path and permissions"
+            ) from None
         self.stat = stat
         self.size = stat.st_size
         self.metadata, self.tensors = parse_header(self.path, self.header_bytes, self.size)
@@ -285,9 +341,13 @@ class SafetensorsFile:
             try:
                 st = os.fstat(fd)
                 if (st.st_size, st.st_ino, st.st_mtime_ns) != (
-                        self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
-                    raise CheckpointError(f"{self.path}: file changed while resta_fast was reading "
-                                          "it; rerun once the file is stable")
+                    self.stat.st_size,
+                    self.stat.st_ino,
+                    self.stat.st_mtime_ns,
+                ):
+                    raise CheckpointError(
+                        f"{self.path}: file changed while resta_fast was reading it; rerun once the file is stable"
+                    )
                 # ACCESS_COPY: a private mapping torch can wrap without a read-only
                 # warning; we never write to it, so the file is never touched.
                 self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if self.size else None
@@ -301,6 +361,7 @@ class SafetensorsFile:
         """Flat zero-copy torch tensor for ``name`` in its stored dtype (imports torch;
         the engine reads ``array`` instead)."""
         import torch
+
         raw = torch.from_numpy(self.array(name).view(np.uint8))
         return raw.view(torch_dtype(self.tensors[name].dtype))
 
@@ -312,8 +373,10 @@ class SafetensorsFile:
             return np.empty(0, dtype=storage)
         mapping = self._map()
         if info.end > len(mapping):  # validated at open; re-checked so no kernel sees a bad range
-            raise CheckpointError(f"{self.path}, tensor {name!r}: byte range [{info.start}, {info.end}) "
-                                  f"is past the mapping ({len(mapping)} bytes)")
+            raise CheckpointError(
+                f"{self.path}, tensor {name!r}: byte range [{info.start}, {info.end}) "
+                f"is past the mapping ({len(mapping)} bytes)"
+            )
         return np.frombuffer(mapping, dtype=np.uint8, count=info.nbytes, offset=info.start).view(storage)
 
     def raw(self, name: str) -> memoryview:
@@ -321,7 +384,7 @@ class SafetensorsFile:
         info = self.tensors[name]
         if info.nbytes == 0:
             return memoryview(b"")
-        return memoryview(self._map())[info.start:info.end]
+        return memoryview(self._map())[info.start : info.end]
 
     def read_into(self, buf: memoryview, start: int, tensor: str | None = None) -> None:
         """Fill ``buf`` with the file's bytes from absolute offset ``start`` (pread).
@@ -335,10 +398,14 @@ class SafetensorsFile:
                     fd = os.open(self.path, os.O_RDONLY)
                     st = os.fstat(fd)
                     if (st.st_size, st.st_ino, st.st_mtime_ns) != (
-                            self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
+                        self.stat.st_size,
+                        self.stat.st_ino,
+                        self.stat.st_mtime_ns,
+                    ):
                         os.close(fd)
-                        raise CheckpointError(f"{self.path}: file changed while resta_fast was reading "
-                                              "it; rerun once the file is stable")
+                        raise CheckpointError(
+                            f"{self.path}: file changed while resta_fast was reading it; rerun once the file is stable"
+                        )
                     self._fd = fd
         pos, n = 0, len(buf)
         while pos < n:
@@ -348,7 +415,8 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{self.path}{where}: the file ends at byte {start + pos} but the data runs to byte "
                     f"{start + n}; it was truncated during the run, so nothing was written. Rerun once "
-                    "the file is complete")
+                    "the file is complete"
+                )
             pos += got
 
     def prefetch(self, start: int, length: int) -> None:
@@ -374,10 +442,11 @@ class SafetensorsFile:
             st = os.stat(self.path)
         except OSError as exc:
             raise CheckpointError(f"{self.path}: disappeared during the run ({exc.strerror})") from None
-        if (st.st_size, st.st_ino, st.st_mtime_ns) != (
-                self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
-            raise CheckpointError(f"{self.path}: file was modified or replaced during the run; "
-                                  "the output would be inconsistent, so nothing was written")
+        if (st.st_size, st.st_ino, st.st_mtime_ns) != (self.stat.st_size, self.stat.st_ino, self.stat.st_mtime_ns):
+            raise CheckpointError(
+                f"{self.path}: file was modified or replaced during the run; "
+                "the output would be inconsistent, so nothing was written"
+            )
 
     def close(self) -> None:
         if self._fd is not None:

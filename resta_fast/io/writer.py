@@ -94,13 +94,16 @@ def write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
 
 
 def _write_error(path: Path, exc: OSError) -> RestaError:
-    hint = {28: "the disk is full; free space or choose another --out",
-            27: "the file-size limit was hit (ulimit -f); raise it or choose another --out",
-            122: "the disk quota is exhausted; free space or choose another --out",
-            # pwrite from an mmap'd input whose file shrank underneath us.
-            14: "an input file was probably truncated during the run; rerun once inputs are stable"}
-    return RestaError(f"{path}: write failed ({exc.strerror}); "
-                      f"{hint.get(exc.errno, 'check the output location')}. Nothing was kept.")
+    hint = {
+        28: "the disk is full; free space or choose another --out",
+        27: "the file-size limit was hit (ulimit -f); raise it or choose another --out",
+        122: "the disk quota is exhausted; free space or choose another --out",
+        # pwrite from an mmap'd input whose file shrank underneath us.
+        14: "an input file was probably truncated during the run; rerun once inputs are stable",
+    }
+    return RestaError(
+        f"{path}: write failed ({exc.strerror}); {hint.get(exc.errno, 'check the output location')}. Nothing was kept."
+    )
 
 
 def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -109,14 +112,14 @@ def check_output_location(out: Path, inputs: list[Path], overwrite: bool) -> Non
     for inp in inputs:
         in_real = Path(os.path.realpath(inp))
         if out_real == in_real or (in_real.is_dir() and out_real.is_relative_to(in_real)):
-            raise RestaError(f"--out {out} is inside input {inp}; write the output elsewhere "
-                             "(inputs are never modified)")
+            raise RestaError(
+                f"--out {out} is inside input {inp}; write the output elsewhere (inputs are never modified)"
+            )
         if in_real.is_relative_to(out_real):
             raise RestaError(f"--out {out} contains input {inp}; choose a fresh output directory")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise RestaError(f"--out {out} already exists; pass --overwrite to replace it, or "
-                             "choose another path")
+            raise RestaError(f"--out {out} already exists; pass --overwrite to replace it, or choose another path")
         if not out.is_dir() or out.is_symlink():
             raise RestaError(f"--out {out} exists and is not a directory; refusing to replace it")
     if not out.parent.exists():
@@ -173,8 +176,9 @@ class AtomicOutputDir:
         trash = None
         if self.out.exists():
             if not self.overwrite:
-                raise RestaError(f"--out {self.out} appeared while we were writing; not replacing it "
-                                 "(pass --overwrite to replace)")
+                raise RestaError(
+                    f"--out {self.out} appeared while we were writing; not replacing it (pass --overwrite to replace)"
+                )
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, trash)
         try:

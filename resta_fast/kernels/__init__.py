@@ -27,8 +27,11 @@ from types import ModuleType
 from resta_fast.errors import RestaError
 
 BACKENDS = ("cpp", "triton", "torch")
-_MODULES = {"torch": "resta_fast.kernels.reference", "cpp": "resta_fast.kernels.cpp",
-            "triton": "resta_fast.kernels.triton_patch"}
+_MODULES = {
+    "torch": "resta_fast.kernels.reference",
+    "cpp": "resta_fast.kernels.cpp",
+    "triton": "resta_fast.kernels.triton_patch",
+}
 _warned_fallback = False
 
 
@@ -74,7 +77,8 @@ def choose_backend(name: str = "auto", device: str = "cpu") -> tuple[str, Module
             return candidate, load_backend(candidate)
         except Exception as exc:  # noqa: BLE001 - auto mode falls back by design
             if not _warned_fallback:
-                warnings.warn(f"resta_fast: {candidate} backend unavailable ({exc}); "
-                              f"falling back to {order[-1]}", stacklevel=2)
+                warnings.warn(
+                    f"resta_fast: {candidate} backend unavailable ({exc}); falling back to {order[-1]}", stacklevel=2
+                )
                 _warned_fallback = True
     raise AssertionError("unreachable: torch backend always loads")

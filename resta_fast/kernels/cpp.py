@@ -31,13 +31,15 @@ def _load():
         except ImportError as exc:
             # Not built at all (RESTA_FAST_BUILD_EXT=0, a failed build) vs built but broken.
             if isinstance(exc, ModuleNotFoundError) and exc.name == "resta_fast._C":
-                hint = ("build it with `python setup.py build_ext --inplace` or reinstall with "
-                        "`pip install -e .` (with RESTA_FAST_BUILD_EXT unset or 1)")
+                hint = (
+                    "build it with `python setup.py build_ext --inplace` or reinstall with "
+                    "`pip install -e .` (with RESTA_FAST_BUILD_EXT unset or 1)"
+                )
             else:
                 hint = "it is installed but failed to import; fix the cause above or rebuild it"
             raise BackendUnavailable(
-                f"native extension resta_fast._C did not load ({type(exc).__name__}: {exc}); "
-                f"{hint}") from exc
+                f"native extension resta_fast._C did not load ({type(exc).__name__}: {exc}); {hint}"
+            ) from exc
         _native = _C
     return _native
 
@@ -49,26 +51,30 @@ def check_available() -> None:
 
 def _dtype_code(C, name: str, tensor: torch.Tensor) -> int:
     import torch  # the torch-facing entry points only; the engine uses patch_arrays
+
     codes = {torch.bfloat16: C.DTYPE_BF16, torch.float16: C.DTYPE_F16, torch.float32: C.DTYPE_F32}
     code = codes.get(tensor.dtype)
     if code is None:
-        raise TypeError(f"{name} has dtype {tensor.dtype}; expected torch.bfloat16, torch.float16 "
-                        "or torch.float32")
+        raise TypeError(f"{name} has dtype {tensor.dtype}; expected torch.bfloat16, torch.float16 or torch.float32")
     return code
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, numel: int) -> None:
     import torch
+
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu":
         raise ValueError(f"{name} is on {tensor.device}; the cpp backend needs CPU tensors")
     if not tensor.is_contiguous():
-        raise ValueError(f"{name} is not contiguous (strides {tuple(tensor.stride())}); "
-                         "pass tensor.contiguous() or a flat view")
+        raise ValueError(
+            f"{name} is not contiguous (strides {tuple(tensor.stride())}); pass tensor.contiguous() or a flat view"
+        )
     if tensor.numel() != numel:
-        raise ValueError(f"{name} has {tensor.numel()} elements but out has {numel}; "
-                         "all tensors of one call must have the same length")
+        raise ValueError(
+            f"{name} has {tensor.numel()} elements but out has {numel}; "
+            "all tensors of one call must have the same length"
+        )
 
 
 def _threads(threads: int | None) -> int | None:
@@ -95,6 +101,7 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
         >>> patch_into(out, f, a, u, beta=0.5)  # doctest: +SKIP
     """
     import torch
+
     C = _load()
     n = out.numel() if isinstance(out, torch.Tensor) else 0
     arrays = {}
@@ -104,21 +111,31 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
         _check_tensor(name, tensor, n)
         _dtype_code(C, name, tensor)
         arrays[name] = _as_array(tensor)
-    return patch_arrays(arrays["out"], arrays["f"], arrays["a"], arrays.get("u"), arrays.get("b"), beta=beta, p=p,
-                        seed=seed, offset=offset, threads=threads)
+    return patch_arrays(
+        arrays["out"],
+        arrays["f"],
+        arrays["a"],
+        arrays.get("u"),
+        arrays.get("b"),
+        beta=beta,
+        p=p,
+        seed=seed,
+        offset=offset,
+        threads=threads,
+    )
 
 
 def _as_array(tensor) -> np.ndarray:
     """A zero-copy numpy view of a checked CPU tensor (bf16 as its uint16 bits)."""
     import torch
+
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
 
 
 # The engine's host arrays: numpy has no bfloat16, so BF16 travels as its uint16 bits.
-_NUMPY_CODES = {np.dtype(np.uint16): "DTYPE_BF16", np.dtype(np.float16): "DTYPE_F16",
-                np.dtype(np.float32): "DTYPE_F32"}
+_NUMPY_CODES = {np.dtype(np.uint16): "DTYPE_BF16", np.dtype(np.float16): "DTYPE_F16", np.dtype(np.float32): "DTYPE_F32"}
 
 
 def _array_code(C, name: str, arr, numel: int) -> int:
@@ -130,8 +147,9 @@ def _array_code(C, name: str, arr, numel: int) -> int:
     if arr.ndim != 1 or not arr.flags.c_contiguous:
         raise ValueError(f"{name} must be a flat contiguous array (shape {arr.shape})")
     if arr.size != numel:
-        raise ValueError(f"{name} has {arr.size} elements but out has {numel}; "
-                         "all arrays of one call must have the same length")
+        raise ValueError(
+            f"{name} has {arr.size} elements but out has {numel}; all arrays of one call must have the same length"
+        )
     return getattr(C, code)
 
 
@@ -145,8 +163,11 @@ def patch_arrays(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, th
     """
     C = _load()
     n = out.size if isinstance(out, np.ndarray) else 0
-    codes = {name: _array_code(C, name, arr, n) for name, arr in (("out", out), ("f", f), ("a", a), ("u", u),
-                                                                  ("b", b)) if arr is not None}
+    codes = {
+        name: _array_code(C, name, arr, n)
+        for name, arr in (("out", out), ("f", f), ("a", a), ("u", u), ("b", b))
+        if arr is not None
+    }
     p32 = np.float32(p)
     if not (np.float32(0) <= p32 < np.float32(1)):
         raise ValueError(f"p must satisfy 0 <= p < 1 (as float32), got {p!r}")
@@ -155,18 +176,34 @@ def patch_arrays(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, th
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
-    return C.patch(out.ctypes.data, codes["out"], f.ctypes.data, codes["f"], a.ctypes.data, codes["a"],
-                   0 if u is None else u.ctypes.data, codes.get("u", 0),
-                   0 if b is None else b.ctypes.data, codes.get("b", 0),
-                   n, float(beta), float(p32), float(r), int(seed), int(offset), _threads(threads))
+    return C.patch(
+        out.ctypes.data,
+        codes["out"],
+        f.ctypes.data,
+        codes["f"],
+        a.ctypes.data,
+        codes["a"],
+        0 if u is None else u.ctypes.data,
+        codes.get("u", 0),
+        0 if b is None else b.ctypes.data,
+        codes.get("b", 0),
+        n,
+        float(beta),
+        float(p32),
+        float(r),
+        int(seed),
+        int(offset),
+        _threads(threads),
+    )
 
 
 def convert_arrays(out, x, *, threads: int | None = None) -> None:
     """``convert_into`` over flat numpy arrays (BF16 as uint16 bits)."""
     C = _load()
     n = out.size if isinstance(out, np.ndarray) else 0
-    C.convert(out.ctypes.data, _array_code(C, "out", out, n), x.ctypes.data, _array_code(C, "x", x, n), n,
-              _threads(threads))
+    C.convert(
+        out.ctypes.data, _array_code(C, "out", out, n), x.ctypes.data, _array_code(C, "x", x, n), n, _threads(threads)
+    )
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = None) -> None:
@@ -176,6 +213,7 @@ def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = No
         >>> convert_into(torch.empty(3, dtype=torch.bfloat16), torch.ones(3))  # doctest: +SKIP
     """
     import torch
+
     C = _load()
     n = out.numel() if isinstance(out, torch.Tensor) else 0
     _check_tensor("out", out, n)
@@ -197,6 +235,7 @@ def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
     if not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
     import torch
+
     return torch.from_numpy(_load().uniform(seed, offset, n))
 
 

@@ -57,8 +57,7 @@ def patch_values(f, a, u, b, *, beta, p, uniforms) -> torch.Tensor:
 def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None):
     """Reference fused patch of one chunk; see ``resta_fast.kernels.patch_into``."""
     del threads  # torch picks its own; results do not depend on it
-    store(out, patch_values(f, a, u, b, beta=beta, p=p,
-                            uniforms=lambda: rng.uniform(seed, offset, f.numel())))
+    store(out, patch_values(f, a, u, b, beta=beta, p=p, uniforms=lambda: rng.uniform(seed, offset, f.numel())))
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:

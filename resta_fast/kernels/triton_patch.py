@@ -53,11 +53,15 @@ def interpreting() -> bool:
 def check_available() -> None:
     """Raise BackendUnavailable unless triton imports and can run here."""
     if _IMPORT_ERROR is not None:
-        raise BackendUnavailable(f"the triton backend needs the triton package ({_IMPORT_ERROR}); "
-                                 "install it with `pip install resta-fast[triton]`")
+        raise BackendUnavailable(
+            f"the triton backend needs the triton package ({_IMPORT_ERROR}); "
+            "install it with `pip install resta-fast[triton]`"
+        )
     if not interpreting() and not torch.cuda.is_available():
-        raise BackendUnavailable("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 in the "
-                                 "environment to run through the (slow) interpreter")
+        raise BackendUnavailable(
+            "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 in the "
+            "environment to run through the (slow) interpreter"
+        )
 
 
 if triton is not None:
@@ -89,9 +93,23 @@ if triton is not None:
             tl.store(out_ptr + idx, o, mask=mask)
 
     @triton.jit(do_not_specialize=["q0", "seed"])
-    def _resta_patch_kernel(out_ptr, f_ptr, a_ptr, u_ptr, b_ptr, n, q0, beta, p, r, seed,
-                            HAS_U: tl.constexpr, HAS_B: tl.constexpr, SHIFT: tl.constexpr,
-                            BLOCK: tl.constexpr):
+    def _resta_patch_kernel(
+        out_ptr,
+        f_ptr,
+        a_ptr,
+        u_ptr,
+        b_ptr,
+        n,
+        q0,
+        beta,
+        p,
+        r,
+        seed,
+        HAS_U: tl.constexpr,
+        HAS_B: tl.constexpr,
+        SHIFT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One BLOCK of SPEC §2. Lane j of program k is chunk element k*BLOCK + j - SHIFT.
 
         With DARE, SHIFT = offset % 4 lines every group of four lanes up with one
@@ -172,8 +190,9 @@ def _check_tensors(out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
         if t.device != out.device:
             raise ValueError(f"{name} is on {t.device} but out is on {out.device}; all must be on one device")
     if out.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the triton backend needs CUDA tensors, got {out.device} "
-                         "(CPU tensors work only with TRITON_INTERPRET=1)")
+        raise ValueError(
+            f"the triton backend needs CUDA tensors, got {out.device} (CPU tensors work only with TRITON_INTERPRET=1)"
+        )
 
 
 def _on_device(t: torch.Tensor):
@@ -188,8 +207,7 @@ def _check_stream_args(seed: int, offset: int) -> None:
         raise ValueError(f"offset must be a non-negative element index below 2**62, got {offset}")
 
 
-def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None,
-               block=None, num_warps=None):
+def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None, block=None, num_warps=None):
     """Fused RESTA patch of one flat chunk on the GPU (SPEC §2), written into ``out``.
 
     Args:
@@ -227,10 +245,25 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
         shift, q0 = int(offset) % 4, int(offset) // 4
     grid = (triton.cdiv(n + shift, block),)
     with _on_device(out):
-        _resta_patch_kernel[grid](out, f, a, f if u is None else u, f if b is None else b,
-                                  n, q0, beta32, p32, r32, int(seed),
-                                  HAS_U=u is not None, HAS_B=b is not None, SHIFT=shift, BLOCK=block,
-                                  num_warps=num_warps, enable_fp_fusion=False)
+        _resta_patch_kernel[grid](
+            out,
+            f,
+            a,
+            f if u is None else u,
+            f if b is None else b,
+            n,
+            q0,
+            beta32,
+            p32,
+            r32,
+            int(seed),
+            HAS_U=u is not None,
+            HAS_B=b is not None,
+            SHIFT=shift,
+            BLOCK=block,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
+        )
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
@@ -248,8 +281,7 @@ def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
         return
     block, num_warps = _launch_shape(None, None)
     with _on_device(out):
-        _convert_kernel[(triton.cdiv(n, block),)](out, x, n, BLOCK=block, num_warps=num_warps,
-                                                  enable_fp_fusion=False)
+        _convert_kernel[(triton.cdiv(n, block),)](out, x, n, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
 
 
 def uniform(seed: int, offset: int, n: int, *, device: str | torch.device | None = None) -> torch.Tensor:
@@ -270,6 +302,7 @@ def uniform(seed: int, offset: int, n: int, *, device: str | torch.device | None
     block, num_warps = _launch_shape(None, None)
     shift = int(offset) % 4
     with _on_device(out):
-        _uniform_kernel[(triton.cdiv(n + shift, block),)](out, n, int(offset) // 4, int(seed),
-                                                          SHIFT=shift, BLOCK=block, num_warps=num_warps)
+        _uniform_kernel[(triton.cdiv(n + shift, block),)](
+            out, n, int(offset) // 4, int(seed), SHIFT=shift, BLOCK=block, num_warps=num_warps
+        )
     return out

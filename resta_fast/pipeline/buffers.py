@@ -21,6 +21,7 @@ def host_buffer(nbytes: int, pinned: bool = False) -> np.ndarray:
     which needs torch with CUDA), touched once."""
     if pinned:
         import torch  # only the GPU path pins memory
+
         pinned_buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         pinned_buf.fill_(0)
         return pinned_buf.numpy()  # shares the memory and keeps the tensor alive

@@ -44,6 +44,7 @@ def as_torch(x):
     if x is None or not isinstance(x, np.ndarray):
         return x
     import torch
+
     if x.dtype == np.uint16:
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(x)
@@ -66,6 +67,7 @@ class Compute:
         self.native = not self.cuda and hasattr(kernel, "patch_arrays")
         if self.cuda:
             import torch
+
             self.device = torch.device(device)
             self.h2d = torch.cuda.Stream(self.device)
             self.d2h = torch.cuda.Stream(self.device)
@@ -75,11 +77,11 @@ class Compute:
         if not self.cuda:
             return host
         import torch
+
         with torch.cuda.stream(self.h2d):
             return as_torch(host).to(self.device, non_blocking=True)
 
-    def patch(self, out_host: np.ndarray, f, a, u, b, *, beta: float, p: float, seed: int, offset: int,
-              counter=None):
+    def patch(self, out_host: np.ndarray, f, a, u, b, *, beta: float, p: float, seed: int, offset: int, counter=None):
         """Patch one chunk into ``out_host`` (SPEC §2).
 
         Returns (event the writer waits for or None, non-finite count or None).
@@ -87,14 +89,26 @@ class Compute:
         per job) instead, so the stream never stalls on it.
         """
         if self.native:
-            return None, self.kernel.patch_arrays(out_host, f, a, u, b, beta=beta, p=p, seed=seed, offset=offset,
-                                                  threads=self.threads)
+            return None, self.kernel.patch_arrays(
+                out_host, f, a, u, b, beta=beta, p=p, seed=seed, offset=offset, threads=self.threads
+            )
         if not self.cuda:
             out = as_torch(out_host)
-            bad = self.kernel.patch_into(out, as_torch(f), as_torch(a), as_torch(u), as_torch(b), beta=beta, p=p,
-                                         seed=seed, offset=offset, threads=self.threads)
+            bad = self.kernel.patch_into(
+                out,
+                as_torch(f),
+                as_torch(a),
+                as_torch(u),
+                as_torch(b),
+                beta=beta,
+                p=p,
+                seed=seed,
+                offset=offset,
+                threads=self.threads,
+            )
             return None, _count_nonfinite(out) if bad is None else bad
         import torch
+
         host_out = as_torch(out_host)
         with torch.cuda.stream(self.h2d):
             dst = torch.empty(host_out.numel(), dtype=host_out.dtype, device=self.device)
@@ -116,6 +130,7 @@ class Compute:
         if not self.cuda:
             return None
         import torch
+
         with torch.cuda.stream(self.h2d):
             return torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -130,6 +145,7 @@ class Compute:
         if not self.cuda:
             return None
         import torch
+
         done = torch.cuda.Event()
         done.record(self.h2d)
         return done
@@ -140,6 +156,7 @@ class Compute:
             self.kernel.convert_arrays(out_host, x_host, threads=self.threads)
         elif self.cuda:
             from resta_fast.kernels import reference
+
             reference.convert_into(as_torch(out_host), as_torch(x_host))
         else:
             self.kernel.convert_into(as_torch(out_host), as_torch(x_host))
@@ -148,6 +165,7 @@ class Compute:
 def _count_nonfinite(x) -> int:
     """Non-finite values in a torch tensor (for backends that do not count in-kernel)."""
     import torch
+
     if x.numel() == 0:
         return 0
     # One fp32-accumulated sum is finite for almost every chunk, and is 2x
@@ -183,6 +201,7 @@ class DeviceCache:
             # Half of what is free now: the rest stays for the pipeline and the kernel.
             if self.cuda:
                 import torch
+
                 budget_bytes = torch.cuda.mem_get_info(torch.device(device))[0] // 2
             else:
                 budget_bytes = 0
@@ -207,6 +226,7 @@ class DeviceCache:
         source.check()
         if self.cuda:
             import torch
+
             cached = as_torch(source.view).to(torch.device(self.device))
             torch.cuda.current_stream(cached.device).synchronize()  # visible to the other streams
         else:

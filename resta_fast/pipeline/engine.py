@@ -70,8 +70,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def fused_workers(n_jobs: int, threads: int | None = None, writers: int | None = None,
-                  cores: int | None = None) -> tuple[int, int]:
+def fused_workers(
+    n_jobs: int, threads: int | None = None, writers: int | None = None, cores: int | None = None
+) -> tuple[int, int]:
     """(kernel threads, writer threads) for a pass of ``n_jobs`` jobs.
 
     Several writer threads let several jobs' writes proceed in parallel; the
@@ -91,10 +92,22 @@ def fused_workers(n_jobs: int, threads: int | None = None, writers: int | None =
     return threads, writers
 
 
-def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | None = None,
-             chunk_elems: int | None = None, writers: int | None = None, n_buffers: int = 3,
-             cores: int | None = None, cache=None, staging: str | None = None, readers: int | None = None,
-             pool_bytes: int | None = None, slots: int | None = None) -> None:
+def run_jobs(
+    jobs: list[Job],
+    *,
+    kernel,
+    device: str = "cpu",
+    threads: int | None = None,
+    chunk_elems: int | None = None,
+    writers: int | None = None,
+    n_buffers: int = 3,
+    cores: int | None = None,
+    cache=None,
+    staging: str | None = None,
+    readers: int | None = None,
+    pool_bytes: int | None = None,
+    slots: int | None = None,
+) -> None:
     """Write every job's output in one pass over their shared inputs.
 
     Args:
@@ -124,8 +137,13 @@ def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | Non
     start = time.perf_counter()
     cuda = device.startswith("cuda")
     if chunk_elems is None:
-        chunk_elems = (chunk_elems_for_pool(pool_bytes or DEFAULT_POOL_BYTES, slots or DEFAULT_SLOTS) if cuda
-                       else DEFAULT_CHUNK_ELEMS if len(jobs) == 1 else FUSED_CHUNK_ELEMS)
+        chunk_elems = (
+            chunk_elems_for_pool(pool_bytes or DEFAULT_POOL_BYTES, slots or DEFAULT_SLOTS)
+            if cuda
+            else DEFAULT_CHUNK_ELEMS
+            if len(jobs) == 1
+            else FUSED_CHUNK_ELEMS
+        )
     # One job too: the kernel leaves the writer and hasher threads a core. On 2 cores one
     # kernel thread patched 1.2B params in 4.26 s against 5.50 s for OpenMP's default two
     # (median of 4 alternated rounds, bench_staging.py --modes cpu-mmap,cpu-mmap-1t).
@@ -143,8 +161,9 @@ def run_jobs(jobs: list[Job], *, kernel, device: str = "cpu", threads: int | Non
         if staging == "read":
             # Two chunks (this one and the next) of every distinct input at most.
             distinct = {id(c) for job in jobs for c in job.inputs.all()}
-            stager = ReadStaging(2 * len(distinct), buffer_bytes,
-                                 readers or max(2, min(8, usable_cores() // 2)), pinned=cuda)
+            stager = ReadStaging(
+                2 * len(distinct), buffer_bytes, readers or max(2, min(8, usable_cores() // 2)), pinned=cuda
+            )
         elif staging == "mmap":
             stager = MmapStaging()
         else:
@@ -265,6 +284,7 @@ class _JobRun:
         def close():  # in the writer thread, after every write to this file
             out.close(fsync=False)
             stats.bytes_written += out.size
+
         self.writer.submit(WriteJob(-1, 0, memoryview(b""), on_done=close, path=out.path))
 
     def finish(self) -> None:
@@ -440,7 +460,7 @@ class _Pass:
                         if key in i.operands:
                             i.run.guard(_raise, exc)
             for key, whole in tensor.cached.items():
-                views[key] = whole[chunk.lo:chunk.hi]
+                views[key] = whole[chunk.lo : chunk.hi]
             for item in self._live(chunk):
                 item.run.guard(self._patch_chunk, item, chunk, views)
         finally:
@@ -453,14 +473,15 @@ class _Pass:
         lo, hi = chunk.lo, min(chunk.hi, t.patched_elems)
         n = hi - lo
         out_storage, out_itemsize = NUMPY_STORAGE[t.out_dtype], ITEMSIZE[t.out_dtype]
-        f, a, u, b = (None if k is None else views[k][: n] for k in item.operands)
+        f, a, u, b = (None if k is None else views[k][:n] for k in item.operands)
         out = run.out_for(t.name)
         buf = run.writer.acquire()
         t0 = time.perf_counter()
         try:
             dst = buf[: n * out_itemsize].view(out_storage)
-            landed, bad = self.compute.patch(dst, f, a, u, b, beta=t.beta, p=run.job.dare or 0.0, seed=item.seed,
-                                             offset=lo, counter=item.counter)
+            landed, bad = self.compute.patch(
+                dst, f, a, u, b, beta=t.beta, p=run.job.dare or 0.0, seed=item.seed, offset=lo, counter=item.counter
+            )
         except BaseException:
             run.writer.pool.give(buf)
             raise
@@ -468,11 +489,22 @@ class _Pass:
         stats = run.job.stats
         if bad:
             stats.nonfinite[t.name] = stats.nonfinite.get(t.name, 0) + bad
-        stats.bytes_read += sum(n * chunk.tensor.sources[k].itemsize for k in set(item.operands)
-                                if k is not None and k not in chunk.tensor.cached)
-        run.writer.submit(WriteJob(out.fd, out.offsets[t.name][0] + lo * out_itemsize, _bytes(dst), buf,
-                                   hasher=run.hashers[run.file_of[t.name]],
-                                   before=None if landed is None else landed.synchronize, path=out.path))
+        stats.bytes_read += sum(
+            n * chunk.tensor.sources[k].itemsize
+            for k in set(item.operands)
+            if k is not None and k not in chunk.tensor.cached
+        )
+        run.writer.submit(
+            WriteJob(
+                out.fd,
+                out.offsets[t.name][0] + lo * out_itemsize,
+                _bytes(dst),
+                buf,
+                hasher=run.hashers[run.file_of[t.name]],
+                before=None if landed is None else landed.synchronize,
+                path=out.path,
+            )
+        )
 
     def _finish_tensor(self, tensor: _Tensor) -> None:
         for item in tensor.items:
@@ -501,16 +533,24 @@ class _Pass:
                 # Straight from the mapping (or memory) to the file, no copy of ours.
                 ticket = self.stager.request(f, lo, hi) if f.file is not None else None
                 raw = (f.view[lo:hi] if ticket is None else ticket.get()).view(np.uint8)
-                writer.submit(WriteJob(out.fd, dst_start + lo * out_itemsize, _bytes(raw), None, hasher=hasher,
-                                       on_done=None if ticket is None else ticket.release, path=out.path))
+                writer.submit(
+                    WriteJob(
+                        out.fd,
+                        dst_start + lo * out_itemsize,
+                        _bytes(raw),
+                        None,
+                        hasher=hasher,
+                        on_done=None if ticket is None else ticket.release,
+                        path=out.path,
+                    )
+                )
                 stats.bytes_read += (hi - lo) * f.itemsize
                 continue
             buf = writer.acquire()
             try:
                 if same:  # read staging: pread straight into the output buffer
                     f.check()
-                    f.file.read_into(buf[: (hi - lo) * f.itemsize].data, f.info.start + lo * f.itemsize,
-                                     tensor=t.name)
+                    f.file.read_into(buf[: (hi - lo) * f.itemsize].data, f.info.start + lo * f.itemsize, tensor=t.name)
                     data = buf[: (hi - lo) * f.itemsize]
                 else:
                     ticket = self.stager.request(f, lo, hi)
@@ -524,8 +564,9 @@ class _Pass:
                 writer.pool.give(buf)
                 raise
             stats.bytes_read += (hi - lo) * f.itemsize
-            writer.submit(WriteJob(out.fd, dst_start + lo * out_itemsize, _bytes(data), buf, hasher=hasher,
-                                   path=out.path))
+            writer.submit(
+                WriteJob(out.fd, dst_start + lo * out_itemsize, _bytes(data), buf, hasher=hasher, path=out.path)
+            )
 
 
 def _raise(exc):

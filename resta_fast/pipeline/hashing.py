@@ -77,8 +77,10 @@ class FileHasher:
         if self._error is not None:
             raise self._error
         if self._pos != self.size:
-            raise RuntimeError(f"{self.path}: internal error: hashed {self._pos} of {self.size} bytes "
-                               "(part of the output was never written)")
+            raise RuntimeError(
+                f"{self.path}: internal error: hashed {self._pos} of {self.size} bytes "
+                "(part of the output was never written)"
+            )
         return self._hash.hexdigest()
 
     def _run(self) -> None:

@@ -26,8 +26,7 @@ class Inputs:
     dare_base: Checkpoint | None = None
 
     def all(self) -> list[TensorSource]:
-        return [c for c in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base)
-                if c is not None]
+        return [c for c in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base) if c is not None]
 
 
 @dataclass

@@ -29,8 +29,15 @@ __all__ = ["format_result", "hub_sources", "verify"]
 MAX_LISTED = 10  # problems printed per check; --json has them all
 
 
-def verify(out, against: list[str] | None = None, *, dare_base: str | None = None,
-           base: str | None = None, samples: int = 10000, seed: int = 0) -> dict:
+def verify(
+    out,
+    against: list[str] | None = None,
+    *,
+    dare_base: str | None = None,
+    base: str | None = None,
+    samples: int = 10000,
+    seed: int = 0,
+) -> dict:
     """Check an output directory against its resta_fast.json (and its inputs).
 
     Args:
@@ -65,6 +72,7 @@ def verify(out, against: list[str] | None = None, *, dare_base: str | None = Non
             if against is not None and out_ckpt is not None:
                 # Imported here: hashes and headers alone need none of the inputs' machinery.
                 from resta_fast.verify.against import check_against
+
                 checks += check_against(out_ckpt, report, list(against), dare_base, samples, seed, base)
         finally:
             if out_ckpt is not None:
@@ -85,8 +93,11 @@ def hub_sources(report: dict) -> dict[str, dict]:
         {'aligned': {'repo_id': 'org/chat'}}
     """
     inputs = report.get("inputs") if isinstance(report.get("inputs"), dict) else {}
-    return {role: info["hub"] for role, info in inputs.items()
-            if isinstance(info, dict) and isinstance(info.get("hub"), dict)}
+    return {
+        role: info["hub"]
+        for role, info in inputs.items()
+        if isinstance(info, dict) and isinstance(info.get("hub"), dict)
+    }
 
 
 def format_result(result: dict) -> str:
@@ -103,8 +114,11 @@ def format_result(result: dict) -> str:
     lines = [f"verify {result['out']}"]
     for role, hub in (result.get("hub_inputs") or {}).items():
         rev = hub.get("revision")
-        lines.append(f"  from  {role.replace('_', ' ')}: {hub.get('repo_id')}"
-                     + (f"@{rev}" if rev and rev != "main" else "") + f", commit {hub.get('commit')}")
+        lines.append(
+            f"  from  {role.replace('_', ' ')}: {hub.get('repo_id')}"
+            + (f"@{rev}" if rev and rev != "main" else "")
+            + f", commit {hub.get('commit')}"
+        )
     for c in result["checks"]:
         lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail'] or ''}".rstrip())
         for problem in c["problems"][:MAX_LISTED]:

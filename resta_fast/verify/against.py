@@ -48,12 +48,22 @@ def _compare_plans(plan_c: Check, rebuilt: list[TensorPlan], recorded: dict[str,
                 plan_c.fail(f"{t.name}: {key} is {a!r} from the inputs but {b!r} in {REPORT_NAME}")
     for name in recorded.keys() - {t.name for t in rebuilt}:
         plan_c.fail(f"{name}: in the recorded plan but not in the rebuilt one")
-    plan_c.detail = (f"rebuilt from the inputs and recorded parameters: identical ({len(rebuilt)} tensors)"
-                     if plan_c.ok else f"{len(plan_c.problems)} problem(s)")
+    plan_c.detail = (
+        f"rebuilt from the inputs and recorded parameters: identical ({len(rebuilt)} tensors)"
+        if plan_c.ok
+        else f"{len(plan_c.problems)} problem(s)"
+    )
 
 
-def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_base: str | None,
-                  samples: int, seed: int, base: str | None = None) -> list[Check]:
+def check_against(
+    out_ckpt: Checkpoint,
+    report: dict,
+    against: list[str],
+    dare_base: str | None,
+    samples: int,
+    seed: int,
+    base: str | None = None,
+) -> list[Check]:
     """Fingerprints, rebuilt plan, and a bit-exact recomputed sample."""
     plan_c = Check("plan")
     command = report.get("command")
@@ -73,9 +83,13 @@ def check_against(out_ckpt: Checkpoint, report: dict, against: list[str], dare_b
             u_src = cks.get("unaligned")
             b_src = cks.get("dare_base")
             try:
-                options = PatchOptions(beta=float(params.get("beta", 1.0)), include=params.get("include") or (),
-                                       exclude=params.get("exclude") or (),
-                                       beta_rules=params.get("beta_rules") or (), dtype=params.get("dtype"))
+                options = PatchOptions(
+                    beta=float(params.get("beta", 1.0)),
+                    include=params.get("include") or (),
+                    exclude=params.get("exclude") or (),
+                    beta_rules=params.get("beta_rules") or (),
+                    dtype=params.get("dtype"),
+                )
                 plan = api.plan_patch(Inputs(ft, cks.get("aligned"), u_src, cks.get("vector"), b_src), options)
             except RestaError as exc:
                 plan_c.fail(f"cannot rebuild the plan from the inputs: {exc}")

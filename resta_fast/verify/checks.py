@@ -65,15 +65,15 @@ def check_validation(report: dict) -> Check | None:
         return None
     c = Check("validation", detail="the recorded safety validation passed")
     if not validation.get("passed", False):
-        c.fail(f"patch --validate-prompts marked this output as failed: "
-               f"{validation.get('reason') or 'no reason recorded'}")
+        c.fail(
+            f"patch --validate-prompts marked this output as failed: {validation.get('reason') or 'no reason recorded'}"
+        )
         c.detail = "the recorded safety validation failed"
     return c
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") \
-        and "\x00" not in name
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\x00" not in name
 
 
 def check_hashes(out: Path, report: dict) -> Check:
@@ -97,9 +97,11 @@ def check_hashes(out: Path, report: dict) -> Check:
     for name, digest in present.items():
         if found[name] != digest:
             c.fail(f"{name}: sha256 {found[name][:16]}... but {REPORT_NAME} records {str(digest)[:16]}...")
-    extra = sorted(p.name for p in out.iterdir()
-                   if p.name != REPORT_NAME and p.name not in files
-                   and (p.name.endswith(".safetensors") or p.name == INDEX_NAME))
+    extra = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name != REPORT_NAME and p.name not in files and (p.name.endswith(".safetensors") or p.name == INDEX_NAME)
+    )
     for name in extra:
         c.fail(f"{name}: weight file not recorded in {REPORT_NAME}; loaders would read it")
     c.detail = f"{len(files)} files match {REPORT_NAME}" if c.ok else f"{len(c.problems)} problem(s)"
@@ -145,10 +147,16 @@ def check_headers(out: Path, report: dict) -> tuple[Check, Checkpoint | None]:
         got = [(i.name, list(i.shape), i.dtype) for i in f.tensors.values()]
         want = [(t["name"], list(t["shape"]), t["out_dtype"]) for t in tensors]
         if got != want:
-            diff = next(((g, w) for g, w in zip(got, want, strict=False) if g != w),
-                        (got[len(want):], want[len(got):]))
-            c.fail(f"{fname}: tensors differ from the recorded plan (first difference: "
-                   f"file has {diff[0]}, plan says {diff[1]})")
-    c.detail = (f"{len(ckpt.files)} safetensors file(s) valid, format=pt, laid out as recorded"
-                if c.ok else f"{len(c.problems)} problem(s)")
+            diff = next(
+                ((g, w) for g, w in zip(got, want, strict=False) if g != w), (got[len(want) :], want[len(got) :])
+            )
+            c.fail(
+                f"{fname}: tensors differ from the recorded plan (first difference: "
+                f"file has {diff[0]}, plan says {diff[1]})"
+            )
+    c.detail = (
+        f"{len(ckpt.files)} safetensors file(s) valid, format=pt, laid out as recorded"
+        if c.ok
+        else f"{len(c.problems)} problem(s)"
+    )
     return c, ckpt

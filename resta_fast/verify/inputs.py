@@ -29,8 +29,9 @@ from resta_fast.report import REPORT_NAME
 from resta_fast.verify.checks import Check
 
 
-def _default_from(role: str, paths: dict, recorded: dict, explicit: str | None, explicit_inputs: bool,
-                  flag: str) -> str:
+def _default_from(
+    role: str, paths: dict, recorded: dict, explicit: str | None, explicit_inputs: bool, flag: str
+) -> str:
     """Path of an input that --against does not list (DARE base, LoRA base)."""
     if explicit:
         return explicit
@@ -38,8 +39,9 @@ def _default_from(role: str, paths: dict, recorded: dict, explicit: str | None, 
         return paths["aligned"]  # the default: the aligned model
     if recorded.get(role) and not explicit_inputs:
         return recorded[role]
-    raise RestaError(f"verify --against: this output used a separate {role.replace('_', ' ')} model; "
-                     f"pass it with {flag}")
+    raise RestaError(
+        f"verify --against: this output used a separate {role.replace('_', ' ')} model; pass it with {flag}"
+    )
 
 
 def input_paths(report: dict, against: list[str], dare_base: str | None, base: str | None = None) -> dict[str, str]:
@@ -57,19 +59,25 @@ def input_paths(report: dict, against: list[str], dare_base: str | None, base: s
         mode = (report.get("plan") or {}).get("mode")
         roles = ["finetuned", "vector"] if mode == "vector" else ["finetuned", "aligned", "unaligned"]
     else:
-        raise RestaError(f"verify --against: cannot recompute outputs of command {command!r} "
-                         "(only patch and vector); hashes and headers were still checked")
+        raise RestaError(
+            f"verify --against: cannot recompute outputs of command {command!r} "
+            "(only patch and vector); hashes and headers were still checked"
+        )
     if against:
         if len(against) != len(roles):
-            raise RestaError(f"verify --against: this output was made by `{command}` from "
-                             f"{', '.join(roles).upper()}; give those {len(roles)} paths in that order "
-                             f"(got {len(against)})")
+            raise RestaError(
+                f"verify --against: this output was made by `{command}` from "
+                f"{', '.join(roles).upper()}; give those {len(roles)} paths in that order "
+                f"(got {len(against)})"
+            )
         paths = dict(zip(roles, against, strict=True))
     else:
         missing = [r for r in roles if not recorded.get(r)]
         if missing:
-            raise RestaError(f"verify --against: {REPORT_NAME} records no path for {', '.join(missing)}; "
-                             "give the input paths explicitly")
+            raise RestaError(
+                f"verify --against: {REPORT_NAME} records no path for {', '.join(missing)}; "
+                "give the input paths explicitly"
+            )
         paths = {r: recorded[r] for r in roles}
     if command == "patch" and "base" in recorded:  # a LoRA adapter merged into its base
         paths["base"] = _default_from("base", paths, recorded, base, bool(against), "--base")
@@ -77,8 +85,7 @@ def input_paths(report: dict, against: list[str], dare_base: str | None, base: s
         if not dare_base and recorded.get("dare_base") and recorded.get("dare_base") == recorded.get("base"):
             paths["dare_base"] = paths["base"]
         else:
-            paths["dare_base"] = _default_from("dare_base", paths, recorded, dare_base, bool(against),
-                                               "--dare-base")
+            paths["dare_base"] = _default_from("dare_base", paths, recorded, dare_base, bool(against), "--dare-base")
     paths = {role: _refetched(report, role, path, recorded) for role, path in paths.items()}
     if command == "vector":
         return {role: _resolved(path, role) if path != recorded.get(role) else path for role, path in paths.items()}
@@ -104,13 +111,20 @@ def open_inputs(paths: dict[str, str], params: dict, command: str, stack: ExitSt
     """Open each role's input as ``patch`` did (``api.open_roles``: a DARE or LoRA
     base that is the aligned model is that same object); role -> Checkpoint."""
     from resta_fast import api
+
     opener = api.Opener(stack)
     if command == "vector":
         return {role: opener(paths[role], role) for role in ("aligned", "unaligned")}
     dare = params.get("dare") is not None
-    roles = resolve_roles(paths["finetuned"], aligned=paths.get("aligned"), unaligned=paths.get("unaligned"),
-                          vector=paths.get("vector"), base=paths.get("base"), dare_base=paths.get("dare_base"),
-                          dare=dare)
+    roles = resolve_roles(
+        paths["finetuned"],
+        aligned=paths.get("aligned"),
+        unaligned=paths.get("unaligned"),
+        vector=paths.get("vector"),
+        base=paths.get("base"),
+        dare_base=paths.get("dare_base"),
+        dare=dare,
+    )
     cks, _ = api.open_roles(roles, opener, dare=dare)
     return {role: ck for role, ck in cks.items() if ck is not None}
 
@@ -135,7 +149,8 @@ def _input_fingerprints(report: dict, role: str, ck: Checkpoint, c: Check) -> No
         return
     for name, fp in found.items():
         # mtime is recorded for the record only: a copied but identical input still verifies.
-        same = {k: v for k, v in fp.items() if k != "mtime_ns"} == \
-            {k: v for k, v in recorded[name].items() if k != "mtime_ns"}
+        same = {k: v for k, v in fp.items() if k != "mtime_ns"} == {
+            k: v for k, v in recorded[name].items() if k != "mtime_ns"
+        }
         if not same:
             c.fail(f"{role} {ck.path}: {name}: size or header differs from the input the run read")

@@ -32,10 +32,10 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 def uniform_at(seed: int, idx: torch.Tensor) -> torch.Tensor:
     """DARE uniforms of the flat elements ``idx`` (int64), equal to ``rng.uniform`` there."""
     import torch
+
     q = idx // 4
     zero = torch.zeros_like(q)
-    words = torch.stack(rng.philox4x32(q & 0xFFFFFFFF, q >> 32, zero, zero,
-                                       seed & 0xFFFFFFFF, seed >> 32), dim=1)
+    words = torch.stack(rng.philox4x32(q & 0xFFFFFFFF, q >> 32, zero, zero, seed & 0xFFFFFFFF, seed >> 32), dim=1)
     w = words.gather(1, (idx % 4).unsqueeze(1)).squeeze(1)
     x = torch.where(w >= 2**31, w - 2**32, w)  # reinterpret as int32
     x = torch.where(x < 0, -x - 1, x)  # x = ~x for negative x
@@ -49,6 +49,7 @@ def patch_at(out, f, a, u, b, *, beta, p, seed, idx):
     DARE stream is drawn at ``idx`` instead of a contiguous offset.
     """
     from resta_fast.kernels.reference import patch_values, store
+
     store(out, patch_values(f, a, u, b, beta=beta, p=p, uniforms=lambda: uniform_at(seed, idx)))
 
 
@@ -74,6 +75,7 @@ def sample_indices(plan_tensors, samples: int, seed: int) -> dict[str, np.ndarra
 def _native_kernel():
     """The C++ kernel, to recompute samples without torch; None where it is not built."""
     from resta_fast.kernels import BackendUnavailable, load_backend
+
     try:
         return load_backend("cpp")
     except BackendUnavailable:
@@ -93,8 +95,17 @@ class _NativeRecompute:
             self.cpp.patch_arrays(out, f, a, u, beta=beta)
             return
         for k, j in enumerate(idx.tolist()):
-            self.cpp.patch_arrays(out[k:k + 1], f[k:k + 1], a[k:k + 1], None if u is None else u[k:k + 1],
-                                  b[k:k + 1], beta=beta, p=p, seed=seed, offset=j)
+            self.cpp.patch_arrays(
+                out[k : k + 1],
+                f[k : k + 1],
+                a[k : k + 1],
+                None if u is None else u[k : k + 1],
+                b[k : k + 1],
+                beta=beta,
+                p=p,
+                seed=seed,
+                offset=j,
+            )
 
     def convert(self, out, x) -> None:
         self.cpp.convert_arrays(out, x)
@@ -107,17 +118,29 @@ class _TorchRecompute:
         import torch
 
         from resta_fast.pipeline.compute import as_torch
-        patch_at(as_torch(out), as_torch(f), as_torch(a), as_torch(u), as_torch(b), beta=beta, p=p, seed=seed,
-                 idx=torch.from_numpy(idx))
+
+        patch_at(
+            as_torch(out),
+            as_torch(f),
+            as_torch(a),
+            as_torch(u),
+            as_torch(b),
+            beta=beta,
+            p=p,
+            seed=seed,
+            idx=torch.from_numpy(idx),
+        )
 
     def convert(self, out, x) -> None:
         from resta_fast.kernels.reference import convert_into
         from resta_fast.pipeline.compute import as_torch
+
         convert_into(as_torch(out), as_torch(x))
 
 
-def _expected(recompute, t: TensorPlan, idx: np.ndarray, ft, a_src, u_src, b_src, params: dict,
-              command: str) -> np.ndarray:
+def _expected(
+    recompute, t: TensorPlan, idx: np.ndarray, ft, a_src, u_src, b_src, params: dict, command: str
+) -> np.ndarray:
     """What the output tensor ``t`` must hold at ``idx``, as a host array of t.out_dtype."""
     want = np.empty(len(idx), dtype=NUMPY_STORAGE[t.out_dtype])
     patched = t.patched_elems if t.action == "patch" else 0
@@ -126,15 +149,31 @@ def _expected(recompute, t: TensorPlan, idx: np.ndarray, ft, a_src, u_src, b_src
         i = idx[head]
         part = np.empty(len(i), dtype=want.dtype)
         if command == "vector":  # round(-0.0 + 1*(A - U)): exactly round(A - U)
-            recompute.patch(part, np.full(len(i), -0.0, np.float32), a_src.array(t.name)[i],
-                            u_src.array(t.name)[i], None, beta=1.0, p=0.0, seed=0, idx=i)
+            recompute.patch(
+                part,
+                np.full(len(i), -0.0, np.float32),
+                a_src.array(t.name)[i],
+                u_src.array(t.name)[i],
+                None,
+                beta=1.0,
+                p=0.0,
+                seed=0,
+                idx=i,
+            )
         else:
             dare = params.get("dare")
             seed = rng.tensor_seed(int(params.get("seed") or 0), t.seed_name or t.name) if dare is not None else 0
-            recompute.patch(part, ft.array(t.name)[i], a_src.array(t.name)[i],
-                            None if u_src is None else u_src.array(t.name)[i],
-                            None if dare is None else b_src.array(t.name)[i],
-                            beta=t.beta, p=dare or 0.0, seed=seed, idx=i)
+            recompute.patch(
+                part,
+                ft.array(t.name)[i],
+                a_src.array(t.name)[i],
+                None if u_src is None else u_src.array(t.name)[i],
+                None if dare is None else b_src.array(t.name)[i],
+                beta=t.beta,
+                p=dare or 0.0,
+                seed=seed,
+                idx=i,
+            )
         want[head] = part
     if not head.all():
         i = idx[~head]
@@ -171,8 +210,18 @@ def _shown(x: np.ndarray, dtype: str) -> float:
     return x.item()
 
 
-def check_sample(out_ckpt: Checkpoint, plan_tensors: list[TensorPlan], ft, a_src, u_src, b_src, params: dict,
-                 command: str, samples: int, seed: int) -> Check:
+def check_sample(
+    out_ckpt: Checkpoint,
+    plan_tensors: list[TensorPlan],
+    ft,
+    a_src,
+    u_src,
+    b_src,
+    params: dict,
+    command: str,
+    samples: int,
+    seed: int,
+) -> Check:
     """The ``sample`` check: ``samples`` elements of ``out_ckpt`` (chosen by ``seed``) recomputed from
     the sources (fine-tune, aligned or vector, unaligned, DARE base; None where the output has none)."""
     c = Check("sample")
@@ -197,9 +246,14 @@ def check_sample(out_ckpt: Checkpoint, plan_tensors: list[TensorPlan], ft, a_src
         if len(wrong):
             bad += len(wrong)
             i = int(wrong[0])
-            c.fail(f"{name}: {len(wrong)} of {len(idx)} sampled elements differ, e.g. element "
-                   f"{int(idx[i])}: output {_shown(got[i], t.out_dtype)!r}, "
-                   f"expected {_shown(want[i], t.out_dtype)!r}")
-    c.detail = (f"{checked} elements in {len(picked)} tensors match bit for bit (seed {seed})"
-                if c.ok else f"{bad} of {checked} sampled elements differ")
+            c.fail(
+                f"{name}: {len(wrong)} of {len(idx)} sampled elements differ, e.g. element "
+                f"{int(idx[i])}: output {_shown(got[i], t.out_dtype)!r}, "
+                f"expected {_shown(want[i], t.out_dtype)!r}"
+            )
+    c.detail = (
+        f"{checked} elements in {len(picked)} tensors match bit for bit (seed {seed})"
+        if c.ok
+        else f"{bad} of {checked} sampled elements differ"
+    )
     return c

@@ -35,20 +35,22 @@ def one_input(data: bytes) -> None:
     except CheckpointError:
         return
     try:
-        ours = {n: (i.dtype, i.shape, f.view(n).view(torch.uint8).numpy().tobytes())
-                for n, i in f.tensors.items()}
+        ours = {n: (i.dtype, i.shape, f.view(n).view(torch.uint8).numpy().tobytes()) for n, i in f.tensors.items()}
     except CheckpointError:
         return
     finally:
         f.close()
     from safetensors.torch import load
+
     try:
         theirs = load(data)
     except Exception as exc:  # noqa: BLE001 - any official rejection is a finding here
         raise AssertionError(f"we accepted a file the official loader rejects: {exc!r}") from None
     names = {torch_dtype(name): name for name in DTYPES}
-    theirs = {n: (names.get(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
-              for n, t in theirs.items()}
+    theirs = {
+        n: (names.get(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for n, t in theirs.items()
+    }
     if ours != theirs:
         raise AssertionError("we read different tensors than the official loader")
 
@@ -62,9 +64,15 @@ def make_seeds(directory: Path) -> int:
     seeds = {
         "empty": save({}),
         "one_f32": save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}),
-        "mixed": save({"a": torch.ones(3, dtype=torch.bfloat16), "b": torch.zeros(2, 2, dtype=torch.int64),
-                       "c": torch.tensor([True, False]), "d": torch.empty(0, 4, dtype=torch.float16)},
-                      metadata={"format": "pt"}),
+        "mixed": save(
+            {
+                "a": torch.ones(3, dtype=torch.bfloat16),
+                "b": torch.zeros(2, 2, dtype=torch.int64),
+                "c": torch.tensor([True, False]),
+                "d": torch.empty(0, 4, dtype=torch.float16),
+            },
+            metadata={"format": "pt"},
+        ),
         "scalar": save({"s": torch.tensor(1.5, dtype=torch.float64)}),
     }
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()

@@ -139,9 +139,7 @@ class ClassifierJudge:
     ):
         if style not in CLASSIFIER_STYLES:
             raise RestaError(f"--classifier-style must be one of {CLASSIFIER_STYLES}, got {style!r}")
-        if prompt_template is not None and (
-            "{question}" not in prompt_template or "{response}" not in prompt_template
-        ):
+        if prompt_template is not None and ("{question}" not in prompt_template or "{response}" not in prompt_template):
             raise RestaError("the classifier prompt template must contain {question} and {response}")
         self.model_dir = str(model_dir)
         self.style = style
@@ -211,4 +209,3 @@ class ClassifierJudge:
         if self._engine is not None and hasattr(self._engine, "close"):
             self._engine.close()
         self._engine = None
-
