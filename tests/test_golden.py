@@ -17,7 +17,7 @@ run through the CLI (or the public API where the CLI has no knob, e.g.
 - the model card (``README.md``, issue #16) is checked against the report's
   sha256 like every file, but it is not pinned here: it is new since these
   digests were taken and renders the run's paths and command line, and
-  tests/test_model_card.py checks its content. Every other byte stays pinned.
+  tests/test_card.py checks its content. Every other byte stays pinned.
 
 The fixture INPUT files are digested too (case ``inputs``), so a fixture change
 (numpy, safetensors or this file) is reported as such, not as a code change.
