@@ -1,7 +1,7 @@
 """The one streaming engine (pipeline/engine.py): every path is a group of N >= 1
 jobs; staging, compute, writing and hashing are the same code for all of them.
 The GPU configuration runs here with a CPU stand-in (ordinary buffers, host
-kernels); the CUDA tests run where a GPU exists."""
+kernels); the CUDA tests are in test_engine_gpu.py."""
 
 import hashlib
 import os
@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from checkpoints import llama_tensors, three_models, write_model
+from engine_fixtures import META, engine_models, file_digests, plan_and_inputs, run
 
 from resta_fast import api
 from resta_fast.errors import CheckpointError, RestaError
@@ -18,35 +19,10 @@ from resta_fast.pipeline import compute, engine, hashing, writer
 from resta_fast.pipeline.job import Inputs, Job
 from resta_fast.plan import build_plan
 
-META = {"format": "pt"}
-
 
 @pytest.fixture()
 def models(tmp_path):
-    return three_models(tmp_path, shards=2, ft_extra_rows=3, vocab=16, hidden=8, layers=1, inter=12)
-
-
-def plan_and_inputs(ft, al, un, dare=True):
-    F, A, U = Checkpoint(ft), Checkpoint(al), Checkpoint(un)
-    plan = build_plan(F, aligned=A, unaligned=U, dare_base=A if dare else None, beta=0.5)
-    return plan, Inputs(F, A, U, None, A if dare else None)
-
-
-def run(tmp_path, name, plan, inputs, *, n=1, dare=0.3, seed=4, kernel=reference, **kw):
-    jobs = []
-    for j in range(n):
-        out = tmp_path / f"{name}{j}"
-        out.mkdir()
-        jobs.append(Job(plan, inputs, out, dare, seed, META))
-    engine.run_jobs(jobs, kernel=kernel, **kw)
-    for job in jobs:
-        if job.error is not None:
-            raise job.error
-    return jobs
-
-
-def file_digests(out):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+    return engine_models(tmp_path)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 37, 1000, 1 << 20])
@@ -282,33 +258,3 @@ def test_fused_workers_split_cores_between_kernel_and_writers():
     assert engine.fused_workers(8, cores=16) == (12, 4)
     assert engine.fused_workers(1, cores=2) == (1, 1)
     assert engine.fused_workers(8, threads=3, writers=20, cores=2) == (3, 8)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dare", [None, 0.3])
-def test_gpu_pipeline_matches_cpu(tmp_path, models, dare):
-    ft, al, un = models
-    cpu_out, gpu_out = tmp_path / "cpu", tmp_path / "gpu"
-    api.patch(ft, cpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="torch", fsync=False)
-    api.patch(
-        ft, gpu_out, aligned=al, unaligned=un, beta=0.5, dare=dare, seed=2, backend="triton", device="cuda", fsync=False
-    )
-    names = sorted(p.name for p in cpu_out.glob("*.safetensors"))
-    assert names and names == sorted(p.name for p in gpu_out.glob("*.safetensors"))
-    for name in names:
-        assert (cpu_out / name).read_bytes() == (gpu_out / name).read_bytes()
-
-
-@pytest.mark.gpu
-def test_gpu_group_and_device_cache_match_cpu(tmp_path, models):
-    from resta_fast.kernels import load_backend
-
-    plan, inputs = plan_and_inputs(*models)
-    (ref,) = run(tmp_path, "cpu", plan, inputs)
-    cache = compute.DeviceCache("cuda")
-    for k in range(2):
-        jobs = run(tmp_path, f"gpu{k}_", plan, inputs, n=3, kernel=load_backend("triton"), device="cuda", cache=cache)
-        assert all(job.stats.sha256 == ref.stats.sha256 for job in jobs)
-    assert cache.hits > 0
-    held = list(cache._tensors.values())
-    assert held and all(t.is_cuda for t in held), "the cache must hold the shared inputs in device memory"
