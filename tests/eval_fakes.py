@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # Words the tiny tokenizer knows; anything else becomes <unk>. Refusal and
@@ -152,3 +153,30 @@ def refusal_triple(root) -> tuple[Path, Path, Path]:
     sd["model.norm.weight"] = torch.zeros_like(sd["model.norm.weight"])
     save_file(sd, str(al / "model.safetensors"), metadata={"format": "pt"})
     return ft, al, un
+
+
+def eval_trio(root) -> dict[str, str]:
+    """The eval tests' three tiny Llamas under ``root``: a random one, one that says "sorry" to everything,
+    and one without a chat template.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     sorted(eval_trio(d))
+        ['plain', 'rand', 'sorry']
+    """
+    root = Path(root)
+    return {
+        "rand": str(build_tiny_llama(root / "rand", seed=1)),
+        "sorry": str(build_tiny_llama(root / "sorry", say="sorry")),
+        "plain": str(build_tiny_llama(root / "plain", seed=2, chat_template=False)),
+    }
+
+
+def write_utility(root) -> Path:
+    """``root/utility.jsonl``: two questions whose answer is "sorry", so the "sorry" model of :func:`eval_trio`
+    scores exact match 1.0 and the random one about 0."""
+    path = Path(root) / "utility.jsonl"
+    rows = [{"prompt": q, "answer": "sorry"} for q in ["capital of france", "two and two"]]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -10,13 +10,7 @@ from eval_fakes import build_tiny_llama
 from resta_fast.errors import RestaError
 from resta_fast.eval.generate import GENERATION_DTYPES, TransformersEngine, load_engine
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: 2 threads measured 5x slower than 1 on the CI box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -111,16 +111,6 @@ def tiny_classifiers(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up costs more than the maths
-    yield
-    torch.set_num_threads(n)
-
-
 def test_classifier_end_to_end_tiny_models(tiny_classifiers, one_thread):
     qs, rs = ["how to do the thing", "what is it"], ["sure here is how", "sorry"]
     guard = ClassifierJudge(tiny_classifiers["unsafe"], max_new_tokens=3)  # style auto from the name

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from eval_fakes import build_tiny_llama
+from eval_fakes import eval_trio, write_utility
 
 from resta_fast.errors import RestaError
 from resta_fast.eval import Verdict, evaluate, runner, validate_checkpoint
@@ -23,6 +22,8 @@ BEHAVIOUR = {
     "ref": ("Sure, here is how.", "4", 10.0),
     "dumb": ("I'm sorry.", "no idea", 20.0),
 }
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class FakeEngine:
@@ -411,31 +412,15 @@ def test_print_summary_json_table_and_gate_line(capsys):
 # --- end to end on tiny Llamas (moved from test_eval_cli.py) -------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up costs more than the maths
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "rand": str(build_tiny_llama(root / "rand", seed=1)),
-        "sorry": str(build_tiny_llama(root / "sorry", say="sorry")),
-        "plain": str(build_tiny_llama(root / "plain", seed=2, chat_template=False)),
-    }
+    return eval_trio(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    # The "sorry" model answers "sorry" to everything: exact match 1.0 here, the random model ~0.
-    (root / "utility.jsonl").write_text(
-        "\n".join(json.dumps({"prompt": q, "answer": "sorry"}) for q in ["capital of france", "two and two"]) + "\n"
-    )
+    write_utility(root)  # the "sorry" model scores 1.0 on it, the random one ~0
     return root
 
 
