@@ -8,7 +8,8 @@ import torch
 from eval_fakes import build_tiny_llama
 
 from resta_fast.errors import RestaError
-from resta_fast.eval.generate import GENERATION_DTYPES, TransformersEngine, load_engine
+from resta_fast.eval.generate import TransformersEngine, load_engine
+from resta_fast.eval.options import GENERATION_DTYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -10,7 +10,7 @@ from eval_fakes import eval_trio, write_utility
 
 from resta_fast.errors import RestaError
 from resta_fast.eval import Verdict, evaluate, runner, validate_checkpoint
-from resta_fast.eval.options import EvalOptions
+from resta_fast.eval.options import EvalOptions, check_judges
 from resta_fast.eval.prompts import Prompt, PromptSet
 
 # --- fakes: an engine per model name, and a judge that records what it was asked -----------------
@@ -130,15 +130,52 @@ def test_options_normalise_responses_and_judges(tmp_path):
         ({"max_harmful": -0.0001}, r"--max-harmful is a rate in \[0, 1\], got -0.0001$"),
         ({"utility": "/nonexistent/u.jsonl"}, "^/nonexistent/u.jsonl not found: pass an existing file$"),
         ({"perplexity": "/nonexistent/h.txt"}, "^/nonexistent/h.txt not found"),
-        ({"judges": []}, "^pass at least one --judge"),
-        ({"judges": ["refusal", RecordingJudge("refusal")]}, r"each judge may be given once; got \['refusal', 'refus"),
     ],
 )
 def test_options_refuse_what_does_not_fit(kwargs, message, utility_file):
     kwargs = {k: utility_file if v == "U" else v for k, v in kwargs.items()}
+    opts = EvalOptions(**kwargs)  # construction only normalises: evaluate checks in its order
     with pytest.raises(RestaError, match=message) as e:
-        EvalOptions(**kwargs)
+        opts.check()
     assert not str(e.value).endswith(".")  # core style
+
+
+@pytest.mark.parametrize(
+    "judges,message",
+    [
+        ([], "^pass at least one --judge"),
+        (
+            [RecordingJudge("refusal"), RecordingJudge("refusal")],
+            r"^each judge may be given once; got \['refusal', 'refus",
+        ),
+    ],
+)
+def test_judges_refused_once_built(judges, message):
+    with pytest.raises(RestaError, match=message):
+        check_judges(judges)
+    assert check_judges(iter([RecordingJudge("a"), RecordingJudge("b")]))[1].name == "b"
+
+
+@pytest.mark.parametrize(
+    "models,kwargs,message",
+    [
+        # Two mistakes: the first check of evaluate() speaks, as before EvalOptions existed.
+        ([], {"max_harmful": 5}, "^nothing to evaluate"),
+        ([], {"utility": "/nonexistent/u.jsonl"}, "^nothing to evaluate"),
+        ([], {"judges": ()}, "^nothing to evaluate"),
+        (["M"], {"max_harmful": 5}, "^--model needs --prompts"),
+        ([], {"max_utility_drop": 0.1}, "^nothing to evaluate"),
+        ([], {"responses": "R", "utility": "U", "max_utility_drop": 0.1}, "^--utility/--perplexity need a --model"),
+        ([], {"responses": "R", "judges": ("bogus", "bogus")}, "^unknown judge 'bogus'"),
+        ([], {"responses": "R", "max_harmful": 2, "judges": ("bogus",)}, "^--max-harmful is a rate"),
+    ],
+)
+def test_evaluate_reports_the_first_mistake_in_its_order(models, kwargs, message, dirs, utility_file, tmp_path):
+    saved = tmp_path / "r.jsonl"
+    saved.write_text('{"prompt": "x", "response": "y"}\n')
+    kwargs = {k: {"U": utility_file, "R": str(saved)}.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(RestaError, match=message):
+        evaluate([dirs["safe"] for _ in models], None, **kwargs)
 
 
 def test_options_accept_the_boundaries_and_recheck_on_replace(utility_file):
@@ -147,7 +184,7 @@ def test_options_accept_the_boundaries_and_recheck_on_replace(utility_file):
     ok = EvalOptions(max_utility_drop=0.0, reference="ft", utility=utility_file)
     assert ok.max_utility_drop == 0.0
     with pytest.raises(RestaError, match="--max-utility-drop needs --reference"):
-        dataclasses.replace(ok, reference=None)
+        dataclasses.replace(ok, reference=None).check()
     assert EvalOptions.field_names()[-1] == "progress" and len(EvalOptions.field_names()) == 21
 
 

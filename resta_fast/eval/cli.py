@@ -15,7 +15,7 @@ from pathlib import Path
 
 from resta_fast import cli_args as A
 from resta_fast.errors import RestaError
-from resta_fast.eval.generate import GENERATION_DTYPES
+from resta_fast.eval.options import ENGINES, GENERATION_DTYPES
 from resta_fast.io.hub import HUB_RULE
 
 HUB_HELP = f"Hub ids: {HUB_RULE}."
@@ -47,7 +47,7 @@ def _add_prompt_args(p) -> None:
 
 def _add_generation_args(p) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    g.add_argument("--engine", choices=ENGINES, default="transformers")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument(
         "--dtype",

@@ -16,11 +16,8 @@ import weakref
 
 from resta_fast.errors import RestaError
 from resta_fast.eval.chat import check_model_dir, format_prompts, load_tokenizer
+from resta_fast.eval.options import ENGINES, GENERATION_DTYPES
 
-ENGINES = ("transformers", "vllm")
-# The --dtype values generation accepts (torch names; "auto" keeps the checkpoint's). Not the
-# safetensors dtype table, which is resta_fast.io.reader.DTYPES.
-GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Default batch sizes when the user says nothing: small on CPU where a batch costs
 # latency, larger on GPU; on CUDA out-of-memory the batch is halved and retried.
 DEFAULT_BATCH = {"cpu": 8, "cuda": 32}

@@ -1,9 +1,11 @@
-"""Everything about an evaluation that is not the models or prompts themselves, checked in one place.
+"""Everything about an evaluation that is not the models or prompts themselves, and its checks.
 
 ``EvalOptions`` is what :func:`resta_fast.eval.evaluate` runs with; ``evaluate``
 also takes its fields as keyword arguments, so callers may pass either. The
-checks here need only the options; those that need the models or prompts too
-(is there anything to evaluate?) are ``evaluate``'s. Messages name the CLI flags
+checks here need only the options (and the judges built from them); ``evaluate``
+runs them after its own (is there anything to evaluate?), in that order, so an
+input with two mistakes is told the first one. The engine, device and dtype are
+checked where the engine loads (eval/generate.py). Messages name the CLI flags
 (``--max-harmful``), since the CLI passes its flags through unchanged.
 
 Example:
@@ -16,9 +18,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from resta_fast.errors import RestaError
-from resta_fast.eval.prompts import Columns
+
+if TYPE_CHECKING:  # annotations only: the CLI's parsers import this module for the choices below
+    from resta_fast.eval.prompts import Columns
+
+ENGINES = ("transformers", "vllm")
+# The --dtype values generation accepts (torch names; "auto" keeps the checkpoint's). Not the
+# safetensors dtype table, which is resta_fast.io.reader.DTYPES.
+GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _paths(value) -> tuple[str, ...]:
@@ -30,9 +40,10 @@ def _paths(value) -> tuple[str, ...]:
 class EvalOptions:
     """How to evaluate: every option of :func:`resta_fast.eval.evaluate` besides ``models`` and ``prompts``.
 
-    Construction checks the fields and raises the first ``RestaError``;
-    ``dataclasses.replace`` checks again. ``responses`` and ``judges`` become
-    tuples; every other value is kept as given (``config`` in report.json records them).
+    Construction normalises: ``responses`` and ``judges`` become tuples; every other
+    value is kept as given (``config`` in report.json records them). :meth:`check`
+    raises the first ``RestaError`` of the thresholds and files, :func:`check_judges`
+    that of the judges once they are built.
 
     Args:
         responses: responses JSONL file(s) from an earlier run, to re-judge without generating.
@@ -64,7 +75,7 @@ class EvalOptions:
         (('run/responses/m.jsonl',), 'cpu')
         >>> dataclasses.replace(opts, device="cuda").device
         'cuda'
-        >>> EvalOptions(max_harmful=5)
+        >>> EvalOptions(max_harmful=5).check()
         Traceback (most recent call last):
         ...
         resta_fast.errors.RestaError: --max-harmful is a rate in [0, 1], got 5
@@ -96,7 +107,6 @@ class EvalOptions:
         # Frozen: normalised through object.__setattr__, once, before the checks read them.
         object.__setattr__(self, "responses", _paths(self.responses))
         object.__setattr__(self, "judges", tuple(self.judges))
-        self._check()
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -108,7 +118,13 @@ class EvalOptions:
         """
         return tuple(f.name for f in fields(cls))
 
-    def _check(self) -> None:
+    def check(self) -> EvalOptions:
+        """Raise the first option that does not fit (thresholds, files); return the options.
+
+        Example:
+            >>> EvalOptions(max_harmful=0.0).check().max_harmful
+            0.0
+        """
         if self.max_utility_drop is not None:
             if not self.reference:
                 raise RestaError(
@@ -121,9 +137,22 @@ class EvalOptions:
         for f in [self.utility, self.perplexity]:
             if f and not Path(f).is_file():
                 raise RestaError(f"{f} not found: pass an existing file")
-        if not self.judges:
-            raise RestaError("pass at least one --judge (refusal, classifier or openai)")
-        # A name stands for the judge make_judge builds, which carries that name.
-        names = [j if isinstance(j, str) else j.name for j in self.judges]
-        if len(set(names)) != len(names):
-            raise RestaError(f"each judge may be given once; got {names}: drop the repeated --judge")
+        return self
+
+
+def check_judges(judges) -> tuple:
+    """The judges built from ``EvalOptions.judges``: at least one, each name once; returned as a tuple.
+
+    Example:
+        >>> check_judges([])
+        Traceback (most recent call last):
+        ...
+        resta_fast.errors.RestaError: pass at least one --judge (refusal, classifier or openai)
+    """
+    judges = tuple(judges)
+    if not judges:
+        raise RestaError("pass at least one --judge (refusal, classifier or openai)")
+    names = [j.name for j in judges]
+    if len(set(names)) != len(names):
+        raise RestaError(f"each judge may be given once; got {names}")
+    return judges

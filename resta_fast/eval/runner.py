@@ -27,7 +27,7 @@ from resta_fast.eval import gate as gate_mod
 from resta_fast.eval.generate import load_engine
 from resta_fast.eval.judges import make_judge
 from resta_fast.eval.metrics import by_group, judge_agreement, summarize
-from resta_fast.eval.options import EvalOptions
+from resta_fast.eval.options import EvalOptions, check_judges
 from resta_fast.eval.prompts import PromptSet, load_prompts
 from resta_fast.eval.responses import load_responses, save_responses
 from resta_fast.eval.utility import load_pairs, read_text, score_answers
@@ -208,8 +208,8 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
         raise RestaError("--model needs --prompts FILE (or --prompts builtin:smoke for a quick smoke check)")
     if (opts.utility or opts.perplexity) and not models and not reference:
         raise RestaError("--utility/--perplexity need a --model to run; saved responses carry no utility")
-
-    judges = tuple(make_judge(j) if isinstance(j, str) else j for j in opts.judges)
+    opts.check()
+    judges = check_judges(make_judge(j) if isinstance(j, str) else j for j in opts.judges)
     pset = None
     if models:
         if isinstance(prompts, PromptSet):
