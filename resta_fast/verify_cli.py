@@ -1,4 +1,4 @@
-"""``resta-fast verify``: its arguments and exit codes; the checks are in the verify package.
+"""``resta-fast verify``: its arguments, exit codes and printed result; the checks are in the verify package.
 
 Kept apart so that building the CLI (``--help``) imports nothing heavy.
 """
@@ -10,9 +10,11 @@ import sys
 
 from resta_fast import cli_args as A
 
+MAX_LISTED = 10  # problems printed per check; --json has them all
+
 
 def cmd_verify(args) -> int:
-    from resta_fast.verify import format_result, verify
+    from resta_fast.verify import verify
 
     result = verify(
         args.out, args.against, dare_base=args.dare_base, base=args.base, samples=args.samples, seed=args.seed
@@ -22,6 +24,35 @@ def cmd_verify(args) -> int:
     else:
         print(format_result(result), file=sys.stdout)
     return 0 if result["ok"] else 1
+
+
+def format_result(result: dict) -> str:
+    """``verify``'s result as the CLI prints it: one line per check, at most MAX_LISTED problems each.
+
+    Example:
+        >>> print(format_result({"out": "restored", "ok": False, "checks": [
+        ...     {"name": "sha256", "ok": False, "detail": "1 problem(s)", "problems": ["a.safetensors: missing"]}]}))
+        verify restored
+          FAIL  sha256: 1 problem(s)
+                  a.safetensors: missing
+        FAIL
+    """
+    lines = [f"verify {result['out']}"]
+    for role, hub in (result.get("hub_inputs") or {}).items():
+        rev = hub.get("revision")
+        lines.append(
+            f"  from  {role.replace('_', ' ')}: {hub.get('repo_id')}"
+            + (f"@{rev}" if rev and rev != "main" else "")
+            + f", commit {hub.get('commit')}"
+        )
+    for c in result["checks"]:
+        lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail'] or ''}".rstrip())
+        for problem in c["problems"][:MAX_LISTED]:
+            lines.append(f"          {problem}")
+        if len(c["problems"]) > MAX_LISTED:
+            lines.append(f"          ... {len(c['problems']) - MAX_LISTED} more (see --json)")
+    lines.append("PASS" if result["ok"] else "FAIL")
+    return "\n".join(lines)
 
 
 def add_verify_parser(subparsers) -> None:

@@ -7,7 +7,7 @@ inputs and checks their fingerprints (``inputs``), rebuilds the plan from the
 recorded parameters (``against``), and recomputes a seeded random sample of
 output elements, comparing them bit for bit (``samples``): with the C++ kernel
 on numpy gathers (no torch) where it is built, else with the torch reference
-arithmetic. The CLI's flags and exit codes are in ``verify_cli``.
+arithmetic. The CLI's flags, exit codes and printed form are in ``verify_cli``.
 
 Example:
     $ resta-fast verify restored/ --against ft/ chat/ shadow/ --samples 10000
@@ -24,9 +24,7 @@ from pathlib import Path
 from resta_fast.errors import RestaError
 from resta_fast.verify.checks import check_hashes, check_headers, check_validation, read_report
 
-__all__ = ["format_result", "hub_sources", "verify"]
-
-MAX_LISTED = 10  # problems printed per check; --json has them all
+__all__ = ["hub_sources", "verify"]
 
 
 def verify(
@@ -98,32 +96,3 @@ def hub_sources(report: dict) -> dict[str, dict]:
         for role, info in inputs.items()
         if isinstance(info, dict) and isinstance(info.get("hub"), dict)
     }
-
-
-def format_result(result: dict) -> str:
-    """``verify``'s result as the CLI prints it: one line per check, at most MAX_LISTED problems each.
-
-    Example:
-        >>> print(format_result({"out": "restored", "ok": False, "checks": [
-        ...     {"name": "sha256", "ok": False, "detail": "1 problem(s)", "problems": ["a.safetensors: missing"]}]}))
-        verify restored
-          FAIL  sha256: 1 problem(s)
-                  a.safetensors: missing
-        FAIL
-    """
-    lines = [f"verify {result['out']}"]
-    for role, hub in (result.get("hub_inputs") or {}).items():
-        rev = hub.get("revision")
-        lines.append(
-            f"  from  {role.replace('_', ' ')}: {hub.get('repo_id')}"
-            + (f"@{rev}" if rev and rev != "main" else "")
-            + f", commit {hub.get('commit')}"
-        )
-    for c in result["checks"]:
-        lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['name']}: {c['detail'] or ''}".rstrip())
-        for problem in c["problems"][:MAX_LISTED]:
-            lines.append(f"          {problem}")
-        if len(c["problems"]) > MAX_LISTED:
-            lines.append(f"          ... {len(c['problems']) - MAX_LISTED} more (see --json)")
-    lines.append("PASS" if result["ok"] else "FAIL")
-    return "\n".join(lines)
