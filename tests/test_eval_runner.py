@@ -1,7 +1,6 @@
-"""eval/runner.py and eval/options.py: EvalOptions' checks, each phase of evaluate() on a fake engine,
+"""eval/runner.py: each phase of evaluate() on a fake engine, the order of its checks,
 validate_checkpoint/make_validator, print_summary; and evaluate() end to end on tiny local Llamas."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from eval_fakes import eval_trio, write_utility
 
 from resta_fast.errors import RestaError
 from resta_fast.eval import Verdict, evaluate, runner, validate_checkpoint
-from resta_fast.eval.options import EvalOptions, check_judges
+from resta_fast.eval.options import EvalOptions
 from resta_fast.eval.prompts import Prompt, PromptSet
 
 # --- fakes: an engine per model name, and a judge that records what it was asked -----------------
@@ -100,60 +99,20 @@ def utility_file(tmp_path):
     return str(f)
 
 
-# --- EvalOptions --------------------------------------------------------------------------------
+# --- evaluate(): options object and keyword overrides ---------------------------------------------
 
 
-def test_options_defaults_are_evaluates_old_defaults():
-    o = EvalOptions()
-    assert (o.responses, o.judges, o.utility, o.perplexity, o.reference) == ((), ("refusal",), None, None, None)
-    assert (o.engine, o.device, o.dtype, o.batch_size) == ("transformers", "cpu", "auto", None)
-    assert (o.max_new_tokens, o.utility_max_new_tokens, o.perplexity_window, o.seed) == (128, 32, 1024, 0)
-    assert (o.system_prompt, o.chat_template, o.columns, o.limit, o.out) == (None, None, None, None, None)
-    assert (o.max_harmful, o.max_utility_drop, o.progress) == (None, None, None)
-
-
-def test_options_normalise_responses_and_judges(tmp_path):
-    assert EvalOptions(responses="a.jsonl").responses == ("a.jsonl",)
-    assert EvalOptions(responses=tmp_path / "a.jsonl").responses == (str(tmp_path / "a.jsonl"),)
-    assert EvalOptions(responses=["a.jsonl", tmp_path / "b.jsonl"]).responses == ("a.jsonl", str(tmp_path / "b.jsonl"))
-    assert EvalOptions(judges=iter(["refusal"])).judges == ("refusal",)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        EvalOptions().device = "cuda"
-
-
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        ({"max_utility_drop": 0.1, "utility": "U"}, "--max-utility-drop needs --reference MODEL"),
-        ({"max_utility_drop": 0.1, "reference": "ft"}, "--max-utility-drop needs --utility FILE and/or --perplexity"),
-        ({"max_harmful": 1.0001}, r"--max-harmful is a rate in \[0, 1\], got 1.0001$"),
-        ({"max_harmful": -0.0001}, r"--max-harmful is a rate in \[0, 1\], got -0.0001$"),
-        ({"utility": "/nonexistent/u.jsonl"}, "^/nonexistent/u.jsonl not found: pass an existing file$"),
-        ({"perplexity": "/nonexistent/h.txt"}, "^/nonexistent/h.txt not found"),
-    ],
-)
-def test_options_refuse_what_does_not_fit(kwargs, message, utility_file):
-    kwargs = {k: utility_file if v == "U" else v for k, v in kwargs.items()}
-    opts = EvalOptions(**kwargs)  # construction only normalises: evaluate checks in its order
-    with pytest.raises(RestaError, match=message) as e:
-        opts.check()
-    assert not str(e.value).endswith(".")  # core style
-
-
-@pytest.mark.parametrize(
-    "judges,message",
-    [
-        ([], "^pass at least one --judge"),
-        (
-            [RecordingJudge("refusal"), RecordingJudge("refusal")],
-            r"^each judge may be given once; got \['refusal', 'refus",
-        ),
-    ],
-)
-def test_judges_refused_once_built(judges, message):
-    with pytest.raises(RestaError, match=message):
-        check_judges(judges)
-    assert check_judges(iter([RecordingJudge("a"), RecordingJudge("b")]))[1].name == "b"
+def test_evaluate_takes_options_and_overrides(engines, dirs, pset):
+    r = evaluate([dirs["safe"]], pset, EvalOptions(max_new_tokens=7, seed=3), max_new_tokens=9, progress=False)
+    assert r["config"]["max_new_tokens"] == 9 and r["config"]["seed"] == 3
+    assert engines[0] == (
+        "load",
+        "safe",
+        {"engine": "transformers", "device": "cpu", "dtype": "auto", "seed": 3, "progress": False},
+    )
+    # The same run spelled as keywords only, as every caller does: the same result.
+    assert evaluate(models=[dirs["safe"]], prompts=pset, max_new_tokens=9, seed=3, progress=False) == r
+    assert evaluate([dirs["safe"]], pset, EvalOptions(max_new_tokens=9, seed=3, progress=False)) == r
 
 
 @pytest.mark.parametrize(
@@ -176,32 +135,6 @@ def test_evaluate_reports_the_first_mistake_in_its_order(models, kwargs, message
     kwargs = {k: {"U": utility_file, "R": str(saved)}.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     with pytest.raises(RestaError, match=message):
         evaluate([dirs["safe"] for _ in models], None, **kwargs)
-
-
-def test_options_accept_the_boundaries_and_recheck_on_replace(utility_file):
-    assert EvalOptions(max_harmful=0.0).max_harmful == 0.0
-    assert EvalOptions(max_harmful=1.0).max_harmful == 1.0
-    ok = EvalOptions(max_utility_drop=0.0, reference="ft", utility=utility_file)
-    assert ok.max_utility_drop == 0.0
-    with pytest.raises(RestaError, match="--max-utility-drop needs --reference"):
-        dataclasses.replace(ok, reference=None).check()
-    assert EvalOptions.field_names()[-1] == "progress" and len(EvalOptions.field_names()) == 21
-
-
-# --- evaluate(): options object and keyword overrides ---------------------------------------------
-
-
-def test_evaluate_takes_options_and_overrides(engines, dirs, pset):
-    r = evaluate([dirs["safe"]], pset, EvalOptions(max_new_tokens=7, seed=3), max_new_tokens=9, progress=False)
-    assert r["config"]["max_new_tokens"] == 9 and r["config"]["seed"] == 3
-    assert engines[0] == (
-        "load",
-        "safe",
-        {"engine": "transformers", "device": "cpu", "dtype": "auto", "seed": 3, "progress": False},
-    )
-    # The same run spelled as keywords only, as every caller does: the same result.
-    assert evaluate(models=[dirs["safe"]], prompts=pset, max_new_tokens=9, seed=3, progress=False) == r
-    assert evaluate([dirs["safe"]], pset, EvalOptions(max_new_tokens=9, seed=3, progress=False)) == r
 
 
 def test_evaluate_refuses_unknown_keywords_and_non_options():

@@ -1,4 +1,4 @@
-"""What tests/test_verify_checks.py and tests/test_verify_samples.py share: the patched output they check."""
+"""What the verify tests (tests/test_verify_*.py) share: the patched output they check."""
 
 from checkpoints import three_models
 

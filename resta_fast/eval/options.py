@@ -31,8 +31,13 @@ ENGINES = ("transformers", "vllm")
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _paths(value) -> tuple[str, ...]:
-    """One path or several -> a tuple of strings (``responses="a.jsonl"`` is one file, not 7 letters)."""
+def as_paths(value) -> tuple[str, ...]:
+    """One path or several -> a tuple of strings (``responses="a.jsonl"`` is one file, not 7 letters).
+
+    Example:
+        >>> as_paths("a.jsonl"), as_paths(["a", "b"])
+        (('a.jsonl',), ('a', 'b'))
+    """
     return tuple(str(v) for v in ([value] if isinstance(value, (str, os.PathLike)) else value))
 
 
@@ -105,7 +110,7 @@ class EvalOptions:
 
     def __post_init__(self):
         # Frozen: normalised through object.__setattr__, once, before the checks read them.
-        object.__setattr__(self, "responses", _paths(self.responses))
+        object.__setattr__(self, "responses", as_paths(self.responses))
         object.__setattr__(self, "judges", tuple(self.judges))
 
     @classmethod

@@ -3,7 +3,7 @@
 ``evaluate`` runs the three phases in turn, each a function of what the one
 before it returned: :func:`generate_answers` → :func:`judge_answers` →
 :func:`score_and_report`, after :func:`prepare` has decided what they do (a
-:class:`Plan`). All models generate first, each unloaded before the next, and
+:class:`EvalPlan`). All models generate first, each unloaded before the next, and
 only then do the judges run, so a GPU never holds a candidate and a classifier
 judge at once.
 
@@ -27,7 +27,7 @@ from resta_fast.eval import gate as gate_mod
 from resta_fast.eval.generate import load_engine
 from resta_fast.eval.judges import make_judge
 from resta_fast.eval.metrics import by_group, judge_agreement, summarize
-from resta_fast.eval.options import EvalOptions, check_judges
+from resta_fast.eval.options import EvalOptions, as_paths, check_judges
 from resta_fast.eval.prompts import PromptSet, load_prompts
 from resta_fast.eval.responses import load_responses, save_responses
 from resta_fast.eval.utility import load_pairs, read_text, score_answers
@@ -73,7 +73,7 @@ class Subject:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class EvalPlan:
     """What an evaluation does, decided before any model loads: the output of :func:`prepare`."""
 
     subjects: tuple[Subject, ...]
@@ -170,7 +170,7 @@ def evaluate(models=(), prompts=None, options: EvalOptions | None = None, **over
     return score_and_report(plan, answers, verdicts, opts)
 
 
-def prepare(models, prompts, opts: EvalOptions) -> Plan:
+def prepare(models, prompts, opts: EvalOptions) -> EvalPlan:
     """Resolve the inputs, check that there is something to evaluate, and load prompts and utility data.
 
     Args:
@@ -179,7 +179,7 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
         opts: the options.
 
     Returns:
-        The :class:`Plan`: one :class:`Subject` per model, then per responses file, then the
+        The :class:`EvalPlan`: one :class:`Subject` per model, then per responses file, then the
         reference when it is not among the models.
 
     Example:
@@ -188,7 +188,7 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
 
     (Skipped: it needs the model directory on disk.)
     """
-    models = [str(m) for m in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    models = list(as_paths(models))
     # Hub ids (io.hub.HUB_RULE) -> their cache snapshots; labels keep the id's name.
     from resta_fast.io.hub import Resolver
 
@@ -220,7 +220,7 @@ def prepare(models, prompts, opts: EvalOptions) -> Plan:
             pset = load_prompts(prompts, columns=opts.columns, limit=opts.limit)
     pairs = load_pairs(opts.utility) if opts.utility else None
     ppl_text = read_text(opts.perplexity) if opts.perplexity else None
-    return Plan(
+    return EvalPlan(
         subjects=_subjects(models, opts.responses, reference, hub_names),
         prompt_set=pset,
         judges=judges,
@@ -246,7 +246,7 @@ def _subjects(models: list[str], responses, reference: str | None, hub_names: di
     return tuple(subjects)
 
 
-def generate_answers(plan: Plan, opts: EvalOptions) -> list[Answers]:
+def generate_answers(plan: EvalPlan, opts: EvalOptions) -> list[Answers]:
     """Phase 1: every model answers the prompts (and the utility set), one model in memory at a time.
 
     Args:
@@ -289,7 +289,7 @@ def _generate(eng, texts, max_new_tokens: int, desc: str, opts: EvalOptions) -> 
     )
 
 
-def _answer(eng, s: Subject, plan: Plan, opts: EvalOptions) -> Answers:
+def _answer(eng, s: Subject, plan: EvalPlan, opts: EvalOptions) -> Answers:
     prompts = responses = responses_file = None
     if not s.utility_only:
         prompts = plan.prompt_set.prompts
@@ -317,7 +317,7 @@ def _answer(eng, s: Subject, plan: Plan, opts: EvalOptions) -> Answers:
     return Answers(s, prompts, responses, responses_file, util or None)
 
 
-def judge_answers(plan: Plan, answers: list[Answers], opts: EvalOptions) -> list[dict[str, list]]:
+def judge_answers(plan: EvalPlan, answers: list[Answers], opts: EvalOptions) -> list[dict[str, list]]:
     """Phase 2: every judge rates every subject's answers, one judge (and its model, if any) at a time.
 
     Args:
@@ -354,7 +354,7 @@ def judge_answers(plan: Plan, answers: list[Answers], opts: EvalOptions) -> list
     return verdicts
 
 
-def score_and_report(plan: Plan, answers: list[Answers], verdicts: list[dict], opts: EvalOptions) -> dict:
+def score_and_report(plan: EvalPlan, answers: list[Answers], verdicts: list[dict], opts: EvalOptions) -> dict:
     """Phase 3: metrics per model and judge, the gate, the comparison, and the report files.
 
     Args:
@@ -442,7 +442,7 @@ def _comparison(details: list[dict], ref_entry: dict | None, primary: str) -> li
     return comparison
 
 
-def _config(plan: Plan, opts: EvalOptions) -> dict:
+def _config(plan: EvalPlan, opts: EvalOptions) -> dict:
     return {
         "engine": opts.engine,
         "device": opts.device,
