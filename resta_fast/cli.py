@@ -348,6 +348,15 @@ def cmd_env(args) -> int:
     return 0
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit cannot raise BrokenPipeError again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
@@ -361,6 +370,9 @@ def main(argv=None) -> int:
     except RestaError as exc:
         print(f"resta-fast: error: {exc.render(cli_flag)}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `resta-fast inspect --json | head`: the reader left; say nothing more
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE  # what a shell reports for a writer the pipe stopped
     except KeyboardInterrupt:
         from resta_fast.pipeline.interrupt import stop_signal
 

@@ -249,3 +249,17 @@ def test_input_truncated_during_the_run_is_one_clean_error_with_read_staging(tmp
     assert str(victim) in err and "truncated during the run" in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".resta-tmp-" in p.name]
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path):
+    """`resta-fast inspect --json | head -2`: more output than a pipe holds, and a reader that stops."""
+    import subprocess
+    import sys
+
+    ft, al, un = three_models(tmp_path, vocab=16, hidden=8, layers=60, inter=12)
+    cmd = [sys.executable, "-m", "resta_fast", "inspect", str(ft), "--aligned", str(al), "--unaligned", str(un)]
+    proc = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(2) == b"{\n"
+    proc.stdout.close()  # the reader leaves with most of the JSON unread
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err  # 128 + SIGPIPE, as a shell reports it
