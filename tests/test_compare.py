@@ -170,6 +170,30 @@ def test_grid_rules():
     assert Candidate("Safe LoRA", {"num_layers": 4}).label == "Safe LoRA K=4"
 
 
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        ({"thresholds": [1.5]}, r"^thresholds/taus are cosines in \[-1, 1\], got 1.5$"),
+        ({"taus": [-1.01]}, r"^thresholds/taus are cosines in \[-1, 1\], got -1.01$"),
+        ({"num_layers": [0]}, "^num_layers values must be integers >= 1$"),
+        ({"betas": [-0.5]}, "^betas must be >= 0$"),
+    ],
+)
+def test_a_bad_knob_is_refused_when_the_grid_is_made(knobs, message):
+    with pytest.raises(OptionError, match=message):
+        Grid(**knobs)
+    assert Grid(thresholds=[-1, 1], taus=[0], num_layers=[1], betas=[0]).thresholds == [-1, 1]  # the edges
+
+
+def test_cli_spells_a_bad_knob_as_its_flag(tmp_path, models, capsys):
+    ft, _, aligned, unaligned = models
+    capsys.readouterr()
+    argv = ["compare", "--finetuned", str(ft), "--aligned", str(aligned), "--unaligned", str(unaligned)]
+    rc = main([*argv, "--num-layers", "0", "--prompts", "builtin:smoke", "--max-harmful", "0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "resta-fast: error: --num-layers values must be integers >= 1\n", err
+
+
 def test_cli_needs_a_utility_measure(tmp_path, models, capsys):
     ft, safe, aligned, unaligned = models
     capsys.readouterr()

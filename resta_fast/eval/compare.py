@@ -66,6 +66,16 @@ class Grid:
     num_layers: list[int] = field(default_factory=list)
     taus: list[float] = field(default_factory=list)
 
+    def __post_init__(self):
+        # Checked when the grid is made, so compare() refuses a bad knob before it writes a candidate.
+        for t in [*self.thresholds, *self.taus]:
+            if not -1 <= t <= 1:
+                raise OptionError("thresholds", "{thresholds}/{taus} are cosines in [-1, 1], got {t}", t=t)
+        if any(k < 1 for k in self.num_layers):
+            raise OptionError("num_layers", "{num_layers} values must be integers >= 1")
+        if any(b < 0 for b in self.betas):
+            raise OptionError("betas", "{betas} must be >= 0")
+
     def candidates(self, *, lora: bool, safety: bool) -> list[Candidate]:
         """The grid's candidates; Safe LoRA and SafeMERGE need a LoRA fine-tune (and a safety adapter)."""
         if (self.thresholds or self.num_layers or self.taus) and not lora:

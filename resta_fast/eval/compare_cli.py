@@ -107,13 +107,6 @@ def run_compare(args) -> int:
         num_layers=_numbers(args.num_layers, int, "--num-layers"),
         taus=_numbers(args.taus, float, "--taus"),
     )
-    for t in grid.thresholds + grid.taus:
-        if not -1 <= t <= 1:
-            raise RestaError(f"--thresholds/--taus are cosines in [-1, 1], got {t}")
-    if any(k < 1 for k in grid.num_layers):
-        raise RestaError("--num-layers values must be integers >= 1")
-    if any(b < 0 for b in grid.betas):
-        raise RestaError("--betas must be >= 0")
     safemerge_options = {
         "weights": tuple(args.safemerge_weights),
         "combination": args.safemerge_combination,
