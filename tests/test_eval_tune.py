@@ -5,20 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from eval_fakes import build_tiny_llama, refusal_triple
 
 from resta_fast.errors import RestaError
 from resta_fast.eval.cli import add_tune_parser
 from resta_fast.eval.tune import format_table, parse_betas, tune, tune_line
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class FakePatch:

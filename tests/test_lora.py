@@ -34,9 +34,7 @@ from lora_fixtures import edit_config, gpt2_base, llama_base, shadow, train_adap
 OUT_NAME = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def backends():

@@ -29,9 +29,7 @@ from lora_fixtures import edit_config, gpt2_base, llama_base, shadow, train_adap
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reference(adapter, aligned, unaligned, *, transpose=False):
