@@ -319,7 +319,11 @@ def test_dare_base_defaults_to_base_and_cli_base_flag(tmp_path, capsys):
     want = [patch_element(f[i], a[i], u[i], b[i], 0.5, 0.5, s, i, "bf16") for i in range(f.size)]
     assert (int_bits(got[name]).reshape(-1).int() & 0xFFFF).tolist() == want
     report = json.loads((out / "resta_fast.json").read_text())
-    assert report["inputs"]["base"]["path"] == str(base)
+    # The base is recorded by its content and its directory's name, not the aligned model's.
+    from resta_fast.io.checkpoint import Checkpoint
+
+    assert report["inputs"]["base"]["files"] == Checkpoint(base).fingerprint() != report["inputs"]["aligned"]["files"]
+    assert report["sources"]["base"] == {"name": base.name}
 
 
 # --- what we refuse, and how it is said -------------------------------------------------
