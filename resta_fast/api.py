@@ -328,7 +328,7 @@ class _TorchDifference:
 
 
 class _CppDifference:
-    """make_vector on the C++ kernel (no torch): SPEC §2 with β = 1 and F = −0.0,
+    """make_vector on the C++ kernel (no torch): docs/spec.md §2 with β = 1 and F = −0.0,
     i.e. round(−0.0 + 1·(A − U)); 1·x and −0.0 + x are x for every x (−0.0 and NaN
     included), so the bits equal ``_TorchDifference``'s."""
 

@@ -157,7 +157,7 @@ def reproduce_command(report: dict) -> str | None:
     """A ``resta-fast`` command giving the same output bytes, from the report alone (None: unknown command).
 
     Hub inputs are pinned to the commit they resolved to; backend, device and
-    threads are left out (they do not change a byte, SPEC §2).
+    threads are left out (they do not change a byte, docs/spec.md §2).
     """
     command = report.get("command")
     params = report.get("params") or {}

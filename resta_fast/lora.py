@@ -1,4 +1,4 @@
-"""PEFT LoRA fine-tunes merged in-stream (SPEC §1, §4).
+"""PEFT LoRA fine-tunes merged in-stream (docs/spec.md §1, §4).
 
 A LoRA fine-tune is an adapter directory (``adapter_config.json`` +
 ``adapter_model.safetensors``) plus the base model it was trained on.

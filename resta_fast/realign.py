@@ -42,7 +42,7 @@ def _view(opener: Opener, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
 
 
 def _stored(tensor, dtype: str):
-    """An fp32 tensor rounded to an adapter dtype by SPEC §2's rules."""
+    """An fp32 tensor rounded to an adapter dtype by docs/spec.md §2's rules."""
     import torch
 
     from resta_fast.kernels.reference import store

@@ -101,7 +101,7 @@ def add_safemerge_parser(sub) -> None:
     p.add_argument(
         "--density", type=A.positive, metavar="D", help="dare_linear: the fraction of each delta kept, in (0, 1]"
     )
-    p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (SPEC §3 stream; default 0)")
+    p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (docs/spec.md §3 stream; default 0)")
     _add_output_args(p)
     p.set_defaults(func=cmd_safemerge)
 

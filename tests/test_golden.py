@@ -538,7 +538,7 @@ def _data(case_digests: dict) -> dict:
 
 
 def test_backends_agree_bit_for_bit(world):
-    """SPEC §2: every backend gives the same bits; and so do the pipelines
+    """docs/spec.md §2: every backend gives the same bits; and so do the pipelines
     (batch vs patch, chunking, the staged GPU pipeline on CPU, vector vs pair)."""
     if len(BACKENDS) < 2:
         pytest.skip(f"only {BACKENDS} available")
@@ -565,6 +565,6 @@ def test_same_bits_across_pipelines_and_inputs(world):
             assert got == {f: v for f, v in world[f"{case}@{b}"].items() if not f.startswith(REPORT)}, (
                 f"batch job {job} differs from patch {case} on {b}"
             )
-        # fp32 vector: patching with it is bit-identical to patching with the pair (README).
+        # fp32 vector: patching with it is bit-identical to patching with the pair (docs/vector.md).
         assert _data(world[f"vector_patch@{b}"]) == _data(world[f"plain@{b}"])
         assert _data(world[f"vector_dare@{b}"]) == _data(world[f"dare@{b}"])
