@@ -115,8 +115,7 @@ def push(
         names = sorted([*names, CARD_NAME])  # the note needs a card to be in
     contents, expected = _contents(out, names, hashes_ok)
     if reasons:
-        card = (out / CARD_NAME).read_bytes() if (out / CARD_NAME).is_file() else b""
-        contents[CARD_NAME] = forced_card(card.decode("utf-8", "replace"), reasons).encode("utf-8")
+        contents[CARD_NAME] = forced_card(_text(contents.get(CARD_NAME, b"")), reasons).encode("utf-8")
         expected[CARD_NAME] = hashlib.sha256(contents[CARD_NAME]).hexdigest()
     sizes = {n: len(c) if isinstance(c, bytes) else (out / n).stat().st_size for n, c in contents.items()}
     api = hf.HfApi()
@@ -135,7 +134,7 @@ def push(
             step = "card"
             validate_card = getattr(api, "_validate_yaml", None)  # create_commit checks it too, but after uploading
             if validate_card is not None and CARD_NAME in contents:
-                validate_card(contents[CARD_NAME].decode("utf-8", "replace"))
+                validate_card(_text(contents[CARD_NAME]))
             step = "upload"
             api.preupload_lfs_files(repo, additions=ops, revision=revision, create_pr=create_pr, free_memory=False)
             _check_uploaded(out, ops, expected)
@@ -345,6 +344,11 @@ def _contents(out: Path, names: list[str], hashes_ok: bool) -> tuple[dict[str, b
     return contents, expected
 
 
+def _text(content: bytes | str) -> str:
+    """A file's text from what it is uploaded from: its bytes, or its path."""
+    return (content if isinstance(content, bytes) else Path(content).read_bytes()).decode("utf-8", "replace")
+
+
 def _check_uploaded(out: Path, ops, expected: dict[str, str]) -> None:
     """Every file sent by path was uploaded with the sha256 it was verified with (else: commit nothing)."""
     for op in ops:
@@ -431,13 +435,13 @@ def _hub_error(exc: BaseException, out: Path, where: str, step: str, endpoint: s
     http = next((e for e in chain if isinstance(getattr(getattr(e, "response", None), "status_code", None), int)), None)
     names = {c.__name__ for e in chain for c in type(e).__mro__}
     done = "nothing was committed"
+    if "Invalid metadata in README.md" in str(exc):
+        problems = "; ".join(ln.strip("- ").strip() for ln in str(exc).splitlines()[1:] if ln.strip())
+        return RestaError(
+            f"push {where}: the Hub rejects the model card's metadata ({problems or _first_line(exc)}), {done}; "
+            f"fix the front matter of {out / CARD_NAME}"
+        )
     if http is None:
-        if "Invalid metadata in README.md" in str(exc):
-            problems = "; ".join(ln.strip("- ").strip() for ln in str(exc).splitlines()[1:] if ln.strip())
-            return RestaError(
-                f"push {where}: the Hub rejects the model card's metadata ({problems or _first_line(exc)}), {done}; "
-                f"fix the front matter of {out / CARD_NAME}"
-            )
         if names & _NETWORK_ERRORS or any(isinstance(e, ConnectionError) for e in chain):
             cause = next(
                 e

@@ -13,7 +13,7 @@ Endpoints (every ``/api`` and ``.git`` request needs ``Authorization: Bearer <to
     POST /api/repos/create                      create a repo; 409 when it exists; or answer ``create_status``
     GET  /api/models/ORG/NAME[/revision/REV]    repo_info: create_repo asks it after a 403, push before a branch
     POST /api/models/ORG/NAME/branch/BRANCH     create_branch, from main
-    POST /api/validate-yaml                     the model card's metadata: accepted
+    POST /api/validate-yaml                     the model card's metadata: accepted, or ``card_errors`` (400)
     POST /api/models/ORG/NAME/preupload/REV     upload modes: LFS for *.safetensors and binary samples
     POST /ORG/NAME.git/info/lfs/objects/batch   the "basic" transfer only: one PUT URL per object
     PUT  /lfs/OID                               an object's bytes, checked against its sha256 and size
@@ -64,7 +64,7 @@ class HubError(Exception):
 
 
 class HubServer:
-    """The fake Hub; a context manager. Set ``create_status`` (e.g. 403) to refuse every create.
+    """The fake Hub; a context manager. ``create_status`` (e.g. 403) refuses every create.
 
     Records: ``requests`` (method, route, path, query, auth header), ``creates`` (create payloads),
     ``lfs_batches``, ``commits`` (repo_id, revision, create_pr, summary, description, files
@@ -74,6 +74,7 @@ class HubServer:
     def __init__(self, token: str | None = "hf_test", *, lifetime: float = 120.0):
         self.token = token
         self.create_status: int | None = None
+        self.card_errors: list[str] = []  # what validate-yaml answers (400) about the model card's metadata
         self.requests: list[dict] = []
         self.creates: list[dict] = []
         self.lfs_batches: list[dict] = []
@@ -203,7 +204,10 @@ class HubServer:
 
     def _validate(self, _, __, body):
         json.loads(body)
-        return 200, {"errors": [], "warnings": []}
+        return (400 if self.card_errors else 200), {
+            "errors": [{"message": m} for m in self.card_errors],
+            "warnings": [],
+        }
 
     def _preupload(self, match, _, body):
         repo = self._repo(match["repo"])
