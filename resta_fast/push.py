@@ -437,9 +437,15 @@ def _hub_error(exc: BaseException, out: Path, where: str, step: str, endpoint: s
     done = "nothing was committed"
     if "Invalid metadata in README.md" in str(exc):
         problems = "; ".join(ln.strip("- ").strip() for ln in str(exc).splitlines()[1:] if ln.strip())
-        return RestaError(
-            f"push {where}: the Hub rejects the model card's metadata ({problems or _first_line(exc)}), {done}; "
-            f"fix the front matter of {out / CARD_NAME}"
+        return OptionError(
+            "force",
+            "push {where}: the Hub rejects the model card's metadata ({problems}), {done}; fix the front matter "
+            "of {card}, then push with {force} (the card no longer matches {report})",
+            where=where,
+            problems=problems or _first_line(exc),
+            done=done,
+            card=out / CARD_NAME,
+            report=REPORT_NAME,
         )
     if http is None:
         if names & _NETWORK_ERRORS or any(isinstance(e, ConnectionError) for e in chain):

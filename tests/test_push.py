@@ -333,15 +333,26 @@ def test_a_file_changed_after_verify_is_never_committed(copy, hub_here, monkeypa
     assert hub_here.commits == []
 
 
-def test_a_card_the_hub_rejects_is_refused_before_uploading_weights(output, hub_here):
-    from resta_fast.push import push
-
+def test_a_card_the_hub_rejects_is_refused_before_uploading_weights(output, hub_here, capsys):
     hub_here.card_errors = ['"base_model" must be a model id']
-    with pytest.raises(
-        RestaError, match='the Hub rejects the model card.s metadata \\("base_model" must be a model id\\)'
-    ):
-        push(output, REPO, progress=False)
+    code = main(["push", str(output), REPO])
+    line = refused(code, capsys.readouterr().err.splitlines(), "rejects the model card's metadata", "--force")
+    assert '("base_model" must be a model id)' in line
     assert hub_here.commits == [] and hub_here.lfs_batches == []
+
+
+def test_a_push_never_imports_torch(output, hub, tmp_path):
+    """Like verify, push reads hashes and headers only: the CPU path stays torch-free (tests/test_cli_startup.py)."""
+    run = (
+        "import sys\nfrom resta_fast.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('HEAVY:' + ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton'))))\n"
+        "sys.exit(code)"
+    )
+    argv = [sys.executable, "-c", run, "push", str(output), REPO, "--no-progress"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=hub_env(tmp_path, hub.url), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY:"
+    assert len(hub.commits) == 1
 
 
 # --- the command's start-up -------------------------------------------------------------------------
