@@ -97,7 +97,14 @@ def push(
             "and retry online"
         )
     hf = _hub()
-    if not hf.get_token():
+    try:
+        token = hf.get_token()
+    except Exception as exc:  # noqa: BLE001 - HF_OIDC_RESOURCE set and its token exchange failed
+        raise RestaError(
+            f"push {repo_id}: no Hugging Face token ({_first_line(exc)}), nothing was uploaded; run `hf auth login` "
+            "or set HF_TOKEN"
+        ) from None
+    if not token:
         raise RestaError(
             f"push {repo_id}: not logged in to the Hugging Face Hub, nothing was uploaded; run `hf auth login` "
             "or set HF_TOKEN to a token with write access"
@@ -109,14 +116,13 @@ def push(
             "push {out}: {why}, nothing was uploaded; see `resta-fast verify {out}`, or pass {force} to upload "
             "it anyway",
             out=out,
-            why="; ".join(reasons),
+            why=", and ".join(reasons),
         )
-    if reasons and CARD_NAME not in names:
-        names = sorted([*names, CARD_NAME])  # the note needs a card to be in
     contents, expected = _contents(out, names, hashes_ok)
-    if reasons:
+    if reasons:  # the note goes into an uploaded copy of the card (one is made if there is none)
         contents[CARD_NAME] = forced_card(_text(contents.get(CARD_NAME, b"")), reasons).encode("utf-8")
         expected[CARD_NAME] = hashlib.sha256(contents[CARD_NAME]).hexdigest()
+        names = sorted(contents)
     sizes = {n: len(c) if isinstance(c, bytes) else (out / n).stat().st_size for n, c in contents.items()}
     api = hf.HfApi()
     where = repo_id if revision is None else f"{repo_id}@{revision}"
@@ -176,6 +182,7 @@ def check_repo_id(repo_id: str) -> None:
         ...
         resta_fast.errors.RestaError: push: 'org/a/b' is not a Hugging Face repo id (...); name it ORG/NAME, ...
     """
+    _hub()  # says how to install it when it is missing
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 

@@ -236,6 +236,21 @@ def test_force_uploads_it_with_a_note_in_the_uploaded_card_only(copy, hub, tmp_p
     assert "--force" in commit["description"]
 
 
+def test_force_without_a_card_uploads_one_that_holds_only_the_note(copy, hub_here):
+    from resta_fast.push import push
+
+    (copy / "README.md").unlink()
+    result = push(copy, REPO, force=True, progress=False)
+    assert result["forced"] == ["verify fails its sha256 check (README.md: recorded but missing)"]
+    [commit] = hub_here.commits
+    assert set(commit["files"]) == {p.name for p in copy.iterdir()} | {"README.md"}
+    card = hub_here.blobs[commit["files"]["README.md"]].decode()
+    assert (
+        card.startswith("> **Uploaded with `resta-fast push --force`.**") and "README.md: recorded but missing" in card
+    )
+    assert not (copy / "README.md").exists()
+
+
 def test_validation_failed_is_refused_and_force_says_why(copy, hub_here, capsys):
     (copy / VALIDATION_FAILED).write_text("harmful rate 0.31 > 0.05\n")
     code = main(["push", str(copy), REPO, "--no-progress"])
