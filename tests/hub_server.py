@@ -58,9 +58,10 @@ OPEN_ROUTES = ("lfs_put", "agents")
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, header_message: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, header_message: str | None = None, **extra):
         super().__init__(message)
         self.status, self.message, self.code, self.header_message = status, message, code, header_message
+        self.extra = extra  # more of the JSON body
 
 
 class HubServer:
@@ -148,7 +149,7 @@ class HubServer:
             with self.lock:
                 status, payload = getattr(self, f"_{route}")(match.groupdict(), query, body)
         except HubError as exc:
-            status, payload = exc.status, {"error": exc.message}
+            status, payload = exc.status, {"error": exc.message, **exc.extra}
             headers = {"X-Error-Code": exc.code, "X-Error-Message": exc.header_message}
         else:
             headers = {}
@@ -183,7 +184,7 @@ class HubServer:
             raise HubError(self.create_status, "You don't have the rights to create a model under this namespace")
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         if repo_id in self.repos:
-            raise HubError(409, "You already created this model repo")
+            raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
         self.add_repo(repo_id, private=payload.get("visibility") == "private")
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
 

@@ -194,6 +194,18 @@ def test_an_existing_repo_without_the_right_to_create_still_takes_the_push(outpu
     assert hub_here.files(REPO) == snapshot(output)
 
 
+def test_a_second_push_to_the_same_repo_is_a_second_commit(output, copy, hub_here):
+    """create_repo answers 409 for a repo that exists: the push goes on into it."""
+    from resta_fast.push import push
+
+    push(output, REPO, progress=False)
+    (copy / "notes.txt").write_text("a file resta_fast.json does not list goes up too\n")
+    push(copy, REPO, progress=False)
+    assert [r["route"] for r in hub_here.requests].count("create") == 2 and len(hub_here.commits) == 2
+    assert hub_here.commits[1]["files"]["notes.txt"] == sha256_file(copy / "notes.txt")
+    assert hub_here.files(REPO) == snapshot(copy)
+
+
 # --- refusals: exit 2, one line, nothing committed -------------------------------------------------
 
 
@@ -286,6 +298,12 @@ def test_a_missing_repo_the_token_may_not_create_is_refused(output, hub, tmp_pat
     code, _, lines = push_cli(hub_env(tmp_path, hub.url), output, REPO)
     refused(code, lines, "does not exist and this token may not create it", "403")
     assert hub.commits == [] and [r["route"] for r in hub_requests(hub)] == ["create", "info"]
+
+
+def test_a_pull_request_against_a_missing_branch_is_refused(output, hub_here, capsys):
+    code = main(["push", str(output), REPO, "--create-pr", "--revision", "nope"])
+    refused(code, capsys.readouterr().err.splitlines(), f"push {REPO}@nope: the repo has no such branch")
+    assert hub_here.commits == []
 
 
 def test_offline_is_refused_before_any_network(output, hub_here, monkeypatch, capsys):
