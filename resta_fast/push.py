@@ -345,7 +345,7 @@ def _contents(out: Path, names: list[str], hashes_ok: bool) -> tuple[dict[str, b
             expected[name] = recorded.get(name) or sha256_file(path)
         if name in recorded and recorded[name] != expected[name]:
             raise RestaError(
-                f"push {out}: {name} changed after it was verified; nothing was uploaded; push again once "
+                f"push {out}: {name} changed after it was verified, nothing was uploaded; push again once "
                 "nothing writes to the output"
             )
     return contents, expected
@@ -368,7 +368,7 @@ def _check_uploaded(out: Path, ops, expected: dict[str, str]) -> None:
         if op.upload_info.sha256.hex() != expected[op.path_in_repo]:
             raise RestaError(
                 f"push {out}: {op.path_in_repo} changed while it was uploading (sha256 "
-                f"{op.upload_info.sha256.hex()[:16]}... instead of {expected[op.path_in_repo][:16]}...); nothing "
+                f"{op.upload_info.sha256.hex()[:16]}... instead of {expected[op.path_in_repo][:16]}...), nothing "
                 "was committed; push again once nothing writes to the output"
             )
 
