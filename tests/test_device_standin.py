@@ -11,6 +11,7 @@ something.
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,16 @@ from resta_fast.pipeline import buffers, compute, engine
 from resta_fast.pipeline.compute import Compute
 
 SLOW = (0.002, 0.002)  # a forced delay per operation: the other streams and threads run far ahead of it
+
+
+@pytest.fixture(autouse=True)
+def quick_handoffs():
+    """The stand-in hands work between threads thousands of times a run; at Python's default
+    5 ms GIL switch interval each hand-off can wait that long (the golden world took 4x longer)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    yield
+    sys.setswitchinterval(before)
 
 
 @pytest.fixture()
