@@ -122,8 +122,18 @@ def test_counters_count_nonfinite_results_after_synchronize(standin):
     counter = c.new_counter()
     f, a, u = _arrays()
     f[1], a[3] = np.inf, np.nan
-    c.patch(np.zeros(5, np.float32), c.upload(f), c.upload(a), c.upload(u), None, beta=1.0, p=0, seed=0, offset=0,
-            counter=counter)  # fmt: skip
+    c.patch(
+        np.zeros(5, np.float32),
+        c.upload(f),
+        c.upload(a),
+        c.upload(u),
+        None,
+        beta=1.0,
+        p=0,
+        seed=0,
+        offset=0,
+        counter=counter,
+    )
     c.synchronize()
     assert int(counter) == 2
 
