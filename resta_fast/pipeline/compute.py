@@ -79,7 +79,7 @@ class Compute:
         return self.device.upload(host, self.device.h2d)
 
     def patch(self, out_host: np.ndarray, f, a, u, b, *, beta: float, p: float, seed: int, offset: int, counter=None):
-        """Patch one chunk into ``out_host`` (SPEC §2).
+        """Patch one chunk into ``out_host`` (docs/spec.md §2).
 
         Returns (event the writer waits for or None, non-finite count or None).
         On a device the count is added to ``counter`` (a device integer, read
@@ -143,7 +143,7 @@ class Compute:
         return kept
 
     def convert(self, out_host: np.ndarray, x_host: np.ndarray) -> None:
-        """dtype conversion of a copied tensor, on the host (SPEC rounding; no device trip)."""
+        """dtype conversion of a copied tensor, on the host (docs/spec.md §2 rounding; no device trip)."""
         if self.native:
             self.kernel.convert_arrays(out_host, x_host, threads=self.threads)
         elif self.device is not None:
