@@ -1,4 +1,4 @@
-"""The numbers of one benchmarks/gpu_session.sh run against the targets the README states.
+"""The numbers of one benchmarks/gpu_session.sh run against the targets docs/benchmarks.md states.
 
 Reads what the session left under its output folder (gpu_check.json, staging.json,
 batch_cpu.json, batch_gpu.json, pytest_gpu.log) and prints one table: what, measured,
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import BW_TARGET, PIPELINE_TARGET  # noqa: E402 - the same targets gpu_check applies
 
-# README "Measured on a lent H200 machine" and the engine table: the targets of those rows.
+# docs/benchmarks.md, "On a lent H200 GPU node" and the engine rows: the targets of those rows.
 STAGING_TARGET = 0.9  # GPU configuration (CPU buffers) >= 0.9x the CPU path's throughput
 BATCH_SPEEDUP_TARGET = 1.5  # batch of 8 vs 8 separate resta-fast patch processes
 MARGINAL_TARGET = 1.3  # marginal cost per extra fine-tune <= 1.3x the read-one-write-one floor
@@ -101,7 +101,7 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
         add(f"batch of {top} vs {top} api.patch calls ({device})", s["speedup"], f"{s['speedup']:.2f}x faster")
         m = s.get("marginal_over_floor_ft")
         if m is not None:
-            # The README states the marginal target for the CPU batch; for the GPU it records the number only.
+            # docs/benchmarks.md states the marginal target for the CPU batch; for the GPU, the number only.
             add(
                 f"marginal cost per extra fine-tune ({device})",
                 m,
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0] if argv else "gpu_session_out")
     table = rows(out)
     widths = [max(len(r[i]) for r in table) for i in range(4)]
-    print(f"== {out}: measured against the README's targets")
+    print(f"== {out}: measured against the targets of docs/benchmarks.md")
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0

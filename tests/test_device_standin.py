@@ -10,7 +10,6 @@ something.
 """
 
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -162,7 +161,7 @@ def test_memory_another_stream_still_reads_is_reused_unless_marked(standin, reco
 # --- the engine through the stand-in: the synchronous path's bytes ---------------------------
 
 
-def test_golden_outputs_through_the_standin_match_the_golden_digests(monkeypatch, standin):
+def test_golden_outputs_through_the_standin_match_the_golden_digests(tmp_path, monkeypatch, standin):
     """Every output kind of tests/test_golden.py (patch, DARE, a batch group of 3, LoRA, the
     vector, patch --vector, chunks of 37 and 29 elements, fp16, tied, extra vocabulary), run
     by the CLI with the engine on the stand-in, against the same golden digests."""
@@ -172,11 +171,7 @@ def test_golden_outputs_through_the_standin_match_the_golden_digests(monkeypatch
     # One kernel backend is enough here (test_golden compares the backends with each other).
     monkeypatch.setattr(golden, "BACKENDS", [b for b in golden.BACKENDS if b in ("cpp", "torch")][:1])
     torch.set_num_threads(1)
-    root = golden.fixed_length_root()
-    try:
-        got = golden.golden_world(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    got = golden.golden_world(tmp_path)
     want = json.loads(golden.GOLDEN.read_text())["cases"]
     (backend,) = golden.BACKENDS
     assert {"vector", "staged_cpu", f"batch_dare@{backend}", f"lora@{backend}", f"dare_chunk37@{backend}"} <= set(got)
