@@ -242,7 +242,11 @@ def _keep_without_waiting(monkeypatch, dev):
     monkeypatch.setattr(dev, "synchronize", lambda stream: None if stream is dev.main else real_sync(stream))
 
 
-# name -> (how the wait is removed, which stream is slow so that the race happens)
+# name -> (how the wait is removed, which stream is slow so that the race happens). Not here, because
+# nothing can go wrong without them alone: run_jobs's compute.synchronize() before the counters are read
+# (the writers have already waited for every download, and each download for its kernel; Compute.synchronize
+# itself must wait, which test_counters_count_nonfinite_results_after_synchronize checks), and either one
+# of Compute.keep's two waits (its blocking copy and its synchronize each cover the other).
 MUTATIONS = {
     "none (control)": (lambda mp, dev: None, {"h2d": SLOW, "d2h": SLOW}),
     "download waits for the kernel (Compute.patch: wait d2h on h2d)": (

@@ -22,7 +22,9 @@ them is asked for here, for every device:
 - a whole tensor kept for the device cache is copied with a blocking copy and
   its stream synchronized, so every stream may read it.
 
-tests/test_device_standin.py removes each of them in turn and watches a test fail.
+tests/test_device_standin.py removes them one at a time, on an asynchronous
+stand-in for a device, and checks that the run goes wrong (docs/gpu.md says
+which test catches which).
 """
 
 from __future__ import annotations
