@@ -71,6 +71,8 @@ class Stream:
         self._delay = delay
         self._rng = random.Random(f"{seed}:{name}")  # used by the worker only
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from __del__
+        self._running = threading.Event()  # cleared by hold(): the worker starts nothing until release()
+        self._running.set()
         self._thread = threading.Thread(target=self._run, name=f"standin-{name}", daemon=True)
         self._thread.start()
 
@@ -80,11 +82,19 @@ class Stream:
     def put(self, op) -> None:
         self._queue.put(op)
 
+    def hold(self) -> None:
+        """Start no further operation until ``release`` (tests that need an order, not a likely one)."""
+        self._running.clear()
+
+    def release(self) -> None:
+        self._running.set()
+
     def _run(self) -> None:
         while True:
             op = self._queue.get()
             if op is None:
                 return
+            self._running.wait()
             lo, hi = self._delay
             pause = self._rng.uniform(lo, hi)
             if pause > 0:
@@ -329,6 +339,7 @@ class StandinDevice:
         with self._lock:
             self._closed = True  # memory freed from now on is not recorded on a stopping stream
         for stream in self.streams.values():
+            stream.release()
             stream.close()
 
 

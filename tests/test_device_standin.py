@@ -68,14 +68,17 @@ def _patch(c: Compute, out, counter=None):
     return c.patch(out, c.upload(f), c.upload(a), c.upload(u), None, beta=1.0, p=0.0, seed=0, offset=0, counter=counter)
 
 
-# --- the stand-in exposes what it is meant to ------------------------------------------------
+# --- the stand-in exposes what it is meant to (streams held, so the order is certain) ----------
 
 
 def test_a_download_lands_only_when_its_stream_runs_it(standin):
-    c = Compute(reference, standin(delays={"d2h": SLOW}))
+    dev = standin()
+    dev.d2h.hold()
     out = np.zeros(5, np.float32)
-    landed, _ = _patch(c, out)
+    landed, _ = _patch(Compute(reference, dev), out)
+    dev.synchronize(dev.h2d)  # the kernel has run; the download has not
     assert (out.view(np.uint8) == HOST_POISON).all(), "the host buffer must be garbage until the copy lands"
+    dev.d2h.release()
     landed.synchronize()
     want = np.zeros(5, np.float32)
     Compute(reference).patch(want, *_arrays(), None, beta=1.0, p=0.0, seed=0, offset=0)
@@ -84,20 +87,24 @@ def test_a_download_lands_only_when_its_stream_runs_it(standin):
 
 def test_a_stream_waits_for_another_only_when_asked(standin):
     """Without the engine's wait the download copies the kernel's memory before the kernel ran."""
-    dev = standin(delays={"h2d": SLOW})
+    dev = standin()
     dev.wait = lambda stream, event: None
+    dev.h2d.hold()
     out = np.zeros(5, np.float32)
-    landed, _ = _patch(Compute(reference, dev), out)
-    landed.synchronize()
+    _patch(Compute(reference, dev), out)
+    dev.synchronize(dev.d2h)  # nothing holds the download back
+    dev.h2d.release()
     assert np.isnan(out).all(), "the download ran first and copied never-written (poisoned) memory"
 
 
 def test_a_host_buffer_changed_under_a_pending_upload_is_a_race():
-    dev = StandinDevice(delays={"h2d": SLOW})
+    dev = StandinDevice()
     try:
+        dev.h2d.hold()
         host = np.ones(4, np.float32)
         dev.upload(host, dev.h2d)
         host[0] = 2  # what a reader refilling a staging buffer too early does
+        dev.h2d.release()
         with pytest.raises(RaceError, match="host buffer changed"):
             dev.synchronize(dev.h2d)
     finally:
@@ -105,8 +112,9 @@ def test_a_host_buffer_changed_under_a_pending_upload_is_a_race():
 
 
 def test_a_counter_read_before_its_stream_ran_is_a_race():
-    dev = StandinDevice(delays={"h2d": SLOW})
+    dev = StandinDevice()
     try:
+        dev.h2d.hold()
         c = Compute(reference, dev)
         counter = c.new_counter()
         _patch(c, np.zeros(5, np.float32), counter)
@@ -140,16 +148,19 @@ def test_counters_count_nonfinite_results_after_synchronize(standin):
 @pytest.mark.parametrize("record", [True, False])
 def test_memory_another_stream_still_reads_is_reused_unless_marked(standin, record):
     """The allocator's rule (torch's): freed memory goes to the next allocation of its stream at
-    once, so a pending download on another stream copies what the next kernel wrote there,
+    once, so a pending download on another stream copies what the next chunk put there,
     unless ``used_by`` held it back."""
-    dev = standin(delays={"d2h": SLOW})
+    dev = standin()
     if not record:
         dev.used_by = lambda array, stream: None
+    dev.d2h.hold()
     c = Compute(reference, dev)
     first, second = np.zeros(5, np.float32), np.zeros(5, np.float32)
     landed, _ = _patch(c, first)
     f, a, u = _arrays()
     landed2, _ = c.patch(second, c.upload(-f), c.upload(a), c.upload(u), None, beta=1.0, p=0, seed=0, offset=0)
+    dev.synchronize(dev.h2d)  # the second chunk is computed before the first one's download runs
+    dev.d2h.release()
     landed.synchronize()
     landed2.synchronize()
     want = np.zeros(5, np.float32)
