@@ -271,7 +271,7 @@ MUTATIONS = {
     "writer waits for the download (engine: WriteJob.before)": (_no_event_for_the_writer, {"d2h": SLOW}),
     "staging released after the uploads (Compute.inputs_done)": (_release_staging_at_once, {"h2d": SLOW}),
     "pool waits for a buffer's event (BufferPool.acquire)": (_pool_ignores_events, {"h2d": SLOW}),
-    "cache copy visible before use (Compute.keep)": (_keep_without_waiting, {"main": (0.02, 0.02)}),
+    "cache copy visible before use (Compute.keep)": (_keep_without_waiting, {"main": (0.01, 0.01)}),
 }
 
 
