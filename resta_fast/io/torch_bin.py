@@ -38,6 +38,7 @@ import pickle
 import pickletools
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -393,11 +394,12 @@ ALLOWED_GLOBALS = _allowed_globals()
 
 
 def _refuse_global(module, name) -> _Refused:
-    where = f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else _clip((module, name))
+    where = f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else repr((module, name))
+    where = repr(where)[1:-1][:120]  # one printable line, whatever the strings hold
     if isinstance(name, str) and name.endswith("Storage") and module == "torch":
         return _Refused(f"the pickle names {where}: not a storage dtype resta_fast reads (complex, quantized ...)")
     return _Refused(
-        f"the pickle imports {_clip(where, 120)}, which a state dict of tensors never needs; refused without "
+        f"the pickle imports {where}, which a state dict of tensors never needs; refused without "
         "importing or calling it (the file may be hostile). Only tensors are read from .bin files"
     )
 
@@ -417,7 +419,10 @@ def scan_opcodes(data: bytes) -> None:
     """
     puts, end = 0, -1
     try:
-        for op, arg, pos in pickletools.genops(data):
+        with warnings.catch_warnings():  # genops warns on odd escapes in text opcodes: the file's problem
+            warnings.simplefilter("ignore")
+            ops = list(pickletools.genops(data))
+        for op, arg, pos in ops:
             end = pos
             if op.name in _REFUSED_OPCODES:
                 raise _Refused(
