@@ -33,8 +33,14 @@ def add_convert_parser(subparsers) -> None:
 
 
 def cmd_convert(args) -> int:
-    from resta_fast.convert import convert
+    from pathlib import Path
 
+    from resta_fast.convert import convert
+    from resta_fast.errors import RestaError
+
+    out = Path(args.out)
+    if (out.exists() or out.is_symlink()) and not args.overwrite:  # said here: OUT is positional, not --out
+        raise RestaError(f"OUT {out} already exists; pass --overwrite to replace it, or choose another path")
     report = convert(
         args.input,
         args.out,
