@@ -308,7 +308,7 @@ def test_the_payload_used_below_really_runs_when_unpickled(tmp_path):
         (lambda m: Payload(eval, f"open({str(m)!r}, 'w')"), "eval, which"),
         (lambda m: Payload(exec, f"open({str(m)!r}, 'w')"), "exec, which"),
         (lambda m: Payload(importlib.import_module, "this"), "importlib.import_module,"),
-        (lambda m: Payload(builtins.__import__, "antigravity"), "__import__, which"),
+        (lambda m: Payload(builtins.__import__, "json"), "__import__, which"),
         (lambda m: Payload(subprocess.call, ["touch", str(m)]), "call, which"),
         (lambda m: Payload(pickle.loads, pickle.dumps(Payload(os.system, touch_command(m)))), "pickle.loads,"),
         (lambda m: Payload(torch.load, str(m)), "torch.serialization.load,"),
@@ -321,7 +321,7 @@ def test_a_pickle_that_would_run_code_is_refused_before_anything_runs(tmp_path, 
     state = {"model.norm.weight": torch.ones(4), "w": payload(marker)}
     torch.save(state, tmp_path / "evil.bin", pickle_protocol=protocol)
     err = assert_refused(capsys, tmp_path, tmp_path / "evil.bin", "the pickle imports ", global_name, marker=marker)
-    assert "refused without importing or calling it" in err
+    assert "nothing in it was imported or run" in err
 
 
 def test_a_payload_hidden_in_a_storage_entry_is_data_not_code(tmp_path, capsys):
@@ -347,7 +347,7 @@ def test_a_payload_hidden_in_a_storage_entry_is_data_not_code(tmp_path, capsys):
         (b"\x80\x02ctorch._utils\n_rebuild_sparse_tensor\n.", "imports torch._utils._rebuild_sparse_tensor"),
         (b"\x80\x02}r\xff\xff\xff\x7f.", "memo slot 2147483647"),
         (b"\x80\x02}.junk", "bytes after the pickle's end"),
-        (b"\x80\x02K\x01.", "holds a int, not a state dict"),
+        (b"\x80\x02K\x01.", "holds 'int', not a state dict"),
         (state_dict_pickle({"w": frag("a string")}), "not a tensor"),
         (state_dict_pickle({"w": call("collections", "OrderedDict")}), "not a tensor"),
         (b"\x80\x02ccollections\nOrderedDict\n)R}S'x'\nK\x01sb.", "attributes other than _metadata"),

@@ -399,8 +399,8 @@ def _refuse_global(module, name) -> _Refused:
     if isinstance(name, str) and name.endswith("Storage") and module == "torch":
         return _Refused(f"the pickle names {where}: not a storage dtype resta_fast reads (complex, quantized ...)")
     return _Refused(
-        f"the pickle imports {where}, which a state dict of tensors never needs; refused without "
-        "importing or calling it (the file may be hostile). Only tensors are read from .bin files"
+        f"the pickle imports {where}, which a state dict never needs, so nothing in it was imported or run "
+        "(the file may be hostile); use a safetensors copy of the weights from a source you trust"
     )
 
 
@@ -414,7 +414,7 @@ def scan_opcodes(data: bytes) -> None:
         >>> try:
         ...     scan_opcodes(b"cos\\nsystem\\n(S'touch pwned'\\ntR.")
         ... except Exception as exc:
-        ...     print(str(exc)[:38])
+        ...     print(str(exc)[:37])
         the pickle imports os.system, which a
     """
     puts, end = 0, -1
@@ -488,7 +488,7 @@ def unpickle_state_dict(data: bytes, storages) -> dict:
             f"data.pkl cannot be read as a state dict ({type(exc).__name__}: {_clip(str(exc), 100)})"
         ) from None
     if not isinstance(obj, dict):
-        raise _Refused(f"data.pkl holds a {type(obj).__name__}, not a state dict of tensors")
+        raise _Refused(f"data.pkl holds {type(obj).__name__!r}, not a state dict of tensors; save model.state_dict()")
     for name, value in obj.items():
         if type(name) is not str:
             raise _Refused(f"state dict key {_clip(name)} is not a string")
