@@ -168,12 +168,12 @@ def assert_same_outputs(a: Path, b: Path) -> None:
     assert sorted(p.name for p in a.glob("*.safetensors")) == sorted(p.name for p in b.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("dare", [None, 0.3])
-def test_patch_of_bin_inputs_equals_patch_of_their_safetensors_copies(tmp_path, dare):
+@pytest.mark.parametrize("dare, staging", [(None, "mmap"), (0.3, "mmap"), (0.3, "read")])
+def test_patch_of_bin_inputs_equals_patch_of_their_safetensors_copies(tmp_path, dare, staging):
     (ft, al, un), (ftb, alb, unb) = _bin_world(tmp_path)
     kw = dict(beta=0.5, dare=dare, seed=3, fsync=False)
     api.patch(ft, tmp_path / "st", aligned=al, unaligned=un, **kw)
-    api.patch(ftb, tmp_path / "bin", aligned=alb, unaligned=unb, **kw)
+    api.patch(ftb, tmp_path / "bin", aligned=alb, unaligned=unb, staging=staging, chunk_elems=100, **kw)
     assert_same_outputs(tmp_path / "st", tmp_path / "bin")
     assert (tmp_path / "bin" / "config.json").read_bytes() == (ft / "config.json").read_bytes()
 
