@@ -100,7 +100,7 @@ def test_every_dtype_torch_save_writes_reads_as_torch_load_gives_it(tmp_path, dt
     base = (torch.randn(5, 7, generator=g) * 3).to(dtype)
     tensors = {"w": base, "row": base[2], "scalar": base[0, 0].clone(), "empty": base[:0], "tail": base[3:]}
     torch.save(tensors, tmp_path / "x.bin", pickle_protocol=protocol)
-    # weights_only=True refuses protocol 4 (STACK_GLOBAL): our own file, so the full loader compares
+    # weights_only=True refuses protocol 4 (its FRAME opcode): our own file, so the full loader compares
     got, want = read_all(tmp_path / "x.bin"), torch.load(tmp_path / "x.bin", weights_only=protocol == 2)
     assert list(got) == list(want)
     for name in want:
