@@ -126,7 +126,8 @@ def state_dict_pickle(items: dict[str, bytes], *, protocol: int = 4) -> bytes:
 
 def write_zip(path: Path, members: list[dict]) -> Path:
     """A zip archive with full control of each member: ``name``, ``data``, ``method`` (8: deflate it),
-    ``usize``/``csize`` (claimed sizes) and ``local_name`` (the name in the local header)."""
+    ``usize``/``csize`` (claimed sizes), ``local_name`` (the name in the local header) and ``zip64``
+    (sizes and offset in a zip64 extra field, ``zip64_bytes`` of it)."""
     out, central = bytearray(), bytearray()
     for m in members:
         name = m["name"].encode()
@@ -139,27 +140,12 @@ def write_zip(path: Path, members: list[dict]) -> Path:
         offset = len(out)
         out += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0, crc, csize, usize, len(local_name), 0)
         out += local_name + payload
-        central += struct.pack(
-            "<4sHHHHHHIIIHHHHHII",
-            b"PK\x01\x02",
-            20,
-            20,
-            0,
-            method,
-            0,
-            0,
-            crc,
-            csize,
-            usize,
-            len(name),
-            0,
-            0,
-            0,
-            0,
-            0,
-            offset,
-        )
-        central += name
+        extra = b""
+        if m.get("zip64"):  # what a > 4 GiB torch.save writes: sizes and offset in a zip64 extra field
+            extra = struct.pack("<HHQQQ", 1, 24, usize, csize, offset)[: m.get("zip64_bytes", 28)]
+            csize = usize = offset = 0xFFFFFFFF
+        fields = (20, 20, 0, method, 0, 0, crc, csize, usize, len(name), len(extra), 0, 0, 0, 0, offset)
+        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", *fields) + name + extra
     cd_offset = len(out)
     out += central
     out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), cd_offset, 0)

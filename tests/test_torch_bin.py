@@ -456,6 +456,21 @@ def test_zip_structure_attacks_are_refused(tmp_path, capsys):
         assert_refused(capsys, root, root / "z.bin", needle)
 
 
+def test_zip64_sizes_and_offsets_are_read_from_the_extra_field(tmp_path):
+    pkl = state_dict_pickle({"w": tensor_opcodes()})
+    data = bytes(range(16))
+    mem = [
+        {"name": "archive/data.pkl", "data": pkl, "zip64": True},
+        {"name": "archive/data/0", "data": data, "zip64": True},
+    ]
+    write_zip(tmp_path / "z64.bin", mem)
+    assert TorchBinFile(tmp_path / "z64.bin").array("w").tobytes() == data
+    mem[1]["zip64_bytes"] = 12  # the offset missing from the field
+    write_zip(tmp_path / "short.bin", mem)
+    with pytest.raises(CheckpointError, match="needs a zip64 extra field for size, compressed size, offset"):
+        TorchBinFile(tmp_path / "short.bin")
+
+
 @pytest.mark.parametrize("cut", ["truncated", "no_end", "not_zip", "legacy", "empty"])
 def test_broken_and_legacy_files_are_refused(tmp_path, capsys, cut):
     torch.save({"w": torch.ones(4)}, tmp_path / "w.bin")
