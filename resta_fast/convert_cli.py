@@ -15,12 +15,12 @@ def add_convert_parser(subparsers) -> None:
     """Register ``resta-fast convert``."""
     c = subparsers.add_parser(
         "convert",
-        help="rewrite a torch .bin model or adapter as safetensors, without unpickling it",
+        help="rewrite a torch .bin model or adapter as safetensors; nothing in its pickle runs",
         description=(
             "Stream a zip-format torch checkpoint (pytorch_model.bin, its sharded index, a .bin file, or a PEFT "
             "adapter with adapter_model.bin) into safetensors: the same layout under safetensors names, the "
             "config and tokenizer files, a model card and resta_fast.json (check it with `resta-fast verify OUT`). "
-            "The pickle is never run: only tensors are read from it."
+            "Nothing in the pickle runs: only the tensors it describes are read."
         ),
     )
     c.add_argument("input", metavar="IN", help="the .bin model directory or file, or the adapter directory")

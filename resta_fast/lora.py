@@ -125,7 +125,7 @@ class LoraAdapter:
         self._check_config(cfg_path)
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():
-            weights = self.path / torch_bin.ADAPTER_NAME  # read without unpickling (io/torch_bin.py)
+            weights = self.path / torch_bin.ADAPTER_NAME  # read without running its pickle (io/torch_bin.py)
         if not weights.is_file():
             raise RestaError(
                 f"{self.path}: no {ADAPTER_WEIGHTS} or {torch_bin.ADAPTER_NAME}; expected a PEFT adapter saved "

@@ -352,6 +352,11 @@ def test_a_payload_hidden_in_a_storage_entry_is_data_not_code(tmp_path, capsys):
         (state_dict_pickle({"w": call("collections", "OrderedDict")}), "not a tensor"),
         (b"\x80\x02ccollections\nOrderedDict\n)R}S'x'\nK\x01sb.", "attributes other than _metadata"),
         (state_dict_pickle({"w": tensor_opcodes()}), "storage '0', which is not in the archive"),
+        (b"\x80\x02})" + b"\x85" * 100_000 + b"Ns.", "nests tuples more than 32 deep"),  # a key: hash would crash
+        (b"\x80\x02}(" + b"(" * 40 + b"\x91" * 41 + b"Ns.", "nests tuples more than 32 deep"),  # frozensets
+        (b"\x80\x02)" + b"\x85" * 40 + b"q\x000}h\x00Ns.", "nests tuples more than 32 deep"),  # through the memo
+        (b"\x80\x02}X\x01\x00\x00\x00w" + b"]" * 100_000 + b"a" * 99_999 + b"s.", "is a list, not a tensor"),
+        (state_dict_pickle({"w": b"(" + b"]" * 50_000 + b"a" * 49_999 + b"Q"}), "is not a torch storage reference"),
     ],
     ids=[
         "global",
@@ -369,6 +374,11 @@ def test_a_payload_hidden_in_a_storage_entry_is_data_not_code(tmp_path, capsys):
         "dict_value",
         "build",
         "missing_entry",
+        "deep_key",
+        "deep_frozenset",
+        "deep_memo",
+        "deep_list",
+        "deep_pid",
     ],
 )
 def test_pickles_a_state_dict_never_holds_are_refused(tmp_path, capsys, pkl, needle):
@@ -636,6 +646,53 @@ def test_generated_tensor_descriptors_are_read_exactly_or_refused(storage, numel
     assert info.shape == tuple(shape) and info.dtype == dtype
     assert f.array("w").tobytes() == raw[lo : lo + n * ITEMSIZE[dtype]]
     f.close()
+
+
+# Opcodes that only build plain values, with what they need on the stack: random streams of them test the
+# scanner's model of the unpickler's stack against the unpickler itself.
+_OPS = [
+    b")",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"(",
+    b"t",
+    b"]",
+    b"a",
+    b"e",
+    b"}",
+    b"s",
+    b"u",
+    b"K\x01",
+    b"N",
+    b"2",
+    b"0",
+    b"1",
+    b"\x91",
+    b"l",
+    b"d",
+]
+
+
+@settings(max_examples=300, **FUZZ)
+@given(
+    body=st.lists(
+        st.one_of(
+            st.sampled_from(_OPS),
+            st.integers(0, 3).map(lambda i: b"q" + bytes([i])),
+            st.integers(0, 3).map(lambda i: b"h" + bytes([i])),
+        ),
+        max_size=60,
+    )
+)
+def test_random_opcode_streams_are_refused_cleanly(body):
+    path = torch_zip(_DIR / "ops.bin", b"\x80\x02" + b"".join(body) + b".", {})
+    try:
+        f = TorchBinFile(path)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)
+    else:  # no stream holds a tensor: at best an empty state dict
+        assert f.tensors == {}
 
 
 def _valid_file() -> bytes:

@@ -139,7 +139,7 @@ class Checkpoint:
             if len(found) == 1:
                 self._open_files(found, root)
                 return
-            # No safetensors: transformers' pickle names, read without unpickling (io/torch_bin.py).
+            # No safetensors: transformers' pickle names, read without running the pickle (io/torch_bin.py).
             if (root / torch_bin.INDEX_NAME).is_file():
                 self._open_index(root / torch_bin.INDEX_NAME)
                 return

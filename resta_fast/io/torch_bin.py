@@ -36,6 +36,7 @@ import io
 import os
 import pickle
 import pickletools
+import reprlib
 import struct
 import threading
 import warnings
@@ -51,13 +52,17 @@ INDEX_NAME = "pytorch_model.bin.index.json"
 ADAPTER_NAME = "adapter_model.bin"
 # File names read with this module rather than as safetensors.
 SUFFIXES = (".bin", ".pt", ".pth")
-# data.pkl of a 70B shard is well under 1 MB; the cap only stops hostile files (same as a safetensors header).
-MAX_PICKLE_BYTES = MAX_HEADER_BYTES
+# data.pkl takes ~150 bytes per tensor, so 32 MB is 200k tensors, past any real shard. Its cap bounds memory:
+# the unpickler's stack (and the scan's model of it) may hold a pointer per byte of pickle.
+MAX_PICKLE_BYTES = 32 << 20
 # A central directory entry is at least 46 bytes; real archives hold 2 entries per tensor at most.
 MAX_CENTRAL_BYTES = MAX_HEADER_BYTES
 # Tied weights name the same bytes twice (embedding and LM head; T5 four times). More names for
 # one range would let a small file ask for an output many times its size.
 MAX_ALIASES = 8
+# A state dict's pickle nests tuples 3 deep (a tensor's rebuild arguments hold its shape); the bound
+# stops a hostile dict key nested deep enough to overflow the C stack when it is hashed.
+MAX_NESTING = 32
 # A reason to re-save, for files this reader cannot stream.
 RESAVE = "re-save it with torch.save (torch >= 1.6 writes the zip format, uncompressed) or as safetensors"
 
@@ -137,8 +142,16 @@ class _Refused(Exception):
     """Why the file is refused; ``TorchBinFile`` adds the path."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200
+
+
 def _clip(value, limit: int = 80) -> str:
-    text = repr(value)
+    """A short repr for a one-line error, whatever a hostile file built (reprlib bounds depth and length)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - an object whose repr fails is still named by its type
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -310,7 +323,7 @@ class _Sealed:
         raise _Refused(f"the pickle sets the state of a {type(self).__name__.strip('_')}; a state dict never does")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: hashing one never recurses into the file's data
 class _StorageType(_Sealed):
     """torch.<X>Storage or torch.storage.UntypedStorage: only ever the 2nd item of a persistent id."""
 
@@ -318,14 +331,14 @@ class _StorageType(_Sealed):
     dtype: str | None  # None: untyped bytes (the tensor says its dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: hashing one never recurses into the file's data
 class _Dtype(_Sealed):
     """torch.<dtype>, the dtype argument of _rebuild_tensor_v3."""
 
     dtype: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: hashing one never recurses into the file's data
 class Storage(_Sealed):
     """A storage the pickle refers to: its key, zip entry, element dtype (None: bytes) and byte size."""
 
@@ -335,7 +348,7 @@ class Storage(_Sealed):
     nbytes: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: hashing one never recurses into the file's data
 class TensorRef(_Sealed):
     """What a ``_rebuild_tensor`` call in the pickle describes; checked by ``_tensor_info``."""
 
@@ -406,8 +419,14 @@ def _refuse_global(module, name) -> _Refused:
 
 def scan_opcodes(data: bytes) -> None:
     """Refuse a pickle by its opcodes alone, before anything is unpickled: the globals it names must be
-    on the allow-list, no opcode may build objects from classes, and memo indices must be ones a
-    pickler writes (sequential), so a hostile index cannot make the unpickler allocate a huge memo.
+    on the allow-list, no opcode may build objects from classes, memo indices must be ones a pickler
+    writes (sequential, so a hostile index cannot make the unpickler allocate a huge memo), and no
+    tuple may nest deeper than ``MAX_NESTING``.
+
+    The last needs the unpickler's stack, modelled here as each item's tuple depth: hashing a tuple
+    (a dict key, a frozenset item) recurses through nested tuples in C without a recursion check, so
+    a key nested a million deep would crash the process instead of raising. Lists and dicts count
+    as 0: they are unhashable, so hashing stops at them.
 
     Example:
         >>> scan_opcodes(pickle.dumps({"a": (1, 2.5)}, protocol=2))
@@ -417,31 +436,76 @@ def scan_opcodes(data: bytes) -> None:
         ...     print(str(exc)[:37])
         the pickle imports os.system, which a
     """
-    puts, end = 0, -1
-    try:
-        with warnings.catch_warnings():  # genops warns on odd escapes in text opcodes: the file's problem
-            warnings.simplefilter("ignore")
-            ops = list(pickletools.genops(data))
-        for op, arg, pos in ops:
-            end = pos
-            if op.name in _REFUSED_OPCODES:
-                raise _Refused(
-                    f"the pickle uses opcode {op.name}, which a state dict never needs; the file may be hostile"
-                )
-            if op.name == "GLOBAL":
-                module, _, name = arg.partition(" ")
-                if (module, name) not in ALLOWED_GLOBALS:
-                    raise _refuse_global(module, name)
-            elif op.name in _MEMO_PUTS or op.name == "MEMOIZE":
-                if op.name != "MEMOIZE" and not 0 <= arg <= puts:
-                    raise _Refused(
-                        f"the pickle stores memo slot {arg} after {puts} slots; the file is corrupt or hostile"
-                    )
-                puts += 1
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _Refused(f"data.pkl is not a valid pickle ({_clip(str(exc), 100)}); the file is corrupt") from None
+    with warnings.catch_warnings():  # genops warns on odd escapes in text opcodes: the file's problem
+        warnings.simplefilter("ignore")
+        try:
+            end = _scan(pickletools.genops(data))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Refused(f"data.pkl is not a valid pickle ({_clip(str(exc), 100)}); the file is corrupt") from None
     if end + 1 != len(data):  # genops stops at STOP
         raise _Refused(f"data.pkl has {len(data) - end - 1} bytes after the pickle's end; the file is corrupt")
+
+
+def _scan(ops) -> int:
+    """``scan_opcodes`` over decoded opcodes; returns the position of the last (STOP)."""
+    end = -1
+    malformed = _Refused("data.pkl is not a valid pickle (its stack runs dry); the file is corrupt")
+    stack: list[int] = []  # the tuple depth of each item
+    marks: list[int] = []  # where each MARK is in ``stack``
+    memo: dict[int, int] = {}
+    for op, arg, pos in ops:
+        end, name = pos, op.name
+        if name in _REFUSED_OPCODES:
+            raise _Refused(f"the pickle uses opcode {name}, which a state dict never needs; the file may be hostile")
+        if name == "GLOBAL":
+            module, _, attr = arg.partition(" ")
+            if (module, attr) not in ALLOWED_GLOBALS:
+                raise _refuse_global(module, attr)
+        if name == "MARK":
+            marks.append(len(stack))
+            continue
+        if name in _MEMO_PUTS or name == "MEMOIZE":
+            slot = len(memo) if name == "MEMOIZE" else arg
+            if not 0 <= slot <= len(memo) or not stack:
+                raise _Refused(
+                    f"the pickle stores memo slot {slot} after {len(memo)} slots; the file is corrupt or hostile"
+                )
+            memo[slot] = stack[-1]
+            continue
+        if name == "POP" and marks and marks[-1] == len(stack):  # POP drops a MARK when one is on top
+            marks.pop()
+            continue
+        below: list[int] = []
+        if pickletools.markobject in op.stack_before:  # [below..., mark, items since the mark]
+            if not marks:
+                raise malformed
+            top = marks.pop()
+            items, n_below = stack[top:], op.stack_before.index(pickletools.markobject)
+            del stack[top:]
+        else:
+            items, n_below = [], len(op.stack_before)
+        if n_below > len(stack):
+            raise malformed
+        if n_below:
+            below = stack[-n_below:]
+            del stack[-n_below:]
+        if name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET", "EMPTY_TUPLE"):
+            depth = 1 + max(items or below or [0])
+            if depth > MAX_NESTING:
+                raise _Refused(
+                    f"the pickle nests tuples more than {MAX_NESTING} deep, which a state dict never does; the "
+                    "file may be hostile (hashing such a key would overflow the stack)"
+                )
+            stack.append(depth)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, 0))
+        elif name == "DUP":
+            stack += below * 2
+        elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"):
+            stack.append(below[0])  # the container (or the object BUILD sets) stays; mutable ones are 0
+        else:
+            stack += [0] * len(op.stack_after)
+    return end
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -627,8 +691,8 @@ def read_state_dict(fd: int, file_size: int) -> tuple[bytes, dict[str, TensorInf
                 f"storage {key!r} is {numel} x {kind.name} = {nbytes} bytes but its zip entry holds {entry.size}; "
                 "the file is corrupt"
             )
-        found = Storage(key, entry, kind.dtype, nbytes)
-        if seen.setdefault(key, found) != found:
+        found = seen.setdefault(key, Storage(key, entry, kind.dtype, nbytes))
+        if (found.dtype, found.nbytes) != (kind.dtype, nbytes):
             raise _Refused(f"storage {key!r} is read as two different types; the file is corrupt")
         return found
 
