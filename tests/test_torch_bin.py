@@ -240,6 +240,9 @@ def test_a_lora_adapter_saved_as_bin_merges_like_its_safetensors_copy(tmp_path):
     api.patch(adapter, tmp_path / "st", **kw)
     api.patch(bin_adapter, tmp_path / "bin", base=as_bin(al, tmp_path / "al_bin"), **kw)
     assert_same_outputs(tmp_path / "st", tmp_path / "bin")
+    from resta_fast.inspect_cli import describe_model
+
+    assert describe_model(bin_adapter)["files"] == ["adapter_model.bin"]
 
 
 def test_the_adapter_writer_writes_a_bin_adapter_back_as_safetensors(tmp_path):
