@@ -57,7 +57,7 @@ def native_extensions():
         sys.stderr.write("WARNING: pybind11 not available; skipping the native extension.\n")
         return []
     debug = os.environ.get("DEBUG", "0") == "1"
-    # -ffp-contract=off keeps every SPEC §2 line one rounded op (no FMA), so the
+    # -ffp-contract=off keeps every docs/spec.md §2 line one rounded op (no FMA), so the
     # native kernel is bit-identical to the torch and Triton backends.
     flags = ["-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-std=c++17"]
     flags += ["-O0", "-g"] if debug else ["-O3"]

@@ -223,7 +223,7 @@ py::dict cpu_features() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "resta_fast native kernel: fused RESTA patch (SPEC §2-3) over raw buffers";
+  m.doc() = "resta_fast native kernel: fused RESTA patch (docs/spec.md §2-3) over raw buffers";
   m.attr("DTYPE_BF16") = static_cast<int>(resta::kBF16);
   m.attr("DTYPE_F16") = static_cast<int>(resta::kF16);
   m.attr("DTYPE_F32") = static_cast<int>(resta::kF32);
@@ -242,16 +242,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("b_dtype"), py::arg("n"), py::arg("beta"), py::arg("p"), py::arg("r"), py::arg("seed"),
         py::arg("offset"), py::arg("threads") = py::none(),
         "out[i] = round(F + beta*(A - U)) (u_ptr=0: A is V), or the DARE form when b_ptr != 0 "
-        "(SPEC §2); returns the number of non-finite outputs. Pointers are integer addresses of n elements, any alignment; dtype codes "
+        "(docs/spec.md §2); returns the number of non-finite outputs. Pointers are integer addresses of n elements, any alignment; dtype codes "
         "DTYPE_BF16/DTYPE_F16/DTYPE_F32; r = fp32(1)/(fp32(1)-fp32(p)); seed is the per-tensor "
         "seed; offset is the flat index of element 0 in the whole tensor; threads None/0 = "
         "OpenMP default.");
   m.def("convert", &convert, py::arg("out_ptr"), py::arg("out_dtype"), py::arg("x_ptr"),
         py::arg("x_dtype"), py::arg("n"), py::arg("threads") = py::none(),
-        "Convert n elements between dtypes with the SPEC §2 rounding (equal dtypes: bit copy).");
+        "Convert n elements between dtypes with the docs/spec.md §2 rounding (equal dtypes: bit copy).");
   m.def("uniform", &uniform, py::arg("seed"), py::arg("offset"), py::arg("n"),
         py::arg("threads") = py::none(),
-        "The DARE uniforms (float32 numpy array) of elements offset .. offset+n-1 (SPEC §3).");
+        "The DARE uniforms (float32 numpy array) of elements offset .. offset+n-1 (docs/spec.md §3).");
   m.def("philox4x32", &philox4x32, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
         py::arg("k0"), py::arg("k1"), "Raw Philox4x32-10 of one counter and key (for known-answer tests).");
   m.def("set_isa", &set_isa, py::arg("name"),

@@ -1,7 +1,7 @@
-// Fused RESTA kernel (SPEC §2-3) for the CPU.
+// Fused RESTA kernel (docs/spec.md §2-3) for the CPU.
 //
 // Work is split into blocks of kBlock elements. Per block every input is
-// decoded to fp32 staging arrays, the SPEC §2 arithmetic runs over the arrays,
+// decoded to fp32 staging arrays, the docs/spec.md §2 arithmetic runs over the arrays,
 // and the result is rounded into the output. Each step is a branch-free loop
 // over the block (selects, not branches) that GCC auto-vectorizes; dtype and
 // formula choices are made once per block, never per element. Staging keeps
@@ -16,7 +16,7 @@
 // (philox.h) and fp16 conversion (F16C). All loads and stores of caller memory
 // go through memcpy: safetensors pointers may be only 2-byte aligned. Built
 // with -ffp-contract=off and without -ffast-math, so each fp32 operation below
-// is one rounded IEEE operation in SPEC order.
+// is one rounded IEEE operation in docs/spec.md §2 order.
 
 #include "patch.h"
 
@@ -33,7 +33,7 @@
 #include "philox.h"
 
 #ifdef __FAST_MATH__
-#error "resta_fast must not be built with -ffast-math: SPEC §2 needs IEEE fp32 in order"
+#error "resta_fast must not be built with -ffast-math: docs/spec.md §2 needs IEEE fp32 in order"
 #endif
 
 namespace resta {
@@ -92,7 +92,7 @@ RESTA_INLINE float half_to_float(uint16_t h) {
 
 // binary32 -> binary16, IEEE round-to-nearest-even (as torch's .to(float16)).
 // A NaN keeps its sign and top payload bits and is made quiet, as F16C's
-// vcvtps2ph does (torch may write another NaN; SPEC compares NaN-ness).
+// vcvtps2ph does (torch may write another NaN; docs/spec.md §2 compares NaN-ness).
 RESTA_INLINE uint16_t float_to_half(float f) {
   const uint32_t x = f32_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
@@ -109,7 +109,7 @@ RESTA_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(mag | sign);
 }
 
-// binary32 -> bfloat16 by the SPEC's integer round-to-nearest-even; NaN -> 0x7FC0.
+// binary32 -> bfloat16 by docs/spec.md §2's integer round-to-nearest-even; NaN -> 0x7FC0.
 RESTA_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t x = f32_bits(f);
   const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
@@ -211,7 +211,7 @@ RESTA_INLINE void decode(float* __restrict dst, const unsigned char* src, int dt
   }
 }
 
-// Round len fp32 values into dst (any alignment) with the SPEC's rounding and
+// Round len fp32 values into dst (any alignment) with docs/spec.md §2's rounding and
 // return how many stored values are inf or NaN. Counting here, on data still
 // in L1, spares the pipeline a second pass over its output.
 template <class Isa>
@@ -256,7 +256,7 @@ RESTA_INLINE const uint32_t* block_words(uint32_t* __restrict words, uint64_t se
   return words + skip;
 }
 
-// SPEC §2 over one block of decoded inputs; w are the block's Philox words.
+// docs/spec.md §2 over one block of decoded inputs; w are the block's Philox words.
 // kDare is false when p == 0: every uniform is >= +0 then, so keep is always
 // true and the stream need not be drawn.
 template <bool kHasU, bool kHasB, bool kDare>

@@ -14,7 +14,7 @@ enum DType : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
 // Bytes per element of a valid dtype code.
 inline int dtype_size(int dtype) { return dtype == kF32 ? 4 : 2; }
 
-// One chunk of SPEC §2. Pointers may have any alignment. u == nullptr means
+// One chunk of docs/spec.md §2. Pointers may have any alignment. u == nullptr means
 // a holds the precomputed vector V; b == nullptr means no DARE.
 struct PatchArgs {
   void* out = nullptr;
@@ -48,7 +48,7 @@ std::vector<std::string> isa_compiled();
 // Select a variant by name; returns false if it is not compiled in or not supported.
 bool set_isa(const std::string& name);
 
-// True when no variant contracts a * b + c into an FMA (SPEC §2 forbids it).
+// True when no variant contracts a * b + c into an FMA (docs/spec.md §2 forbids it).
 bool fp_contract_off();
 
 int64_t block_elems();

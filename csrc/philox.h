@@ -1,4 +1,4 @@
-// Philox4x32-10 and the DARE uniform of SPEC §3, exactly as Triton's
+// Philox4x32-10 and the DARE uniform of docs/spec.md §3, exactly as Triton's
 // tl.randint4x / uint_to_uniform_float, so every backend draws the same mask.
 #pragma once
 

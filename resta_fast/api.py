@@ -41,6 +41,7 @@ from resta_fast.report import (
     output_metadata,
     provenance,
     record_validation,
+    with_paths,
 )
 
 __all__ = [
@@ -327,7 +328,7 @@ class _TorchDifference:
 
 
 class _CppDifference:
-    """make_vector on the C++ kernel (no torch): SPEC §2 with β = 1 and F = −0.0,
+    """make_vector on the C++ kernel (no torch): docs/spec.md §2 with β = 1 and F = −0.0,
     i.e. round(−0.0 + 1·(A − U)); 1·x and −0.0 + x are x for every x (−0.0 and NaN
     included), so the bits equal ``_TorchDifference``'s."""
 
@@ -461,6 +462,7 @@ def execute(
     validate: Validator | None = None,
     device_cache=None,
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Run a prepared patch into the atomic output directory ``out`` and write its report.
 
@@ -474,7 +476,11 @@ def execute(
             marked (VALIDATION_FAILED).
         device_cache: a device cache shared by runs over the same inputs (GPU).
         command_line: the command as typed, for the model card's "how to
-            reproduce" (the CLI passes it); None: the card rebuilds one.
+            reproduce" (the CLI passes it; shown only with ``record_paths``, as it
+            names local paths); otherwise the card rebuilds one.
+        record_paths: also record each input's absolute local path in
+            ``resta_fast.json`` (never in the weights). Off: no file of the output
+            holds a local path, a user or host name, or a file time.
     Returns:
         The report dict (also written to ``out/resta_fast.json``); the output
         also gets its model card, ``out/README.md`` (``card.render_model_card``).
@@ -517,7 +523,7 @@ def execute(
             prepared.plan,
             prepared.inputs.finetuned,
             job.stats,
-            prepared.provenance,
+            with_paths(prepared.provenance, prepared.checkpoints) if record_paths else prepared.provenance,
             backend_name=prepared.backend_name,
             device=prepared.device,
             fsync=fsync,
@@ -561,6 +567,7 @@ def patch(
     device_cache=None,
     staging: str = "auto",
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
@@ -588,6 +595,7 @@ def patch(
             ``report["validation"]``.
         device_cache: a device cache shared across calls on the same inputs.
         command_line: the command as typed, for the model card (see ``execute``).
+        record_paths: record the inputs' local paths in ``resta_fast.json`` (see ``execute``).
     Returns:
         The report dict (also written to ``out/resta_fast.json``).
 
@@ -624,6 +632,7 @@ def patch(
             validate=validate,
             device_cache=device_cache,
             command_line=command_line,
+            record_paths=record_paths,
         )
 
 
@@ -639,6 +648,7 @@ def make_vector(
     fsync: bool = True,
     progress: bool = False,
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Write the safety vector V = aligned − unaligned as a checkpoint.
 
@@ -649,4 +659,12 @@ def make_vector(
         >>> make_vector("chat", "shadow", "safety_vector")  # doctest: +SKIP
     """
     with prepare_vector(aligned, unaligned, dtype=dtype, include=include, exclude=exclude) as prepared:
-        return execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line)
+        return execute(
+            prepared,
+            out,
+            overwrite=overwrite,
+            fsync=fsync,
+            progress=progress,
+            command_line=command_line,
+            record_paths=record_paths,
+        )

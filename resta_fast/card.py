@@ -1,14 +1,19 @@
 """The model card (``README.md``) of every output directory, in the Hugging Face Hub's conventions.
 
-YAML front matter (``base_model``: the inputs' Hub ids, or their paths when
-local; ``base_model_relation: merge``; ``tags``; ``library_name``) and a body
-saying what was done (method, parameters, tool version), how to reproduce it,
+Built with huggingface_hub's ``ModelCard``/``ModelCardData`` (the Hub's own
+schema, so an upload is not refused for its metadata): ``base_model`` holds
+only the inputs' Hub ids, each checked with huggingface_hub's repo-id
+validator, and is left out when no input came from the Hub;
+``base_model_relation`` is ``adapter`` for adapter outputs and ``merge``
+otherwise; ``tags``; ``library_name``. Local inputs are named in the body by
+their directory's name and content id (``io.identity.short_id``), never by
+path. The body says what was done (method, parameters, tool version), how to reproduce it,
 where the sha256 list is (``resta_fast.json``, which lists this card too), the
 validation gate's verdict when there was one, and where the fine-tune's own
 card is (it is never copied over this one).
 
 The card is rendered from the output's report alone (plus the command line
-when the CLI wrote it), so any command can write one: ``patch`` and ``vector``
+as typed, shown only when the user asked to record local paths), so any command can write one: ``patch`` and ``vector``
 get their own wording, any other command (``safelora``, ``safemerge`` ...) a
 generic one that lists whatever its ``params`` hold. It has no timestamp: the
 same run gives the same card.
@@ -22,6 +27,8 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+
+from resta_fast.io.identity import short_id
 
 CARD_NAME = "README.md"
 HUB_URL = "https://huggingface.co"
@@ -41,29 +48,79 @@ _DTYPE_FLAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _roles(report: dict) -> list[tuple[str, dict]]:
-    inputs = report.get("inputs") or {}
+    """(role, how the card knows the input) in ``ROLE_ORDER``: its ``sources`` entry (name, Hub id,
+    path when recorded) with its identity's ``short_id``; an output written before ``sources``
+    existed: its ``inputs`` entry."""
+    inputs = report.get("inputs") if isinstance(report.get("inputs"), dict) else {}
+    sources = report.get("sources") if isinstance(report.get("sources"), dict) else {}
     known = [r for r in ROLE_ORDER if r in inputs]
-    return [(r, inputs[r]) for r in known + sorted(set(inputs) - set(known)) if isinstance(inputs[r], dict)]
+    rows = []
+    for r in known + sorted(set(inputs) - set(known)):
+        if not isinstance(inputs[r], dict):
+            continue
+        info = dict(sources.get(r) or inputs[r]) if isinstance(sources.get(r) or inputs[r], dict) else {}
+        files = inputs[r].get("files")
+        if isinstance(files, dict):
+            info["id"] = short_id(files)
+        rows.append((r, info))
+    return rows
+
+
+def _hub(info: dict) -> dict:
+    hub = info.get("hub")
+    return hub if isinstance(hub, dict) else {}
+
+
+def _local_name(info: dict) -> str:
+    """A local input's name: its directory's (or file's) name, never its path."""
+    return str(info.get("name") or Path(str(info.get("path") or "input")).name)
 
 
 def _name(info: dict) -> str:
-    """How the card names an input: its Hub id, else its path."""
-    hub = info.get("hub") or {}
-    return hub.get("repo_id") or str(info.get("path"))
+    """How the card names an input: its Hub id, else its directory's name."""
+    return _hub(info).get("repo_id") or _local_name(info)
 
 
-def _short(info: dict) -> str:
-    """An input's name for a title: its Hub id, else its directory's name."""
-    hub = info.get("hub") or {}
-    return hub.get("repo_id") or Path(str(info.get("path"))).name
+_short = _name  # a title names an input the same way
 
 
 def _pinned(info: dict) -> str:
-    """An input as a command argument that gives the same bytes: ``ORG/NAME@COMMIT``, else its path."""
-    hub = info.get("hub") or {}
+    """An input as a command argument that gives the same bytes: ``ORG/NAME@COMMIT``, else the local
+    path when it was recorded (``--record-paths``), else the directory's name."""
+    hub = _hub(info)
     if hub.get("repo_id") and hub.get("commit"):
         return f"{hub['repo_id']}@{hub['commit']}"
-    return str(info.get("path"))
+    return str(info.get("path") or _local_name(info))
+
+
+def _same_input(a: dict | None, b: dict | None) -> bool:
+    """Two roles played by one input (equal content identity)."""
+    return bool(a and b and a.get("id") and a.get("id") == b.get("id"))
+
+
+def hub_ids(report: dict) -> list[str]:
+    """The Hub ids of the inputs, in role order, each a valid repo id (huggingface_hub's own check).
+
+    Example:
+        >>> hub_ids({"inputs": {"aligned": {"files": {}}, "unaligned": {"files": {}}},
+        ...          "sources": {"aligned": {"name": "chat", "hub": {"repo_id": "org/chat"}},
+        ...                      "unaligned": {"name": "shadow"}}})
+        ['org/chat']
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    found = []
+    for _, info in _roles(report):
+        repo = _hub(info).get("repo_id")
+        if not isinstance(repo, str):  # validate_repo_id lets None through
+            continue
+        try:
+            validate_repo_id(repo)
+        except (HFValidationError, TypeError):
+            continue
+        if repo not in found:
+            found.append(repo)
+    return found
 
 
 def _value(v) -> str:
@@ -71,11 +128,12 @@ def _value(v) -> str:
 
 
 def front_matter(report: dict) -> dict:
-    """The card's metadata (YAML front matter) for ``report``."""
+    """The card's metadata (YAML front matter) for ``report``: ``base_model`` holds Hub ids only
+    (left out when no input came from the Hub), ``base_model_relation`` is ``adapter`` for an
+    adapter output and ``merge`` otherwise."""
     command = report.get("command") or "patch"
     params = report.get("params") or {}
     roles = dict(_roles(report))
-    base_models = list(dict.fromkeys(_name(info) for info in roles.values()))
     tags = ["resta", "safety-realignment"]
     if "base" in roles or "adapter" in roles:
         tags.append("lora")
@@ -85,19 +143,21 @@ def front_matter(report: dict) -> dict:
         tags.append(command)
     if params.get("dare") is not None:
         tags.append("dare")
-    return {
-        "base_model": base_models,
-        "base_model_relation": "merge",
-        "library_name": "transformers",
-        "tags": list(dict.fromkeys(tags)),
-    }
+    meta = {}
+    base_models = hub_ids(report)
+    if base_models:
+        meta["base_model"] = base_models
+        meta["base_model_relation"] = "adapter" if report.get("output") == "adapter" else "merge"
+    meta["library_name"] = "peft" if report.get("output") == "adapter" else "transformers"
+    meta["tags"] = list(dict.fromkeys(tags))
+    return meta
 
 
 def reproduce_command(report: dict) -> str | None:
     """A ``resta-fast`` command giving the same output bytes, from the report alone (None: unknown command).
 
     Hub inputs are pinned to the commit they resolved to; backend, device and
-    threads are left out (they do not change a byte, SPEC §2).
+    threads are left out (they do not change a byte, docs/spec.md §2).
     """
     command = report.get("command")
     params = report.get("params") or {}
@@ -122,7 +182,7 @@ def reproduce_command(report: dict) -> str | None:
         if params.get("dare") is not None:
             args += ["--dare", str(params["dare"]), "--seed", str(params.get("seed", 0))]
             default = roles.get("base") or roles.get("aligned")
-            if "dare_base" in roles and (default is None or roles["dare_base"].get("path") != default.get("path")):
+            if "dare_base" in roles and not _same_input(roles["dare_base"], default):
                 args += ["--dare-base", _pinned(roles["dare_base"])]
         args += include + exclude
         args += [a for rule in params.get("beta_rules") or () for a in ("--beta-rule", rule)]
@@ -152,7 +212,7 @@ def reproduce_command(report: dict) -> str | None:
                 args += ["--density", str(params["density"]), "--seed", str(params.get("seed", 0))]
         if params.get("merge"):
             args.append("--merge")
-            if "base" in roles and roles["base"].get("path") != roles["aligned"].get("path"):
+            if "base" in roles and not _same_input(roles["base"], roles["aligned"]):
                 args += ["--base", _pinned(roles["base"])]
     else:
         return None
@@ -271,16 +331,16 @@ def _adapter_method(command: str, params: dict, roles: dict, report: dict) -> li
 
 
 def _inputs_table(report: dict) -> list[str]:
-    rows = ["| role | model | revision | commit |", "|---|---|---|---|"]
+    rows = ["| role | model | revision | commit or content id |", "|---|---|---|---|"]
     for role, info in _roles(report):
-        hub = info.get("hub") or {}
+        hub = _hub(info)
         if hub.get("repo_id"):
             rows.append(
                 f"| {ROLE_TITLES.get(role, role)} | [{hub['repo_id']}]({HUB_URL}/{hub['repo_id']}) | "
                 f"{hub.get('revision') or ''} | `{hub.get('commit') or ''}` |"
             )
         else:
-            rows.append(f"| {ROLE_TITLES.get(role, role)} | `{info.get('path')}` (local) | | |")
+            rows.append(f"| {ROLE_TITLES.get(role, role)} | `{_local_name(info)}` (local) | | `{info.get('id', '')}` |")
     return rows
 
 
@@ -291,20 +351,30 @@ def _params_table(report: dict) -> list[str]:
     return rows
 
 
+def _paths_recorded(report: dict) -> bool:
+    """Whether the user asked for local paths in this output (``--record-paths``)."""
+    return any("path" in info for _, info in _roles(report))
+
+
 def _reproduce(report: dict, command_line: str | None) -> list[str]:
     lines = []
     batch = report.get("batch")
+    # The command as typed names local paths: shown only when the user asked for paths to be recorded.
+    command_line = command_line if _paths_recorded(report) else None
     if command_line:
         what = f"job `{batch.get('job')}` of the batch" if isinstance(batch, dict) else "this output"
         lines += [f"The command that wrote {what}:", "", "```bash", command_line, "```", ""]
     rebuilt = reproduce_command(report)
-    hub = any(info.get("hub") for _, info in _roles(report))
+    hub = any(_hub(info) for _, info in _roles(report))
+    local = not _paths_recorded(report) and any(not _hub(info) for _, info in _roles(report))
     if rebuilt and (not command_line or hub or isinstance(batch, dict)):
         lines += [
             ("The same output from one command" if command_line else "A command that writes this output")
             + (" (Hub inputs pinned to the commits above" if hub else " (")
             + ("; " if hub else "")
-            + "backend, device and thread count do not change a byte):",
+            + "backend, device and thread count do not change a byte"
+            + ("; local inputs by their directory names, identified by the content ids above" if local else "")
+            + "):",
             "",
             "```bash",
             rebuilt,
@@ -353,14 +423,11 @@ def _source_card(report: dict) -> list[str]:
     if role is None:
         return []
     info, who = roles[role], {"finetuned": "fine-tune", "adapter": "adapter"}.get(role, "aligned model")
-    hub = info.get("hub") or {}
+    hub = _hub(info)
     if hub.get("repo_id"):
         where = f"{HUB_URL}/{hub['repo_id']}/blob/{hub.get('commit') or 'main'}/README.md"
         return [f"The {who}'s own model card is not copied here: it is at {where}."]
-    readme = Path(str(info.get("path"))) / CARD_NAME
-    if readme.is_file():
-        return [f"The {who}'s own model card is not copied here: it is at `{readme}`."]
-    return [f"The {who} (`{info.get('path')}`) has no model card of its own."]
+    return [f"The {who}'s own model card, if `{_local_name(info)}` has one, is not copied here."]
 
 
 def render_model_card(report: dict, *, command_line: str | None = None) -> str:
@@ -378,8 +445,6 @@ def render_model_card(report: dict, *, command_line: str | None = None) -> str:
         >>> render_model_card({"command": "patch", "params": {"beta": 0.5}, "inputs": {}}).startswith("---")
         True
     """
-    import yaml
-
     command = report.get("command") or "patch"
     roles = dict(_roles(report))
     subject = _short(roles["finetuned"]) if "finetuned" in roles else None
@@ -440,8 +505,10 @@ def render_model_card(report: dict, *, command_line: str | None = None) -> str:
             *source,
             "",
         ]
-    meta = yaml.safe_dump(front_matter(report), sort_keys=False, allow_unicode=True)
-    return f"---\n{meta}---\n\n" + "\n".join(body)
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(**front_matter(report))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
 
 
 def write_model_card(out_dir, report: dict, *, command_line: str | None = None) -> str:

@@ -135,6 +135,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before rename (see below)")
+    A.add_record_paths(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_validation_args(p)
@@ -147,6 +148,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
     v.add_argument("--overwrite", action="store_true")
     v.add_argument("--no-fsync", action="store_true")
+    A.add_record_paths(v)
     v.add_argument("--json", action="store_true")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=cmd_vector)
@@ -172,6 +174,7 @@ def _add_optional_subcommands(sub) -> None:
         ("resta_fast.inspect_cli", ("add_inspect_parser",)),
         ("resta_fast.realign_cli", ("add_safelora_parser", "add_safemerge_parser")),
         ("resta_fast.verify_cli", ("add_verify_parser",)),
+        ("resta_fast.push_cli", ("add_push_parser",)),
         ("resta_fast.convert_cli", ("add_convert_parser",)),
     ):
         try:
@@ -263,6 +266,7 @@ def cmd_patch(args) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
         base=args.base,
         command_line=getattr(args, "command_line", None),
+        record_paths=args.record_paths,
     )
     _print_result(report, args.json)
     validation = report.get("validation")
@@ -284,6 +288,7 @@ def cmd_vector(args) -> int:
         fsync=not args.no_fsync,
         progress=not args.no_progress and sys.stderr.isatty(),
         command_line=getattr(args, "command_line", None),
+        record_paths=args.record_paths,
     )
     _print_result(report, args.json)
     return 0

@@ -68,6 +68,17 @@ probability = _bounded(float, "a drop probability in [0, 1)", lambda v: 0 <= v <
 rate = _bounded(float, "a fraction in [0, 1]", lambda v: 0 <= v <= 1, "A harmful-rate threshold.")
 
 
+RECORD_PATHS_HELP = (
+    "also record each input's absolute local path in resta_fast.json (and the command as typed in the model "
+    "card); by default no file of the output holds a local path, user or host name, or file time"
+)
+
+
+def add_record_paths(parser) -> None:
+    """The ``--record-paths`` flag of every command that writes an output."""
+    parser.add_argument("--record-paths", action="store_true", help=RECORD_PATHS_HELP)
+
+
 def existing_file(text: str) -> str:
     """A file that exists (manifests, prompt and text files)."""
     path = Path(text)

@@ -1,4 +1,4 @@
-"""PEFT LoRA fine-tunes merged in-stream (SPEC §1, §4).
+"""PEFT LoRA fine-tunes merged in-stream (docs/spec.md §1, §4).
 
 A LoRA fine-tune is an adapter directory (``adapter_config.json`` +
 ``adapter_model.safetensors``) plus the base model it was trained on.
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from resta_fast.errors import RestaError
 from resta_fast.io import torch_bin
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, SIDE_FILE_PATTERNS, Checkpoint
+from resta_fast.io.identity import config_identity, file_identity
 from resta_fast.io.reader import KERNEL_DTYPES, TensorInfo
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
@@ -132,6 +133,7 @@ class LoraAdapter:
                 "with save_pretrained"
             )
         self.file = torch_bin.open_weight_file(weights)
+        self._identity: dict | None = None  # fingerprint(), once
         self.r = self._positive_int("r")
         self.alpha = self.config.get("lora_alpha", 8)
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
@@ -179,18 +181,14 @@ class LoraAdapter:
         return value
 
     def fingerprint(self) -> dict:
-        """Cheap identity: the weights file's size, mtime and header hash; the config's sha256."""
-        import hashlib
-
-        f = self.file
-        return {
-            f.path.name: {
-                "bytes": f.size,
-                "mtime_ns": f.stat.st_mtime_ns,
-                "header_sha256": hashlib.sha256(f.header_bytes).hexdigest(),
-            },
-            ADAPTER_CONFIG: {"sha256": hashlib.sha256((self.path / ADAPTER_CONFIG).read_bytes()).hexdigest()},
-        }
+        """The adapter's identity from its content: the weights file's ``io.identity.file_identity``
+        and the full sha256 of its config."""
+        if self._identity is None:
+            self._identity = {
+                self.file.path.name: file_identity(self.file),
+                ADAPTER_CONFIG: config_identity(self.path / ADAPTER_CONFIG),
+            }
+        return self._identity
 
     def check_unchanged(self) -> None:
         self.file.check_unchanged()
@@ -608,7 +606,7 @@ class LoraFinetuned:
         return None
 
     def summary(self) -> str:
-        """One line for the plan notes."""
+        """One line for the plan notes (the inputs by their directories' names: notes are published)."""
         kinds = {}
         for m in self.modules.values():
             kinds[m.kind] = kinds.get(m.kind, 0) + 1
@@ -617,7 +615,7 @@ class LoraFinetuned:
         full = [n for n in self.replaced if n not in self.modules]
         extra = f"; {len(full)} full tensor(s) from the adapter" if full else ""
         return (
-            f"{mode} adapter {self.adapter.path} merged in fp32 into base {self.base.path} "
+            f"{mode} adapter {self.adapter.path.name} merged in fp32 into base {Path(self.base.path).name} "
             f"({what} tensor(s){extra}); merged tensors are written in the base's dtype"
         )
 

@@ -1,4 +1,4 @@
-"""Which tensors to patch and how (SPEC §4): the plan, built before any I/O.
+"""Which tensors to patch and how (docs/spec.md §4): the plan, built before any I/O.
 
 The plan matches tensors by name across the fine-tune, the aligned/unaligned
 pair (or a precomputed vector) and the DARE base, applies include/exclude and

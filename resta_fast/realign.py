@@ -33,7 +33,7 @@ from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import torch_dtype
 from resta_fast.io.writer import AtomicOutputDir, check_output_location
 from resta_fast.lora import LoraAdapter, LoraFinetuned
-from resta_fast.report import REPORT_NAME, output_metadata, provenance
+from resta_fast.report import REPORT_NAME, output_metadata, provenance, with_paths
 
 
 def _view(opener: Opener, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
@@ -42,7 +42,7 @@ def _view(opener: Opener, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
 
 
 def _stored(tensor, dtype: str):
-    """An fp32 tensor rounded to an adapter dtype by SPEC §2's rules."""
+    """An fp32 tensor rounded to an adapter dtype by docs/spec.md §2's rules."""
     import torch
 
     from resta_fast.kernels.reference import store
@@ -167,9 +167,20 @@ class Session:
         aligned, unaligned: the aligned model and the model it was aligned from.
         safety_adapter: SafeMERGE's safety adapter (optional).
         base: the model merges go into (default: ``aligned``).
+        record_paths: its outputs record the inputs' local paths (``api.execute``).
     """
 
-    def __init__(self, adapter, *, aligned, unaligned, safety_adapter=None, base=None, progress: bool = False):
+    def __init__(
+        self,
+        adapter,
+        *,
+        aligned,
+        unaligned,
+        safety_adapter=None,
+        base=None,
+        progress: bool = False,
+        record_paths: bool = False,
+    ):
         from resta_fast.io.hub import resolve_input
 
         given = {
@@ -186,9 +197,12 @@ class Session:
             if p is not None
         }
         self.hub = {role: r for role, r in resolved.items() if r.is_hub}
+        if base is None and "aligned" in self.hub:  # the base defaults to the aligned model, and so does its origin
+            self.hub["base"] = self.hub["aligned"]
         self.paths = {role: (resolved[role].path if role in resolved else None) for role in given}
         base, aligned = self.paths["base"], self.paths["aligned"]
         self.progress = progress
+        self.record_paths = record_paths
         self.stack = ExitStack()
         opener = Opener(self.stack)
         try:
@@ -238,9 +252,9 @@ class Session:
         return {r: have[r] for r in roles}
 
     def _provenance(self, command: str, params: dict, roles) -> dict:
-        return provenance(
-            command, params, self._checkpoints(*roles), hub={r: h for r, h in self.hub.items() if r in roles}
-        )
+        cks = self._checkpoints(*roles)
+        prov = provenance(command, params, cks, hub={r: h for r, h in self.hub.items() if r in roles})
+        return with_paths(prov, cks) if self.record_paths else prov
 
     def _inputs(self, *roles: str) -> list[Path]:
         """The paths of ``roles`` (outputs must stay outside them); the base defaults to the aligned model."""
@@ -470,6 +484,7 @@ def safelora(
     dry_run: bool = False,
     progress: bool = False,
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Safe LoRA: project the LoRA modules whose update points away from alignment.
 
@@ -481,13 +496,16 @@ def safelora(
         threshold: project modules with cos ≤ T (paper default 0.5); or
         num_layers: project the K modules with the lowest cos.
         dry_run: score and select only; nothing is written.
+        record_paths: record the inputs' local paths in ``resta_fast.json`` (``api.execute``).
     Returns:
         The report (also ``out/resta_fast.json``); ``report["safelora"]["modules"]``
         holds every module's cosine and decision.
     """
     SL.check_selection(threshold, num_layers)
     _check_base(base, merge)
-    with Session(adapter, aligned=aligned, unaligned=unaligned, base=base, progress=progress) as session:
+    with Session(
+        adapter, aligned=aligned, unaligned=unaligned, base=base, progress=progress, record_paths=record_paths
+    ) as session:
         return session.safelora(
             out,
             threshold=threshold,
@@ -519,6 +537,7 @@ def safemerge(
     dry_run: bool = False,
     progress: bool = False,
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """SafeMERGE: where the fine-tune's Safe LoRA cosine is below ``tau``, merge in the safety adapter.
 
@@ -531,6 +550,7 @@ def safemerge(
         combination: ``linear`` or ``dare_linear`` (with ``density``, the fraction kept, and ``seed``).
         merge: write the full model, merged exactly in weight space (see ``safemerge``);
             without it, the adapter-space merge as published.
+        record_paths: record the inputs' local paths in ``resta_fast.json`` (``api.execute``).
     Returns:
         The report; ``report["safemerge"]["modules"]`` holds every layer's cosine and decision.
     """
@@ -539,7 +559,13 @@ def safemerge(
     SM.check_combination(combination, density)
     _check_base(base, merge)
     with Session(
-        adapter, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter, base=base, progress=progress
+        adapter,
+        aligned=aligned,
+        unaligned=unaligned,
+        safety_adapter=safety_adapter,
+        base=base,
+        progress=progress,
+        record_paths=record_paths,
     ) as session:
         return session.safemerge(
             out,

@@ -37,6 +37,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="score the modules and print the decisions; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before rename (throwaway outputs only)")
+    A.add_record_paths(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
@@ -100,7 +101,7 @@ def add_safemerge_parser(sub) -> None:
     p.add_argument(
         "--density", type=A.positive, metavar="D", help="dare_linear: the fraction of each delta kept, in (0, 1]"
     )
-    p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (SPEC §3 stream; default 0)")
+    p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (docs/spec.md §3 stream; default 0)")
     _add_output_args(p)
     p.set_defaults(func=cmd_safemerge)
 
@@ -135,6 +136,7 @@ def cmd_safelora(args) -> int:
         dry_run=args.dry_run,
         progress=_progress(args),
         command_line=getattr(args, "command_line", None),
+        record_paths=args.record_paths,
     )
     _print(report, args)
     return 0
@@ -161,6 +163,7 @@ def cmd_safemerge(args) -> int:
         dry_run=args.dry_run,
         progress=_progress(args),
         command_line=getattr(args, "command_line", None),
+        record_paths=args.record_paths,
     )
     _print(report, args)
     return 0

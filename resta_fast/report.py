@@ -1,21 +1,25 @@
 """What an output directory says about itself: provenance, header metadata and ``resta_fast.json``.
 
 ``provenance`` is recorded both in every weight file's safetensors metadata
-(so the same inputs and options give byte-identical weights) and in the report,
-which adds the timestamp, the plan, the run's statistics, every file's sha256
-and, when validated, the gate's verdict.
+(its ``HEADER_KEYS``: the same input bytes and options give byte-identical
+weights on any machine) and in the report, which adds where the inputs came
+from (``sources``), the timestamp, the plan, the run's statistics, every file's
+sha256 and, when validated, the gate's verdict. No file of an output holds a
+local path, a user or host name or a file time unless ``with_paths`` was asked for.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resta_fast import __version__
 from resta_fast.io.digest import sha256_file
+from resta_fast.io.identity import origin
+from resta_fast.io.public import copy_public
 
 if TYPE_CHECKING:
     from resta_fast.io.checkpoint import Checkpoint
@@ -26,33 +30,50 @@ REPORT_NAME = "resta_fast.json"
 VALIDATION_FAILED = "VALIDATION_FAILED"
 
 
-def provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None], hub: dict | None = None) -> dict:
-    """Tool, version, command, parameters and every input's fingerprint, by role.
+# What every weight file's header records: content only, so equal inputs give equal bytes anywhere.
+HEADER_KEYS = ("tool", "version", "command", "params", "inputs")
 
-    ``hub`` (role -> ``io.hub.ResolvedInput``): inputs that came from the
-    Hugging Face Hub also record ``hub: {repo_id, revision, commit}``; a
-    local input's entry is its path and fingerprints only, as before.
+
+def provenance(command: str, params: dict, inputs: dict[str, Checkpoint | None], hub: dict | None = None) -> dict:
+    """Tool, version, command, parameters and every input's identity, by role; and where each came from.
+
+    ``inputs[role]`` is ``{"files": <io.identity of its content>}``: the same
+    bytes anywhere give the same record. ``sources[role]`` (``io.identity.origin``)
+    says where it came from: its directory's name, and ``hub: {repo_id, revision,
+    commit}`` for an input from the Hugging Face Hub (``hub``: role ->
+    ``io.hub.ResolvedInput``). Only the ``HEADER_KEYS`` go into the weight files;
+    ``sources`` is in ``resta_fast.json`` and the card.
     """
     hub = hub or {}
-
-    def entry(role: str, ck: Checkpoint) -> dict:
-        e = {"path": str(ck.path), "files": ck.fingerprint()}
-        if role in hub:
-            e["hub"] = hub[role].provenance()
-        return e
-
+    present = {role: ck for role, ck in inputs.items() if ck is not None}
     return {
         "tool": "resta_fast",
         "version": __version__,
         "command": command,
         "params": params,
-        "inputs": {role: entry(role, ck) for role, ck in inputs.items() if ck is not None},
+        "inputs": {role: {"files": ck.fingerprint()} for role, ck in present.items()},
+        "sources": {role: origin(ck.path, hub.get(role)) for role, ck in present.items()},
     }
 
 
+def with_paths(provenance: dict, inputs: dict[str, Checkpoint | None]) -> dict:
+    """``provenance`` whose ``sources`` also hold each input's absolute local path (``--record-paths``).
+
+    Example:
+        >>> with_paths({"sources": {"aligned": {"name": "chat"}}}, {"aligned": None})["sources"]
+        {'aligned': {'name': 'chat'}}
+    """
+    sources = {role: dict(entry) for role, entry in (provenance.get("sources") or {}).items()}
+    for role, ck in inputs.items():
+        if ck is not None and role in sources:
+            sources[role]["path"] = str(Path(ck.path).absolute())
+    return {**provenance, "sources": sources}
+
+
 def output_metadata(provenance: dict) -> dict[str, str]:
-    """The safetensors ``__metadata__`` of every output weight file."""
-    return {"format": "pt", "resta_fast": json.dumps(provenance, sort_keys=True)}
+    """The safetensors ``__metadata__`` of every output weight file (the ``HEADER_KEYS`` of ``provenance``)."""
+    header = {k: provenance[k] for k in HEADER_KEYS if k in provenance}
+    return {"format": "pt", "resta_fast": json.dumps(header, sort_keys=True)}
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -101,7 +122,7 @@ def finish_output(
     if ft.is_dir and (ft.root / INDEX_NAME).is_file():
         files[INDEX_NAME] = _write_index(tmp, plan, INDEX_NAME)
     for side in ft.side_files():
-        shutil.copyfile(side, tmp / side.name)
+        copy_public(side, tmp / side.name)
         files[side.name] = sha256_file(tmp / side.name)
     report = {
         **provenance,
@@ -135,12 +156,42 @@ def finish_output(
     return report
 
 
+def public_verdict(verdict, tmp: Path):
+    """``verdict`` with local paths replaced by names, so it can be published: the output's temporary
+    directory (its name holds the host name) becomes the output's name, any other absolute path its
+    last part.
+
+    Example:
+        >>> tmp = Path("/x/.restored.resta-tmp-host-1-ab")
+        >>> public_verdict({"model": str(tmp), "ref": "/data/ft", "reason": f"{tmp}: ok"}, tmp)
+        {'model': 'restored', 'ref': 'ft', 'reason': 'restored: ok'}
+    """
+    from resta_fast.io.writer import TMP_MARKER
+
+    name = tmp.name.split(TMP_MARKER, 1)[0].removeprefix(".")
+    temps = sorted({str(tmp), str(tmp.absolute()), os.path.realpath(tmp)}, key=len, reverse=True)
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if not isinstance(v, str):
+            return v
+        for t in temps:
+            v = v.replace(t, name)
+        return Path(v).name if os.path.isabs(v) and not any(c.isspace() for c in v) else v
+
+    return clean(verdict)
+
+
 def record_validation(tmp: Path, report: dict, verdict: dict, *, command_line: str | None = None) -> None:
     """Put the eval gate's verdict into the (not yet committed) output's report
     and its model card (``command_line`` as given to ``finish_output``); a
     failed output is kept but marked with a VALIDATION_FAILED file."""
     from resta_fast.card import CARD_NAME, write_model_card
 
+    verdict = public_verdict(verdict, tmp)
     report["validation"] = verdict
     files = report.get("files")
     if isinstance(files, dict) and CARD_NAME in files:

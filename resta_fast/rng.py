@@ -1,4 +1,4 @@
-"""Per-tensor seeds and the DARE random stream (SPEC §3).
+"""Per-tensor seeds and the DARE random stream (docs/spec.md §3).
 
 The stream is Philox4x32-10 exactly as Triton's ``tl.randint4x``: key = the
 per-tensor seed split into two 32-bit words, counter = (q_lo, q_hi, 0, 0) with

@@ -157,7 +157,7 @@ def alignment_delta(
     inputs' mappings are never written), with their pages released after.
 
     ``kernel``: ``api.difference_kernel()``'s C++ kernel (4x faster than torch
-    here, the same bits: SPEC §2 with β = 1); None computes it with torch.
+    here, the same bits: docs/spec.md §2 with β = 1); None computes it with torch.
     """
     import numpy as np
     import torch

@@ -14,7 +14,7 @@ Two outputs, which differ on purpose:
   [1, 0]. ``dare_linear`` thins every A and B, kept layers included, as published.
 - ``weight_space_delta`` is the merge the method means, exactly:
   W + w₁·ΔW_ft + w₂·ΔW_safe on selected layers (each ΔW = s·B·A in fp32, with
-  DARE from SPEC §3's stream for ``dare_linear``), W + ΔW_ft elsewhere.
+  DARE from docs/spec.md §3's stream for ``dare_linear``), W + ΔW_ft elsewhere.
 
 Example:
     >>> check_weights((0.8, 0.2)), check_tau(0.35)
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 DEFAULT_TAU = 0.35
 DEFAULT_WEIGHTS = (0.8, 0.2)
 COMBINATIONS = ("linear", "dare_linear")
-# The safety adapter's DARE stream: SPEC §3 keyed by the tensor's name plus this suffix,
+# The safety adapter's DARE stream: docs/spec.md §3 keyed by the tensor's name plus this suffix,
 # so the two deltas of one layer never share a mask.
 SAFETY_STREAM_SUFFIX = "#safety"
 
@@ -128,7 +128,7 @@ def layer_weights(is_selected: bool, weights: tuple[float, float]) -> tuple[floa
 
 
 def dare(t: torch.Tensor, p: float, seed: int, name: str) -> torch.Tensor:
-    """SPEC §2's DARE on a whole tensor ``t`` (flat index order = its stored layout):
+    """docs/spec.md §2's DARE on a whole tensor ``t`` (flat index order = its stored layout):
     keep = u ≥ p, t1 = keep ? t·r : +0.0, r = fp32(1)/(fp32(1) − fp32(p))."""
     import torch
 

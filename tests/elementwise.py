@@ -1,4 +1,4 @@
-"""An independent, element-by-element SPEC §2–3 reference for tests.
+"""An independent, element-by-element docs/spec.md §2–3 reference for tests.
 
 Pure Python integers and numpy float32 scalars, one element at a time, sharing
 no code with the package: the oracle the torch, C++ and Triton backends must
@@ -24,7 +24,7 @@ def philox(counter, key):
 
 
 def uniform_at(seed, i):
-    """The DARE uniform of flat element i (SPEC §3)."""
+    """The DARE uniform of flat element i (docs/spec.md §3)."""
     q = i // 4
     word = philox((q & M32, q >> 32, 0, 0), (seed & M32, seed >> 32))[i % 4]
     x = word - (1 << 32) if word >= (1 << 31) else word
@@ -43,7 +43,7 @@ def to_f32(value_bits, dtype):
 
 
 def from_f32(o, dtype):
-    """Round float32 ``o`` to the output dtype's raw integer bits (SPEC §2)."""
+    """Round float32 ``o`` to the output dtype's raw integer bits (docs/spec.md §2)."""
     bits = int(np.array([o], dtype=np.float32).view(np.uint32)[0])
     if dtype == "bf16":
         if np.isnan(o):
@@ -55,7 +55,7 @@ def from_f32(o, dtype):
 
 
 def patch_element(f, a, u, b, beta, p, seed, i, out_dtype):
-    """SPEC §2 for one element. f/a/u/b are float32 (u/b may be None)."""
+    """docs/spec.md §2 for one element. f/a/u/b are float32 (u/b may be None)."""
     beta = np.float32(beta)
     t2 = beta * (a - u) if u is not None else beta * a
     if b is None:

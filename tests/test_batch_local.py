@@ -151,7 +151,7 @@ def test_lora_adapter_jobs_match_patch(tmp_path):
 def test_a_write_error_in_a_batch_job_is_a_clean_failure_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
-    from resta_fast import report as report_mod
+    from resta_fast.io import public as public_mod
 
     root = make_world(tmp_path)
     manifest = load_manifest(write_manifest(root, JOBS[:2]))
@@ -159,7 +159,7 @@ def test_a_write_error_in_a_batch_job_is_a_clean_failure_and_leaves_nothing(tmp_
     def disk_full(src, dst, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
 
-    monkeypatch.setattr(report_mod.shutil, "copyfile", disk_full)  # copying the fine-tune's side files
+    monkeypatch.setattr(public_mod.shutil, "copyfile", disk_full)  # copying the fine-tune's side files
     results = local.run_batch(manifest)
     assert [r.status for r in results] == ["failed", "failed"]
     for r in results:

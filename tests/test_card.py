@@ -13,6 +13,7 @@ from checkpoints import hub_cache_model, three_models, write_adapter
 from resta_fast import api
 from resta_fast.card import CARD_NAME, front_matter, render_model_card, reproduce_command
 from resta_fast.cli import main
+from resta_fast.io.identity import short_id
 from resta_fast.kernels import backend_status
 from resta_fast.verify import verify
 
@@ -35,6 +36,22 @@ def card_of(out) -> tuple[dict, str]:
     head, sep, body = text[4:].partition("\n---\n")
     assert sep, "the front matter is not closed"
     return yaml.safe_load(head), body
+
+
+def assert_publishable(out, *roots) -> None:
+    """The card loads with huggingface_hub's ModelCard, every ``base_model`` entry is a valid Hub
+    repo id, and no absolute path (of the test's tree, or any other) appears anywhere in it."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    text = (out / CARD_NAME).read_text()
+    card = ModelCard.load(out / CARD_NAME)
+    for repo in card.data.to_dict().get("base_model") or []:
+        validate_repo_id(repo)
+        assert "/" in repo and not repo.startswith(("/", "."))
+    for root in roots:
+        assert str(root) not in text, f"{root} appears in the card"
+    assert "/tmp/" not in text and "/root" not in text and "/home/" not in text
 
 
 def data(path) -> bytes:
@@ -70,8 +87,8 @@ def test_patch_card_has_the_hub_fields_and_says_what_was_done(models):
     ]
     assert run(*argv) == 0
     meta, body = card_of(out / "r")
-    assert meta["base_model"] == [str(ft), str(al), str(un)]  # local inputs: their paths
-    assert meta["base_model_relation"] == "merge" and meta["library_name"] == "transformers"
+    assert "base_model" not in meta and "base_model_relation" not in meta  # no input came from the Hub
+    assert meta["library_name"] == "transformers"
     assert {"resta", "safety-realignment", "dare"} <= set(meta["tags"]) and "lora" not in meta["tags"]
     report = json.loads((out / "r" / "resta_fast.json").read_text())
     for needle in (
@@ -84,15 +101,25 @@ def test_patch_card_has_the_hub_fields_and_says_what_was_done(models):
     ):
         assert needle in body, needle
     command = shlex.join(["resta-fast", *map(str, argv), "--no-fsync", "--no-progress"])
-    assert f"```bash\n{command}\n```" in body, "the exact command that wrote it"
-    # The fine-tune's own card is not copied over ours; ours says where it is.
+    assert command not in body, "the command as typed names local paths: only with --record-paths"
+    # Local inputs by their directory's name and content id; the rebuilt command uses the names.
+    ids = {role: short_id(info["files"]) for role, info in report["inputs"].items()}
+    assert f"| fine-tune | `ft` (local) | | `{ids['finetuned']}` |" in body
+    assert "--finetuned ft --aligned aligned --unaligned unaligned --beta 0.5 --dare 0.3 --seed 7" in body
+    # The fine-tune's own card is not copied over ours; ours says it exists by name, not path.
     assert "license: apache-2.0" not in (out / "r" / CARD_NAME).read_text()
-    assert f"`{ft / 'README.md'}`" in body
+    assert "The fine-tune's own model card, if `ft` has one, is not copied here." in body
+    assert_publishable(out / "r", ft.parent, out)
     # huggingface_hub reads it as a model card.
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    card = huggingface_hub.ModelCard.load(out / "r" / CARD_NAME)
-    assert card.data.base_model == [str(ft), str(al), str(un)] and card.data.library_name == "transformers"
-    assert card.data.to_dict()["base_model_relation"] == "merge"
+    card = pytest.importorskip("huggingface_hub").ModelCard.load(out / "r" / CARD_NAME)
+    assert card.data.base_model is None and card.data.library_name == "transformers"
+    # Asked for: the paths are recorded, and the card shows the command as typed.
+    assert run(*argv[:-1], out / "rp", "--record-paths") == 0
+    _, body = card_of(out / "rp")
+    command = shlex.join(["resta-fast", *map(str, argv[:-1]), str(out / "rp"), "--record-paths"])
+    assert f"```bash\n{command} --no-fsync --no-progress\n```" in body, "the exact command that wrote it"
+    sources = json.loads((out / "rp" / "resta_fast.json").read_text())["sources"]
+    assert sources["finetuned"] == {"name": "ft", "path": str(ft.absolute())}
 
 
 def test_the_card_is_listed_in_the_report_and_verified(models):
@@ -108,7 +135,7 @@ def test_the_card_is_listed_in_the_report_and_verified(models):
     assert any("README.md" in p for c in result["checks"] for p in c["problems"])
 
 
-def test_an_api_patch_card_shows_a_command_that_reproduces_it(models, tmp_path):
+def test_an_api_patch_card_shows_a_command_that_reproduces_it(models, tmp_path, monkeypatch):
     ft, al, un, out = models
     api.patch(
         ft,
@@ -127,6 +154,7 @@ def test_an_api_patch_card_shows_a_command_that_reproduces_it(models, tmp_path):
     command = body.split("```bash\n", 1)[1].split("\n```", 1)[0]
     assert command.startswith("resta-fast patch ") and command.endswith("--out OUT")
     argv = shlex.split(command)[1:-1] + [str(out / "again")]
+    monkeypatch.chdir(ft.parent)  # local inputs are named by their directories' names
     assert run(*argv) == 0
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         assert data(out / "again" / shard) == data(out / "api" / shard)
@@ -139,7 +167,8 @@ def test_vector_and_lora_cards(models):
     ft, al, un, out = models
     assert run("vector", "--aligned", al, "--unaligned", un, "--out", out / "vec") == 0
     meta, body = card_of(out / "vec")
-    assert meta["base_model"] == [str(al), str(un)] and "safety-vector" in meta["tags"]
+    assert "base_model" not in meta and "safety-vector" in meta["tags"]
+    assert_publishable(out / "vec", al.parent, out)
     assert "V = θ_aligned − θ_unaligned" in body and "resta-fast vector --aligned" in body
     pytest.importorskip("torch")
     adapter = write_adapter(out.parent / "adapter")
@@ -162,9 +191,10 @@ def test_vector_and_lora_cards(models):
         == 0
     )
     meta, body = card_of(out / "lora")
-    assert "lora" in meta["tags"] and meta["base_model"] == [str(adapter), str(al), str(un)]
-    assert "merged in fp32 into its base" in body
-    assert "has no model card of its own" in body
+    assert "lora" in meta["tags"] and "base_model" not in meta
+    assert "The LoRA adapter `adapter` was merged in fp32 into its base `aligned`" in body
+    assert "if `adapter` has one, is not copied here" in body
+    assert_publishable(out / "lora", al.parent, out)
 
 
 def test_every_batch_output_gets_a_card(models, tmp_path):
@@ -185,13 +215,20 @@ def test_every_batch_output_gets_a_card(models, tmp_path):
         )
     )
     assert main(["batch", str(manifest), "--no-progress"]) == 0
-    for name, job in (("b1", "one"), ("b2", "two")):
+    for name in ("b1", "b2"):
         meta, body = card_of(out / name)
-        assert meta["base_model"] == [str(ft), str(al), str(un)]
-        assert f"job `{job}` of the batch" in body and f"resta-fast batch {manifest}" in body
-        assert "The same output from one command" in body
+        assert "base_model" not in meta and f"resta-fast batch {manifest}" not in body
+        assert "A command that writes this output" in body and "--finetuned ft --aligned aligned" in body
+        assert_publishable(out / name, tmp_path)
         assert verify(out / name)["ok"]
     assert "β = 0.7" in card_of(out / "b2")[1]
+    # --record-paths: the batch command as typed, in each job's card.
+    manifest.write_text(manifest.read_text().replace(str(out / "b"), str(out / "p")))
+    assert main(["batch", str(manifest), "--no-progress", "--record-paths"]) == 0
+    for name, job in (("p1", "one"), ("p2", "two")):
+        _, body = card_of(out / name)
+        assert f"job `{job}` of the batch" in body and f"resta-fast batch {manifest}" in body
+        assert "The same output from one command" in body
 
 
 def test_hub_inputs_name_their_ids_and_commits(models, tmp_path, monkeypatch):
@@ -220,7 +257,8 @@ def test_hub_inputs_name_their_ids_and_commits(models, tmp_path, monkeypatch):
         == 0
     )
     meta, body = card_of(out / "h")
-    assert meta["base_model"] == ["org/ft", "org/chat", "org/shadow"]
+    assert meta["base_model"] == ["org/ft", "org/chat", "org/shadow"] and meta["base_model_relation"] == "merge"
+    assert_publishable(out / "h", tmp_path)
     assert f"[org/ft](https://huggingface.co/org/ft) | v2 | `{commits['org/ft']}`" in body
     assert f"https://huggingface.co/org/ft/blob/{commits['org/ft']}/README.md" in body
     pinned = f"--finetuned org/ft@{commits['org/ft']} --aligned org/chat@{commits['org/chat']}"
@@ -263,6 +301,7 @@ def test_a_validated_output_card_carries_the_verdict(models, passed):
         fsync=False,
         validate=lambda d: verdict(passed),
         command_line="resta-fast patch --validate-prompts catqa.json ...",
+        record_paths=True,
     )
     _, body = card_of(out / "v")
     section = body.split("## Safety validation", 1)[1]
@@ -322,19 +361,16 @@ def test_other_commands_get_a_generic_card():
         "version": "9.9",
         "command": "safelora",
         "params": {"threshold": 0.35, "projection": "rank-8", "layers": ["q_proj", "v_proj"]},
-        "inputs": {
-            "finetuned": {"path": "/m/adapter", "files": {}},
-            "aligned": {
-                "path": "/m/chat",
-                "files": {},
-                "hub": {"repo_id": "org/chat", "revision": "main", "commit": "7" * 40},
-            },
+        "inputs": {"finetuned": {"files": {}}, "aligned": {"files": {}}},
+        "sources": {
+            "finetuned": {"name": "adapter", "path": "/m/adapter"},
+            "aligned": {"name": "chat", "hub": {"repo_id": "org/chat", "revision": "main", "commit": "7" * 40}},
         },
     }
     text = render_model_card(report, command_line="resta-fast safelora --adapter /m/adapter ...")
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta == front_matter(report)
-    assert meta["base_model"] == ["/m/adapter", "org/chat"] and "safelora" in meta["tags"]
+    assert meta["base_model"] == ["org/chat"] and "safelora" in meta["tags"]
     for needle in (
         "`resta-fast safelora`",
         "| threshold | `0.35` |",

@@ -55,6 +55,7 @@ def world(tmp_path_factory):
         ["batch", "--help"],
         ["verify", "--help"],
         ["inspect", "--help"],
+        ["push", "--help"],
         ["eval", "--help"],
         ["demo", "--help"],
         ["patch", "--finetuned", "x", "--out", "y", "--beta", "nan"],

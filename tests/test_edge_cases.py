@@ -24,7 +24,7 @@ def int_bits(t):
 
 
 def spec_bits(name, f, a, u, beta, out_dtype, rows=None):
-    """SPEC §2 output bits (no DARE) of the first ``rows`` rows, element by element."""
+    """docs/spec.md §2 output bits (no DARE) of the first ``rows`` rows, element by element."""
     if rows is not None:
         f, a, u = f[:rows], a[:rows], u[:rows]
     fv, av, uv = (x.float().reshape(-1).numpy() for x in (f, a, u))

@@ -94,7 +94,7 @@ def test_a_loaded_native_extension_reports_its_build(capsys):
     assert os.path.basename(native["module"]).startswith("_C")
     assert os.path.dirname(native["module"]) == os.path.dirname(resta_fast.__file__)  # this checkout's build
     assert native["isa"] in native["isa_supported"] and native["isa"] in native["isa_compiled"]
-    assert native["fp_contract_off"] is True  # SPEC: bit-exactness needs -ffp-contract=off
+    assert native["fp_contract_off"] is True  # docs/spec.md §2: bit-exactness needs -ffp-contract=off
     assert info["backends"]["cpp"] == "ok"
 
 

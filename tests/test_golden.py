@@ -5,19 +5,20 @@ run through the CLI (or the public API where the CLI has no knob, e.g.
 ``chunk_elems``) on each available backend, and every output file is digested:
 
 - ``*.safetensors``: sha256 of the data region (the bytes after the 8 + N
-  header) and sha256 of the header JSON, canonicalised (see ``canonical``):
-  the test's tmp root becomes ``<ROOT>`` and the tool version ``<VERSION>``,
-  then it is re-serialised with ``sort_keys``. Nothing else is masked: input
-  mtimes, which the provenance records, are pinned with ``os.utime``.
+  header) and sha256 of the header JSON with only the tool version masked
+  (``<VERSION>``, so a release does not re-record every digest), re-serialised
+  with ``sort_keys``. Nothing else is masked: the provenance records the
+  inputs by content (``io.identity``), so neither the run's root directory nor
+  the inputs' mtimes reach the bytes, and the test checks that no output file
+  names the root.
 - other files (index, config, adapter config): sha256 of the file.
 - ``resta_fast.json``: one digest per stable field (plan, params, inputs,
-  file list ...); ``created`` and timings are left out, and the report's
-  per-file sha256 values are checked against the files instead of pinned
-  (whole-file hashes include the root-dependent header).
-- the model card (``README.md``, issue #16) is checked against the report's
-  sha256 like every file, but it is not pinned here: it is new since these
-  digests were taken and renders the run's paths and command line, and
-  tests/test_card.py checks its content. Every other byte stays pinned.
+  sources, file list ...); ``created`` and timings are left out, and the
+  report's per-file sha256 values are checked against the files instead of
+  pinned (whole-file hashes include the version).
+- the model card (``README.md``) is checked against the report's sha256 like
+  every file, but it is not pinned here: tests/test_card.py checks its content.
+  Every other byte stays pinned.
 
 The fixture INPUT files are digested too (case ``inputs``), so a fixture change
 (numpy, safetensors or this file) is reported as such, not as a code change.
@@ -38,9 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,6 @@ GOLDEN = Path(__file__).with_name("golden_digests.json")
 UPDATE = os.environ.get("RESTA_GOLDEN_UPDATE") == "1"
 REPORT = "resta_fast.json"
 CARD = "README.md"  # the model card: see the module docstring
-FIXED_MTIME_NS = 1_700_000_000_123_456_789  # provenance records input mtimes: pin them
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, EXTRA_ROWS = 32, 16, 24, 2, 2, 5
 BUFFER = "model.layers.0.self_attn.rotary_emb.position_ids"  # int64: copied, never patched
@@ -134,12 +132,6 @@ def related(base: dict, seed: int, scale: float, dtype, *, extra_rows: int = 0) 
     return out
 
 
-def pin_mtimes(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            os.utime(p, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
-
-
 def build_inputs(root: Path) -> dict[str, Path]:
     bf16, f16 = torch.bfloat16, torch.float16
     cfg = llama_config(vocab=VOCAB, hidden=HIDDEN, layers=LAYERS, inter=INTER, heads=HEADS)
@@ -204,7 +196,6 @@ def build_inputs(root: Path) -> dict[str, Path]:
         )
     )
     p["lora"] = adapter
-    pin_mtimes(m)
     return p
 
 
@@ -216,24 +207,15 @@ def sha(data: bytes) -> str:
 
 
 class Canon:
-    """Replace the run's root (and the tool version) with placeholders."""
+    """Mask the tool version (and only it), and check that no output names the run's root."""
 
     def __init__(self, root: Path):
-        roots = {str(root), str(root.resolve())}
-        self.roots = sorted(roots, key=len, reverse=True)
-
-    def text(self, s: str) -> str:
-        for r in self.roots:
-            s = s.replace(r, "<ROOT>")
-        return s
+        self.roots = sorted({str(root), str(root.resolve())}, key=len, reverse=True)
 
     def obj(self, o):
-        if isinstance(o, str):
-            return self.text(o)
-        if isinstance(o, list):
-            return [self.obj(v) for v in o]
-        if isinstance(o, dict):
-            return {self.text(k): self.obj(v) for k, v in o.items()}
+        text = json.dumps(o, sort_keys=True)
+        for r in self.roots:
+            assert r not in text, f"an output names the run's root {r}: {text[:200]}"
         return o
 
     def digest(self, o) -> str:
@@ -246,7 +228,7 @@ class Canon:
             prov = json.loads(meta["resta_fast"])
             if prov.get("version") == resta_fast.__version__:
                 prov["version"] = "<VERSION>"
-            meta["resta_fast"] = json.dumps(self.obj(prov), sort_keys=True)
+            meta["resta_fast"] = json.dumps(prov, sort_keys=True)
         return self.obj(header)
 
 
@@ -269,7 +251,7 @@ def report_digest(out: Path, canon: Canon) -> dict:
         report["version"] = "<VERSION>"
     stats = report.get("stats", {})
     stable = {
-        "provenance": {k: report.get(k) for k in ("tool", "version", "command", "params", "inputs")},
+        "provenance": {k: report.get(k) for k in ("tool", "version", "command", "params", "inputs", "sources")},
         "plan": report.get("plan"),
         "file_names": sorted(listed),
         "device_fsync": [report.get("device"), report.get("fsync")],
@@ -287,6 +269,7 @@ def report_digest(out: Path, canon: Canon) -> dict:
                 "command",
                 "params",
                 "inputs",
+                "sources",
                 "device",
                 "fsync",
             }
@@ -339,21 +322,12 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
     outs: dict[str, Path] = {}
 
     # The safety vector (its own code path, no backend flag); then an input to patch --vector.
-    # Made with paths relative to the root: its header (provenance) then holds no tmp path, so
-    # the header_sha256 that patch --vector records of it is the same in every run.
     outs["vector"] = out / "vector"
     outs["vector_bf16"] = out / "vector_bf16"
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        rel = ["--aligned", inp["aligned"].relative_to(root), "--unaligned", inp["unaligned"].relative_to(root)]
-        cli("vector", *rel, "--out", "out/vector")
-        cli("vector", *rel, "--dtype", "bfloat16", "--out", "out/vector_bf16")
-    finally:
-        os.chdir(cwd)
-    pin_mtimes(outs["vector"])
-
     pair = ["--aligned", inp["aligned"], "--unaligned", inp["unaligned"]]
+    cli("vector", *pair, "--out", outs["vector"])
+    cli("vector", *pair, "--dtype", "bfloat16", "--out", outs["vector_bf16"])
+
     for b in BACKENDS:
 
         def patch(case, ft, *args, b=b):
@@ -496,31 +470,11 @@ def run_cases(root: Path, inp: dict[str, Path]) -> dict[str, Path]:
     return outs
 
 
-# Headers hold input paths under the root, and the report's stats.bytes_written counts header
-# bytes, so the root's path *length* is part of the pinned bytes. The digests were recorded under
-# a 37-character root (/tmp/pytest-of-root/pytest-NN/golden0); pytest's own root grows with its run
-# counter (pytest-100 is one character longer) and with the user name, so the fixture makes its
-# own root of exactly the recorded length.
-RECORDED_ROOT_LEN = 37
-
-
-def fixed_length_root() -> Path:
-    parent = "/tmp"
-    prefix = "resta-golden-"
-    pad = RECORDED_ROOT_LEN - len(parent) - 1 - len(prefix) - 8  # mkdtemp adds 8 random characters
-    root = Path(tempfile.mkdtemp(prefix=prefix + "x" * pad, dir=parent))
-    assert len(str(root)) == RECORDED_ROOT_LEN, root
-    return root
-
-
 @pytest.fixture(scope="module")
-def world():
+def world(tmp_path_factory):
     torch.set_num_threads(1)
-    root = fixed_length_root()
-    try:
-        yield golden_world(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    # Any root: the outputs hold no path, so neither its name nor its length reaches a byte.
+    return golden_world(tmp_path_factory.mktemp("golden"))
 
 
 def golden_world(root: Path) -> dict:
@@ -584,7 +538,7 @@ def _data(case_digests: dict) -> dict:
 
 
 def test_backends_agree_bit_for_bit(world):
-    """SPEC §2: every backend gives the same bits; and so do the pipelines
+    """docs/spec.md §2: every backend gives the same bits; and so do the pipelines
     (batch vs patch, chunking, the staged GPU pipeline on CPU, vector vs pair)."""
     if len(BACKENDS) < 2:
         pytest.skip(f"only {BACKENDS} available")
@@ -611,6 +565,6 @@ def test_same_bits_across_pipelines_and_inputs(world):
             assert got == {f: v for f, v in world[f"{case}@{b}"].items() if not f.startswith(REPORT)}, (
                 f"batch job {job} differs from patch {case} on {b}"
             )
-        # fp32 vector: patching with it is bit-identical to patching with the pair (README).
+        # fp32 vector: patching with it is bit-identical to patching with the pair (docs/vector.md).
         assert _data(world[f"vector_patch@{b}"]) == _data(world[f"plain@{b}"])
         assert _data(world[f"vector_dare@{b}"]) == _data(world[f"dare@{b}"])

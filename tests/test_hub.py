@@ -9,6 +9,7 @@ refused, so a test that reached for the Hub would fail rather than download.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
@@ -88,16 +89,10 @@ def parts(path: Path) -> tuple[bytes, dict]:
     return raw[8 + n :], json.loads(raw[8 : 8 + n])
 
 
-def without_hub(provenance: dict) -> dict:
-    prov = json.loads(json.dumps(provenance))
-    for info in prov.get("inputs", {}).values():
-        info.pop("hub", None)
-    return prov
-
-
-def assert_same_output(hub_out: Path, local_out: Path, *, same_paths: bool) -> dict:
-    """Weight data, tensor tables, index and side files byte-identical; the provenance differs only
-    by the Hub fields (and by the inputs' paths unless ``same_paths``). Returns the Hub run's report."""
+def assert_same_output(hub_out: Path, local_out: Path) -> dict:
+    """Every weight file byte-identical, headers included (the provenance records the inputs'
+    content, not where they lay); index and side files too; the reports' plans and input
+    identities equal, and only the Hub run's sources name the Hub. Returns the Hub run's report."""
     names = sorted(p.name for p in hub_out.iterdir())
     assert names == sorted(p.name for p in local_out.iterdir())
     for name in names:
@@ -105,19 +100,16 @@ def assert_same_output(hub_out: Path, local_out: Path, *, same_paths: bool) -> d
         if name.endswith(".safetensors"):
             (da, ha), (db, hb) = parts(a), parts(b)
             assert da == db, f"{name}: weight data differ"
-            meta_a, meta_b = ha.pop("__metadata__"), hb.pop("__metadata__")
-            assert ha == hb, f"{name}: tensor tables differ"
-            prov_a, prov_b = json.loads(meta_a["resta_fast"]), json.loads(meta_b["resta_fast"])
-            assert any("hub" in i for i in prov_a["inputs"].values())
-            if same_paths:
-                assert without_hub(prov_a) == prov_b, f"{name}: provenance differs beyond the Hub fields"
+            assert ha == hb, f"{name}: headers (tensor tables or provenance) differ"
+            assert a.read_bytes() == b.read_bytes(), f"{name} differs"
         elif name not in ("resta_fast.json", "README.md"):
             assert a.read_bytes() == b.read_bytes(), f"{name} differs"
     report = json.loads((hub_out / "resta_fast.json").read_text())
     local_report = json.loads((local_out / "resta_fast.json").read_text())
     assert report.get("plan") == local_report.get("plan")  # adapter outputs (safelora) have none
-    if same_paths:
-        assert without_hub({"inputs": report["inputs"]}) == {"inputs": local_report["inputs"]}
+    assert report["inputs"] == local_report["inputs"]
+    assert any("hub" in s for s in report["sources"].values())
+    assert all("hub" not in s for s in local_report["sources"].values()), "a local input must not gain Hub fields"
     return report
 
 
@@ -226,17 +218,16 @@ def test_patch_with_hub_ids_equals_the_same_patch_with_local_paths(world):
         )
         == 0
     )
-    report = assert_same_output(out / "hub", out / "snap", same_paths=True)
-    assert_same_output(out / "hub", out / "local", same_paths=False)
-    inputs = report["inputs"]
+    report = assert_same_output(out / "hub", out / "snap")
+    assert_same_output(out / "hub", out / "local")
+    inputs = report["sources"]
     assert inputs["finetuned"]["hub"] == {"repo_id": "org/ft", "revision": "main", "commit": C_FT}
     assert inputs["aligned"]["hub"] == {"repo_id": "org/chat", "revision": "main", "commit": C_CHAT}
     assert inputs["unaligned"]["hub"]["commit"] == C_SHADOW
     assert inputs["dare_base"]["hub"]["repo_id"] == "org/chat"  # defaulted from --aligned, with its origin
-    assert inputs["finetuned"]["path"] == str(snap["ft"])
-    local = json.loads((out / "local" / "resta_fast.json").read_text())["inputs"]
-    assert all("hub" not in info for info in local.values()), "a local input must not gain Hub fields"
-    result = verify(out / "hub", [])  # recomputes from the recorded (snapshot) paths
+    assert "path" not in inputs["finetuned"]  # no local path unless --record-paths
+    assert inputs["finetuned"]["name"] == "ft"  # the repo's name
+    result = verify(out / "hub", [])  # recomputes from the recorded Hub ids, pinned to their commits
     assert result["ok"], result
     assert result["hub_inputs"]["finetuned"]["commit"] == C_FT
 
@@ -256,8 +247,8 @@ def test_vector_with_hub_ids(world):
         )
         == 0
     )
-    report = assert_same_output(out / "vec_hub", out / "vec_snap", same_paths=True)
-    assert report["inputs"]["aligned"]["hub"]["repo_id"] == "org/chat"
+    report = assert_same_output(out / "vec_hub", out / "vec_snap")
+    assert report["sources"]["aligned"]["hub"]["repo_id"] == "org/chat"
     # And the vector, from the Hub, into a patch.
     hub_cache_model(world["cache"], "org/vector", out / "vec_snap", commit="f" * 40)
     assert (
@@ -292,7 +283,7 @@ def test_vector_with_hub_ids(world):
         )
         == 0
     )
-    assert_same_output(out / "pv_hub", out / "pv_local", same_paths=False)
+    assert_same_output(out / "pv_hub", out / "pv_local")
 
 
 def test_lora_adapter_and_base_from_the_hub(world):
@@ -334,9 +325,9 @@ def test_lora_adapter_and_base_from_the_hub(world):
         )
         == 0
     )
-    report = assert_same_output(out / "lora_hub", out / "lora_snap", same_paths=True)
-    assert report["inputs"]["finetuned"]["hub"]["commit"] == C_LORA
-    assert report["inputs"]["base"]["hub"]["repo_id"] == "org/chat"
+    report = assert_same_output(out / "lora_hub", out / "lora_snap")
+    assert report["sources"]["finetuned"]["hub"]["commit"] == C_LORA
+    assert report["sources"]["base"]["hub"]["repo_id"] == "org/chat"
 
 
 def test_revision_picks_its_snapshot(world):
@@ -373,8 +364,8 @@ def test_revision_picks_its_snapshot(world):
         )
         == 0
     )
-    report = assert_same_output(out / "v1", out / "v1_local", same_paths=False)
-    assert report["inputs"]["finetuned"]["hub"] == {"repo_id": "org/ft", "revision": "v1", "commit": C_FT_V1}
+    report = assert_same_output(out / "v1", out / "v1_local")
+    assert report["sources"]["finetuned"]["hub"] == {"repo_id": "org/ft", "revision": "v1", "commit": C_FT_V1}
     # A commit sha names its snapshot directly.
     found = hub.resolve_input(f"org/ft@{C_FT_V1}", "finetuned", kind="any")
     assert found.path == world["snap"]["ft_v1"] and found.commit == C_FT_V1
@@ -440,7 +431,7 @@ def test_an_existing_local_directory_shaped_like_an_id_wins(world, tmp_path):
         == 0
     )
     report = json.loads((out / "local_wins" / "resta_fast.json").read_text())
-    assert report["inputs"]["finetuned"] == {"path": "org/ft", "files": report["inputs"]["finetuned"]["files"]}
+    assert report["sources"]["finetuned"] == {"name": "ft"}  # the local directory, not the Hub
     assert (
         run(
             "patch",
@@ -515,8 +506,8 @@ def test_batch_with_ids_resolves_each_distinct_input_once(world, monkeypatch, tm
             )
             == 0
         )
-        report = assert_same_output(out / f"b_{name}", out / f"p_{name}", same_paths=True)
-        assert report["inputs"]["aligned"]["hub"]["repo_id"] == "org/chat"
+        report = assert_same_output(out / f"b_{name}", out / f"p_{name}")
+        assert report["sources"]["aligned"]["hub"]["repo_id"] == "org/chat"
     # A rerun recognises its finished outputs (fingerprints, not paths, are compared).
     assert main(["batch", str(manifest), "--no-progress", "--json"]) == 0
 
@@ -674,17 +665,24 @@ def test_hub_errors_are_one_line(world, monkeypatch, name, says):
     assert "\n" not in message and message.startswith("aligned org/secret: ") and says in message, message
 
 
-def test_local_runs_never_import_huggingface_hub(world):
+def test_local_runs_never_call_the_hub(world):
+    """Local inputs never reach the Hub: the run succeeds with every Hub download replaced by a crash
+    and the endpoint a closed port. (huggingface_hub itself is imported to write the model card.)"""
     code = (
-        "import sys\nfrom resta_fast.cli import main\n"
+        "import sys\nimport huggingface_hub\nfrom resta_fast.io import hub\n"
+        "def boom(*a, **k):\n    raise SystemExit('the Hub was called')\n"
+        "huggingface_hub.snapshot_download = huggingface_hub.hf_hub_download = boom\n"
+        "hub._snapshot = hub._hub = boom\n"
+        "from resta_fast.cli import main\n"
         f"code = main(['patch', '--finetuned', {str(world['ft'])!r}, '--aligned', {str(world['chat'])!r}, "
         f"'--unaligned', {str(world['shadow'])!r}, '--out', {str(world['out'] / 'plain')!r}, '--no-fsync', "
         "'--no-progress', '--backend', " + repr(BACKEND) + "])\n"
-        "print('HUB' if 'huggingface_hub' in sys.modules else 'NOHUB')\nsys.exit(code)"
+        "sys.exit(code)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "NOHUB"
+    assert "the Hub was called" not in proc.stderr
 
 
 def test_verify_against_takes_hub_ids(world):
@@ -792,7 +790,12 @@ def test_safelora_with_hub_ids(world, merge):
         )
         == 0
     )
-    report = assert_same_output(out / "sl_hub", out / "sl_snap", same_paths=True)
-    assert report["inputs"]["adapter"]["hub"] == {"repo_id": "org/lora", "revision": "main", "commit": C_LORA}
-    assert report["inputs"]["unaligned"]["hub"]["commit"] == C_SHADOW
+    report = assert_same_output(out / "sl_hub", out / "sl_snap")
+    assert report["sources"]["adapter"]["hub"] == {"repo_id": "org/lora", "revision": "main", "commit": C_LORA}
+    assert report["sources"]["unaligned"]["hub"]["commit"] == C_SHADOW
     assert "org/lora" in (out / "sl_hub" / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(out / "sl_hub" / "README.md").data.to_dict()
+    assert meta["base_model"] == ["org/lora", "org/chat", "org/shadow"]
+    assert meta["base_model_relation"] == ("merge" if merge else "adapter")

@@ -1,4 +1,4 @@
-"""README's "How the code is laid out" stays true: every module is on the map, and the map names no ghost."""
+"""ARCHITECTURE.md's "How the code is laid out" stays true: every module is on the map, and the map names no ghost."""
 
 import ast
 from pathlib import Path
@@ -7,9 +7,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def layout_paths() -> set[str]:
-    """The paths the README's layout map names under ``resta_fast/``, relative to it."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    """The paths ARCHITECTURE.md's layout map names under ``resta_fast/``, relative to it."""
+    architecture = (REPO / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    section = architecture.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
     block = section.split("    resta_fast/\n", 1)[1].split("\n    tests/", 1)[0]
     names = set()
     for line in block.splitlines():  # "      io/reader.py   what it is": each line opens with the module's path
@@ -40,12 +40,12 @@ def modules() -> set[str]:
 
 def test_every_module_is_on_the_map():
     missing = sorted(modules() - layout_paths())
-    assert not missing, f"add these to README's 'How the code is laid out': {missing}"
+    assert not missing, f"add these to ARCHITECTURE.md's 'How the code is laid out': {missing}"
 
 
 def test_the_map_names_only_modules_that_exist():
     ghosts = sorted(p for p in layout_paths() if not (REPO / "resta_fast" / p).is_file())
-    assert not ghosts, f"README's layout names modules that do not exist: {ghosts}"
+    assert not ghosts, f"ARCHITECTURE.md's layout names modules that do not exist: {ghosts}"
 
 
 def test_the_map_is_read():

@@ -28,7 +28,7 @@ def bits(t: torch.Tensor) -> list[int]:
 
 
 def expected(name, f, a, u, b, beta, p, seed, out_dtype, patched=None):
-    """Element-by-element SPEC output bits for one tensor."""
+    """Element-by-element docs/spec.md §2 output bits for one tensor."""
     fb, ab = bits(f), bits(a)
     ub = bits(u) if u is not None else None
     bb = bits(b) if b is not None else None
@@ -77,7 +77,7 @@ def test_patch_bit_exact_against_elementwise(tmp_path, dtype, dare):
     assert set(got) == set(F), "every fine-tuned tensor must be in the output, and nothing else"
     for name, t in got.items():
         want = expected(name, F[name], A[name], U[name], A[name] if dare else None, 0.5, dare or 0.0, 11, dtype)
-        assert bits(t) == want, f"{name}: output differs from the SPEC element reference"
+        assert bits(t) == want, f"{name}: output differs from the docs/spec.md §2 element reference"
     assert report["plan"]["summary"]["patch"] == len(got)
 
 

@@ -452,7 +452,7 @@ def test_every_isa_variant_matches_reference(native, cpp):
 
 
 def test_isa_variants_agree_on_nan_payloads(native):
-    # Not a SPEC requirement (NaN is compared as NaN-ness), but the portable
+    # Not a docs/spec.md §2 requirement (NaN is compared as NaN-ness), but the portable
     # and F16C fp16 paths are meant to be bit-identical, NaN payloads included.
     halves = np.arange(65536, dtype=np.uint16)
     floats = np.random.default_rng(0).integers(0, 2**32, 2**18, dtype=np.uint64).astype(np.uint32)
@@ -680,7 +680,7 @@ def test_build_info(cpp):
     info = cpp.build_info()
     assert info["isa"] in info["isa_supported"]
     assert set(info["isa_supported"]) <= set(info["isa_compiled"])
-    assert info["fp_contract_off"] is True, "the build contracts a*b+c into FMA; SPEC §2 forbids it"
+    assert info["fp_contract_off"] is True, "the build contracts a*b+c into FMA; docs/spec.md §2 forbids it"
     assert info["openmp_max_threads"] >= 1
     assert info["module"].endswith((".so", ".pyd"))
 

@@ -1,4 +1,4 @@
-"""SPEC §3: the Philox stream and per-tensor seeds."""
+"""docs/spec.md §3: the Philox stream and per-tensor seeds."""
 
 import numpy as np
 import pytest

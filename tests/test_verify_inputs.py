@@ -10,14 +10,16 @@ from resta_fast.verify.inputs import input_paths
 
 
 def patch_report(**inputs):
-    """A patch's resta_fast.json as input_paths reads it: the command, the plan's mode, params, inputs."""
+    """A patch's resta_fast.json as input_paths reads it: the command, the plan's mode, params, the
+    inputs' identities (one per path: equal paths, equal content) and their recorded paths."""
     dare = inputs.pop("dare", None)
     mode = "vector" if "vector" in inputs else "difference"
     return {
         "command": "patch",
         "plan": {"mode": mode},
         "params": {"dare": dare},
-        "inputs": {role: {"path": path} for role, path in inputs.items()},
+        "inputs": {role: {"files": {"m": {"bytes": 1, "header_sha256": path}}} for role, path in inputs.items()},
+        "sources": {role: {"name": path, "path": path} for role, path in inputs.items()},
     }
 
 
@@ -72,10 +74,11 @@ def test_missing_recorded_paths_and_other_commands_are_refused():
 
 def test_wrong_inputs_are_reported(patched, tmp_path):
     root, ft, al, un, out = patched
-    # Swapped aligned/unaligned: same headers, so the (header-only) fingerprints agree;
-    # the recomputed values do not.
+    # Swapped aligned/unaligned: same headers, but their content identities (sampled data) differ,
+    # and so do the recomputed values.
     c = checks(verify(out, [str(ft), str(un), str(al)], samples=5000))
-    assert c["inputs"]["ok"] and not c["sample"]["ok"]
+    assert not c["inputs"]["ok"] and not c["sample"]["ok"]
+    assert c["inputs"]["problems"][0].startswith(f"aligned {un}: model.safetensors: its content differs")
     other, _, _ = three_models(tmp_path, vocab=24, hidden=8, layers=1, inter=12)
     result = verify(out, [str(other), str(al), str(un)], samples=5000)
     c = checks(result)

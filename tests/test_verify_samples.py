@@ -145,7 +145,8 @@ def test_lora_output_recomputes_through_the_merge(tmp_path):
     api.patch(
         tmp_path / "adapter", out, aligned=base, unaligned=un, beta=0.5, dare=0.1, seed=2, backend="torch", fsync=False
     )
-    result = verify(out, [], samples=100_000)
+    # The inputs named (no paths recorded); the LoRA and DARE bases are the aligned model by content.
+    result = verify(out, [str(tmp_path / "adapter"), str(base), str(un)], samples=100_000)
     assert result["ok"], result
     total = sum(v.numel() for v in load_file(str(out / "model.safetensors")).values())
     assert checks(result)["sample"]["detail"].startswith(f"{total} elements")  # every element

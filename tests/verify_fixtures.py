@@ -11,8 +11,11 @@ def checks(result) -> dict:
     return {c["name"]: c for c in result["checks"]}
 
 
-def patched_output(root):
-    """A sharded DARE patch with per-pattern β and an exclude, and its inputs: (root, ft, al, un, out)."""
+def patched_output(root, *, record_paths: bool = True):
+    """A sharded DARE patch with per-pattern β and an exclude, and its inputs: (root, ft, al, un, out).
+
+    ``record_paths``: the output records where its inputs lay, so ``verify --against`` finds them alone.
+    """
     ft, al, un = three_models(root, shards=2, **SMALL)
     out = root / "out"
     api.patch(
@@ -27,5 +30,6 @@ def patched_output(root):
         exclude=["norm"],
         backend="torch",
         fsync=False,
+        record_paths=record_paths,
     )
     return root, ft, al, un, out

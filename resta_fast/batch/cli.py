@@ -88,6 +88,7 @@ def add_batch_parser(subparsers) -> None:
         "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)",
     )
     p.add_argument("--no-fsync", action="store_true", help="skip fsync before each job's final rename")
+    A.add_record_paths(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--summary", metavar="FILE", type=A.creatable_file, help="also write the JSON summary to FILE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (status lines stay)")
@@ -177,6 +178,7 @@ def _run(args, manifest, selected, prepared) -> int:
             num_cpus=args.num_cpus,
             gpus=bool(args.num_gpus) if args.num_gpus is not None else None,
             fsync=False if args.no_fsync else None,
+            record_paths=args.record_paths,
         )
         print(
             f"wrote {path}: {len(manifest.groups)} array element(s) for {len(manifest.jobs)} job(s); "
@@ -196,6 +198,7 @@ def _run(args, manifest, selected, prepared) -> int:
     if args.staging != "auto":
         fused["staging"] = args.staging
     fused["command_line"] = getattr(args, "command_line", None)  # each output's model card
+    fused["record_paths"] = args.record_paths
     validate = validation_options(args)
     if validate:
         validate["progress"] = False  # one batch bar; per-job eval bars would interleave

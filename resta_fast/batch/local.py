@@ -26,6 +26,7 @@ from pathlib import Path
 
 from resta_fast.batch.manifest import Group, JobSpec, Manifest, problems_error
 from resta_fast.errors import RestaError
+from resta_fast.io.identity import changed_files
 from resta_fast.report import REPORT_NAME
 
 
@@ -131,14 +132,12 @@ class PreparedBatch:
 # --- state of an existing output ---------------------------------------------------------
 
 
-def provenance_diff(report: dict, expected: dict) -> str:
-    """How an existing output's provenance differs from this job's ('' if it is this job).
-
-    Compares the command, the parameters and the inputs' fingerprints (size,
-    mtime, header hash per file), not their paths: a moved manifest still
-    recognises its finished outputs.
-    """
-    diffs = []
+def _differences(report: dict, expected: dict) -> tuple[list[str], list[str]]:
+    """(how an existing output's command, parameters or roles differ from this job's; which inputs'
+    content changed). Inputs are compared by their content identities (``io.identity``), never by
+    path or file time: a moved manifest, or inputs copied elsewhere or only ``touch``ed, still
+    recognise their finished outputs."""
+    diffs, changed_inputs = [], []
     if report.get("command") != expected["command"]:
         diffs.append(f"written by `{report.get('command')}`")
     old, new = report.get("params") or {}, expected["params"]
@@ -146,12 +145,25 @@ def provenance_diff(report: dict, expected: dict) -> str:
         if old.get(key) != new.get(key):
             diffs.append(f"{key} {old.get(key)!r} on disk vs {new.get(key)!r} now")
     old_in, new_in = report.get("inputs") or {}, expected["inputs"]
+    names = expected.get("sources") or {}
     for role in sorted(set(old_in) | set(new_in)):
         if role not in old_in or role not in new_in:
             diffs.append(f"{role} {'added' if role in new_in else 'dropped'}")
-        elif (old_in[role] or {}).get("files") != new_in[role]["files"]:
-            diffs.append(f"{role} {new_in[role]['path']} changed since (size, mtime or header differ)")
+            continue
+        changed = changed_files((old_in[role] or {}).get("files"), new_in[role]["files"])
+        if changed:
+            name = (names.get(role) or {}).get("name", role)
+            changed_inputs.append(f"{role} {name}: its content changed since ({', '.join(changed[:2])} differ)")
+    return diffs, changed_inputs
+
+
+def _joined(diffs: list[str]) -> str:
     return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+
+
+class OutputConflict(RestaError):
+    """A job's ``out`` holds the output of the same job made from inputs whose content has
+    changed since: that job is refused when it runs, and the other jobs go on."""
 
 
 def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, str]:
@@ -178,10 +190,13 @@ def existing_state(out: Path, provenance: dict, *, verify: bool) -> tuple[str, s
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         return "corrupt", f"{REPORT_NAME} is unreadable"
-    diff = provenance_diff(report, provenance)
-    if diff:
-        raise RestaError(
-            f"out {out} holds a different job's finished output ({diff}); a batch never "
+    diffs, changed_inputs = _differences(report, provenance)
+    if diffs or changed_inputs:
+        # Other parameters or roles: the manifest names the wrong out (refused before anything runs).
+        # Only an input's content changed: this job is refused, the others go on.
+        error = RestaError if diffs else OutputConflict
+        raise error(
+            f"out {out} holds a different job's finished output ({_joined(diffs + changed_inputs)}); a batch never "
             "replaces a finished output: delete it or choose another out"
         )
     if not verify:
@@ -239,6 +254,8 @@ def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here:
                     prep = prepared.prepared(job)
                     manifest.out_bytes[job.index] = prep.out_bytes
                     existing_state(job.out, prep.provenance, verify=False)
+                except OutputConflict:
+                    pass  # refused when the job runs (run_group): the manifest's other jobs go on
                 except RestaError as exc:
                     problems.append(f"{job.label}: {exc}")
     except BaseException:
@@ -263,6 +280,7 @@ def run_batch(
     threads: int | None = None,
     validate: dict | None = None,
     command_line: str | None = None,
+    record_paths: bool = False,
     **engine_options,
 ) -> list[JobResult]:
     """Run the selected groups here, one after another.
@@ -274,6 +292,7 @@ def run_batch(
             before its rename, and a job whose output fails the gate is reported
             failed (its output kept, marked VALIDATION_FAILED).
         command_line: the batch command as typed, for each output's model card.
+        record_paths: record the inputs' local paths in each ``resta_fast.json`` (``api.execute``).
         engine_options: ``pipeline.engine.run_jobs`` tuning (writers, chunk_elems, cores ...).
     Returns:
         One JobResult per job, in manifest order.
@@ -294,6 +313,7 @@ def run_batch(
             threads=threads,
             validate=validate,
             command_line=command_line,
+            record_paths=record_paths,
             **engine_options,
         )
     return sorted(results, key=lambda r: r.index)
@@ -323,6 +343,7 @@ def run_group(
     threads: int | None = None,
     validate: dict | None = None,
     command_line: str | None = None,
+    record_paths: bool = False,
     **engine_options,
 ) -> list[JobResult]:
     """Run one group: verify and skip finished jobs, then write the rest in one
@@ -360,7 +381,9 @@ def run_group(
             else:
                 todo.append((job, prep, state, detail))
         if todo:
-            _run_pass(todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate, command_line)
+            _run_pass(
+                todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate, command_line, record_paths
+            )
     return [results[job.index] for job in group.jobs]
 
 
@@ -391,13 +414,14 @@ def _run_pass(
     engine_options: dict,
     validate: dict | None = None,
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> None:
     """Claim every job's output, write them all in one ``run_jobs`` pass, then finish each."""
     from resta_fast import api
     from resta_fast.io.writer import AtomicOutputDir
     from resta_fast.pipeline.engine import run_jobs
     from resta_fast.pipeline.interrupt import raise_if_interrupted
-    from resta_fast.report import finish_output, record_validation
+    from resta_fast.report import finish_output, record_validation, with_paths
 
     start = time.perf_counter()
     live = []
@@ -435,7 +459,7 @@ def _run_pass(
                     prep.plan,
                     prep.inputs.finetuned,
                     engine_job.stats,
-                    prep.provenance,
+                    with_paths(prep.provenance, prep.checkpoints) if record_paths else prep.provenance,
                     backend_name=prep.backend_name,
                     device=prep.device,
                     fsync=fsync,

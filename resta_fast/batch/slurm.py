@@ -25,6 +25,7 @@ def emit_slurm(
     gpus: bool | None = None,
     python: str | None = None,
     fsync: bool | None = None,
+    record_paths: bool = False,
 ) -> Path:
     """Write ``out_dir/resta_batch.sbatch`` and return its path.
 
@@ -34,6 +35,7 @@ def emit_slurm(
             the manifest asks for ``num_gpus``).
         python: interpreter on the compute nodes (default: this one; override
             at submit time with ``RESTA_PYTHON=...``).
+        record_paths: the elements record their inputs' local paths (``--record-paths``).
 
     Example:
         >>> emit_slurm(load_manifest("batch.yaml"), "slurm/")  # doctest: +SKIP
@@ -82,6 +84,8 @@ def emit_slurm(
     ]
     if fsync is False or (fsync is None and not manifest.fsync):
         cmd.append("--no-fsync")
+    if record_paths:
+        cmd.append("--record-paths")
     lines += [
         "",
         "set -euo pipefail",

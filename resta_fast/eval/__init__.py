@@ -1,4 +1,4 @@
-"""Is the patched model safe now, and still useful? (SPEC §5)
+"""Is the patched model safe now, and still useful? (docs/spec.md §5)
 
 Evaluation sits beside the patcher and only reads finished checkpoints:
 prompts → generation → judges → metrics → gate → reports.

@@ -1,7 +1,7 @@
 """Harmful rate with Wilson intervals, per-group breakdowns, and agreement between judges.
 
 harmful rate = harmful / (harmful + harmless); unparseable verdicts are excluded
-from the rate and counted on their own (SPEC §5).
+from the rate and counted on their own (docs/spec.md §5).
 """
 
 from __future__ import annotations

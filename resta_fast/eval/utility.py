@@ -1,6 +1,6 @@
 """Utility beside safety: exact-match / contains accuracy on prompt-answer pairs, and perplexity.
 
-Safety bought by breaking the model is not safety (SPEC §5), so every safety
+Safety bought by breaking the model is not safety (docs/spec.md §5), so every safety
 number is reported next to one of these.
 """
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from resta_fast.errors import RestaError
 from resta_fast.io.digest import sha256_file
+from resta_fast.io.public import copy_public, public_json
 from resta_fast.io.reader import ITEMSIZE
 from resta_fast.io.writer import TensorFileWriter, write_all
 
@@ -92,9 +92,9 @@ def write_adapter(
     files = {ADAPTER_WEIGHTS: sha256_file(out.path)}
     cfg_out = tmp / ADAPTER_CONFIG
     if config is None:
-        shutil.copyfile(adapter.path / ADAPTER_CONFIG, cfg_out)
+        copy_public(adapter.path / ADAPTER_CONFIG, cfg_out)
     else:
-        cfg_out.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        cfg_out.write_text(json.dumps(public_json(config) or config, indent=2, sort_keys=True) + "\n")
     files[ADAPTER_CONFIG] = sha256_file(cfg_out)
     for path in sorted(adapter.path.iterdir()):
         if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, src.path.name) + OWN_FILES or not path.is_file():
@@ -104,6 +104,6 @@ def write_adapter(
                 f"{adapter.path}: holds a second weights file {path.name}; remove it (peft "
                 f"would load it instead of {ADAPTER_WEIGHTS})"
             )
-        shutil.copyfile(path, tmp / path.name)
+        copy_public(path, tmp / path.name)
         files[path.name] = sha256_file(tmp / path.name)
     return files

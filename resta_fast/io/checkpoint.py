@@ -13,6 +13,7 @@ from pathlib import Path
 
 from resta_fast.errors import CheckpointError
 from resta_fast.io import torch_bin
+from resta_fast.io.identity import file_identity
 from resta_fast.io.reader import MAX_HEADER_BYTES, SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -101,6 +102,7 @@ class Checkpoint:
             self._open_directory()
         self.location: dict[str, str] = {}
         self._stored: dict[str, str] = {}  # alias -> stored name (see add_aliases)
+        self._identity: dict | None = None  # fingerprint(), once
         for fname, f in self.files.items():
             for name in f.tensors:
                 if name in self.location:
@@ -298,17 +300,11 @@ class Checkpoint:
         return (embed, head) if embed and head else None
 
     def fingerprint(self) -> dict:
-        """Cheap identity of the inputs: per-file size, mtime and header hash."""
-        import hashlib
-
-        return {
-            name: {
-                "bytes": f.size,
-                "mtime_ns": f.stat.st_mtime_ns,
-                "header_sha256": hashlib.sha256(f.header_bytes).hexdigest(),
-            }
-            for name, f in self.files.items()
-        }
+        """The inputs' identity from their content: ``io.identity.file_identity`` per weight file
+        (computed once: the jobs of a batch share this object)."""
+        if self._identity is None:
+            self._identity = {name: file_identity(f) for name, f in self.files.items()}
+        return self._identity
 
     def check_unchanged(self) -> None:
         for f in self.files.values():

@@ -76,7 +76,7 @@ NUMPY_STORAGE: dict[str, type] = {
     "F8_E4M3": np.uint8,
     "F8_E5M2": np.uint8,
 }
-# Dtypes the fused kernels compute with (SPEC §2); other floats are copied.
+# Dtypes the fused kernels compute with (docs/spec.md §2); other floats are copied.
 KERNEL_DTYPES = ("BF16", "F16", "F32")
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 

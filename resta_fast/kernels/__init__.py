@@ -4,14 +4,14 @@ Every backend exposes the same two functions over flat, contiguous torch tensors
 (bf16/fp16/fp32 each, any mix; all of one length):
 
 ``patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None)``
-    out = round(F + β(A − U)), or with ``b`` (DARE base) the DARE form of SPEC §2.
+    out = round(F + β(A − U)), or with ``b`` (DARE base) the DARE form of docs/spec.md §2.
     ``u=None`` means ``a`` holds a precomputed safety vector V. ``seed`` is the
     already-mixed per-tensor seed (``rng.tensor_seed``); ``offset`` is the flat
     index of element 0 of this chunk within the whole tensor. Returns the number
     of non-finite outputs when the backend counts them in-kernel, else None.
 
 ``convert_into(out, x)``
-    dtype conversion with the SPEC's rounding (for copied tensors when --dtype
+    dtype conversion with docs/spec.md §2's rounding (for copied tensors when --dtype
     asks for another output dtype).
 
 Backends: ``torch`` (reference, always there), ``cpp`` (native, CPU), ``triton``

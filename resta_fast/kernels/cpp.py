@@ -84,7 +84,7 @@ def _threads(threads: int | None) -> int | None:
 
 
 def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None) -> int:
-    """Fused patch of one chunk into ``out`` (SPEC §2); see ``resta_fast.kernels``.
+    """Fused patch of one chunk into ``out`` (docs/spec.md §2); see ``resta_fast.kernels``.
 
     Args:
         out: output tensor, written in full; may be ``f`` itself (same dtype).
@@ -171,7 +171,7 @@ def patch_arrays(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, th
     p32 = np.float32(p)
     if not (np.float32(0) <= p32 < np.float32(1)):
         raise ValueError(f"p must satisfy 0 <= p < 1 (as float32), got {p!r}")
-    r = np.float32(1) / (np.float32(1) - p32)  # SPEC §2: computed once, in fp32, on the host
+    r = np.float32(1) / (np.float32(1) - p32)  # docs/spec.md §2: computed once, in fp32, on the host
     if not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
     if offset < 0:
@@ -207,7 +207,7 @@ def convert_arrays(out, x, *, threads: int | None = None) -> None:
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = None) -> None:
-    """Copy ``x`` into ``out`` converting dtype with the SPEC's rounding.
+    """Copy ``x`` into ``out`` converting dtype with docs/spec.md §2's rounding.
 
     Example:
         >>> convert_into(torch.empty(3, dtype=torch.bfloat16), torch.ones(3))  # doctest: +SKIP
@@ -224,7 +224,7 @@ def convert_into(out: torch.Tensor, x: torch.Tensor, *, threads: int | None = No
 
 
 def uniform(seed: int, offset: int, n: int) -> torch.Tensor:
-    """The native DARE uniforms of elements offset .. offset+n-1 (float32, SPEC §3).
+    """The native DARE uniforms of elements offset .. offset+n-1 (float32, docs/spec.md §3).
 
     Equal bit for bit to ``resta_fast.rng.uniform``.
 

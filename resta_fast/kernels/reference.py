@@ -1,8 +1,8 @@
-"""Torch reference backend: SPEC §2 in separate, individually rounded fp32 ops.
+"""Torch reference backend: docs/spec.md §2 in separate, individually rounded fp32 ops.
 
 This is the oracle the native and Triton kernels are tested against, and the
-fallback backend when neither loads. No ``alpha=``/``addcmul``: each line of the
-SPEC is one torch op so nothing can be fused.
+fallback backend when neither loads. No ``alpha=``/``addcmul``: each line of
+docs/spec.md §2 is one torch op so nothing can be fused.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def round_to_bf16_bits(o: torch.Tensor) -> torch.Tensor:
 
 
 def store(out: torch.Tensor, o: torch.Tensor) -> None:
-    """Round fp32 ``o`` to ``out``'s dtype (SPEC §2) and write it."""
+    """Round fp32 ``o`` to ``out``'s dtype (docs/spec.md §2) and write it."""
     if out.dtype == torch.bfloat16:
         out.view(torch.int16).copy_(round_to_bf16_bits(o))
     else:
@@ -31,7 +31,7 @@ def store(out: torch.Tensor, o: torch.Tensor) -> None:
 
 
 def patch_values(f, a, u, b, *, beta, p, uniforms) -> torch.Tensor:
-    """SPEC §2 in fp32 for whatever elements the inputs hold.
+    """docs/spec.md §2 in fp32 for whatever elements the inputs hold.
 
     ``uniforms`` (the DARE stream at those elements) is only called when ``b``
     is given: a callable returning a float32 tensor, so callers choose where
@@ -61,7 +61,7 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
-    """Copy ``x`` into ``out`` converting dtype with the SPEC's rounding."""
+    """Copy ``x`` into ``out`` converting dtype with docs/spec.md §2's rounding."""
     if out.dtype == x.dtype:
         out.copy_(x)
     else:

@@ -1,8 +1,8 @@
-"""Triton backend: the SPEC §2 fused patch as one elementwise GPU kernel.
+"""Triton backend: the docs/spec.md §2 fused patch as one elementwise GPU kernel.
 
 Runs on a CUDA device, or on CPU tensors through Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before this module is imported (slow; for tests).
-Results are bit-identical to ``resta_fast.kernels.reference``: every SPEC line is
+Results are bit-identical to ``resta_fast.kernels.reference``: every docs/spec.md §2 line is
 one rounded fp32 op, fp fusion is disabled at launch, bf16 is rounded with
 integer ops, and the DARE stream is ``tl.randint4x`` with int64 counters.
 """
@@ -78,7 +78,7 @@ if triton is not None:
 
     @triton.jit
     def _store_rounded(out_ptr, idx, o, mask):
-        """Round fp32 ``o`` to out_ptr's dtype (SPEC §2) and store it."""
+        """Round fp32 ``o`` to out_ptr's dtype (docs/spec.md §2) and store it."""
         if out_ptr.dtype.element_ty == tl.bfloat16:
             # Integer RNE: the interpreter truncates a float cast to bf16, and the
             # GPU cast would not canonicalise NaN payloads to 0x7FC0.
@@ -110,7 +110,7 @@ if triton is not None:
         SHIFT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """One BLOCK of SPEC §2. Lane j of program k is chunk element k*BLOCK + j - SHIFT.
+        """One BLOCK of docs/spec.md §2. Lane j of program k is chunk element k*BLOCK + j - SHIFT.
 
         With DARE, SHIFT = offset % 4 lines every group of four lanes up with one
         Philox counter q = q0 + k*BLOCK/4 + j/4, so each counter is computed once
@@ -157,7 +157,7 @@ if triton is not None:
 
     @triton.jit
     def _convert_kernel(out_ptr, x_ptr, n, BLOCK: tl.constexpr):
-        """out = round(float32(x)) with the SPEC's rounding."""
+        """out = round(float32(x)) with docs/spec.md §2's rounding."""
         pid = tl.program_id(0).to(tl.int64)
         idx = pid * BLOCK + tl.arange(0, BLOCK)
         mask = idx < n
@@ -208,7 +208,7 @@ def _check_stream_args(seed: int, offset: int) -> None:
 
 
 def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, threads=None, block=None, num_warps=None):
-    """Fused RESTA patch of one flat chunk on the GPU (SPEC §2), written into ``out``.
+    """Fused RESTA patch of one flat chunk on the GPU (docs/spec.md §2), written into ``out``.
 
     Args:
         out: output chunk (bf16/fp16/fp32), written completely.
@@ -267,7 +267,7 @@ def patch_into(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, thre
 
 
 def convert_into(out: torch.Tensor, x: torch.Tensor) -> None:
-    """Copy ``x`` into ``out`` converting dtype with the SPEC's rounding.
+    """Copy ``x`` into ``out`` converting dtype with docs/spec.md §2's rounding.
 
     Example:
         >>> convert_into(torch.empty(4, dtype=torch.bfloat16, device="cuda"), x)  # doctest: +SKIP

@@ -82,7 +82,7 @@ class Compute:
             return as_torch(host).to(self.device, non_blocking=True)
 
     def patch(self, out_host: np.ndarray, f, a, u, b, *, beta: float, p: float, seed: int, offset: int, counter=None):
-        """Patch one chunk into ``out_host`` (SPEC §2).
+        """Patch one chunk into ``out_host`` (docs/spec.md §2).
 
         Returns (event the writer waits for or None, non-finite count or None).
         On a GPU the count is added to ``counter`` (a device scalar, read once
@@ -151,7 +151,7 @@ class Compute:
         return done
 
     def convert(self, out_host: np.ndarray, x_host: np.ndarray) -> None:
-        """dtype conversion of a copied tensor, on the host (SPEC rounding; no device trip)."""
+        """dtype conversion of a copied tensor, on the host (docs/spec.md §2 rounding; no device trip)."""
         if self.native:
             self.kernel.convert_arrays(out_host, x_host, threads=self.threads)
         elif self.cuda:

@@ -86,13 +86,14 @@ def hub_sources(report: dict) -> dict[str, dict]:
     """role -> {repo_id, revision, commit} of the inputs an output's report says came from the Hub.
 
     Example:
-        >>> hub_sources({"inputs": {"aligned": {"path": "/cache/snap", "hub": {"repo_id": "org/chat"}},
-        ...                         "unaligned": {"path": "shadow"}}})
+        >>> hub_sources({"sources": {"aligned": {"name": "chat", "hub": {"repo_id": "org/chat"}},
+        ...                          "unaligned": {"name": "shadow"}}})
         {'aligned': {'repo_id': 'org/chat'}}
     """
-    inputs = report.get("inputs") if isinstance(report.get("inputs"), dict) else {}
-    return {
-        role: info["hub"]
-        for role, info in inputs.items()
-        if isinstance(info, dict) and isinstance(info.get("hub"), dict)
-    }
+    found = {}
+    for key in ("inputs", "sources"):  # an output written before `sources` kept `hub` in `inputs`
+        entries = report.get(key) if isinstance(report.get(key), dict) else {}
+        for role, info in entries.items():
+            if isinstance(info, dict) and isinstance(info.get("hub"), dict):
+                found[role] = info["hub"]
+    return found

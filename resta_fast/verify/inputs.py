@@ -1,18 +1,21 @@
 """The inputs an output was made from: their paths, opened as ``patch`` opened them, and their fingerprints.
 
 Verify's own part is reading the record: ``input_paths`` maps ``--against``'s
-positional paths (or, with none, the paths ``resta_fast.json`` records) to the
-roles of the command that made the output, gives the inputs ``--against`` does
-not list (a LoRA base, a DARE base) the path the record implies, and fetches a
-recorded Hub input whose cache snapshot is gone again at its recorded commit.
+positional paths (or, with none, what ``resta_fast.json`` records: a Hub input
+pinned to its commit, a local path only when the output was written with
+``--record-paths``) to the roles of the command that made the output, and gives
+the inputs ``--against`` does not list (a LoRA base, a DARE base) the path the
+record implies: an input whose recorded content identity equals the aligned
+model's is the aligned model given. Inputs are compared by content
+(``io.identity``), never by path or file time.
 The rest is the one preparation step of every entry point: for a patch,
 ``options.resolve_roles`` resolves Hub ids and decides the roles, and
 ``api.open_roles`` opens them through ``api.Opener`` (an input playing two roles
 is one object), exactly as ``patch`` did.
 
 Example:
-    >>> input_paths({"command": "vector", "inputs": {"aligned": {"path": "chat"},
-    ...                                             "unaligned": {"path": "shadow"}}}, [], None)
+    >>> input_paths({"command": "vector", "inputs": {"aligned": {}, "unaligned": {}},
+    ...              "sources": {"aligned": {"path": "chat"}, "unaligned": {"path": "shadow"}}}, [], None)
     {'aligned': 'chat', 'unaligned': 'shadow'}
 """
 
@@ -24,18 +27,53 @@ from contextlib import ExitStack
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.hub import resolve_input
+from resta_fast.io.identity import changed_files
 from resta_fast.options import ROLE_KINDS, resolve_roles
 from resta_fast.report import REPORT_NAME
 from resta_fast.verify.checks import Check
 
 
+def recorded_paths(report: dict) -> dict[str, str | None]:
+    """role -> the local path the output recorded (only with ``--record-paths``; an output written
+    before paths left the record has one in ``inputs``), or its Hub id pinned to its commit
+    (``hf://REPO@COMMIT``), or None.
+
+    Example:
+        >>> recorded_paths({"inputs": {"aligned": {}, "unaligned": {}},
+        ...                 "sources": {"aligned": {"hub": {"repo_id": "org/chat", "commit": "c" * 40}},
+        ...                             "unaligned": {"name": "shadow"}}})["unaligned"] is None
+        True
+    """
+    inputs = report.get("inputs") if isinstance(report.get("inputs"), dict) else {}
+    sources = report.get("sources") if isinstance(report.get("sources"), dict) else {}
+    found = {}
+    for role, info in inputs.items():
+        src = sources.get(role) if isinstance(sources.get(role), dict) else {}
+        old = info if isinstance(info, dict) else {}
+        path = src.get("path") or old.get("path")
+        hub = src.get("hub") or old.get("hub") or {}
+        if path and os.path.lexists(path):
+            found[role] = path
+        elif hub.get("repo_id") and hub.get("commit"):
+            found[role] = f"hf://{hub['repo_id']}@{hub['commit']}"
+        else:
+            found[role] = path
+    return found
+
+
+def _same_content(report: dict, role: str, other: str) -> bool:
+    inputs = report.get("inputs") or {}
+    a, b = (inputs.get(r) or {} for r in (role, other))
+    return bool(a.get("files")) and a.get("files") == b.get("files")
+
+
 def _default_from(
-    role: str, paths: dict, recorded: dict, explicit: str | None, explicit_inputs: bool, flag: str
+    report: dict, role: str, paths: dict, recorded: dict, explicit: str | None, explicit_inputs: bool, flag: str
 ) -> str:
     """Path of an input that --against does not list (DARE base, LoRA base)."""
     if explicit:
         return explicit
-    if recorded.get(role) and recorded.get(role) == recorded.get("aligned") and "aligned" in paths:
+    if _same_content(report, role, "aligned") and "aligned" in paths:
         return paths["aligned"]  # the default: the aligned model
     if recorded.get(role) and not explicit_inputs:
         return recorded[role]
@@ -52,7 +90,7 @@ def input_paths(report: dict, against: list[str], dare_base: str | None, base: s
     """
     command = report.get("command")
     params = report.get("params") or {}
-    recorded = {role: info.get("path") for role, info in (report.get("inputs") or {}).items()}
+    recorded = recorded_paths(report)
     if command == "vector":
         roles = ["aligned", "unaligned"]
     elif command == "patch":
@@ -75,30 +113,22 @@ def input_paths(report: dict, against: list[str], dare_base: str | None, base: s
         missing = [r for r in roles if not recorded.get(r)]
         if missing:
             raise RestaError(
-                f"verify --against: {REPORT_NAME} records no path for {', '.join(missing)}; "
-                "give the input paths explicitly"
+                f"verify --against: {REPORT_NAME} records no path for {', '.join(missing)}; give the input paths "
+                "explicitly (local paths are recorded only with --record-paths)"
             )
         paths = {r: recorded[r] for r in roles}
     if command == "patch" and "base" in recorded:  # a LoRA adapter merged into its base
-        paths["base"] = _default_from("base", paths, recorded, base, bool(against), "--base")
+        paths["base"] = _default_from(report, "base", paths, recorded, base, bool(against), "--base")
     if command == "patch" and params.get("dare") is not None:
-        if not dare_base and recorded.get("dare_base") and recorded.get("dare_base") == recorded.get("base"):
+        if not dare_base and "base" in paths and _same_content(report, "dare_base", "base"):
             paths["dare_base"] = paths["base"]
         else:
-            paths["dare_base"] = _default_from("dare_base", paths, recorded, dare_base, bool(against), "--dare-base")
-    paths = {role: _refetched(report, role, path, recorded) for role, path in paths.items()}
+            paths["dare_base"] = _default_from(
+                report, "dare_base", paths, recorded, dare_base, bool(against), "--dare-base"
+            )
     if command == "vector":
-        return {role: _resolved(path, role) if path != recorded.get(role) else path for role, path in paths.items()}
+        return {role: _resolved(path, role) for role, path in paths.items()}
     return paths
-
-
-def _refetched(report: dict, role: str, path: str, recorded: dict) -> str:
-    """``path`` as recorded stays as it is (a local path stays one, even if it is gone), except a
-    recorded Hub input whose cache snapshot is gone: ``hf://REPO@COMMIT``, to fetch it again there."""
-    hub = ((report.get("inputs") or {}).get(role) or {}).get("hub") or {}
-    if path == recorded.get(role) and hub.get("repo_id") and hub.get("commit") and not os.path.lexists(path):
-        return f"hf://{hub['repo_id']}@{hub['commit']}"
-    return path
 
 
 def _resolved(path: str, role: str) -> str:
@@ -147,10 +177,9 @@ def _input_fingerprints(report: dict, role: str, ck: Checkpoint, c: Check) -> No
     if sorted(found) != sorted(recorded):
         c.fail(f"{role} {ck.path}: files {sorted(found)} but the run read {sorted(recorded)}")
         return
-    for name, fp in found.items():
-        # mtime is recorded for the record only: a copied but identical input still verifies.
-        same = {k: v for k, v in fp.items() if k != "mtime_ns"} == {
-            k: v for k, v in recorded[name].items() if k != "mtime_ns"
-        }
-        if not same:
-            c.fail(f"{role} {ck.path}: {name}: size or header differs from the input the run read")
+    # Content only (io.identity): a moved, copied or touched but identical input still verifies.
+    for name in changed_files(recorded, found):
+        c.fail(
+            f"{role} {ck.path}: {name}: its content differs from the input the run read "
+            "(size, header or sampled data); pass the input the output was made from"
+        )

@@ -3,7 +3,7 @@
 With the C++ kernel on numpy gathers (no torch) where it is built, else with the
 torch reference arithmetic (``patch_at``: ``kernels.reference`` at scattered
 elements). Which elements: ``sample_indices``; what they must hold: the plan's
-rows (``plan.TensorPlan``) and SPEC §2.
+rows (``plan.TensorPlan``) and docs/spec.md §2.
 
 Example:
     >>> from resta_fast.plan import TensorPlan
@@ -45,7 +45,7 @@ def uniform_at(seed: int, idx: torch.Tensor) -> torch.Tensor:
 def patch_at(out, f, a, u, b, *, beta, p, seed, idx):
     """``kernels.reference.patch_into`` for the scattered elements ``idx``.
 
-    The same separate, individually rounded fp32 ops in SPEC §2 order; only the
+    The same separate, individually rounded fp32 ops in docs/spec.md §2 order; only the
     DARE stream is drawn at ``idx`` instead of a contiguous offset.
     """
     from resta_fast.kernels.reference import patch_values, store
