@@ -175,6 +175,7 @@ def _add_optional_subcommands(sub) -> None:
         ("resta_fast.realign_cli", ("add_safelora_parser", "add_safemerge_parser")),
         ("resta_fast.verify_cli", ("add_verify_parser",)),
         ("resta_fast.push_cli", ("add_push_parser",)),
+        ("resta_fast.convert_cli", ("add_convert_parser",)),
     ):
         try:
             mod = importlib.import_module(module)

@@ -81,7 +81,7 @@ def describe_model(path) -> dict:
 
 
 def _describe_adapter(path: Path) -> dict:
-    from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter
+    from resta_fast.lora import LoraAdapter
 
     ad = LoraAdapter(path)
     try:
@@ -102,7 +102,7 @@ def _describe_adapter(path: Path) -> dict:
             "lora_modules": len(modules),
             "full_tensors": len(full),
             "adapter_parameters": sum(i.numel for i in ad.file.tensors.values()),
-            "files": [ADAPTER_WEIGHTS],
+            "files": [ad.file.path.name],  # adapter_model.safetensors, or adapter_model.bin
         }
     finally:
         ad.file.close()

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resta_fast.errors import RestaError
+from resta_fast.io import torch_bin
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, SIDE_FILE_PATTERNS, Checkpoint
 from resta_fast.io.identity import config_identity, file_identity
-from resta_fast.io.reader import KERNEL_DTYPES, SafetensorsFile, TensorInfo
+from resta_fast.io.reader import KERNEL_DTYPES, TensorInfo
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -125,15 +126,13 @@ class LoraAdapter:
         self._check_config(cfg_path)
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():
-            bins = sorted(p.name for p in self.path.glob("adapter_model*.bin"))
-            if bins:
-                raise RestaError(
-                    f"{self.path}: the adapter weights are pickle ({bins[0]}); resta_fast does not unpickle "
-                    "untrusted files. Convert once: PeftModel.from_pretrained(base, dir)"
-                    ".save_pretrained(out, safe_serialization=True)"
-                )
-            raise RestaError(f"{self.path}: no {ADAPTER_WEIGHTS}; expected a PEFT adapter saved with save_pretrained")
-        self.file = SafetensorsFile(weights)
+            weights = self.path / torch_bin.ADAPTER_NAME  # read without running its pickle (io/torch_bin.py)
+        if not weights.is_file():
+            raise RestaError(
+                f"{self.path}: no {ADAPTER_WEIGHTS} or {torch_bin.ADAPTER_NAME}; expected a PEFT adapter saved "
+                "with save_pretrained"
+            )
+        self.file = torch_bin.open_weight_file(weights)
         self._identity: dict | None = None  # fingerprint(), once
         self.r = self._positive_int("r")
         self.alpha = self.config.get("lora_alpha", 8)

@@ -16,6 +16,7 @@ from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
 from resta_fast.io.reader import DTYPES, FLOAT_DTYPES, KERNEL_DTYPES
 from resta_fast.io.source import TensorSource
+from resta_fast.io.torch_bin import safetensors_name
 
 # BetaRule and parse_dtype live with the other options; re-exported for their users here.
 from resta_fast.options import DTYPE_ALIASES, BetaRule, compile_pattern, parse_dtype  # noqa: F401
@@ -308,7 +309,7 @@ def build_plan(
                     seed_name=seed_name,
                 )
             )
-        files.append(OutputFile(fname, tensors))
+        files.append(OutputFile(safetensors_name(fname), tensors))  # a .bin input: its safetensors name
     if errors:
         raise RestaError(
             f"cannot patch {finetuned.path}: {len(errors)} tensor(s) disagree:\n  "
@@ -354,7 +355,7 @@ def copy_plan(finetuned: TensorSource) -> Plan:
                     finetuned.stored_dtype(name),
                 )
             )
-        files.append(OutputFile(fname, tensors))
+        files.append(OutputFile(safetensors_name(fname), tensors))  # a .bin input: its safetensors name
     return Plan(files, mode="merge")
 
 

@@ -97,7 +97,7 @@ def write_adapter(
         cfg_out.write_text(json.dumps(public_json(config) or config, indent=2, sort_keys=True) + "\n")
     files[ADAPTER_CONFIG] = sha256_file(cfg_out)
     for path in sorted(adapter.path.iterdir()):
-        if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) + OWN_FILES or not path.is_file():
+        if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, src.path.name) + OWN_FILES or not path.is_file():
             continue
         if path.name.startswith("adapter_model") and path.suffix in (".bin", ".safetensors"):
             raise RestaError(
