@@ -134,6 +134,10 @@ def front_matter(report: dict) -> dict:
     command = report.get("command") or "patch"
     params = report.get("params") or {}
     roles = dict(_roles(report))
+    if command == "convert":  # the same weights in another format: no realignment, no relation to declare
+        meta = {"base_model": hub_ids(report)} if hub_ids(report) else {}
+        adapter = report.get("output") == "adapter"
+        return {**meta, "library_name": "peft" if adapter else "transformers", "tags": ["safetensors"]}
     tags = ["resta", "safety-realignment"]
     if "base" in roles or "adapter" in roles:
         tags.append("lora")

@@ -36,6 +36,7 @@ def convert(
     fsync: bool = True,
     progress: bool = False,
     command_line: str | None = None,
+    record_paths: bool = False,
 ) -> dict:
     """Write ``src`` (a ``.bin`` model directory or file, or an adapter directory) as safetensors into ``out``.
 
@@ -45,6 +46,7 @@ def convert(
         out: the output directory; refused when it exists, unless ``overwrite``.
         fsync: make the output durable before its final rename.
         command_line: the command as typed, for the model card.
+        record_paths: record the input's local path in ``resta_fast.json`` (``api.execute``).
     Returns:
         The report, also written to ``out/resta_fast.json``.
     """
@@ -52,15 +54,27 @@ def convert(
 
     src, out = Path(src), Path(out)
     if is_adapter(src):
-        return _convert_adapter(src, out, overwrite=overwrite, fsync=fsync, command_line=command_line)
-    return _convert_model(src, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line)
+        return _convert_adapter(
+            src, out, overwrite=overwrite, fsync=fsync, command_line=command_line, record_paths=record_paths
+        )
+    return _convert_model(
+        src,
+        out,
+        overwrite=overwrite,
+        fsync=fsync,
+        progress=progress,
+        command_line=command_line,
+        record_paths=record_paths,
+    )
 
 
 def _already(src: Path) -> RestaError:
     return RestaError(f"convert {src}: is safetensors already; nothing to convert (every command reads it as it is)")
 
 
-def _convert_model(src: Path, out: Path, *, overwrite: bool, fsync: bool, progress: bool, command_line) -> dict:
+def _convert_model(
+    src: Path, out: Path, *, overwrite: bool, fsync: bool, progress: bool, command_line, record_paths: bool
+) -> dict:
     from resta_fast import api
     from resta_fast.io.torch_bin import TorchBinFile
     from resta_fast.kernels import choose_backend
@@ -90,21 +104,28 @@ def _convert_model(src: Path, out: Path, *, overwrite: bool, fsync: bool, progre
             report_extra={"output": "converted"},
         )
         return api.execute(
-            prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line
+            prepared,
+            out,
+            overwrite=overwrite,
+            fsync=fsync,
+            progress=progress,
+            command_line=command_line,
+            record_paths=record_paths,
         )
 
 
-def _convert_adapter(src: Path, out: Path, *, overwrite: bool, fsync: bool, command_line) -> dict:
+def _convert_adapter(src: Path, out: Path, *, overwrite: bool, fsync: bool, command_line, record_paths: bool) -> dict:
     from resta_fast.io.torch_bin import TorchBinFile
     from resta_fast.lora import LoraAdapter
     from resta_fast.realign import write_adapter_output
-    from resta_fast.report import provenance
+    from resta_fast.report import provenance, with_paths
 
     adapter = LoraAdapter(src)
     try:
         if not isinstance(adapter.file, TorchBinFile):
             raise _already(src)
         prov = provenance(COMMAND, {}, {"adapter": adapter})
+        prov = with_paths(prov, {"adapter": adapter}) if record_paths else prov
     finally:
         adapter.close()
     return write_adapter_output(

@@ -27,6 +27,7 @@ def add_convert_parser(subparsers) -> None:
     c.add_argument("out", metavar="OUT", type=A.creatable_dir, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     c.add_argument("--no-fsync", action="store_true", help="skip fsync before the final rename (throwaway outputs)")
+    A.add_record_paths(c)
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     c.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     c.set_defaults(func=cmd_convert)
@@ -48,6 +49,7 @@ def cmd_convert(args) -> int:
         fsync=not args.no_fsync,
         progress=not args.no_progress and sys.stderr.isatty(),
         command_line=getattr(args, "command_line", None),
+        record_paths=args.record_paths,
     )
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))

@@ -100,11 +100,6 @@ def test_a_sharded_input_gives_sharded_output_under_safetensors_names(tmp_path):
             assert all(same_bits(f.get_tensor(k), want[k]) for k in want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report.finish_output writes model.safetensors.index.json only when the input has one; a sharded "
-    ".bin input needs `or (ft.root / torch_bin.INDEX_NAME).is_file()` there (report.py, the lead's)",
-)
 def test_a_sharded_input_gets_model_safetensors_index_json(tmp_path):
     src = save_bin_model(tmp_path / "ft_bin", llama_tensors(6), shards=2, config=llama_config())
     convert(src, tmp_path / "out", fsync=False)
@@ -208,3 +203,17 @@ def test_convert_needs_no_torch(tmp_path, bin_model):
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_the_card_says_conversion_and_the_output_names_no_path(tmp_path, capsys, bin_model):
+    from huggingface_hub import ModelCard
+
+    src, _ = bin_model
+    assert cli(capsys, "convert", src, tmp_path / "out", "--no-fsync", "--no-progress")[0] == 0
+    meta = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()
+    assert meta["tags"] == ["safetensors"] and "base_model_relation" not in meta and "base_model" not in meta
+    for p in (tmp_path / "out").iterdir():
+        assert str(tmp_path).encode() not in p.read_bytes(), p.name
+    assert cli(capsys, "convert", src, tmp_path / "rp", "--no-fsync", "--no-progress", "--record-paths")[0] == 0
+    report = json.loads((tmp_path / "rp" / REPORT_NAME).read_text())
+    assert report["sources"]["input"]["path"] == str(Path(src).absolute())

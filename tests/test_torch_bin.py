@@ -186,11 +186,6 @@ def test_a_sharded_bin_fine_tune_keeps_its_layout_under_safetensors_names(tmp_pa
     assert len(list((tmp_path / "bin").glob("model-0000?-of-00003.safetensors"))) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report.finish_output writes model.safetensors.index.json only when the fine-tune has one; "
-    "for a sharded .bin fine-tune it needs `or (ft.root / torch_bin.INDEX_NAME).is_file()` (report.py, the lead's)",
-)
 def test_a_sharded_bin_fine_tune_gets_an_index(tmp_path):
     _, (ftb, alb, unb) = _bin_world(tmp_path, shards=2)
     api.patch(ftb, tmp_path / "bin", aligned=alb, unaligned=unb, beta=0.5, fsync=False)
