@@ -164,7 +164,7 @@ def _write_resta(
 ) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
-    from resta_fast.batch.manifest import load_manifest
+    from resta_fast.batch.manifest import manifest_from_mapping
 
     manifest = {
         "aligned": str(Path(aligned).absolute()),
@@ -184,9 +184,9 @@ def _write_resta(
     }
     if base is not None:
         manifest["base"] = str(Path(base).absolute())
-    path = root / "resta-candidates.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    failed = [r for r in run_batch(load_manifest(path)) if not r.ok]
+    # In memory: batch's own loader checks it, and nothing is written but the candidates.
+    built = manifest_from_mapping(manifest, "compare's RESTA candidates", root=root)
+    failed = [r for r in run_batch(built) if not r.ok]
     if failed:
         raise RestaError(f"compare: RESTA candidate {failed[0].name} failed: {failed[0].error}")
 
