@@ -32,8 +32,8 @@ def describe_model(path) -> dict:
         >>> describe_model("llama-chat")["parameters"]  # doctest: +SKIP
         6738415616
     """
+    from resta_fast.io.adapter import is_adapter
     from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
-    from resta_fast.lora import is_adapter
 
     if is_adapter(path):
         return _describe_adapter(Path(path))
@@ -159,7 +159,7 @@ def inspect(
     Returns:
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
-    from resta_fast.lora import is_adapter
+    from resta_fast.io.adapter import is_adapter
 
     models = list(models)
     if not models:
@@ -202,7 +202,8 @@ def inspect(
     compat_only = vector is None and unaligned is None
     try:
         from resta_fast import api
-        from resta_fast.options import PatchOptions, resolve_roles
+        from resta_fast.options import PatchOptions
+        from resta_fast.roles import resolve_roles
 
         options = PatchOptions(beta=beta, include=include, exclude=exclude, beta_rules=beta_rules, dtype=dtype)
         # With no unaligned model the fine-tune is checked against the aligned one alone.

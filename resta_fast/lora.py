@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING
 
 from resta_fast.errors import RestaError
 from resta_fast.io import torch_bin
+from resta_fast.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter  # noqa: F401 - is_adapter re-exported
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, SIDE_FILE_PATTERNS, Checkpoint
 from resta_fast.io.identity import config_identity, file_identity
+from resta_fast.io.names import prefix_mapping
 from resta_fast.io.reader import KERNEL_DTYPES, TensorInfo
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Key prefixes peft puts in front of the wrapped model's module names.
 _KEY_PREFIXES = ("base_model.model.", "base_model.")
 _LORA_KEY = re.compile(
@@ -74,12 +74,6 @@ _UNSUPPORTED_CONFIG = {
     "arrow_config": "Arrow routing (arrow_config)",
     "megatron_config": "Megatron-parallel LoRA layers (megatron_config)",
 }
-
-
-def is_adapter(path) -> bool:
-    """True when ``path`` is a PEFT adapter directory (has ``adapter_config.json``)."""
-    p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
 
 
 def _pattern_key(patterns, module: str) -> str | None:
@@ -320,8 +314,6 @@ class LoraFinetuned:
         self._map_names(pairs, {t: k for t, (k, _) in full.items()})
 
     def _map_names(self, pairs: dict, full: dict) -> None:
-        from resta_fast.plan import prefix_mapping
-
         base = self.base
         wanted = [f"{m}.weight" for m in pairs] + list(full)
         # A tied model may store only the embedding; its lm_head is that tensor.

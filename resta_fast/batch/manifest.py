@@ -39,7 +39,8 @@ from pathlib import Path
 
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
-from resta_fast.options import ROLE_KINDS, PatchOptions, resolve_roles
+from resta_fast.options import PatchOptions
+from resta_fast.roles import ROLE_KINDS, resolve_roles
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
 PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype", "backend", "device")

@@ -119,7 +119,7 @@ def write_candidates(
     ``pre_aligned`` is Safe LoRA's "unaligned" model, the one ``aligned`` was aligned
     from (default: ``unaligned``, RESTA's shadow model).
     """
-    from resta_fast.lora import is_adapter
+    from resta_fast.io.adapter import is_adapter
 
     lora = is_adapter(finetuned)
     dirs = {c.slug: root / c.slug for c in candidates}
@@ -246,7 +246,7 @@ def compare(
     from resta_fast.eval.judges import make_judge
     from resta_fast.eval.prompts import PromptSet, load_prompts
     from resta_fast.eval.runner import evaluate
-    from resta_fast.lora import is_adapter
+    from resta_fast.io.adapter import is_adapter
 
     if not (utility or perplexity):
         raise OptionError(

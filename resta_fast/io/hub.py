@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resta_fast.errors import RestaError
+from resta_fast.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # Light on purpose: the CLI's --help imports this module for HUB_RULE (numpy and the
 # checkpoint reader are imported only when a Hub id is resolved).
@@ -41,8 +42,6 @@ HUB_RULE = (
 )
 SCHEME = "hf://"
 DEFAULT_REVISION = "main"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # = io.checkpoint's
 SINGLE_NAME = "model.safetensors"
 # = io.torch_bin's: a repo with only pickle weights is read by that reader (never unpickled)
