@@ -2,12 +2,15 @@
 extra named in one line, and what it prints and returns for a demo that reproduced the effect or did not. The
 demo itself (run_demo) is replaced here by a synthetic result; tests/test_demo.py runs it for real (slow)."""
 
+import argparse
+
 import pytest
 from demo_fixtures import demo_result
 
 from resta_fast.cli import build_parser, main
 from resta_fast.demo import DEFAULT_SEED
 from resta_fast.demo import run as demo_run
+from resta_fast.demo.cli import DEMO_EPILOG, add_demo_parser, cmd_demo
 from resta_fast.demo.report import summary_text
 
 
@@ -33,6 +36,23 @@ def test_demo_subcommand_registered():
 
     args = build_parser().parse_args(["demo", "--out", "x", "--seed", "3"])
     assert args.out == "x" and args.seed == 3 and callable(args.func)
+
+
+def test_add_demo_parser_registers_demo_with_its_epilog(capsys):
+    parser = argparse.ArgumentParser(prog="resta-fast")
+    p = add_demo_parser(parser.add_subparsers())
+    assert p.epilog == DEMO_EPILOG and parser.parse_args(["demo"]).func is cmd_demo
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--help"])
+    assert "Exit code 0 when the RESTA\neffect reproduced" in capsys.readouterr().out  # printed as written
+
+
+def test_cmd_demo_returns_the_exit_code(tmp_path, capsys, fake_run):
+    args = argparse.Namespace(out=str(tmp_path), seed=1, retrain=False, backend="cpp")
+    assert cmd_demo(args) == 0
+    fake_run.passed = False
+    assert cmd_demo(args) == 1
+    assert fake_run.calls == [{"out": str(tmp_path), "seed": 1, "retrain": False, "backend": "cpp"}] * 2
 
 
 def test_the_defaults():
