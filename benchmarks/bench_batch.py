@@ -193,6 +193,11 @@ def main() -> None:
     ap.add_argument("--writers", type=int, help="batch writer threads (default: batch's)")
     ap.add_argument("--chunk-elems", type=int, help="batch fused chunk (default: batch's)")
     ap.add_argument("--old-repo", help="an older checkout (its _C built): its batch runs alternate with this one's")
+    ap.add_argument(
+        "--also-group-size",
+        type=int,
+        help="also time each batch split into passes of G jobs (batch --group-size G), alternated with the rest",
+    )
     ap.add_argument("--dir", default="/tmp/resta_fast_bench_batch")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
@@ -275,6 +280,27 @@ def main() -> None:
             *(["--chunk-elems", str(args.chunk_elems)] if args.chunk_elems else []),
         ]
         out_roots[f"batch-{n}"] = batch_out
+        if args.also_group_size and args.also_group_size < n:
+            grouped_out = root / f"out-batchg-{n}"
+            grouped_man = write_manifest(
+                root / f"batch-g-{n}.json",
+                al,
+                un,
+                fts[:n],
+                grouped_out,
+                args.backend,
+                args.fsync,
+                args.dare,
+                args.device,
+            )
+            cmds[f"batchg-{n}"] = [
+                *cmds[f"batch-{n}"][:4],
+                str(grouped_man),
+                *cmds[f"batch-{n}"][5:],
+                "--group-size",
+                str(args.also_group_size),
+            ]
+            out_roots[f"batchg-{n}"] = grouped_out
         if args.old_repo:  # the same manifest, written elsewhere, by the older checkout
             old_man = write_manifest(
                 root / f"batch-old-{n}.json",
@@ -315,7 +341,7 @@ def main() -> None:
             rss[name] = max(rss.get(name, 0.0), peak)
             print(f"round {r + 1} {name:14s} {t:7.2f} s  rss {peak:6.0f} MB", flush=True)
             n = name.split("-")[-1]
-            if name.startswith(("separate", "oldbatch")) and name not in checked:
+            if name.startswith(("separate", "oldbatch", "batchg")) and name not in checked:
                 a, b = digests(out_roots[f"batch-{n}"]), digests(out_roots[name])
                 if a != b or len(a) < int(n):
                     sys.exit(f"batch and {name} outputs differ for N={n}; not reporting")
@@ -364,6 +390,15 @@ def main() -> None:
                 "(median of per-round ratios)"
             )
             summary["n"][n]["speedup_vs_old"] = ratio
+    for n in ns:
+        if f"batchg-{n}" in med:
+            g = med[f"batchg-{n}"]
+            print(
+                f"  N={n} in passes of {args.also_group_size}: {g:.2f} s -> {med[f'separate-{n}'] / g:.2f}x the "
+                f"separate runs (one pass of {n}: {med[f'separate-{n}'] / med[f'batch-{n}']:.2f}x)"
+            )
+            summary["n"][n]["grouped_s"] = g
+            summary["n"][n]["grouped_speedup"] = med[f"separate-{n}"] / g
     for n in ns:
         if f"separatecli-{n}" in med:
             c = med[f"separatecli-{n}"]

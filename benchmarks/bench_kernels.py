@@ -16,7 +16,7 @@ slices before anything is reported. Buffers are allocated and touched once:
 fresh allocations are very slow on small VMs and would be measured instead.
 
     python benchmarks/bench_kernels.py --elems 64M --rounds 5
-    pytest benchmarks/bench_kernels.py --benchmark-json=kernels.json
+    pytest -p no:xdist benchmarks/bench_kernels.py --benchmark-json=kernels.json
 
 Targets: plain >= 0.6x memcpy, DARE >= 0.25x memcpy, both >= 10x torch eager.
 """

@@ -61,7 +61,8 @@ if mode.startswith("old"):
                                  device="cpu")
     seconds = time.perf_counter() - t0
 else:
-    from resta_fast.pipeline.compute import DEFAULT_POOL_BYTES, DEFAULT_SLOTS, chunk_elems_for_pool
+    from resta_fast.pipeline.compute import DEFAULT_SLOTS, chunk_elems_for_pool
+    from resta_fast.pipeline.device import DEFAULT_POOL_BYTES
     from resta_fast.pipeline.engine import run_jobs
     from resta_fast.pipeline.job import Inputs, Job
     job = Job(plan, Inputs(F, A, U), out, None, 0, meta)

@@ -8,6 +8,9 @@
 #   5. bench_staging.py: the engine's host side on that machine's cores (mmap vs pread staging,
 #      the GPU configuration on a CPU stand-in vs the CPU path)
 #   6. bench_batch.py on the machine's CPU cores (cpp) and on the GPU (triton: a fused GPU group)
+#   7. gpu_summary.py: every number above against the target docs/benchmarks.md states, one table
+# The GPU tests include tests/test_device.py's CUDA cases (the device interface's contract, the
+# same cases the asynchronous stand-in passes on CPU-only machines) and tests/test_engine_gpu.py.
 # Every step has its own timeout and the whole script a deadline (DEADLINE_S), so a
 # slow step skips the later ones instead of losing all output. Logs and JSON go to $OUT.
 #
@@ -66,4 +69,6 @@ step batch_gpu 150 $PY "${bench[@]}" --backend triton --device cuda --json "$OUT
 rm -rf $BENCH_DIR
 # At most 8 files come back from the device: fold the build log into the session log.
 { echo "== build.log (tail)"; tail -5 "$OUT/build.log"; } >>"$log" && rm -f "$OUT/build.log"
+# Last and outside the deadline (it only reads the JSON above): the numbers against their targets.
+$PY benchmarks/gpu_summary.py "$OUT" 2>&1 | tee -a "$log" >&3
 say "done"

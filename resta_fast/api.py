@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
-
 from resta_fast.errors import OptionError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.hub import resolve_input
 from resta_fast.io.lock import OutputLock, clean_stale_temps
 from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_location
-from resta_fast.kernels import BackendUnavailable, choose_backend, load_backend
+from resta_fast.kernels import choose_backend
+from resta_fast.kernels.difference import difference_kernel
 from resta_fast.lora import LoraFinetuned
-from resta_fast.options import MAX_SEED, PatchOptions, Roles, check_device_spelling, resolve_roles
+from resta_fast.options import MAX_SEED, PatchOptions, check_device_spelling
 from resta_fast.pipeline.engine import run_jobs
 from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
 from resta_fast.pipeline.job import Inputs, Job
@@ -43,6 +42,7 @@ from resta_fast.report import (
     record_validation,
     with_paths,
 )
+from resta_fast.roles import Roles, resolve_roles
 
 __all__ = [
     "MAX_SEED",
@@ -311,46 +311,6 @@ def prepare(
             kernel,
             stack,
         )
-
-
-class _TorchDifference:
-    """Kernel adapter for make_vector: out = round(fp32(A) − fp32(U)), F unused."""
-
-    @staticmethod
-    def patch_into(out, f, a, u=None, b=None, **_):
-        from resta_fast.kernels.reference import store
-
-        store(out, a.float() - u.float())
-
-    @staticmethod
-    def convert_into(out, x):
-        raise AssertionError("make_vector copies no tensors")
-
-
-class _CppDifference:
-    """make_vector on the C++ kernel (no torch): docs/spec.md §2 with β = 1 and F = −0.0,
-    i.e. round(−0.0 + 1·(A − U)); 1·x and −0.0 + x are x for every x (−0.0 and NaN
-    included), so the bits equal ``_TorchDifference``'s."""
-
-    def __init__(self, cpp):
-        self.cpp = cpp
-        self._neg_zero = np.zeros(0, np.float32)
-
-    def patch_arrays(self, out, f, a, u=None, b=None, *, threads=None, **_):
-        if self._neg_zero.size < out.size:
-            self._neg_zero = np.full(out.size, -0.0, np.float32)
-        return self.cpp.patch_arrays(out, self._neg_zero[: out.size], a, u, beta=1.0, threads=threads)
-
-    def convert_arrays(self, out, x, **_):
-        raise AssertionError("make_vector copies no tensors")
-
-
-def difference_kernel() -> tuple[str, object]:
-    """(name, kernel) computing round(fp32(A) − fp32(U)): the C++ kernel when built, else torch."""
-    try:
-        return "cpp", _CppDifference(load_backend("cpp"))
-    except BackendUnavailable:
-        return "torch", _TorchDifference
 
 
 def prepare_vector(

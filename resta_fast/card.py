@@ -13,7 +13,8 @@ validation gate's verdict when there was one, and where the fine-tune's own
 card is (it is never copied over this one).
 
 The card is rendered from the output's report alone (plus the command line
-as typed, shown only when the user asked to record local paths), so any command can write one: ``patch`` and ``vector``
+as typed, shown only when the user asked to record local paths), so any command can
+write one: ``patch`` and ``vector``
 get their own wording, any other command (``safelora``, ``safemerge`` ...) a
 generic one that lists whatever its ``params`` hold. It has no timestamp: the
 same run gives the same card.
@@ -81,9 +82,6 @@ def _name(info: dict) -> str:
     return _hub(info).get("repo_id") or _local_name(info)
 
 
-_short = _name  # a title names an input the same way
-
-
 def _pinned(info: dict) -> str:
     """An input as a command argument that gives the same bytes: ``ORG/NAME@COMMIT``, else the local
     path when it was recorded (``--record-paths``), else the directory's name."""
@@ -134,6 +132,10 @@ def front_matter(report: dict) -> dict:
     command = report.get("command") or "patch"
     params = report.get("params") or {}
     roles = dict(_roles(report))
+    if command == "convert":  # the same weights in another format: no realignment, no relation to declare
+        meta = {"base_model": hub_ids(report)} if hub_ids(report) else {}
+        adapter = report.get("output") == "adapter"
+        return {**meta, "library_name": "peft" if adapter else "transformers", "tags": ["safetensors"]}
     tags = ["resta", "safety-realignment"]
     if "base" in roles or "adapter" in roles:
         tags.append("lora")
@@ -447,9 +449,9 @@ def render_model_card(report: dict, *, command_line: str | None = None) -> str:
     """
     command = report.get("command") or "patch"
     roles = dict(_roles(report))
-    subject = _short(roles["finetuned"]) if "finetuned" in roles else None
+    subject = _name(roles["finetuned"]) if "finetuned" in roles else None
     title = (
-        f"Safety vector of {_short(roles.get('aligned', {}))}"
+        f"Safety vector of {_name(roles.get('aligned', {}))}"
         if command == "vector"
         else f"{subject}, realigned with RESTA"
         if command == "patch" and subject

@@ -17,6 +17,7 @@ import textwrap
 
 from resta_fast import __version__
 from resta_fast import cli_args as A
+from resta_fast.cli_args import add_validation_args, validation_options
 from resta_fast.errors import RestaError, cli_flag
 from resta_fast.io.hub import HUB_RULE
 from resta_fast.options import BACKEND_CHOICES, STAGING_CHOICES
@@ -88,24 +89,6 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
 CORE_COMMANDS = ("patch", "vector", "env")
 
 
-def add_validation_args(p: argparse.ArgumentParser) -> None:
-    """The validate-while-patching flags shared by ``patch`` and ``batch``."""
-    g = p.add_argument_group("validate while patching (needs the [eval] extra)")
-    g.add_argument(
-        "--validate-prompts",
-        action="append",
-        metavar="FILE",
-        help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails",
-    )
-    g.add_argument(
-        "--validate-utility", metavar="FILE", type=A.existing_file, help="prompt/answer JSONL for exact-match utility"
-    )
-    g.add_argument("--validate-perplexity", metavar="FILE", type=A.existing_file, help="text file for perplexity")
-    g.add_argument("--max-harmful", type=A.rate, help="highest acceptable harmful rate (e.g. 0.05)")
-    g.add_argument("--max-utility-drop", type=A.nonnegative, help="highest acceptable utility drop vs the fine-tune")
-    g.add_argument("--validate-max-new-tokens", type=A.count, default=64)
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; ``command`` (argv's first word) skips importing the
     optional subcommand modules when a core command is run (fast start-up)."""
@@ -175,6 +158,7 @@ def _add_optional_subcommands(sub) -> None:
         ("resta_fast.realign_cli", ("add_safelora_parser", "add_safemerge_parser")),
         ("resta_fast.verify_cli", ("add_verify_parser",)),
         ("resta_fast.push_cli", ("add_push_parser",)),
+        ("resta_fast.convert_cli", ("add_convert_parser",)),
     ):
         try:
             mod = importlib.import_module(module)
@@ -204,25 +188,6 @@ def _print_result(report: dict, as_json: bool) -> None:
     )
     for note in report["plan"]["notes"]:
         print(f"note: {note}", file=sys.stderr)
-
-
-def validation_options(args) -> dict | None:
-    """``eval.make_validator`` options from the parsed validation flags."""
-    if not args.validate_prompts:
-        if args.max_harmful is not None or args.max_utility_drop is not None:
-            raise RestaError("--max-harmful/--max-utility-drop need --validate-prompts FILE")
-        return None
-    if args.max_harmful is None:
-        raise RestaError("--validate-prompts needs --max-harmful R (the gate's harmful-rate threshold)")
-    return {
-        "prompts": args.validate_prompts,
-        "utility": args.validate_utility,
-        "perplexity": args.validate_perplexity,
-        "max_harmful": args.max_harmful,
-        "max_utility_drop": args.max_utility_drop,
-        "max_new_tokens": args.validate_max_new_tokens,
-        "progress": not args.no_progress and sys.stderr.isatty(),
-    }
 
 
 def make_validator(options: dict | None, finetuned):

@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from resta_fast.errors import RestaError
 from resta_fast.options import MAX_SEED
 
 
@@ -110,3 +111,42 @@ def creatable_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"needs a file: {text} is a directory")
     creatable_dir(str(path.parent))
     return text
+
+
+# The validate-while-patching flags are shared by ``patch`` (cli.py) and ``batch`` (batch/cli.py); they
+# live here, below both, so that neither command module imports the other (cli.py imports batch/cli.py).
+def add_validation_args(p: argparse.ArgumentParser) -> None:
+    """The validate-while-patching flags shared by ``patch`` and ``batch``."""
+    g = p.add_argument_group("validate while patching (needs the [eval] extra)")
+    g.add_argument(
+        "--validate-prompts",
+        action="append",
+        metavar="FILE",
+        help="harmful prompts to evaluate the output on (repeatable); exit 1 if the gate fails",
+    )
+    g.add_argument(
+        "--validate-utility", metavar="FILE", type=existing_file, help="prompt/answer JSONL for exact-match utility"
+    )
+    g.add_argument("--validate-perplexity", metavar="FILE", type=existing_file, help="text file for perplexity")
+    g.add_argument("--max-harmful", type=rate, help="highest acceptable harmful rate (e.g. 0.05)")
+    g.add_argument("--max-utility-drop", type=nonnegative, help="highest acceptable utility drop vs the fine-tune")
+    g.add_argument("--validate-max-new-tokens", type=count, default=64)
+
+
+def validation_options(args) -> dict | None:
+    """``eval.make_validator`` options from the parsed validation flags."""
+    if not args.validate_prompts:
+        if args.max_harmful is not None or args.max_utility_drop is not None:
+            raise RestaError("--max-harmful/--max-utility-drop need --validate-prompts FILE")
+        return None
+    if args.max_harmful is None:
+        raise RestaError("--validate-prompts needs --max-harmful R (the gate's harmful-rate threshold)")
+    return {
+        "prompts": args.validate_prompts,
+        "utility": args.validate_utility,
+        "perplexity": args.validate_perplexity,
+        "max_harmful": args.max_harmful,
+        "max_utility_drop": args.max_utility_drop,
+        "max_new_tokens": args.validate_max_new_tokens,
+        "progress": not args.no_progress and sys.stderr.isatty(),
+    }

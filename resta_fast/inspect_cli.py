@@ -32,8 +32,8 @@ def describe_model(path) -> dict:
         >>> describe_model("llama-chat")["parameters"]  # doctest: +SKIP
         6738415616
     """
+    from resta_fast.io.adapter import is_adapter
     from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
-    from resta_fast.lora import is_adapter
 
     if is_adapter(path):
         return _describe_adapter(Path(path))
@@ -81,7 +81,7 @@ def describe_model(path) -> dict:
 
 
 def _describe_adapter(path: Path) -> dict:
-    from resta_fast.lora import ADAPTER_WEIGHTS, LoraAdapter
+    from resta_fast.lora import LoraAdapter
 
     ad = LoraAdapter(path)
     try:
@@ -102,7 +102,7 @@ def _describe_adapter(path: Path) -> dict:
             "lora_modules": len(modules),
             "full_tensors": len(full),
             "adapter_parameters": sum(i.numel for i in ad.file.tensors.values()),
-            "files": [ADAPTER_WEIGHTS],
+            "files": [ad.file.path.name],  # adapter_model.safetensors, or adapter_model.bin
         }
     finally:
         ad.file.close()
@@ -159,7 +159,7 @@ def inspect(
     Returns:
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
-    from resta_fast.lora import is_adapter
+    from resta_fast.io.adapter import is_adapter
 
     models = list(models)
     if not models:
@@ -202,7 +202,8 @@ def inspect(
     compat_only = vector is None and unaligned is None
     try:
         from resta_fast import api
-        from resta_fast.options import PatchOptions, resolve_roles
+        from resta_fast.options import PatchOptions
+        from resta_fast.roles import resolve_roles
 
         options = PatchOptions(beta=beta, include=include, exclude=exclude, beta_rules=beta_rules, dtype=dtype)
         # With no unaligned model the fine-tune is checked against the aligned one alone.

@@ -36,15 +36,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resta_fast.errors import RestaError
+from resta_fast.io import torch_bin
+from resta_fast.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter  # noqa: F401 - is_adapter re-exported
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, SIDE_FILE_PATTERNS, Checkpoint
 from resta_fast.io.identity import config_identity, file_identity
-from resta_fast.io.reader import KERNEL_DTYPES, SafetensorsFile, TensorInfo
+from resta_fast.io.names import prefix_mapping
+from resta_fast.io.reader import KERNEL_DTYPES, TensorInfo
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Key prefixes peft puts in front of the wrapped model's module names.
 _KEY_PREFIXES = ("base_model.model.", "base_model.")
 _LORA_KEY = re.compile(
@@ -73,12 +74,6 @@ _UNSUPPORTED_CONFIG = {
     "arrow_config": "Arrow routing (arrow_config)",
     "megatron_config": "Megatron-parallel LoRA layers (megatron_config)",
 }
-
-
-def is_adapter(path) -> bool:
-    """True when ``path`` is a PEFT adapter directory (has ``adapter_config.json``)."""
-    p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
 
 
 def _pattern_key(patterns, module: str) -> str | None:
@@ -125,15 +120,13 @@ class LoraAdapter:
         self._check_config(cfg_path)
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():
-            bins = sorted(p.name for p in self.path.glob("adapter_model*.bin"))
-            if bins:
-                raise RestaError(
-                    f"{self.path}: the adapter weights are pickle ({bins[0]}); resta_fast does not unpickle "
-                    "untrusted files. Convert once: PeftModel.from_pretrained(base, dir)"
-                    ".save_pretrained(out, safe_serialization=True)"
-                )
-            raise RestaError(f"{self.path}: no {ADAPTER_WEIGHTS}; expected a PEFT adapter saved with save_pretrained")
-        self.file = SafetensorsFile(weights)
+            weights = self.path / torch_bin.ADAPTER_NAME  # read without running its pickle (io/torch_bin.py)
+        if not weights.is_file():
+            raise RestaError(
+                f"{self.path}: no {ADAPTER_WEIGHTS} or {torch_bin.ADAPTER_NAME}; expected a PEFT adapter saved "
+                "with save_pretrained"
+            )
+        self.file = torch_bin.open_weight_file(weights)
         self._identity: dict | None = None  # fingerprint(), once
         self.r = self._positive_int("r")
         self.alpha = self.config.get("lora_alpha", 8)
@@ -321,8 +314,6 @@ class LoraFinetuned:
         self._map_names(pairs, {t: k for t, (k, _) in full.items()})
 
     def _map_names(self, pairs: dict, full: dict) -> None:
-        from resta_fast.plan import prefix_mapping
-
         base = self.base
         wanted = [f"{m}.weight" for m in pairs] + list(full)
         # A tied model may store only the embedding; its lm_head is that tensor.

@@ -3,10 +3,9 @@
 ``PatchOptions`` is what ``api.prepare`` takes; the CLI builds it from flags and
 the batch manifest from its keys. Its checks raise ``OptionError`` in the
 library's words (``beta``); the CLI renders them as flags (``--beta``), the
-manifest loader under the job that set them. ``resolve_roles`` decides, from the
-input paths alone, which model plays which role (vector or aligned/unaligned,
-LoRA adapter and its base, DARE base), after resolving Hub ids to their cache
-snapshots (``io.hub``). Neither opens a checkpoint or imports torch.
+manifest loader under the job that set them. Which input path plays which role
+is ``roles.resolve_roles``'s question (re-exported here, where it was first).
+Nothing here opens a checkpoint, reads a file or imports torch.
 
 Example:
     >>> PatchOptions(beta=0.5, dare=0.3, seed=1).params()["dare"]
@@ -19,10 +18,13 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from resta_fast.errors import OptionError
 from resta_fast.kernels import BACKENDS
+
+# Input roles were decided here before roles.py; still importable from here (a plain re-export:
+# roles imports nothing of options, so this is no circle).
+from resta_fast.roles import ROLE_KINDS, Roles, resolve_roles  # noqa: F401
 
 MAX_SEED = 2**64 - 1
 # The safetensors names themselves too (f16, f32): a recorded plan's dtype parses back.
@@ -233,138 +235,3 @@ class PatchOptions:
             "beta_rules": [f"{r.pattern}={r.beta}" for r in self.beta_rules],
             "dtype": self.out_dtype,
         }
-
-
-@dataclass(frozen=True)
-class Roles:
-    """Which path plays which role in one patch.
-
-    ``base`` is set only for a LoRA fine-tune (the model its adapter merges
-    into); ``dare_base`` is DARE's base once defaulted (the LoRA base, else the
-    aligned model), or the path given even without DARE (it is then opened,
-    checked and guarded as an input, but not used).
-    """
-
-    finetuned: str
-    aligned: str | None = None
-    unaligned: str | None = None
-    vector: str | None = None
-    base: str | None = None
-    dare_base: str | None = None
-    lora: bool = False
-    # role -> where a Hub input came from (repo id, revision, commit); local inputs are not listed.
-    hub: dict = field(default_factory=dict, compare=False, hash=False)
-
-    def paths(self) -> list[Path]:
-        """Every input path (outputs must stay outside all of them)."""
-        return [
-            Path(p)
-            for p in (self.finetuned, self.aligned, self.unaligned, self.vector, self.dare_base, self.base)
-            if p is not None
-        ]
-
-
-# What each input role may be on the Hub (``io.hub.resolve_input``'s kind).
-ROLE_KINDS = {
-    "finetuned": "any",
-    "aligned": "model",
-    "unaligned": "model",
-    "vector": "model",
-    "base": "model",
-    "dare_base": "model",
-}
-
-
-def resolve_roles(
-    finetuned,
-    *,
-    aligned=None,
-    unaligned=None,
-    vector=None,
-    base=None,
-    dare_base=None,
-    dare: bool = False,
-    resolver=None,
-) -> Roles:
-    """Decide the roles of the input paths (no checkpoint is opened).
-
-    Each input may be a local path or a Hub id (``io.hub.HUB_RULE``): Hub ids
-    are resolved here to their cache snapshot (downloaded when not cached).
-
-    Args:
-        finetuned: the fine-tune, or a PEFT LoRA adapter directory.
-        aligned, unaligned: the pair defining the safety vector; or vector.
-        base: a LoRA adapter's base (default: aligned); an error for a full fine-tune.
-        dare_base: DARE's base (default: the LoRA base, else aligned).
-        dare: DARE is on.
-        resolver: ``io.hub.Resolver`` shared by the jobs of a batch (each
-            distinct input resolved once); None: ``io.hub.resolve_input``.
-    Returns:
-        The Roles, local paths as strings (as given), Hub ids as their
-        snapshot directories with ``Roles.hub`` saying where they came from.
-
-    Example:
-        >>> resolve_roles("ft", aligned="chat", unaligned="shadow", dare=True).dare_base
-        'chat'
-    """
-    from resta_fast.io.hub import ResolvedInput, resolve_input
-    from resta_fast.lora import is_adapter
-
-    resolve = resolver or resolve_input
-    s, hub = {}, {}
-    for key, value in (
-        ("finetuned", finetuned),
-        ("aligned", aligned),
-        ("unaligned", unaligned),
-        ("vector", vector),
-        ("base", base),
-        ("dare_base", dare_base),
-    ):
-        got = None if value is None else resolve(value, key.replace("_", " "), kind=ROLE_KINDS[key])
-        if got is not None and got.is_hub:
-            s[key], hub[key] = str(got.path), got
-        else:  # a local path: kept as given (it is recorded in the provenance as given)
-            s[key] = None if value is None else str(value.path if isinstance(value, ResolvedInput) else value)
-    if s["vector"] is not None and s["unaligned"] is not None:
-        raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
-    lora = is_adapter(s["finetuned"])
-    if s["base"] is not None and not lora:
-        raise OptionError(
-            "base",
-            "{base} is only for LoRA adapters, and {ft} has no adapter_config.json; drop {base} for a full fine-tune",
-            ft=s["finetuned"],
-        )
-    if lora and s["base"] is None:
-        if s["aligned"] is None:
-            raise OptionError(
-                "base",
-                "{ft} is a LoRA adapter: pass {base}, the model it was trained on "
-                "(with {vector} there is no {aligned} to default to)",
-                ft=s["finetuned"],
-            )
-        s["base"] = s["aligned"]
-        if "aligned" in hub:
-            hub["base"] = hub["aligned"]
-    if dare and s["dare_base"] is None:
-        if s["aligned"] is None and s["base"] is None:
-            raise OptionError(
-                "dare", "{dare} needs the model the fine-tune started from: pass {dare_base} (or {aligned})"
-            )
-        source = "base" if lora else "aligned"
-        s["dare_base"] = s[source]
-        if source in hub:
-            hub["dare_base"] = hub[source]
-    if s["vector"] is None and (s["aligned"] is None or s["unaligned"] is None):
-        raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
-    if not lora:
-        hub.pop("base", None)
-    return Roles(
-        s["finetuned"],
-        s["aligned"],
-        s["unaligned"],
-        s["vector"],
-        s["base"] if lora else None,
-        s["dare_base"],
-        lora,
-        hub,
-    )

@@ -9,13 +9,14 @@ fixes the output layout (the fine-tune's files, in the fine-tune's order).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import EMBED_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint
+from resta_fast.io.names import prefix_mapping  # also importable from here, its home before io/names.py
 from resta_fast.io.reader import DTYPES, FLOAT_DTYPES, KERNEL_DTYPES
 from resta_fast.io.source import TensorSource
+from resta_fast.io.torch_bin import safetensors_name
 
 # BetaRule and parse_dtype live with the other options; re-exported for their users here.
 from resta_fast.options import DTYPE_ALIASES, BetaRule, compile_pattern, parse_dtype  # noqa: F401
@@ -94,49 +95,6 @@ class Plan:
 
 def _is_vocab_tensor(name: str) -> bool:
     return name.endswith(EMBED_SUFFIXES + LM_HEAD_SUFFIXES)
-
-
-def _cuts(name: str):
-    """Split points of ``name`` leaving a suffix of at least two dotted parts."""
-    starts = [0] + [i + 1 for i, c in enumerate(name) if c == "."]
-    return [i for i in starts if "." in name[i:]]
-
-
-def prefix_mapping(wanted, available) -> dict[str, str]:
-    """Map ``wanted`` names to ``available`` ones that differ only by a leading prefix.
-
-    (old, new) prefix pairs (``model.x`` vs ``x``, ``transformer.x`` vs
-    ``model.x``) are found from suffixes naming exactly one available tensor
-    and applied best-supported first; prefixes with a numeric part are never
-    used, so layer 1 is never mapped onto layer 0.
-
-    Returns:
-        {wanted name: available name} for every wanted name the pair maps.
-    Example:
-        >>> prefix_mapping(["model.norm.weight"], {"norm.weight"})
-        {'model.norm.weight': 'norm.weight'}
-    """
-    available = set(available)
-    by_suffix: dict[str, str | None] = {}
-    for s in available:
-        for i in _cuts(s):
-            rest = s[i:]
-            by_suffix[rest] = s if by_suffix.get(rest, s) == s else None  # unique suffixes only
-    votes: Counter = Counter()
-    for w in wanted:
-        for j in _cuts(w):
-            s = by_suffix.get(w[j:])
-            if s is not None:
-                old, new = w[:j], s[: len(s) - (len(w) - j)]
-                if not any(part.isdigit() for part in (old + new).split(".")):
-                    votes[(old, new)] += 1
-                break
-    mapping: dict[str, str] = {}
-    for (old, new), _ in votes.most_common():  # best-supported pair first
-        for w in wanted:
-            if w not in mapping and w.startswith(old) and new + w[len(old) :] in available:
-                mapping[w] = new + w[len(old) :]
-    return mapping
 
 
 def _match_source_names(finetuned, role: str, ck, notes: list[str]) -> None:
@@ -308,7 +266,7 @@ def build_plan(
                     seed_name=seed_name,
                 )
             )
-        files.append(OutputFile(fname, tensors))
+        files.append(OutputFile(safetensors_name(fname), tensors))  # a .bin input: its safetensors name
     if errors:
         raise RestaError(
             f"cannot patch {finetuned.path}: {len(errors)} tensor(s) disagree:\n  "
@@ -354,7 +312,7 @@ def copy_plan(finetuned: TensorSource) -> Plan:
                     finetuned.stored_dtype(name),
                 )
             )
-        files.append(OutputFile(fname, tensors))
+        files.append(OutputFile(safetensors_name(fname), tensors))  # a .bin input: its safetensors name
     return Plan(files, mode="merge")
 
 

@@ -129,9 +129,10 @@ def write_merged_output(
     """base + the realigned update, as a full model in the base's layout and dtypes."""
     from resta_fast import api
     from resta_fast.kernels import choose_backend
-    from resta_fast.options import PatchOptions, Roles
+    from resta_fast.options import PatchOptions
     from resta_fast.pipeline.job import Inputs
     from resta_fast.plan import copy_plan
+    from resta_fast.roles import Roles
 
     plan = copy_plan(view)
     plan.notes.insert(0, view.summary())

@@ -117,9 +117,11 @@ def finish_output(
     """
     from resta_fast.card import CARD_NAME, write_model_card
     from resta_fast.io.checkpoint import INDEX_NAME
+    from resta_fast.io.torch_bin import INDEX_NAME as BIN_INDEX_NAME
 
     files = dict(stats.sha256)
-    if ft.is_dir and (ft.root / INDEX_NAME).is_file():
+    # A sharded input, safetensors or .bin (its index names .bin shards): the output's index names its own.
+    if ft.is_dir and ((ft.root / INDEX_NAME).is_file() or (ft.root / BIN_INDEX_NAME).is_file()):
         files[INDEX_NAME] = _write_index(tmp, plan, INDEX_NAME)
     for side in ft.side_files():
         copy_public(side, tmp / side.name)

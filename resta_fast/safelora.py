@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from resta_fast.errors import OptionError, RestaError
-from resta_fast.plan import prefix_mapping
+from resta_fast.io.names import prefix_mapping
+from resta_fast.kernels.difference import difference_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +157,7 @@ def alignment_delta(
     """V = fp32(W_aligned) − fp32(W_unaligned) for one weight, in a fresh buffer (the
     inputs' mappings are never written), with their pages released after.
 
-    ``kernel``: ``api.difference_kernel()``'s C++ kernel (4x faster than torch
+    ``kernel``: ``kernels.difference.difference_kernel()``'s C++ kernel (4x faster than torch
     here, the same bits: docs/spec.md §2 with β = 1); None computes it with torch.
     """
     import numpy as np
@@ -188,8 +189,6 @@ def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None)
     Yields (ModuleScore, B' in fp32 or None), one module at a time; ``on_module``
     is called after each (progress).
     """
-    from resta_fast.api import difference_kernel
-
     aligned = view.base
     mods = linear_modules(view)
     counterpart = _counterparts([m.target for m in mods], unaligned, view)

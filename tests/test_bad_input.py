@@ -167,12 +167,12 @@ def test_unreadable_or_missing_path(tmp_path, capsys, models):
         assert code == 2 and "cannot read" in err
 
 
-def test_pickle_only_model_gets_conversion_hint(tmp_path, capsys, models):
+def test_a_pytorch_model_bin_that_is_not_a_torch_zip_gets_a_resave_hint(tmp_path, capsys, models):
     ft, al, un = models
     os.remove(ft / "model.safetensors")
     (ft / "pytorch_model.bin").write_bytes(b"not unpickled")
     code, err, _ = run_cli(capsys, tmp_path, ft, al, un)
-    assert code == 2 and "does not unpickle" in err and "safe_serialization=True" in err
+    assert code == 2 and "pytorch_model.bin: not a zip-format torch checkpoint" in err and "safetensors" in err
 
 
 def test_bad_parameters(tmp_path, capsys, models):

@@ -1,6 +1,7 @@
 """Batch manifests (resta_fast/batch/manifest.py): grouping, validation that lists
 every problem, errors naming manifest keys, loading that is data only."""
 
+import json
 import subprocess
 import sys
 
@@ -120,3 +121,17 @@ def test_manifest_loading_is_data_only():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_manifest_built_in_memory_equals_the_same_manifest_loaded_from_a_file(tmp_path):
+    from resta_fast.batch.manifest import manifest_from_mapping
+
+    root = make_world(tmp_path)
+    path = write_manifest(root, JOBS[:2], name="batch.json")
+    raw = json.loads(path.read_text())
+    built = manifest_from_mapping(raw, "in memory", root=root)
+    loaded = load_manifest(path)
+    assert built.jobs == loaded.jobs and [g.jobs for g in built.groups] == [g.jobs for g in loaded.groups]
+    assert not (tmp_path / "in memory").exists()
+    with pytest.raises(ManifestError, match=r"^manifest in memory: 1 problem\(s\); nothing was written"):
+        manifest_from_mapping({**raw, "betta": 1}, "in memory", root=root)

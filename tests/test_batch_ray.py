@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +24,13 @@ def ray_cluster(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # Workers must import resta_fast from this checkout.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    tmp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / "r"))
+    # A short root of its own: Ray's socket paths under it must fit AF_UNIX's 107 bytes, and pytest's
+    # tmp root grows with its run counter and, under pytest-xdist, a per-worker folder.
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -224,13 +224,13 @@ def test_inputs_without_format_metadata_are_accepted(tmp_path):
     load_causal_lm(tmp_path / "out")
 
 
-def test_pytorch_model_bin_only_input_is_refused_with_a_conversion_hint(tmp_path, capsys):
+def test_a_legacy_pytorch_model_bin_is_refused_with_a_resave_hint(tmp_path, capsys):
     ft, al, un = three_models(tmp_path, **SMALL)
     (ft / "model.safetensors").unlink()
     (ft / "pytorch_model.bin").write_bytes(b"\x80\x02 not unpickled")
     code, err = cli(capsys, "patch", "--finetuned", ft, "--aligned", al, "--unaligned", un, "--out", tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "pytorch_model.bin" in err and "does not unpickle" in err and "safe_serialization=True" in err
+    assert "pytorch_model.bin" in err and "legacy (pre-1.6, non-zip) torch format" in err and "torch.save" in err
     assert not (tmp_path / "out").exists()
 
 

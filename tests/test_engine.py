@@ -1,7 +1,8 @@
 """The one streaming engine (pipeline/engine.py): every path is a group of N >= 1
 jobs; staging, compute, writing and hashing are the same code for all of them.
 The GPU configuration runs here with a CPU stand-in (ordinary buffers, host
-kernels); the CUDA tests are in test_engine_gpu.py."""
+kernels); test_device_standin.py runs it on an asynchronous stand-in for the
+device, where a missing wait shows; the CUDA tests are in test_engine_gpu.py."""
 
 import hashlib
 import os

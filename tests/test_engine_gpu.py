@@ -1,6 +1,7 @@
 """The one streaming engine on a CUDA device: the same bytes as the CPU path, one
 fused pass for a group, shared inputs cached in device memory. Skipped without CUDA
-(tests/conftest.py); tests/test_engine.py runs the GPU configuration on a CPU stand-in."""
+(tests/conftest.py); tests/test_engine.py runs the GPU configuration on CPU buffers, and
+tests/test_device_standin.py on an asynchronous stand-in for the device (docs/gpu.md)."""
 
 import pytest
 from engine_fixtures import engine_models, plan_and_inputs, run

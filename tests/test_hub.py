@@ -799,3 +799,32 @@ def test_safelora_with_hub_ids(world, merge):
     meta = ModelCard.load(out / "sl_hub" / "README.md").data.to_dict()
     assert meta["base_model"] == ["org/lora", "org/chat", "org/shadow"]
     assert meta["base_model_relation"] == ("merge" if merge else "adapter")
+
+
+def test_a_repo_with_only_bin_weights_is_fetched_and_read_without_unpickling(world, monkeypatch, tmp_path):
+    """Safetensors first; a repo that has none gives its torch .bin weights (shards via their index,
+    or an adapter_model.bin) to the pickle-free reader, and the patch equals the local one."""
+    import huggingface_hub
+    from bin_fixtures import as_bin
+
+    remote = tmp_path / "remote"
+    as_bin(world["ft"], remote / "org" / "binft")  # sharded: pytorch_model.bin.index.json and its shards
+    (remote / "org" / "binft" / "training_args.bin").write_bytes(b"a pickle we must not fetch")
+    as_bin(world["ft_v1"], remote / "org" / "binone")  # one pytorch_model.bin, no index
+    fake = FakeHub(remote, "8" * 40, huggingface_hub.snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    found = hub.resolve_input("org/binft", "finetuned", kind="any")
+    got = sorted(p.name for p in found.path.iterdir())
+    assert "pytorch_model.bin.index.json" in got and "training_args.bin" not in got
+    assert sorted(n for n in got if n.endswith(".bin")) == sorted(
+        p.name for p in (remote / "org" / "binft").glob("pytorch_model-*.bin")
+    )
+    one = hub.resolve_input("org/binone", "finetuned", kind="model")
+    assert sorted(p.name for p in one.path.iterdir()) == ["config.json", "pytorch_model.bin"]
+    out = world["out"]
+    pair = ["--aligned", world["chat"], "--unaligned", world["shadow"], "--beta", "0.5"]
+    assert run("patch", "--finetuned", "org/binft", *pair, "--out", out / "from_bin_hub") == 0
+    assert run("patch", "--finetuned", world["ft"], *pair, "--out", out / "from_local") == 0
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert parts(out / "from_bin_hub" / shard)[0] == parts(out / "from_local" / shard)[0]

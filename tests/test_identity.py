@@ -47,10 +47,11 @@ def places(tmp_path_factory):
     root = tmp_path_factory.mktemp("travel")
     ft, al, un = three_models(root / "here", shards=2, **SMALL)
     adapter = write_adapter(root / "here" / "adapter", **LORA)
+    safety = write_adapter(root / "here" / "safety", **LORA, seed=11)
     # PEFT records where it loaded the base from: a local path that must not reach the outputs.
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(al)}))
-    here = {"ft": ft, "al": al, "un": un, "adapter": adapter}
+    here = {"ft": ft, "al": al, "un": un, "adapter": adapter, "safety": safety}
     there = {k: relocate(p, root / "elsewhere" / f"{k}-copy") for k, p in here.items()}
     cache = root / "hub"
     for i, (k, p) in enumerate(here.items()):
@@ -71,6 +72,8 @@ CASES = {
                                       p["un"], "--threshold", "0.9", "--merge", "--out", out],
     "safelora_adapter": lambda p, out: ["safelora", "--adapter", p["adapter"], "--aligned", p["al"],
                                         "--unaligned", p["un"], "--threshold", "0.9", "--out", out],
+    "safemerge": lambda p, out: ["safemerge", "--adapter", p["adapter"], "--safety-adapter", p["safety"],
+                                 "--aligned", p["al"], "--unaligned", p["un"], "--tau", "0.9", "--out", out],
 }  # fmt: skip
 
 
@@ -98,12 +101,19 @@ def weight_files(out: Path) -> dict[str, bytes]:
 
 
 def assert_private(out: Path, *roots: Path) -> None:
-    """No file of ``out`` names a local root, the output's temp directory, or a file time."""
+    """No file of ``out`` names a local root, the output's temp directory, or a file time; its card
+    loads with huggingface_hub's ModelCard and its ``base_model`` holds valid Hub ids only."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
     for p in sorted(out.rglob("*")):
         data = p.read_bytes()
         for root in roots:
             assert str(root).encode() not in data, f"{p.name} names {root}"
         assert b".resta-tmp-" not in data and b"mtime" not in data, f"{p.name} holds a temp name or an mtime"
+    for repo in ModelCard.load(out / "README.md").data.to_dict().get("base_model") or []:
+        validate_repo_id(repo)
+        assert repo.startswith("org/"), repo
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -125,6 +135,10 @@ def test_the_same_bytes_anywhere_give_the_same_output(places, case, tmp_path, mo
     assert reports["here"]["inputs"] == reports["there"]["inputs"] == reports["hub"]["inputs"]
     assert {s["name"] for s in reports["there"]["sources"].values()} <= {f"{k}-copy" for k in where["here"]}
     assert all("hub" in s for s in reports["hub"]["sources"].values())
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(outs["hub"] / "README.md").data.to_dict()["base_model"]  # the Hub ids are named
+    assert "base_model" not in ModelCard.load(outs["here"] / "README.md").data.to_dict()
 
 
 def test_a_batch_gives_the_same_bytes_anywhere_and_resumes_after_a_move(places, tmp_path, capsys):

@@ -394,7 +394,7 @@ REFUSALS = {
     ),
     "pickle_only": (
         lambda b, a: ((a / "adapter_model.safetensors").unlink(), (a / "adapter_model.bin").write_bytes(b"x")),
-        r"pickle.*does not unpickle",
+        r"adapter_model.bin: not a zip-format torch checkpoint",
     ),
     "unknown_lora_part": (
         lambda b, a: edit_weights(

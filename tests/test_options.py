@@ -1,4 +1,4 @@
-"""PatchOptions, OptionError and role resolution: one place for every option check, in the library's words."""
+"""PatchOptions and OptionError: one place for every option check, in the library's words (roles: test_roles.py)."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from resta_fast.errors import OptionError, RestaError, cli_flag
-from resta_fast.options import BetaRule, PatchOptions, resolve_roles
+from resta_fast.options import BetaRule, PatchOptions
 
 
 def test_options_keep_values_as_given_and_parse_rules_and_dtype():
@@ -54,21 +54,6 @@ def test_problems_of_lists_every_problem():
     assert [p.option for p in problems] == ["beta", "dare", "seed", "dtype", "device"]
     assert str(problems[0]) == "beta must be a finite number, got 'big'"
     assert PatchOptions.problems_of(beta=0.5, dare=0.1) == []
-
-
-def test_roles_default_the_dare_base_and_refuse_bad_combinations(tmp_path):
-    roles = resolve_roles("ft", aligned="chat", unaligned="shadow", dare=True)
-    assert (roles.dare_base, roles.base, roles.lora) == ("chat", None, False)
-    assert resolve_roles("ft", aligned="chat", unaligned="shadow").dare_base is None
-    with pytest.raises(OptionError, match=r"^give either aligned and unaligned, or vector \(not both\)"):
-        resolve_roles("ft", aligned="chat", unaligned="shadow", vector="v")
-    with pytest.raises(OptionError, match=r"^give either aligned and unaligned"):
-        resolve_roles("ft", aligned="chat")
-    with pytest.raises(OptionError, match="^dare needs the model the fine-tune started from: pass dare_base"):
-        resolve_roles("ft", vector="v", dare=True)
-    with pytest.raises(OptionError, match="^base is only for LoRA adapters") as info:
-        resolve_roles(tmp_path, aligned="chat", unaligned="shadow", base="b")
-    assert info.value.render(cli_flag).startswith("--base is only for LoRA adapters")
 
 
 def test_options_module_imports_no_torch():

@@ -6,7 +6,7 @@ from checkpoints import llama_config, write_model
 
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import Checkpoint
-from resta_fast.plan import BetaRule, build_plan, copy_plan, prefix_mapping
+from resta_fast.plan import BetaRule, build_plan, copy_plan
 
 BF = torch.bfloat16
 
@@ -123,18 +123,6 @@ def test_tied_embeddings_share_the_embeddings_dare_stream(tmp_path):
     assert any(n.startswith("tied embeddings: lm_head.weight uses model.embed_tokens.weight") for n in plan.notes)
     untied = by_name(build_plan(trio(tmp_path / "untied")[0], aligned=A, unaligned=U))
     assert untied["lm_head.weight"].seed_name == "lm_head.weight"
-
-
-def test_prefix_mapping_by_suffix_without_numeric_prefixes():
-    assert prefix_mapping(
-        ["model.norm.weight", "model.layers.0.mlp.weight"], {"norm.weight", "layers.0.mlp.weight"}
-    ) == {"model.norm.weight": "norm.weight", "model.layers.0.mlp.weight": "layers.0.mlp.weight"}
-    assert prefix_mapping(["transformer.h.weight"], {"model.h.weight"}) == {"transformer.h.weight": "model.h.weight"}
-    # Only layer 0 is stored: the pair (layers.1. -> layers.0.) has a numeric part, so layer 1 stays unmapped.
-    assert prefix_mapping(["model.layers.1.mlp.weight"], {"model.layers.0.mlp.weight"}) == {}
-    # An ambiguous suffix (two available tensors end in it) maps nothing.
-    assert prefix_mapping(["model.mlp.weight"], {"a.mlp.weight", "b.mlp.weight"}) == {}
-    assert prefix_mapping([], {"norm.weight"}) == {}
 
 
 def test_a_source_under_another_prefix_is_mapped_and_noted(tmp_path):

@@ -341,10 +341,10 @@ def test_projection_is_within_1e5_of_fp64_on_a_large_weight():
 
 
 def test_alignment_delta_cpp_and_torch_agree_bit_for_bit(tmp_path):
-    from resta_fast import api
     from resta_fast.io.checkpoint import Checkpoint
+    from resta_fast.kernels.difference import difference_kernel
 
-    backend, kernel = api.difference_kernel()
+    backend, kernel = difference_kernel()
     if backend != "cpp":
         pytest.skip("the C++ kernel is not built")
     aligned = llama_base(tmp_path / "aligned", dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from resta_fast import cli_args as A
 from resta_fast.batch.local import JobResult, Reporter, format_table, human_bytes, summarize
-from resta_fast.cli import add_validation_args, validation_options
+from resta_fast.cli_args import add_validation_args, validation_options
 from resta_fast.options import STAGING_CHOICES
 
 EPILOG = """\

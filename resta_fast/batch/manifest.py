@@ -39,7 +39,8 @@ from pathlib import Path
 
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
-from resta_fast.options import ROLE_KINDS, PatchOptions, resolve_roles
+from resta_fast.options import PatchOptions
+from resta_fast.roles import ROLE_KINDS, resolve_roles
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
 PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype", "backend", "device")
@@ -196,8 +197,28 @@ def load_manifest(path, *, group_size: int | None = None, resolver: Resolver | N
         >>> [len(g.jobs) for g in m.groups]  # doctest: +SKIP
     """
     path = Path(path)
+    return manifest_from_mapping(_read(path), path, group_size=group_size, resolver=resolver)
+
+
+def manifest_from_mapping(
+    raw, source, *, root: Path | None = None, group_size: int | None = None, resolver: Resolver | None = None
+) -> Manifest:
+    """A manifest built in memory (``load_manifest`` reads one from a file and calls this), with the
+    same checks and the same "every problem listed" error.
+
+    Args:
+        raw: the mapping a manifest file holds (defaults at the top, ``jobs``).
+        source: what errors and the summary call it (the file's path).
+        root: the folder relative paths are taken from (default: ``source``'s folder).
+
+    Example:
+        >>> manifest_from_mapping({"jobs": []}, "in memory")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        resta_fast.batch.manifest.ManifestError: manifest in memory: 1 problem(s); nothing was written: ...
+    """
+    path = Path(source)
     problems: list[str] = []
-    manifest = _parse(path, problems, group_size, resolver or Resolver())
+    manifest = _parse(raw, path, root, problems, group_size, resolver or Resolver())
     if manifest is not None:
         _check_static(manifest, problems)
     if problems:
@@ -237,13 +258,14 @@ def _unknown(key: str, allowed, where: str) -> str:
     return f"{where}: unknown key {key!r}{hint}"
 
 
-def _parse(path: Path, problems: list[str], group_size: int | None, resolver: Resolver) -> Manifest | None:
-    raw = _read(path)
+def _parse(
+    raw, path: Path, root: Path | None, problems: list[str], group_size: int | None, resolver: Resolver
+) -> Manifest | None:
     if not isinstance(raw, dict):
         raise ManifestError(
             f"manifest {path}: expected a mapping with a 'jobs' list at the top, got {type(raw).__name__}"
         )
-    root = path.resolve().parent
+    root = root if root is not None else path.resolve().parent
     defaults: dict = {}
     for key, value in raw.items():
         if key in PATCH_KEYS:

@@ -119,7 +119,7 @@ def write_candidates(
     ``pre_aligned`` is Safe LoRA's "unaligned" model, the one ``aligned`` was aligned
     from (default: ``unaligned``, RESTA's shadow model).
     """
-    from resta_fast.lora import is_adapter
+    from resta_fast.io.adapter import is_adapter
 
     lora = is_adapter(finetuned)
     dirs = {c.slug: root / c.slug for c in candidates}
@@ -164,7 +164,7 @@ def _write_resta(
 ) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
-    from resta_fast.batch.manifest import load_manifest
+    from resta_fast.batch.manifest import manifest_from_mapping
 
     manifest = {
         "aligned": str(Path(aligned).absolute()),
@@ -184,9 +184,9 @@ def _write_resta(
     }
     if base is not None:
         manifest["base"] = str(Path(base).absolute())
-    path = root / "resta-candidates.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    failed = [r for r in run_batch(load_manifest(path)) if not r.ok]
+    # In memory: batch's own loader checks it, and nothing is written but the candidates.
+    built = manifest_from_mapping(manifest, "compare's RESTA candidates", root=root)
+    failed = [r for r in run_batch(built) if not r.ok]
     if failed:
         raise RestaError(f"compare: RESTA candidate {failed[0].name} failed: {failed[0].error}")
 
@@ -246,7 +246,7 @@ def compare(
     from resta_fast.eval.judges import make_judge
     from resta_fast.eval.prompts import PromptSet, load_prompts
     from resta_fast.eval.runner import evaluate
-    from resta_fast.lora import is_adapter
+    from resta_fast.io.adapter import is_adapter
 
     if not (utility or perplexity):
         raise OptionError(

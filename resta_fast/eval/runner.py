@@ -547,8 +547,8 @@ def make_validator(options: dict | None, finetuned=None):
     """
     if not options:
         return None
+    from resta_fast.io.adapter import is_adapter
     from resta_fast.io.hub import resolve_input
-    from resta_fast.lora import is_adapter
 
     if finetuned is not None:  # a Hub id: its snapshot (the patch resolves the same one)
         found = resolve_input(finetuned, "finetuned", kind="any")

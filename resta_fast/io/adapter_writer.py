@@ -9,7 +9,8 @@ merged adapter has ``lora_alpha = r``), rewritten. Everything goes into the
 caller's temporary directory (``AtomicOutputDir``), so nothing is half-written.
 
 Example:
-    >>> files = write_adapter(tmp, LoraAdapter("ft"), {"...lora_B.weight": b_new}, {"format": "pt"})  # doctest: +SKIP
+    >>> adapter = lora.LoraAdapter("ft")  # doctest: +SKIP
+    >>> files = write_adapter(tmp, adapter, {"...lora_B.weight": b_new}, {"format": "pt"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,22 +18,31 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from resta_fast.errors import RestaError
+from resta_fast.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from resta_fast.io.digest import sha256_file
 from resta_fast.io.public import copy_public, public_json
-from resta_fast.io.reader import ITEMSIZE
+from resta_fast.io.reader import ITEMSIZE, SafetensorsFile
 from resta_fast.io.writer import TensorFileWriter, write_all
-
-if TYPE_CHECKING:
-    from resta_fast.lora import LoraAdapter
 
 # Never copied: files of ours that an input adapter directory may hold (an earlier output), and
 # its README.md, the input's own model card (the output gets its own card, which says where that one is).
 OWN_FILES = ("resta_fast.json", "VALIDATION_FAILED", "README.md")
+
+
+class InputAdapter(Protocol):
+    """What the writer reads of the input adapter: its directory and its open weights file.
+
+    ``lora.LoraAdapter`` is one; named by shape rather than imported, so that ``io`` stays
+    below the LoRA merge (the contracts in pyproject.toml).
+    """
+
+    path: Path
+    file: SafetensorsFile
 
 
 def _raw(tensor, dtype: str, shape, key: str) -> np.ndarray:
@@ -52,7 +62,7 @@ def _raw(tensor, dtype: str, shape, key: str) -> np.ndarray:
 
 def write_adapter(
     tmp: Path,
-    adapter: LoraAdapter,
+    adapter: InputAdapter,
     replace: dict,
     metadata: dict[str, str],
     *,
@@ -70,8 +80,6 @@ def write_adapter(
     Returns:
         {file name: sha256} of every file written.
     """
-    from resta_fast.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     src = adapter.file
     unknown = set(replace) - set(src.tensors)
     if unknown:
@@ -97,7 +105,7 @@ def write_adapter(
         cfg_out.write_text(json.dumps(public_json(config) or config, indent=2, sort_keys=True) + "\n")
     files[ADAPTER_CONFIG] = sha256_file(cfg_out)
     for path in sorted(adapter.path.iterdir()):
-        if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) + OWN_FILES or not path.is_file():
+        if path.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, src.path.name) + OWN_FILES or not path.is_file():
             continue
         if path.name.startswith("adapter_model") and path.suffix in (".bin", ".safetensors"):
             raise RestaError(

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from resta_fast.errors import CheckpointError
+from resta_fast.io import torch_bin
 from resta_fast.io.identity import file_identity
 from resta_fast.io.reader import MAX_HEADER_BYTES, SafetensorsFile, TensorInfo
 
@@ -69,7 +70,8 @@ def _link_target_allowed(root: Path, real: str) -> bool:
 
 
 class Checkpoint:
-    """A validated model: tensors by name across one or more safetensors files.
+    """A validated model: tensors by name across one or more safetensors files (or
+    zip-format torch ``.bin`` files, read pickle-free by ``io.torch_bin``).
 
     A ``io.source.TensorSource``, as is ``lora.LoraFinetuned``.
 
@@ -139,12 +141,18 @@ class Checkpoint:
             if len(found) == 1:
                 self._open_files(found, root)
                 return
+            # No safetensors: transformers' pickle names, read without running the pickle (io/torch_bin.py).
+            if (root / torch_bin.INDEX_NAME).is_file():
+                self._open_index(root / torch_bin.INDEX_NAME)
+                return
+            if (root / torch_bin.SINGLE_NAME).is_file():
+                self._open_files([torch_bin.SINGLE_NAME], root)
+                return
             bins = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
             if bins:
                 raise CheckpointError(
-                    f"{self.role} {root}: holds only pickle weights ({', '.join(bins[:3])}); resta_fast "
-                    "does not unpickle untrusted files. Convert once with transformers: "
-                    "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+                    f"{self.role} {root}: holds pickle files ({', '.join(bins[:3])}) but no {torch_bin.SINGLE_NAME} "
+                    f"or {torch_bin.INDEX_NAME}; if one of them is the weights, pass that file itself"
                 )
             what = f"several ({', '.join(found[:4])}) but no {INDEX_NAME}" if found else "none"
             raise CheckpointError(f"{self.role} {root}: expected {SINGLE_NAME} or {INDEX_NAME}; found {what}")
@@ -203,12 +211,12 @@ class Checkpoint:
             if extra:
                 raise CheckpointError(
                     f"{self.path / shard}: tensor {extra[0]!r} is not listed for this "
-                    f"shard in {INDEX_NAME}; the index and shards disagree"
+                    f"shard in {index.name}; the index and shards disagree"
                 )
 
     def _open_files(self, names, root: Path) -> None:
         for name in names:
-            self.files[name] = SafetensorsFile(root / name)
+            self.files[name] = torch_bin.open_weight_file(root / name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.location

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resta_fast.errors import RestaError
+from resta_fast.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # Light on purpose: the CLI's --help imports this module for HUB_RULE (numpy and the
 # checkpoint reader are imported only when a Hub id is resolved).
@@ -41,10 +42,12 @@ HUB_RULE = (
 )
 SCHEME = "hf://"
 DEFAULT_REVISION = "main"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # = io.checkpoint's
 SINGLE_NAME = "model.safetensors"
+# = io.torch_bin's: a repo with only pickle weights is read by that reader (never unpickled)
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
+ADAPTER_BIN = "adapter_model.bin"
 KINDS = ("model", "adapter", "any")
 # huggingface_hub's repo-id rule: each part starts and ends with a word character, at most 96 long.
 _PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?")
@@ -212,7 +215,7 @@ def metadata_files() -> list[str]:
     """What a job reads besides the weights: small files, fetched first (the index names the shards)."""
     from resta_fast.io.checkpoint import SIDE_FILE_PATTERNS
 
-    return [*SIDE_FILE_PATTERNS, INDEX_NAME, ADAPTER_CONFIG]
+    return [*SIDE_FILE_PATTERNS, INDEX_NAME, BIN_INDEX_NAME, ADAPTER_CONFIG]
 
 
 def _snapshot(
@@ -252,17 +255,31 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _shards(index: Path) -> list[str] | None:
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if shards and all(isinstance(s, str) for s in shards):
+            return shards
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        pass  # a bad index is the checkpoint reader's error to report, with its file name
+    return None
+
+
+def _pickle_weights(kind: str) -> list[str]:
+    """What a repo holding no safetensors weights is read from instead (``io.torch_bin``)."""
+    return (
+        [ADAPTER_BIN] if kind == "adapter" else [BIN_SINGLE_NAME, ADAPTER_BIN] if kind == "any" else [BIN_SINGLE_NAME]
+    )
+
+
 def _weights_needed(folder: Path) -> tuple[list[str], list[str] | None]:
-    """(allow, ignore) patterns of the weight files a snapshot with these metadata files needs."""
+    """(allow, ignore) patterns of the weight files a snapshot with these metadata files needs
+    (safetensors first: a ``.bin`` index is followed only when the repo has no safetensors one)."""
     index = folder / INDEX_NAME
+    if not index.is_file() and (folder / BIN_INDEX_NAME).is_file():
+        return _shards(folder / BIN_INDEX_NAME) or [BIN_INDEX_NAME], None
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if shards and all(isinstance(s, str) for s in shards):
-                return shards, None
-        except (ValueError, KeyError, TypeError, AttributeError, OSError):
-            pass  # a bad index is the checkpoint reader's error to report, with its file name
-        return [INDEX_NAME], None
+        return _shards(index) or [INDEX_NAME], None
     if (folder / ADAPTER_CONFIG).is_file():
         return [ADAPTER_WEIGHTS], None
     return ["*.safetensors"], ["*/*"]  # a single weight file at the top (Checkpoint's rule)
@@ -275,12 +292,14 @@ def _missing(folder: Path, kind: str) -> str:
     if kind == "adapter" or (kind == "any" and (folder / ADAPTER_CONFIG).is_file()):
         if not (folder / ADAPTER_CONFIG).is_file():
             return ADAPTER_CONFIG
-        return "" if (folder / ADAPTER_WEIGHTS).is_file() else ADAPTER_WEIGHTS
-    if (folder / INDEX_NAME).is_file():
+        return "" if (folder / ADAPTER_WEIGHTS).is_file() or (folder / ADAPTER_BIN).is_file() else ADAPTER_WEIGHTS
+    if (folder / INDEX_NAME).is_file() or (folder / BIN_INDEX_NAME).is_file():
         allow, _ = _weights_needed(folder)
-        absent = [s for s in allow if s != INDEX_NAME and not (folder / s).is_file()]
+        absent = [s for s in allow if s not in (INDEX_NAME, BIN_INDEX_NAME) and not (folder / s).is_file()]
         return ", ".join(absent[:3]) + (f" and {len(absent) - 3} more shard(s)" if len(absent) > 3 else "")
     if (folder / SINGLE_NAME).is_file() or any(p.is_file() for p in folder.glob("*.safetensors")):
+        return ""
+    if (folder / BIN_SINGLE_NAME).is_file():
         return ""
     return f"{SINGLE_NAME} (or {INDEX_NAME} and its shards)"
 
@@ -325,6 +344,9 @@ def _resolve_hub(text: str, role: str, kind: str, repo_id: str, revision: str) -
         commit = folder.name if _COMMIT.fullmatch(folder.name) else revision
         allow, ignore = _weights_needed(folder)
         folder = _snapshot(repo_id, commit, local_only=False, allow=allow, ignore=ignore)
+        if _missing(folder, kind) and not any(folder.glob("*.safetensors")):
+            # No safetensors weights in the repo: its pickle weights, read without unpickling (io.torch_bin).
+            folder = _snapshot(repo_id, commit, local_only=False, allow=_pickle_weights(kind))
     except (OSError, ValueError) as exc:
         raise RestaError(_hub_error(where, exc, repo_id, revision, label, cache, hint)) from None
     missing = _missing(folder, kind)
@@ -332,7 +354,7 @@ def _resolve_hub(text: str, role: str, kind: str, repo_id: str, revision: str) -
         what = "a PEFT adapter" if kind == "adapter" else "a model" if kind == "model" else "a model or adapter"
         raise RestaError(
             f"{where}: the Hub repo {label} (commit {folder.name[:12]}) has no {missing}, so it is "
-            f"not {what} resta_fast can read (it needs safetensors weights); check the id"
+            f"not {what} resta_fast can read (it needs safetensors or torch .bin weights); check the id"
         )
     return ResolvedInput(folder, repo_id, revision, folder.name, text)
 

@@ -1,26 +1,38 @@
-"""Where the arithmetic runs: the one place the engine knows about devices.
+"""Where the arithmetic runs, and the waits that make a device's copies safe.
 
 The engine's host data are flat numpy arrays (BF16 as its uint16 bits).
 ``Compute`` hands them to a kernel backend: the C++ kernel takes them as they
 are (``cpp.patch_arrays``), so the CPU path needs no torch; the torch reference
-and the Triton kernel get zero-copy torch views. On a GPU each staged chunk is
-copied to the device on the ``h2d`` stream (once per chunk, whatever the number
-of jobs using it), the kernels run on that stream, and each result is copied
-back into its pinned output buffer on the ``d2h`` stream, so uploads and
-downloads use both copy engines and overlap the kernels; the writer waits for
-the download's event. Device tensors come from torch's caching allocator
-(``record_stream`` marks the cross-stream use), so their reuse is ordered by the
-streams, not by us.
+and the Triton kernel get zero-copy torch views. On a device (``device.py``)
+each staged chunk is copied up on the ``h2d`` stream (once per chunk, whatever
+the number of jobs using it), the kernels run on that stream, and each result
+is copied back into its pinned output buffer on the ``d2h`` stream, so uploads
+and downloads use both copy engines and overlap the kernels. Every wait between
+them is asked for here, for every device:
+
+- the download waits for its kernel's event (``d2h`` waits on ``h2d``);
+- the kernel's output memory is marked as used by ``d2h`` (``record_stream``),
+  so the allocator does not hand it to the next kernel before it is copied down;
+- ``patch`` returns the download's event: the writer waits for it before it
+  reads the host buffer (engine.py);
+- ``inputs_done`` is an event after the chunk's kernels: its staged host
+  buffers go back to their pool with it, and are handed out again only once it
+  has completed (buffers.py);
+- ``synchronize`` before the non-finite counters are read;
+- a whole tensor kept for the device cache is copied with a blocking copy and
+  its stream synchronized, so every stream may read it.
+
+tests/test_device_standin.py removes them one at a time, on an asynchronous
+stand-in for a device, and checks that the run goes wrong (docs/gpu.md says
+which test catches which).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# 256 MiB of pinned host memory (and as much on the device) by default: chunks
-# of ~85 MiB keep a PCIe 5 link (~50 GB/s) busy for ~2 ms per chunk, which hides
-# per-chunk launch and event overhead.
-DEFAULT_POOL_BYTES = 256 << 20
+from resta_fast.pipeline.device import Device, as_torch
+
 DEFAULT_SLOTS = 3
 MAX_INPUTS = 4  # F, A, U/V, B
 
@@ -39,60 +51,48 @@ def chunk_elems_for_pool(pool_bytes: int, slots: int) -> int:
     return max(1024, pool_bytes // (slots * per_elem) // 1024 * 1024)
 
 
-def as_torch(x):
-    """A zero-copy torch view of a host array (uint16 is BF16's bits); torch tensors pass through."""
-    if x is None or not isinstance(x, np.ndarray):
-        return x
-    import torch
-
-    if x.dtype == np.uint16:
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(x)
-
-
 class Compute:
-    """A kernel backend on ``device`` (``cpu``, or ``cuda[:N]``).
+    """A kernel backend on the host (``device`` None) or on a ``Device``.
 
     Args:
         kernel: a backend module (``resta_fast.kernels``).
-        device: where the kernel's operands live.
-        threads: kernel threads (CPU backends; None: their default).
+        device: where the kernel's operands live (``device.open_device``); None: host arrays.
+        threads: kernel threads (host backends; None: their default).
+
+    Example:
+        >>> from resta_fast.kernels import reference
+        >>> out = np.empty(2, np.float32)
+        >>> Compute(reference).patch(out, np.zeros(2, np.float32), np.ones(2, np.float32), None, None,
+        ...                          beta=0.5, p=0.0, seed=0, offset=0), out.tolist()
+        ((None, 0), [0.5, 0.5])
     """
 
-    def __init__(self, kernel, device: str = "cpu", threads: int | None = None):
+    def __init__(self, kernel, device: Device | None = None, threads: int | None = None):
         self.kernel = kernel
-        self.cuda = device.startswith("cuda")
+        self.device = device
         self.threads = threads
         # The C++ kernel reads numpy arrays directly; other backends get torch views.
-        self.native = not self.cuda and hasattr(kernel, "patch_arrays")
-        if self.cuda:
-            import torch
-
-            self.device = torch.device(device)
-            self.h2d = torch.cuda.Stream(self.device)
-            self.d2h = torch.cuda.Stream(self.device)
+        self.native = device is None and hasattr(kernel, "patch_arrays")
 
     def upload(self, host: np.ndarray):
-        """The device copy of a staged host chunk (queued); the CPU uses it in place."""
-        if not self.cuda:
+        """The device copy of a staged host chunk (queued); the host uses it in place."""
+        if self.device is None:
             return host
-        import torch
-
-        with torch.cuda.stream(self.h2d):
-            return as_torch(host).to(self.device, non_blocking=True)
+        return self.device.upload(host, self.device.h2d)
 
     def patch(self, out_host: np.ndarray, f, a, u, b, *, beta: float, p: float, seed: int, offset: int, counter=None):
         """Patch one chunk into ``out_host`` (docs/spec.md §2).
 
         Returns (event the writer waits for or None, non-finite count or None).
-        On a GPU the count is added to ``counter`` (a device scalar, read once
-        per job) instead, so the stream never stalls on it.
+        On a device the count is added to ``counter`` (a device integer, read
+        once per job after ``synchronize``) instead, so the stream never stalls on it.
         """
         if self.native:
             return None, self.kernel.patch_arrays(
                 out_host, f, a, u, b, beta=beta, p=p, seed=seed, offset=offset, threads=self.threads
             )
-        if not self.cuda:
+        dev = self.device
+        if dev is None:
             out = as_torch(out_host)
             bad = self.kernel.patch_into(
                 out,
@@ -107,54 +107,48 @@ class Compute:
                 threads=self.threads,
             )
             return None, _count_nonfinite(out) if bad is None else bad
-        import torch
-
-        host_out = as_torch(out_host)
-        with torch.cuda.stream(self.h2d):
-            dst = torch.empty(host_out.numel(), dtype=host_out.dtype, device=self.device)
-            self.kernel.patch_into(dst, f, a, u, b, beta=beta, p=p, seed=seed, offset=offset)
-            counter += (~torch.isfinite(dst)).sum()
-            computed = torch.cuda.Event()
-            computed.record(self.h2d)
-        self.d2h.wait_event(computed)
-        with torch.cuda.stream(self.d2h):
-            host_out.copy_(dst, non_blocking=True)
-            dst.record_stream(self.d2h)  # not reused before the download is done
-            landed = torch.cuda.Event()
-            landed.record(self.d2h)
-        return landed, None
+        dst = dev.empty(out_host, dev.h2d)
+        dev.run(self.kernel, dev.h2d, dst, f, a, u, b, beta=beta, p=p, seed=seed, offset=offset, counter=counter)
+        computed = dev.record(dev.h2d)
+        dev.wait(dev.d2h, computed)  # the download copies what the kernel wrote, not what was there
+        dev.download(out_host, dst, dev.d2h)
+        dev.used_by(dst, dev.d2h)  # dst is freed on return: not reused before the download is done
+        return dev.record(dev.d2h), None
 
     def new_counter(self):
-        """A non-finite counter for one tensor of one job (GPU only), zeroed on the
-        stream that adds to it."""
-        if not self.cuda:
+        """A non-finite counter for one tensor of one job (devices only), zeroed on
+        the stream that adds to it."""
+        if self.device is None:
             return None
-        import torch
-
-        with torch.cuda.stream(self.h2d):
-            return torch.zeros((), dtype=torch.int64, device=self.device)
+        return self.device.counter(self.device.h2d)
 
     def synchronize(self) -> None:
         """Wait for all queued device work (before counters are read)."""
-        if self.cuda:
-            self.h2d.synchronize()
-            self.d2h.synchronize()
+        if self.device is not None:
+            self.device.synchronize(self.device.h2d)
+            self.device.synchronize(self.device.d2h)
 
     def inputs_done(self):
         """An event after which this chunk's staged host buffers may be reused (None: now)."""
-        if not self.cuda:
+        if self.device is None:
             return None
-        import torch
+        return self.device.record(self.device.h2d)
 
-        done = torch.cuda.Event()
-        done.record(self.h2d)
-        return done
+    def keep(self, host: np.ndarray):
+        """A whole tensor copied for good (the device cache), readable from every stream."""
+        if self.device is None:
+            return host.copy()
+        dev = self.device
+        main = dev.main
+        kept = dev.upload(host, main, non_blocking=False)
+        dev.synchronize(main)  # visible to the other streams
+        return kept
 
     def convert(self, out_host: np.ndarray, x_host: np.ndarray) -> None:
         """dtype conversion of a copied tensor, on the host (docs/spec.md §2 rounding; no device trip)."""
         if self.native:
             self.kernel.convert_arrays(out_host, x_host, threads=self.threads)
-        elif self.cuda:
+        elif self.device is not None:
             from resta_fast.kernels import reference
 
             reference.convert_into(as_torch(out_host), as_torch(x_host))
@@ -211,9 +205,9 @@ class DeviceCache:
         self.misses = 0
         self._tensors: dict[tuple[str, str], object] = {}
 
-    def get(self, source):
-        """The whole tensor on the device, uploading it on first use; None if it
-        does not fit the budget."""
+    def get(self, source, keep):
+        """The whole tensor on the device, copied there by ``keep`` (``Compute.keep``)
+        on first use; None if it does not fit the budget."""
         key = (str(source.ckpt.path), source.name)
         cached = self._tensors.get(key)
         if cached is not None:
@@ -224,13 +218,7 @@ class DeviceCache:
             self.misses += 1
             return None
         source.check()
-        if self.cuda:
-            import torch
-
-            cached = as_torch(source.view).to(torch.device(self.device))
-            torch.cuda.current_stream(cached.device).synchronize()  # visible to the other streams
-        else:
-            cached = source.view.copy()
+        cached = keep(source.view)
         self._tensors[key] = cached
         self.used += nbytes
         self.misses += 1

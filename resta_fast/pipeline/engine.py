@@ -38,7 +38,8 @@ import numpy as np
 from resta_fast import rng
 from resta_fast.io.reader import ITEMSIZE, NUMPY_STORAGE
 from resta_fast.io.writer import TensorFileWriter
-from resta_fast.pipeline.compute import DEFAULT_POOL_BYTES, DEFAULT_SLOTS, Compute, chunk_elems_for_pool
+from resta_fast.pipeline.compute import DEFAULT_SLOTS, Compute, chunk_elems_for_pool
+from resta_fast.pipeline.device import Device, open_device
 from resta_fast.pipeline.hashing import FileHasher
 from resta_fast.pipeline.interrupt import raise_if_interrupted
 from resta_fast.pipeline.job import Job
@@ -96,7 +97,7 @@ def run_jobs(
     jobs: list[Job],
     *,
     kernel,
-    device: str = "cpu",
+    device: str | Device = "cpu",
     threads: int | None = None,
     chunk_elems: int | None = None,
     writers: int | None = None,
@@ -115,7 +116,8 @@ def run_jobs(
             (the shared pair or vector, a fine-tune or DARE base used by several
             jobs) read it once per chunk.
         kernel: a backend module (``patch_into``/``convert_into``) for ``device``.
-        device: ``cpu`` or ``cuda[:N]``.
+        device: ``cpu`` or ``cuda[:N]`` (``device.open_device``), or a ``Device``
+            itself (the tests' asynchronous stand-in).
         threads: kernel threads (default: the cores the writers leave, see
             ``fused_workers``). writers: writer threads.
         chunk_elems: elements per chunk (default by device and group size).
@@ -123,7 +125,8 @@ def run_jobs(
         cache: a ``compute.DeviceCache`` shared by passes over the same inputs.
         staging: ``mmap`` or ``read`` (default: CPU_STAGING, ``read`` on a GPU).
         readers: reader threads for ``read`` staging.
-        pool_bytes, slots: on a GPU, the chunk size is derived from them.
+        pool_bytes, slots: on a device, the chunk size is derived from them
+            (default: the device's ``pool_bytes``).
     Returns:
         None; fills each job's ``stats`` (sha256 per file) or ``error``.
         KeyboardInterrupt (a stop request) and errors that stop every job
@@ -135,11 +138,12 @@ def run_jobs(
     if not jobs:
         return
     start = time.perf_counter()
-    cuda = device.startswith("cuda")
+    accel = open_device(device) if isinstance(device, str) else device  # None: the host
+    pinned = accel is not None and accel.pinned
     if chunk_elems is None:
         chunk_elems = (
-            chunk_elems_for_pool(pool_bytes or DEFAULT_POOL_BYTES, slots or DEFAULT_SLOTS)
-            if cuda
+            chunk_elems_for_pool(pool_bytes or accel.pool_bytes, slots or DEFAULT_SLOTS)
+            if accel is not None
             else DEFAULT_CHUNK_ELEMS
             if len(jobs) == 1
             else FUSED_CHUNK_ELEMS
@@ -148,21 +152,21 @@ def run_jobs(
     # kernel thread patched 1.2B params in 4.26 s against 5.50 s for OpenMP's default two
     # (median of 4 alternated rounds, bench_staging.py --modes cpu-mmap,cpu-mmap-1t).
     threads, n_writers = fused_workers(len(jobs), threads, writers, cores)
-    staging = staging or ("read" if cuda else CPU_STAGING)
+    staging = staging or ("read" if accel is not None else CPU_STAGING)
     buffer_bytes = chunk_elems * 4  # room for fp32, the widest kernel dtype
-    compute = Compute(kernel, device, threads)
+    compute = Compute(kernel, accel, threads)
     pool: list[Writer] = []
     stager = None
     runs: list[_JobRun] = []
     gate = threading.Semaphore(max(2, usable_cores() // 2))  # file hashers at once, 8 MB each
     try:
         for _ in range(n_writers):
-            pool.append(Writer(n_buffers, buffer_bytes, pinned=cuda))
+            pool.append(Writer(n_buffers, buffer_bytes, pinned=pinned))
         if staging == "read":
             # Two chunks (this one and the next) of every distinct input at most.
             distinct = {id(c) for job in jobs for c in job.inputs.all()}
             stager = ReadStaging(
-                2 * len(distinct), buffer_bytes, readers or max(2, min(8, usable_cores() // 2)), pinned=cuda
+                2 * len(distinct), buffer_bytes, readers or max(2, min(8, usable_cores() // 2)), pinned=pinned
             )
         elif staging == "mmap":
             stager = MmapStaging()
@@ -328,12 +332,13 @@ class _Tensor:
         self.sources: dict[int, Source] = {}
         self.cached: dict[int, object] = {}  # whole tensors from the DeviceCache
 
-    def source(self, ckpt, cache, shared: bool) -> int:
+    def source(self, ckpt, cache=None, compute: Compute | None = None) -> int:
+        """The key of ``ckpt``'s tensor; a shared input (``cache`` given) comes from the cache when it is there."""
         key = id(ckpt)
         if key not in self.sources:
             self.sources[key] = Source(ckpt, self.name)
-            if cache is not None and shared:
-                hit = cache.get(self.sources[key])
+            if cache is not None:
+                hit = cache.get(self.sources[key], compute.keep)
                 if hit is not None:
                     self.cached[key] = hit
         return key
@@ -419,12 +424,12 @@ class _Pass:
     def _setup(self, tensor: _Tensor, item: _Item) -> None:
         run, t = item.run, item.t
         inp, dare = run.job.inputs, run.job.dare
-        item.f = tensor.sources[tensor.source(inp.finetuned, None, False)]
+        item.f = tensor.sources[tensor.source(inp.finetuned)]
         if t.action != "patch" or t.patched_elems == 0:
             return
-        a = tensor.source(inp.vector if inp.vector is not None else inp.aligned, self.cache, True)
-        u = tensor.source(inp.unaligned, self.cache, True) if inp.vector is None else None
-        b = tensor.source(inp.dare_base, self.cache, True) if dare is not None else None
+        a = tensor.source(inp.vector if inp.vector is not None else inp.aligned, self.cache, self.compute)
+        u = tensor.source(inp.unaligned, self.cache, self.compute) if inp.vector is None else None
+        b = tensor.source(inp.dare_base, self.cache, self.compute) if dare is not None else None
         item.operands = (id(inp.finetuned), a, u, b)
         item.seed = rng.tensor_seed(run.job.seed, t.seed_name or t.name) if dare is not None else 0
         item.counter = self.compute.new_counter()

@@ -9,7 +9,7 @@ record implies: an input whose recorded content identity equals the aligned
 model's is the aligned model given. Inputs are compared by content
 (``io.identity``), never by path or file time.
 The rest is the one preparation step of every entry point: for a patch,
-``options.resolve_roles`` resolves Hub ids and decides the roles, and
+``roles.resolve_roles`` resolves Hub ids and decides the roles, and
 ``api.open_roles`` opens them through ``api.Opener`` (an input playing two roles
 is one object), exactly as ``patch`` did.
 
@@ -28,8 +28,8 @@ from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.hub import resolve_input
 from resta_fast.io.identity import changed_files
-from resta_fast.options import ROLE_KINDS, resolve_roles
 from resta_fast.report import REPORT_NAME
+from resta_fast.roles import ROLE_KINDS, resolve_roles
 from resta_fast.verify.checks import Check
 
 
