@@ -126,13 +126,6 @@ def test_cache_dir_honours_env(monkeypatch, tmp_path):
     assert d.name == f"{demo_run.code_version()}-seed7"
 
 
-def test_demo_subcommand_registered():
-    from resta_fast.cli import build_parser
-
-    args = build_parser().parse_args(["demo", "--out", "x", "--seed", "3"])
-    assert args.out == "x" and args.seed == 3 and callable(args.func)
-
-
 # -- end to end (slow) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_result(tmp_path_factory):

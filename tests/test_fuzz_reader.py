@@ -303,7 +303,7 @@ def test_atheris_harness_property_holds_on_seeds_and_hostile_corpus(tmp_path):
     """Keeps tests/fuzz/fuzz_reader.py working without atheris installed."""
     import importlib.util
 
-    from test_hardening import HOSTILE
+    from hostile_files import HOSTILE
 
     path = Path(__file__).parent / "fuzz" / "fuzz_reader.py"
     spec = importlib.util.spec_from_file_location("fuzz_reader", path)

@@ -1,17 +1,27 @@
 """One writer per output (resta_fast/io/lock.py), unit by unit: who holds the lock and
 what a second run is told, taking over a dead run's lock file, releasing only our own
-file, and which temp names are a dead run's to clean. The end-to-end cases (a second
-`patch` while one runs, no flock, a planted symlink) are in test_hardening.py."""
+file, and which temp names are a dead run's to clean. Then end to end: a second `patch`
+while one runs (forked from the worker in fault_fixtures.py), a dead run's lock and temp
+dirs, no flock, a planted symlink."""
 
+import errno
 import fcntl
 import json
 import os
 import socket
 import subprocess
+import time
 
 import pytest
+from checkpoints import three_models
+from fault_fixtures import SMALL, Worker, leftovers, patch_argv
 
+from resta_fast import api
+from resta_fast.cli import main
+from resta_fast.errors import RestaError
+from resta_fast.io import lock as lock_mod
 from resta_fast.io.lock import OutputBusy, OutputLock, clean_stale_temps, lock_path, parse_temp_name, pid_alive
+from resta_fast.verify import verify
 
 HOST = socket.gethostname()
 
@@ -109,3 +119,103 @@ def test_clean_stale_temps_removes_dead_runs_directories_only_never_through_a_li
     assert not removed.exists() and a_file.is_file() and link.is_symlink()
     assert (target / "keep.txt").read_text() == "keep"
     assert clean_stale_temps(tmp_path / "missing" / "restored") == []  # no parent: nothing to clean
+
+
+# --- end to end: concurrent runs and locks ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = Worker()
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    """(finetuned, aligned, unaligned) of the SMALL shape, shared read-only by a module's tests."""
+    root = tmp_path_factory.mktemp("small")
+    return three_models(root, **SMALL)
+
+
+def test_second_run_on_same_output_fails_fast(tmp_path, worker, small_models, capsys):
+    ft, al, un = small_models
+    out, log, marker = tmp_path / "out", tmp_path / "log", tmp_path / "marker"
+    pid = worker.start(argv=patch_argv(ft, al, un, out, "--no-fsync"), log=str(log), delay=0.2, marker=str(marker))
+    deadline = time.time() + 30
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.005)
+    t0 = time.perf_counter()
+    with pytest.raises(OutputBusy) as info:
+        api.patch(ft, out, aligned=al, unaligned=un, backend="torch", fsync=False)
+    assert time.perf_counter() - t0 < 5
+    assert f"pid {pid} on host {HOST}" in str(info.value)
+    assert str(info.value).startswith(f"--out {out} is being written by another resta-fast run (")
+    assert str(info.value).endswith("); wait for it to finish or choose another --out")
+    code = main(patch_argv(ft, al, un, out, "--no-fsync"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"pid {pid}" in err
+    assert worker.wait() == 0  # the first run was not disturbed
+    assert verify(out)["ok"] and leftovers(tmp_path) == []
+
+
+def test_stale_lock_of_dead_process_is_taken_over(tmp_path, small_models):
+    ft, al, un = small_models
+    out = tmp_path / "out"
+    dead = dead_pid()
+    (tmp_path / ".out.resta-lock").write_text(json.dumps({"pid": dead, "host": HOST, "started": "then"}))
+    api.patch(ft, out, aligned=al, unaligned=un, backend="torch", fsync=False)
+    assert verify(out)["ok"] and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("holder, busy", [("live_same_host", True), ("dead_same_host", False), ("other_host", True)])
+def test_lock_without_flock_falls_back_to_pid(tmp_path, monkeypatch, holder, busy):
+    """On filesystems without flock the recorded pid/host decides."""
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_mod.fcntl, "flock", no_flock)
+    out = tmp_path / "out"
+    pid = {"live_same_host": os.getppid(), "dead_same_host": dead_pid(), "other_host": 1}[holder]
+    host = "elsewhere.example" if holder == "other_host" else HOST
+    (tmp_path / ".out.resta-lock").write_text(json.dumps({"pid": pid, "host": host, "started": "t"}))
+    lk = OutputLock(out)
+    if busy:
+        with pytest.raises(OutputBusy, match=f"locked by pid {pid} on host {host}"):
+            lk.acquire()
+    else:
+        with lk:
+            assert lk.took_over["pid"] == pid
+        assert not (tmp_path / ".out.resta-lock").exists()
+
+
+def test_planted_lock_symlink_is_not_followed(tmp_path, small_models):
+    ft, al, un = small_models
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / ".out.resta-lock")
+    with pytest.raises(RestaError, match="cannot create lock file"):
+        api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, backend="torch", fsync=False)
+    assert victim.read_text() == "precious" and not (tmp_path / "out").exists()
+
+
+def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path, small_models):
+    ft, al, un = small_models
+    dead = dead_pid()
+    names = {
+        f".out.resta-tmp-{HOST}-{dead}-deadbeef": False,  # dead run on this host: removed
+        ".out.old-1234abcd": False,  # interrupted overwrite: removed
+        f".out.resta-tmp-{HOST}-{os.getpid()}-live0000": True,  # live pid: kept
+        f".out.resta-tmp-other-host-{dead}-cafe1234": True,  # another host's: kept
+        f".other.resta-tmp-{HOST}-{dead}-00000000": True,  # another output's: kept
+        ".out.resta-tmp-garbage": True,  # not ours to judge: kept
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"partial")
+    api.patch(ft, tmp_path / "out", aligned=al, unaligned=un, backend="torch", fsync=False)
+    for name, kept in names.items():
+        assert (tmp_path / name).exists() == kept, name
+    assert parse_temp_name(tmp_path / "out", f".out.resta-tmp-my-host-1-{dead}-ab") == ("my-host-1", dead)
+    assert clean_stale_temps(tmp_path / "out") == []
