@@ -7,6 +7,7 @@ unaligned, sharded like HF), writes the same tensors in the same shards with tor
     safetensors      resta-fast patch over the three safetensors directories
     bin              resta-fast patch over the three .bin directories (io/torch_bin.py)
     convert          resta-fast convert of the fine-tune's .bin directory (only with --convert)
+    convert-floor    its I/O floor: read the .bin fine-tune once, write as many bytes (with --convert)
 
 in fresh processes, round by round (the order reversed every other round), so the machine's noise
 hits each alike. Before it reports,
@@ -127,6 +128,21 @@ def main() -> None:
         conv = Path(args.dir) / "converted"
         cmds["convert"] = [sys.executable, "-m", "resta_fast", "convert", str(bins[0]), str(conv), "--overwrite"]
         cmds["convert"] += ["--no-progress", *sync]
+        # convert's floor: read the .bin fine-tune once, write as many bytes (bench_patch's floor).
+        shards = sorted(str(p) for p in bins[0].glob("*.bin"))
+        out_bytes = sum(p.stat().st_size for p in (root / "finetuned").glob("*.safetensors"))
+        cmds["convert-floor"] = [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_patch.py"),
+            "floor",
+            "--inputs",
+            *shards,
+            "--out",
+            str(Path(args.dir) / "floor.bin"),
+            "--out-bytes",
+            str(out_bytes),
+            *(["--fsync"] if args.fsync else []),
+        ]
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
     for r in range(args.rounds):
         order = list(cmds) if r % 2 == 0 else list(cmds)[::-1]  # A B C, C B A: the order's own cost cancels
@@ -148,6 +164,15 @@ def main() -> None:
         "seconds": {k: [round(t, 3) for t, _ in v] for k, v in results.items()},
         "peak_rss_mb": {k: round(max(m for _, m in v), 1) for k, v in results.items()},
         "ratio_bin_over_safetensors": [round(x, 3) for x in ratios],
+        **(
+            {
+                "ratio_convert_over_floor": [
+                    round(c / f, 3) for (c, _), (f, _) in zip(results["convert"], results["convert-floor"], strict=True)
+                ]
+            }
+            if "convert" in results
+            else {}
+        ),
         "median_ratio": round(statistics.median(ratios), 3),
         "outputs_identical": True,
     }
