@@ -205,6 +205,7 @@ def e2e_main(args) -> dict:
         rows["safelora_old"] = []
         checkouts["safelora_old"] = Path(args.old).resolve()
     out = root / "out"
+    out.mkdir(parents=True, exist_ok=True)  # each checkout writes out/<which>; the command wants the parent
     for k in range(args.rounds):
         wall, rss = measure(
             [sys.executable, SELF, "child-floor", str(aligned), str(unaligned), str(adapter), str(root / "floor.bin")]
