@@ -15,6 +15,10 @@ both alike; medians and per-round ratios are reported.
 
     python benchmarks/bench_safelora.py module --rounds 2
     python benchmarks/bench_safelora.py e2e --params 1.2e9 --rounds 3
+    python benchmarks/bench_safelora.py e2e --params 1.2e9 --rounds 5 --old /path/to/an/older/checkout
+
+``--old``: also run an older checkout's ``resta-fast safelora`` (``python -m resta_fast`` from
+that directory, its ``_C`` built or copied in), alternated with this one's in every round.
 """
 
 from __future__ import annotations
@@ -196,35 +200,51 @@ def e2e_main(args) -> dict:
         ck.close()
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
     rows = {"floor": [], "safelora": []}
+    checkouts = {"safelora": REPO}
+    if args.old:
+        rows["safelora_old"] = []
+        checkouts["safelora_old"] = Path(args.old).resolve()
     out = root / "out"
-    for _ in range(args.rounds):
-        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)  # each checkout writes out/<which>; the command wants the parent
+    for k in range(args.rounds):
         wall, rss = measure(
             [sys.executable, SELF, "child-floor", str(aligned), str(unaligned), str(adapter), str(root / "floor.bin")]
         )
         rows["floor"].append({"seconds": wall, "peak_rss_mib": rss})
-        wall, rss = measure(
-            [
-                sys.executable,
-                "-m",
-                "resta_fast",
-                "safelora",
-                "--adapter",
-                str(adapter),
-                "--aligned",
-                str(aligned),
-                "--unaligned",
-                str(unaligned),
-                "--threshold",
-                "0.5",
-                "--out",
-                str(out),
-                "--no-progress",
-            ],
-            cwd=str(REPO),
-        )
-        rows["safelora"].append({"seconds": wall, "peak_rss_mib": rss})
-    ratios = [s["seconds"] / f["seconds"] for s, f in zip(rows["safelora"], rows["floor"], strict=True)]
+        order = list(checkouts) if k % 2 == 0 else list(checkouts)[::-1]  # neither always runs right after the floor
+        for which in order:
+            shutil.rmtree(out / which, ignore_errors=True)
+            wall, rss = measure(
+                [
+                    sys.executable,
+                    "-m",
+                    "resta_fast",
+                    "safelora",
+                    "--adapter",
+                    str(adapter),
+                    "--aligned",
+                    str(aligned),
+                    "--unaligned",
+                    str(unaligned),
+                    "--threshold",
+                    "0.5",
+                    "--out",
+                    str(out / which),
+                    "--no-progress",
+                ],
+                cwd=str(checkouts[which]),
+            )
+            rows[which].append({"seconds": wall, "peak_rss_mib": rss})
+    ratios = {
+        which: [s["seconds"] / f["seconds"] for s, f in zip(rows[which], rows["floor"], strict=True)]
+        for which in checkouts
+    }
+    if args.old:
+        reports = {w: json.loads((out / w / "resta_fast.json").read_text())["safelora"]["modules"] for w in checkouts}
+        same = [(m["module"], m["cos"], m["projected"]) for m in reports["safelora"]] == [
+            (m["module"], m["cos"], m["projected"]) for m in reports["safelora_old"]
+        ]
+    out = out / "safelora"
     report = json.loads((out / "resta_fast.json").read_text())
     return {
         "params": args.params,
@@ -233,9 +253,22 @@ def e2e_main(args) -> dict:
         "modules": len(report["safelora"]["modules"]),
         "projected": report["safelora"]["projected"],
         "rounds": rows,
-        "ratio_to_floor_per_round": ratios,
-        "median_ratio_to_floor": statistics.median(ratios),
+        "ratio_to_floor_per_round": ratios["safelora"],
+        "median_ratio_to_floor": statistics.median(ratios["safelora"]),
+        "median_seconds": {k: statistics.median(r["seconds"] for r in v) for k, v in rows.items()},
         "median_peak_rss_mib": {k: statistics.median(r["peak_rss_mib"] for r in v) for k, v in rows.items()},
+        **(
+            {
+                "old_checkout_ratio_to_floor_per_round": ratios["safelora_old"],
+                "old_median_ratio_to_floor": statistics.median(ratios["safelora_old"]),
+                "new_over_old_per_round": [
+                    n["seconds"] / o["seconds"] for n, o in zip(rows["safelora"], rows["safelora_old"], strict=True)
+                ],
+                "cosines_and_decisions_equal_old": same,
+            }
+            if args.old
+            else {}
+        ),
         "model_bytes_each": target_bytes // 2,
     }
 
@@ -253,6 +286,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=1.2e9)
     ap.add_argument("--work", default="/tmp/resta-bench-safelora")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--old", help="e2e: an older checkout to alternate with this one (its _C built or copied in)")
     args = ap.parse_args()
     result = module_main(args) if args.what == "module" else e2e_main(args)
     text = json.dumps(result, indent=2)

@@ -25,13 +25,16 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
+
 from resta_fast import safelora as SL
 from resta_fast import safemerge as SM
 from resta_fast.api import Opener
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.checkpoint import Checkpoint
-from resta_fast.io.reader import torch_dtype
+from resta_fast.io.reader import NUMPY_STORAGE, torch_dtype
 from resta_fast.io.writer import AtomicOutputDir, check_output_location
+from resta_fast.kernels import BackendUnavailable
 from resta_fast.lora import LoraAdapter, LoraFinetuned
 from resta_fast.report import REPORT_NAME, output_metadata, provenance, with_paths
 
@@ -41,15 +44,33 @@ def _view(opener: Opener, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
     return opener.lora(adapter, base, base_flag=f"--{base.role}", **kw)
 
 
-def _stored(tensor, dtype: str):
-    """An fp32 tensor rounded to an adapter dtype by docs/spec.md §2's rules."""
+def _stored(b_proj: np.ndarray, dtype: str) -> np.ndarray:
+    """An fp32 array rounded to an adapter dtype by docs/spec.md §2's rules, in numpy storage
+    (BF16 as uint16 bits, which the adapter writer takes as is): the C++ kernel's rounding when
+    it is built (no torch), else the torch reference's, the same bits."""
+    flat = np.ascontiguousarray(b_proj, dtype=np.float32).reshape(-1)
+    out = np.empty(flat.size, NUMPY_STORAGE[dtype])
+    try:
+        from resta_fast.kernels import cpp
+
+        cpp.convert_arrays(out, flat, threads=1)
+    except BackendUnavailable:
+        import torch
+
+        from resta_fast.kernels.reference import store
+
+        target = torch.from_numpy(out).view(torch_dtype(dtype))
+        store(target, torch.from_numpy(flat))
+    return out.reshape(b_proj.shape)
+
+
+def _as_tensor(arr, dtype: str):
+    """A stored adapter array (``_stored``) as the torch tensor ``LoraFinetuned`` merges from."""
+    if not isinstance(arr, np.ndarray):
+        return arr
     import torch
 
-    from resta_fast.kernels.reference import store
-
-    out = torch.empty(tensor.shape, dtype=torch_dtype(dtype))
-    store(out.view(-1), tensor.contiguous().view(-1))  # flat: the rounding works on words
-    return out
+    return torch.from_numpy(arr).view(torch_dtype(dtype))
 
 
 def _scores_table(scores: list[SL.ModuleScore], threshold: float, what: str, strict: bool = False) -> str:
@@ -284,6 +305,9 @@ class Session:
         prov = self._provenance(command, params, roles)
         extra = {command: section} if section is not None else {}
         if merge:
+            if replace:
+                stored = self.ft.adapter.file.tensors
+                replace = {k: _as_tensor(v, stored[k].dtype) for k, v in replace.items()}
             with ExitStack() as stack:
                 merged = _view(Opener(stack), self.paths["adapter"], self.into, replace=replace, delta=delta)
                 return write_merged_output(

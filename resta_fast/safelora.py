@@ -10,7 +10,10 @@ the K-th smallest cosine (then ≤ T, so ties may project more, as published).
 C is d_out × d_out (485 MB in fp32 for one 7B up_proj) and is never formed:
 C·B = V·(Vᵀ·B) / ‖V‖_F costs O(d_out·d_in·r), and the cosine follows from r × r
 Gram matrices, ⟨X·A, Y·A⟩_F = Σ (Xᵀ·Y) ⊙ (A·Aᵀ), with no d_out × d_in product.
-Modules are scored one at a time; each pair of weights is read once.
+Modules are scored one at a time; each pair of weights is read once, and the
+next module's are prefetched while the current one is scored. The math is numpy
+(its BLAS): torch's import alone took longer than reading a 1.2B model here, and
+the CPU path needs nothing else of it (docs/benchmarks.md, Safe LoRA).
 
 Example:
     >>> import torch
@@ -25,6 +28,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.names import prefix_mapping
 from resta_fast.kernels.difference import difference_kernel
@@ -37,50 +42,76 @@ if TYPE_CHECKING:
 
 DEFAULT_THRESHOLD = 0.5  # the paper's default
 COS_DECIMALS = 5  # the authors round each cosine to 5 decimals before comparing
+# V is formed and multiplied by B this many elements at a time (whole rows), so the
+# chunk is still in cache for the product and the norm: 256 rows of a 4800 × 1792
+# weight took 8.6 ms for V and Vᵀ·B against 11 ms in two whole-weight passes (2 cores).
+CHUNK_ELEMS = 1 << 19
+NORM_RUN = 1 << 15  # ‖V‖_F: fp32 dot products of runs this long, summed in fp64 (see frobenius)
 
 
-def projected_b(v: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+def _is_numpy(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def _numpy(x) -> np.ndarray:
+    """An fp32 numpy view of a CPU torch tensor or array (torch stays unimported for arrays)."""
+    return x if _is_numpy(x) else x.detach().numpy()
+
+
+def _like(x, out: np.ndarray):
+    """``out`` as the kind of ``x`` (torch tensors in, torch tensors out)."""
+    if _is_numpy(x):
+        return out
+    import torch
+
+    return torch.from_numpy(out)
+
+
+def projected_b(v, b):
     """C·B = V·(Vᵀ·B) / ‖V‖_F in fp32, without forming C; None when V = 0.
 
     Args:
-        v: V in the LoRA update's layout (d_out × d_in), fp32.
+        v: V in the LoRA update's layout (d_out × d_in), fp32 (torch tensor or numpy array).
         b: lora_B (d_out × r), fp32.
+    Returns:
+        B' of the inputs' kind, or None.
     """
-    norm = frobenius(v)
+    vn, bn = _numpy(v), _numpy(b)
+    norm = frobenius(vn)
     if norm == 0:
         return None  # alignment did not touch this weight: there is no direction to project onto
-    out = v @ (v.T @ b)
-    out.div_(norm)
-    return out
+    out = vn @ (vn.T @ bn)
+    out /= np.float32(norm)
+    return _like(v, out)
 
 
-def frobenius(v: torch.Tensor, block: int = 1 << 15) -> float:
-    """‖V‖_F: fp32 norms of ``block``-element runs, their squares summed in fp64.
+def _sumsq(flat: np.ndarray, run: int = NORM_RUN) -> float:
+    """Σ x² of a contiguous fp32 array: BLAS dot products of ``run``-element runs, summed in fp64."""
+    return math.fsum(float(np.dot(flat[lo : lo + run], flat[lo : lo + run])) for lo in range(0, flat.size, run))
 
-    torch's fp32 norm of a whole 11008 × 4096 weight is 0.32% low (its fp32
-    accumulation over 45M squares), which alone would put B' 3e-3 from the fp64
-    value (benchmarks/bench_safelora.py module); over 32k elements its error is
-    ~1e-7, and one vectorised call does every run (converting V to fp64 cost 2x).
+
+def frobenius(v, block: int = NORM_RUN) -> float:
+    """‖V‖_F: fp32 sums of squares of ``block``-element runs, summed in fp64.
+
+    An fp32 norm of a whole 11008 × 4096 weight is 0.32% low (fp32 accumulation
+    over 45M squares), which alone would put B' 3e-3 from the fp64 value
+    (benchmarks/bench_safelora.py module); over 32k elements the error is ~1e-8
+    (numpy's dot; measured against fp64 on 512k Gaussian values).
     """
-    import torch
-
-    flat = (v if v.is_contiguous() else v.T).reshape(-1)  # a transposed view (Conv1D) without a copy
-    whole = flat.numel() // block * block
-    parts = torch.linalg.vector_norm(flat[:whole].view(-1, block), dim=1).double().square().sum()
-    if whole < flat.numel():
-        parts = parts + torch.linalg.vector_norm(flat[whole:].double()).square()
-    return math.sqrt(float(parts))
+    vn = _numpy(v)
+    flat = (vn if vn.flags.c_contiguous else vn.T).reshape(-1)  # a transposed view (Conv1D) without a copy
+    return math.sqrt(_sumsq(np.ascontiguousarray(flat, dtype=np.float32), block))
 
 
-def lora_cosine(a: torch.Tensor, b: torch.Tensor, b_proj: torch.Tensor) -> float:
+def lora_cosine(a, b, b_proj) -> float:
     """cos(vec(B'·A), vec(B·A)) from r × r Gram matrices (computed in fp64; not rounded).
 
     A zero update (an untrained lora_B) has cosine 0, as torch's
     ``cosine_similarity`` gives it.
     """
-    a64 = a.double()
+    a64 = _numpy(a).astype(np.float64)
     gram = a64 @ a64.T
-    p64, b64 = b_proj.double(), b.double()
+    p64, b64 = _numpy(b_proj).astype(np.float64), _numpy(b).astype(np.float64)
 
     def inner(x, y) -> float:
         return float(((x.T @ y) * gram).sum())
@@ -91,8 +122,6 @@ def lora_cosine(a: torch.Tensor, b: torch.Tensor, b_proj: torch.Tensor) -> float
 
 def round_cos(cos: float) -> float:
     """The authors' ``numpy.round(cos, 5)`` (round half to even on the scaled value)."""
-    import numpy as np
-
     return float(np.round(cos, COS_DECIMALS))
 
 
@@ -183,24 +212,132 @@ def alignment_delta(
     return v
 
 
+class Workspace:
+    """The fp32 V buffer, reused by every module (grown to the largest).
+
+    A fresh buffer per module cost more than the arithmetic on it here: first
+    touch of new memory is slow in this VM (``np.empty`` per module: 10-100 ms
+    for a 4800 × 1792 V against 5 ms into a reused one). Memory stays bounded by
+    the largest targeted weight, whatever the model's size.
+    """
+
+    def __init__(self):
+        self._v = np.empty(0, np.float32)
+
+    def vector(self, n: int) -> np.ndarray:
+        if self._v.size < n:
+            self._v = np.empty(0, np.float32)  # drop the old one first: peak is one buffer
+            self._v = np.empty(n, np.float32)
+        return self._v[:n]
+
+
+def lora_array(view: LoraFinetuned, key: str) -> np.ndarray:
+    """An adapter tensor (or its replacement) in fp32, in its stored shape, without torch.
+
+    The same values as ``LoraFinetuned.lora_tensor`` (bf16 and fp16 widen exactly)."""
+    if key in view.replacements:
+        return _numpy(view.lora_tensor(key))
+    f = view.adapter.file
+    info = f.tensors[key]
+    raw = f.array(key)
+    if info.dtype == "BF16":  # stored as uint16 bits: bf16 is the high half of an fp32
+        out = (raw.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out = raw.astype(np.float32)
+    return out.reshape(info.shape)
+
+
+def module_projection(fill, shape, transpose: bool, b: np.ndarray, work: Workspace) -> np.ndarray | None:
+    """B' = V·(Vᵀ·B)/‖V‖_F for one module, V formed ``CHUNK_ELEMS`` at a time by ``fill``.
+
+    Args:
+        fill: ``fill(lo, hi, out)`` writes elements [lo, hi) of V, flat in the stored
+            weight's layout, into the fp32 array ``out``.
+        shape: the stored weight's shape; ``transpose``: it is (B·A)ᵀ (GPT-2 Conv1D).
+        b: lora_B (d_out × r), fp32.
+    Returns:
+        B' (d_out × r, fp32), or None when V = 0.
+
+    Each chunk of V is scored while it is in cache: its squares (for ‖V‖_F) and its
+    share of X = Vᵀ·B; one more pass over the whole V gives V·X.
+    """
+    rows, cols = shape
+    v = work.vector(rows * cols).reshape(rows, cols)
+    step = max(1, CHUNK_ELEMS // max(cols, 1))
+    # Stored S = V: X = Σ S_cᵀ·B_c over row chunks. Stored S = Vᵀ (Conv1D): X = S·B, row chunk by row chunk.
+    x = np.empty((rows, b.shape[1]), np.float32) if transpose else np.zeros((cols, b.shape[1]), np.float64)
+    sumsq = 0.0
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        chunk = v[lo:hi]
+        fill(lo * cols, hi * cols, chunk.reshape(-1))
+        sumsq += _sumsq(chunk.reshape(-1))
+        if transpose:
+            np.matmul(chunk, b, out=x[lo:hi])
+        else:
+            x += (b[lo:hi].T @ chunk).T  # BᵀV's layout is the faster product here (4.5 vs 5.4 ms)
+    norm = math.sqrt(sumsq)
+    if norm == 0:
+        return None  # alignment did not touch this weight: there is no direction to project onto
+    x = x.astype(np.float32, copy=False)
+    out = v.T @ x if transpose else v @ x
+    out /= np.float32(norm)
+    return out
+
+
+def _check_pair(aligned: Checkpoint, unaligned: Checkpoint, name: str, name_u: str) -> None:
+    a_info, u_info = aligned.info(name), unaligned.info(name_u)
+    if tuple(u_info.shape) != tuple(a_info.shape):
+        raise RestaError(
+            f"{name}: aligned {aligned.path} has shape {list(a_info.shape)} but unaligned "
+            f"{unaligned.path} has {list(u_info.shape)} ({name_u}); they must be the same "
+            "architecture"
+        )
+
+
 def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None):
     """Score every LoRA module of ``view`` (an adapter read on the aligned model).
 
-    Yields (ModuleScore, B' in fp32 or None), one module at a time; ``on_module``
-    is called after each (progress).
+    Yields (ModuleScore, B' as a d_out × r fp32 numpy array, or None), one module at
+    a time; ``on_module`` is called after each (progress). With the C++ kernel no
+    torch is imported.
     """
     aligned = view.base
     mods = linear_modules(view)
     counterpart = _counterparts([m.target for m in mods], unaligned, view)
     backend, kernel = difference_kernel()
     kernel = kernel if backend == "cpp" else None
-    for mod in mods:
-        a, b = view.lora_tensor(mod.a), view.lora_tensor(mod.b)
-        w_shape = tuple(aligned.info(mod.target).shape)
-        v = alignment_delta(aligned, unaligned, mod.target, counterpart[mod.target], w_shape, kernel)
-        v = v.T if mod.transpose else v  # the update's layout: (B·A) is d_out × d_in
-        b_proj = projected_b(v, b)
-        del v
+    work = Workspace()
+
+    def prefetch(mod: LoraModule) -> None:
+        # The kernel reads the next module's pages from disk while this one is multiplied.
+        aligned.prefetch(mod.target, 0, aligned.info(mod.target).nbytes)
+        name_u = counterpart[mod.target]
+        unaligned.prefetch(name_u, 0, unaligned.info(name_u).nbytes)
+
+    for i, mod in enumerate(mods):
+        name, name_u = mod.target, counterpart[mod.target]
+        _check_pair(aligned, unaligned, name, name_u)
+        if i + 1 < len(mods):
+            prefetch(mods[i + 1])
+        a, b = lora_array(view, mod.a), lora_array(view, mod.b)
+        w_shape = tuple(aligned.info(name).shape)
+        if kernel is not None:
+            a_arr, u_arr = aligned.array(name), unaligned.array(name_u)
+
+            def fill(lo, hi, out, a_arr=a_arr, u_arr=u_arr):
+                # One thread: the chunk is small, and an OpenMP team woken between BLAS
+                # calls fought OpenBLAS's spinning threads (151 ms against 8.6 ms per weight).
+                kernel.patch_arrays(out, None, a_arr[lo:hi], u_arr[lo:hi], threads=1)
+        else:
+            whole = alignment_delta(aligned, unaligned, name, name_u, w_shape).numpy().reshape(-1)
+
+            def fill(lo, hi, out, whole=whole):
+                out[:] = whole[lo:hi]
+
+        b_proj = module_projection(fill, w_shape, mod.transpose, b, work)
+        aligned.release(name, 0, aligned.info(name).nbytes)
+        unaligned.release(name_u, 0, unaligned.info(name_u).nbytes)
         cos = None if b_proj is None else round_cos(lora_cosine(a, b, b_proj))
         score = ModuleScore(mod.module, mod.target, mod.a, mod.b, [b.shape[0], a.shape[1]], a.shape[0], cos)
         yield score, b_proj

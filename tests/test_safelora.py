@@ -355,3 +355,125 @@ def test_alignment_delta_cpp_and_torch_agree_bit_for_bit(tmp_path):
     fast = SL.alignment_delta(al, un, name, name, shape, kernel)
     ref = SL.alignment_delta(al, un, name, name, shape)
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)) and fast.abs().sum() > 0
+
+
+def _fp64_projection(v64, b64, a64):
+    want = v64 @ (v64.T @ b64) / np.linalg.norm(v64)
+    x, y = (want @ a64).reshape(-1), (b64 @ a64).reshape(-1)
+    return want, float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def test_chunked_projection_reuses_one_buffer_across_shapes_and_layouts(monkeypatch):
+    """Modules of different shapes in a row, bigger then smaller, in both layouts, V formed a few
+    rows at a time into one Workspace poisoned with NaN before each: every element of V must be
+    written (a stale or skipped one gives NaN) and B' and the cosine must match fp64."""
+    monkeypatch.setattr(SL, "CHUNK_ELEMS", 3 * 40 + 7)  # chunks of a few rows, a partial last one
+    rng = np.random.default_rng(5)
+    work = SL.Workspace()
+    chunks = []
+    for d_out, d_in, transpose in [(96, 40, False), (40, 96, True), (128, 72, False), (7, 5, True), (1, 130, False)]:
+        v64 = rng.standard_normal((d_out, d_in)) * 0.01
+        b64, a64 = rng.standard_normal((d_out, 4)) * 0.02, rng.standard_normal((4, d_in)) * 0.02
+        stored = np.ascontiguousarray((v64.T if transpose else v64).astype(np.float32)).reshape(-1)
+        calls = []
+
+        def fill(lo, hi, out, stored=stored, calls=calls):
+            calls.append((lo, hi))
+            out[:] = stored[lo:hi]
+
+        if work._v.size:
+            work._v[:] = np.nan
+        b = b64.astype(np.float32)
+        got = SL.module_projection(fill, (d_in, d_out) if transpose else (d_out, d_in), transpose, b, work)
+        rows, cols = (d_in, d_out) if transpose else (d_out, d_in)
+        assert len(calls) == -(-rows // max(1, SL.CHUNK_ELEMS // cols))
+        chunks.append(len(calls))
+        assert [lo for lo, _ in calls] == [0] + [hi for _, hi in calls[:-1]] and calls[-1][1] == d_out * d_in
+        want, cos64 = _fp64_projection(v64.astype(np.float32).astype(np.float64), b64.astype(np.float32), a64)
+        assert got.shape == (d_out, 4) and got.dtype == np.float32
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5, (d_out, d_in, transpose)
+        assert abs(SL.lora_cosine(a64.astype(np.float32), b, got) - cos64) <= 1e-6
+    assert chunks == [32, 32, 128, 1, 1]  # several chunks each, but the one-chunk weight and the single wide row
+    assert work._v.size == 128 * 72  # grown to the largest, never shrunk
+    assert (
+        SL.module_projection(lambda lo, hi, out: out.fill(0), (9, 4), False, np.ones((9, 2), np.float32), work) is None
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_scoring_end_to_end_matches_fp64_reference(tmp_path, monkeypatch, arch):
+    """The whole command with V in chunks of a few rows: q/v/up/down (shapes change module to module)
+    and GPT-2's transposed Conv1D layout, against the fp64 formula."""
+    monkeypatch.setattr(SL, "CHUNK_ELEMS", 200)
+    if arch == "llama":
+        adapter, aligned, unaligned = setup_models(tmp_path)
+        ref = reference(adapter, aligned, unaligned)
+    else:
+        aligned = gpt2_base(tmp_path / "aligned")
+        unaligned = shadow(aligned, tmp_path / "unaligned")
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True)
+        adapter = tmp_path / "adapter"
+        train_adapter(aligned, adapter, cfg, cls=transformers.GPT2LMHeadModel)
+        ref = reference(adapter, aligned, unaligned, transpose=True)
+    report = run(tmp_path, adapter, aligned, unaligned, threshold=1.0)
+    out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {m["module"] for m in report["safelora"]["modules"]} == set(ref)
+    for m in report["safelora"]["modules"]:
+        cos, b_proj = ref[m["module"]]
+        assert_cos_close(m["cos"], cos)
+        assert rel_fro(out[f"base_model.model.{m['module']}.lora_B.weight"], b_proj) <= 1e-5, m["module"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lora_array_and_stored_equal_the_torch_path_bit_for_bit(tmp_path, dtype):
+    """The numpy reads of A and B widen exactly as ``lora_tensor`` does, and B' is rounded to the
+    adapter's dtype with the same bits as the torch reference (docs/spec.md §2)."""
+    from resta_fast.io.checkpoint import Checkpoint
+    from resta_fast.io.reader import NUMPY_STORAGE
+    from resta_fast.kernels.reference import store
+    from resta_fast.lora import LoraFinetuned
+
+    adapter, aligned, _ = setup_models(tmp_path, adapter_dtype=dtype)
+    view = LoraFinetuned(adapter, Checkpoint(aligned))
+    for mod in SL.linear_modules(view):
+        for key in (mod.a, mod.b):
+            got, want = SL.lora_array(view, key), view.lora_tensor(key)
+            assert got.dtype == np.float32 and np.array_equal(got.view(np.int32), want.view(torch.int32).numpy())
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))
+    x[0, :3] = torch.tensor([float("nan"), 2.0**-130, 65520.0])  # NaN, a subnormal, an fp16 overflow
+    name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    got = realign._stored(x.numpy(), name)
+    want = torch.empty(x.shape, dtype=dtype)
+    store(want.view(-1), x.reshape(-1))
+    assert got.shape == (64, 4) and got.dtype == np.dtype(NUMPY_STORAGE[name])
+    back = realign._as_tensor(got, name)
+    assert back.dtype == dtype
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(back), nan) and nan.sum() == 1  # NaN payloads may differ (docs/spec.md §2)
+    assert torch.equal(back[~nan].view(torch.uint8), want[~nan].view(torch.uint8))
+
+
+def test_the_adapter_path_does_not_import_torch(tmp_path):
+    """torch's import alone took longer than reading a 1.2B model (docs/benchmarks.md): with the
+    C++ kernel, `resta-fast safelora` writing an adapter never imports it."""
+    import subprocess
+    import sys
+
+    from resta_fast.kernels.difference import difference_kernel
+
+    if difference_kernel()[0] != "cpp":
+        pytest.skip("the C++ kernel is not built")
+    adapter, aligned, unaligned = setup_models(tmp_path, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16)
+    code = (
+        "import sys; from resta_fast.cli import main; "
+        f"rc = main(['safelora', '--adapter', {str(adapter)!r}, '--aligned', {str(aligned)!r}, '--unaligned', "
+        f"{str(unaligned)!r}, '--threshold', '1.0', '--out', {str(tmp_path / 'out')!r}, "
+        "'--no-progress', '--no-fsync']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.split()[-2:] == ["0", "False"], res.stdout + res.stderr
+    ref = reference(adapter, aligned, unaligned)
+    out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    for module, (_, b_proj) in ref.items():
+        assert rel_fro(out[f"base_model.model.{module}.lora_B.weight"], b_proj) <= 2**-8, module
