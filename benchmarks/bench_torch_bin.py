@@ -148,6 +148,9 @@ def main() -> None:
         order = list(cmds) if r % 2 == 0 else list(cmds)[::-1]  # A B C, C B A: the order's own cost cancels
         for name in order:
             cmd = cmds[name]
+            # Flush the previous command's dirty pages first (untimed): otherwise whichever command runs
+            # next pays for them, and the order, not the reader, decides the ratio.
+            os.sync()
             results[name].append(run(cmd, env=env))
             print(f"round {r + 1} {name}: {results[name][-1][0]:.2f} s, {results[name][-1][1]:.0f} MB", flush=True)
     a, b = data_digests(outs["safetensors"]), data_digests(outs["bin"])
