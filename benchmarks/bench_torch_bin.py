@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -144,6 +145,7 @@ def main() -> None:
             *(["--fsync"] if args.fsync else []),
         ]
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+    digested: dict[str, dict] = {}
     for r in range(args.rounds):
         order = list(cmds) if r % 2 == 0 else list(cmds)[::-1]  # A B C, C B A: the order's own cost cancels
         for name in order:
@@ -153,7 +155,16 @@ def main() -> None:
             os.sync()
             results[name].append(run(cmd, env=env))
             print(f"round {r + 1} {name}: {results[name][-1][0]:.2f} s, {results[name][-1][1]:.0f} MB", flush=True)
-    a, b = data_digests(outs["safetensors"]), data_digests(outs["bin"])
+            if name in outs and name not in digested:
+                digested[name] = data_digests(outs[name])
+            # Each output goes once timed: four kept outputs beside two models' inputs overflow the page
+            # cache at 1.2B on a 24 GB machine, and the next command would read its inputs from disk.
+            for leftover in (outs.get(name), Path(args.dir) / "converted", Path(args.dir) / "floor.bin"):
+                if leftover is not None and leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif leftover is not None:
+                    leftover.unlink(missing_ok=True)
+    a, b = digested["safetensors"], digested["bin"]
     if a != b or not a:
         raise SystemExit(f"the .bin and safetensors patches differ: {a} vs {b}")
     ratios = [tb / ts for (tb, _), (ts, _) in zip(results["bin"], results["safetensors"], strict=True)]
