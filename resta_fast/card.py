@@ -133,7 +133,8 @@ def front_matter(report: dict) -> dict:
     params = report.get("params") or {}
     roles = dict(_roles(report))
     if command == "convert":  # the same weights in another format: no realignment, no relation to declare
-        meta = {"base_model": hub_ids(report)} if hub_ids(report) else {}
+        ids = hub_ids(report)
+        meta = {"base_model": ids} if ids else {}
         adapter = report.get("output") == "adapter"
         return {**meta, "library_name": "peft" if adapter else "transformers", "tags": ["safetensors"]}
     tags = ["resta", "safety-realignment"]

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resta_fast import __version__
 from resta_fast.io.digest import sha256_file
 from resta_fast.io.identity import origin
-from resta_fast.io.public import copy_public
+from resta_fast.io.public import copy_public, public_verdict
 
 if TYPE_CHECKING:
     from resta_fast.io.checkpoint import Checkpoint
@@ -156,35 +155,6 @@ def finish_output(
     files[CARD_NAME] = write_model_card(tmp, report, command_line=command_line)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
-
-
-def public_verdict(verdict, tmp: Path):
-    """``verdict`` with local paths replaced by names, so it can be published: the output's temporary
-    directory (its name holds the host name) becomes the output's name, any other absolute path its
-    last part.
-
-    Example:
-        >>> tmp = Path("/x/.restored.resta-tmp-host-1-ab")
-        >>> public_verdict({"model": str(tmp), "ref": "/data/ft", "reason": f"{tmp}: ok"}, tmp)
-        {'model': 'restored', 'ref': 'ft', 'reason': 'restored: ok'}
-    """
-    from resta_fast.io.writer import TMP_MARKER
-
-    name = tmp.name.split(TMP_MARKER, 1)[0].removeprefix(".")
-    temps = sorted({str(tmp), str(tmp.absolute()), os.path.realpath(tmp)}, key=len, reverse=True)
-
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if not isinstance(v, str):
-            return v
-        for t in temps:
-            v = v.replace(t, name)
-        return Path(v).name if os.path.isabs(v) and not any(c.isspace() for c in v) else v
-
-    return clean(verdict)
 
 
 def record_validation(tmp: Path, report: dict, verdict: dict, *, command_line: str | None = None) -> None:

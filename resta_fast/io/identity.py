@@ -132,8 +132,9 @@ def same(recorded: dict, found: dict) -> bool:
     """
     if not isinstance(recorded, dict) or not isinstance(found, dict) or set(recorded) != set(found):
         return False
+    found = content_only(found)
     for name, want in content_only(recorded).items():
-        got = content_only(found)[name]
+        got = found[name]
         if not isinstance(want, dict) or not isinstance(got, dict):
             return False
         shared = set(want) & set(got)
@@ -200,7 +201,7 @@ def origin(path, hub=None, *, record_path: bool = False) -> dict:
     if hub is not None and hub.is_hub:
         entry["hub"] = hub.provenance()
         names = [c.name for c in p.iterdir()] if p.is_dir() else [p.name]
-        lfs = lfs_sha256(p, sorted(n for n in names if n.endswith(".safetensors")))
+        lfs = lfs_sha256(p, sorted(n for n in names if n.endswith((".safetensors", ".bin"))))
         if lfs:
             entry["lfs_sha256"] = lfs
     if record_path:

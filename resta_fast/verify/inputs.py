@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.hub import resolve_input
-from resta_fast.io.identity import changed_files
+from resta_fast.io.identity import changed_files, same
 from resta_fast.report import REPORT_NAME
 from resta_fast.roles import ROLE_KINDS, resolve_roles
 from resta_fast.verify.checks import Check
@@ -64,7 +64,7 @@ def recorded_paths(report: dict) -> dict[str, str | None]:
 def _same_content(report: dict, role: str, other: str) -> bool:
     inputs = report.get("inputs") or {}
     a, b = (inputs.get(r) or {} for r in (role, other))
-    return bool(a.get("files")) and a.get("files") == b.get("files")
+    return bool(a.get("files")) and same(a["files"], b.get("files"))
 
 
 def _default_from(
