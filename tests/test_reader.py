@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from checkpoints import three_models
-from fault_fixtures import SMALL
+from fault_fixtures import SMALL, patch_argv
 from hostile_files import HOSTILE
 
 from resta_fast.cli import main
@@ -40,23 +40,7 @@ def test_hostile_files_through_the_cli(tmp_path, small_models, capsys):
     for case, (raw, message) in sorted(HOSTILE.items()):
         (ft / "model.safetensors").write_bytes(raw)
         out = tmp_path / "out"
-        code = main(
-            [
-                "patch",
-                "--finetuned",
-                str(ft),
-                "--aligned",
-                str(al),
-                "--unaligned",
-                str(un),
-                "--out",
-                str(out),
-                "--backend",
-                "torch",
-                "--no-fsync",
-                "--no-progress",
-            ]
-        )
+        code = main(patch_argv(ft, al, un, out, "--no-fsync"))
         err = capsys.readouterr().err
         assert code == 2, case
         assert err == f"resta-fast: error: {ft / 'model.safetensors'}{message}\n", case
