@@ -27,7 +27,7 @@ from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_loc
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.difference import difference_kernel
 from resta_fast.lora import LoraFinetuned
-from resta_fast.options import MAX_SEED, PatchOptions, check_device_spelling
+from resta_fast.options import MAX_SEED, PATCH, PatchOptions, check_device_spelling
 from resta_fast.pipeline.engine import run_jobs
 from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
 from resta_fast.pipeline.job import Inputs, Job
@@ -498,6 +498,7 @@ def execute(
     return report
 
 
+@PATCH.keywords
 def patch(
     finetuned,
     out,
@@ -505,29 +506,17 @@ def patch(
     aligned=None,
     unaligned=None,
     vector=None,
-    beta: float = 1.0,
-    dare: float | None = None,
-    seed: int = 0,
+    base=None,
     dare_base=None,
-    include=(),
-    exclude=(),
-    beta_rules=(),
-    dtype: str | None = None,
-    backend: str = "auto",
-    device: str = "cpu",
-    threads: int | None = None,
     overwrite: bool = False,
     fsync: bool = True,
     dry_run: bool = False,
     progress: bool = False,
-    chunk_elems: int | None = None,
-    gpu_pool_bytes: int | None = None,
-    base=None,
     validate: Validator | None = None,
     device_cache=None,
-    staging: str = "auto",
     command_line: str | None = None,
     record_paths: bool = False,
+    **options,
 ) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
@@ -541,13 +530,10 @@ def patch(
         out: output directory (created atomically; must not exist unless overwrite).
         aligned, unaligned: the pair defining V = aligned − unaligned; or
         vector: a precomputed V checkpoint (``make_vector``).
-        beta: scale of V; beta_rules: ``["REGEX=0.3", ...]`` or BetaRule list.
-        dare: DARE drop probability p (None: no DARE); seed: DARE seed;
         dare_base: DARE base (default: aligned).
-        include/exclude: regexes over tensor names.
-        dtype: output dtype (``bfloat16``/``float16``/``float32``; default fine-tune's).
-        backend: auto | cpp | triton | torch; device: cpu | cuda[:N] | auto.
-        threads, chunk_elems, gpu_pool_bytes, staging: engine tuning (see PatchOptions).
+        options: every ``PatchOptions`` keyword (the ``options.PATCH`` spec: beta, dare,
+            seed, include, exclude, beta_rules, dtype, backend, device, threads, staging,
+            gpu_pool_bytes, chunk_elems), each with the spec's default.
         fsync: make the output durable before the final rename.
         dry_run: only build and return the plan.
         validate: ``callable(model_dir) -> verdict`` evaluating the output before
@@ -562,21 +548,7 @@ def patch(
     Example:
         >>> patch("ft", "restored", aligned="chat", unaligned="shadow", beta=0.5)  # doctest: +SKIP
     """
-    options = PatchOptions(
-        beta=beta,
-        dare=dare,
-        seed=seed,
-        include=include,
-        exclude=exclude,
-        beta_rules=beta_rules,
-        dtype=dtype,
-        backend=backend,
-        device=device,
-        threads=threads,
-        chunk_elems=chunk_elems,
-        gpu_pool_bytes=gpu_pool_bytes,
-        staging=staging,
-    )
+    options = PatchOptions(**options)
     inputs = {"aligned": aligned, "unaligned": unaligned, "vector": vector, "base": base, "dare_base": dare_base}
     if dry_run:
         resolve_device(options.device)

@@ -30,6 +30,7 @@ import shlex
 from pathlib import Path
 
 from resta_fast.io.identity import short_id
+from resta_fast.options import DTYPE_FLAGS, PATCH
 
 CARD_NAME = "README.md"
 HUB_URL = "https://huggingface.co"
@@ -45,7 +46,6 @@ ROLE_TITLES = {
     "vector": "safety vector",
     "dare_base": "DARE base",
 }
-_DTYPE_FLAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _roles(report: dict) -> list[tuple[str, dict]]:
@@ -172,7 +172,7 @@ def reproduce_command(report: dict) -> str | None:
             return None  # only the Python API takes include/exclude for a vector
         args = ["vector", "--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"])]
         if params.get("dtype"):
-            args += ["--dtype", _DTYPE_FLAGS.get(params["dtype"], params["dtype"])]
+            args += ["--dtype", DTYPE_FLAGS.get(params["dtype"], params["dtype"])]
     elif command == "patch" and "finetuned" in roles:
         args = ["patch", "--finetuned", _pinned(roles["finetuned"])]
         if "base" in roles:
@@ -181,16 +181,10 @@ def reproduce_command(report: dict) -> str | None:
             args += ["--vector", _pinned(roles["vector"])]
         else:
             args += ["--aligned", _pinned(roles.get("aligned", {})), "--unaligned", _pinned(roles.get("unaligned", {}))]
-        args += ["--beta", str(params.get("beta", 1.0))]
-        if params.get("dare") is not None:
-            args += ["--dare", str(params["dare"]), "--seed", str(params.get("seed", 0))]
-            default = roles.get("base") or roles.get("aligned")
-            if "dare_base" in roles and not _same_input(roles["dare_base"], default):
-                args += ["--dare-base", _pinned(roles["dare_base"])]
-        args += include + exclude
-        args += [a for rule in params.get("beta_rules") or () for a in ("--beta-rule", rule)]
-        if params.get("dtype"):
-            args += ["--dtype", _DTYPE_FLAGS.get(params["dtype"], params["dtype"])]
+        default = roles.get("base") or roles.get("aligned")
+        if params.get("dare") is not None and "dare_base" in roles and not _same_input(roles["dare_base"], default):
+            args += ["--dare-base", _pinned(roles["dare_base"])]
+        args += PATCH.reproduce(params)  # every recorded option, from the one spec
     elif command in ("safelora", "safemerge") and {"adapter", "aligned", "unaligned"} <= set(roles):
         args = [command, "--adapter", _pinned(roles["adapter"])]
         if command == "safemerge":
