@@ -27,7 +27,7 @@ from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_loc
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.difference import difference_kernel
 from resta_fast.lora import LoraFinetuned
-from resta_fast.options import MAX_SEED, PATCH, PatchOptions, check_device_spelling
+from resta_fast.options import MAX_SEED, PATCH, VECTOR, PatchOptions, check_device_spelling
 from resta_fast.pipeline.engine import run_jobs
 from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
 from resta_fast.pipeline.job import Inputs, Job
@@ -313,11 +313,14 @@ def prepare(
         )
 
 
-def prepare_vector(
-    aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(), opener: Opener | None = None, resolver=None
-) -> PreparedPatch:
-    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``); inputs as ``prepare``'s."""
-    options = PatchOptions(dtype=dtype, include=include, exclude=exclude)
+@VECTOR.keywords
+def prepare_vector(aligned, unaligned, *, opener: Opener | None = None, resolver=None, **options) -> PreparedPatch:
+    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``); inputs as ``prepare``'s,
+    ``options`` the ``options.VECTOR`` spec's (dtype, include, exclude)."""
+    kept, problems = VECTOR.check(options)
+    if problems:
+        raise problems[0]
+    options = PatchOptions(**kept)
     resolve = resolver or resolve_input
     found = {role: resolve(arg, role) for role, arg in (("aligned", aligned), ("unaligned", unaligned))}
     hub = {role: r for role, r in found.items() if r.is_hub}
@@ -339,7 +342,7 @@ def prepare_vector(
         plan.files = [f for f in plan.files if f.tensors]
         if dropped:
             plan.notes.append(f"{len(dropped)} tensor(s) not in the vector (non-float or missing), e.g. {dropped[0]}")
-        params = {"dtype": options.out_dtype, "include": list(options.include), "exclude": list(options.exclude)}
+        params = VECTOR.params(options.values())
         checkpoints = {"aligned": al, "unaligned": un}
         backend_name, kernel = difference_kernel()
         return PreparedPatch(
@@ -568,29 +571,29 @@ def patch(
         )
 
 
+@VECTOR.keywords
 def make_vector(
     aligned,
     unaligned,
     out,
     *,
-    dtype: str = "float32",
-    include=(),
-    exclude=(),
     overwrite: bool = False,
     fsync: bool = True,
     progress: bool = False,
     command_line: str | None = None,
     record_paths: bool = False,
+    **options,
 ) -> dict:
     """Write the safety vector V = aligned − unaligned as a checkpoint.
 
     fp32 (the default) makes patching with V bit-identical to patching with the
     pair. Tensors that cannot be differenced (non-float, missing) are left out.
+    ``options``: the ``options.VECTOR`` spec's (dtype, include, exclude).
 
     Example:
         >>> make_vector("chat", "shadow", "safety_vector")  # doctest: +SKIP
     """
-    with prepare_vector(aligned, unaligned, dtype=dtype, include=include, exclude=exclude) as prepared:
+    with prepare_vector(aligned, unaligned, **options) as prepared:
         return execute(
             prepared,
             out,

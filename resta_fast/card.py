@@ -30,7 +30,9 @@ import shlex
 from pathlib import Path
 
 from resta_fast.io.identity import short_id
-from resta_fast.options import DTYPE_FLAGS, PATCH
+from resta_fast.options import PATCH, VECTOR
+from resta_fast.safelora import SAFELORA
+from resta_fast.safemerge import SAFEMERGE
 
 CARD_NAME = "README.md"
 HUB_URL = "https://huggingface.co"
@@ -165,14 +167,11 @@ def reproduce_command(report: dict) -> str | None:
     command = report.get("command")
     params = report.get("params") or {}
     roles = dict(_roles(report))
-    include = [a for p in params.get("include") or () for a in ("--include", p)]
-    exclude = [a for p in params.get("exclude") or () for a in ("--exclude", p)]
     if command == "vector" and {"aligned", "unaligned"} <= set(roles):
-        if include or exclude:
-            return None  # only the Python API takes include/exclude for a vector
-        args = ["vector", "--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"])]
-        if params.get("dtype"):
-            args += ["--dtype", DTYPE_FLAGS.get(params["dtype"], params["dtype"])]
+        options = VECTOR.reproduce(params)  # None: include/exclude, which only the Python API takes
+        if options is None:
+            return None
+        args = ["vector", "--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"]), *options]
     elif command == "patch" and "finetuned" in roles:
         args = ["patch", "--finetuned", _pinned(roles["finetuned"])]
         if "base" in roles:
@@ -190,27 +189,9 @@ def reproduce_command(report: dict) -> str | None:
         if command == "safemerge":
             args += ["--safety-adapter", _pinned(roles.get("safety_adapter", {}))]
         args += ["--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"])]
-        if command == "safelora":
-            args += (
-                ["--num-layers", str(params["num_layers"])]
-                if params.get("num_layers") is not None
-                else ["--threshold", str(params.get("threshold"))]
-            )
-        else:
-            args += [
-                "--tau",
-                str(params.get("tau")),
-                "--weights",
-                *map(str, params.get("weights") or ()),
-                "--combination",
-                str(params.get("combination")),
-            ]
-            if params.get("density") is not None:
-                args += ["--density", str(params["density"]), "--seed", str(params.get("seed", 0))]
-        if params.get("merge"):
-            args.append("--merge")
-            if "base" in roles and not _same_input(roles["base"], roles["aligned"]):
-                args += ["--base", _pinned(roles["base"])]
+        args += (SAFELORA if command == "safelora" else SAFEMERGE).reproduce(params)
+        if params.get("merge") and "base" in roles and not _same_input(roles["base"], roles["aligned"]):
+            args += ["--base", _pinned(roles["base"])]
     else:
         return None
     return shlex.join(["resta-fast", *args, "--out", "OUT"])

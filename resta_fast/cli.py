@@ -20,7 +20,7 @@ from resta_fast import cli_args as A
 from resta_fast.cli_args import add_validation_args, validation_options
 from resta_fast.errors import RestaError, cli_flag
 from resta_fast.io.hub import HUB_RULE
-from resta_fast.options import PATCH
+from resta_fast.options import PATCH, VECTOR
 
 HUB_EPILOG = textwrap.fill(f"Models and adapters are local paths or Hugging Face Hub ids: {HUB_RULE}.", 79) + "\n"
 PATCH_EPILOG = (
@@ -95,7 +95,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--aligned", required=True, metavar="MODEL", help="aligned model (path or Hub id)")
     v.add_argument("--unaligned", required=True, metavar="MODEL", help="unaligned (shadow) model (path or Hub id)")
     v.add_argument("--out", required=True, type=A.creatable_dir)
-    v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
+    VECTOR.add_arguments(v)
     v.add_argument("--overwrite", action="store_true")
     v.add_argument("--no-fsync", action="store_true")
     A.add_record_paths(v)
@@ -203,7 +203,7 @@ def cmd_vector(args) -> int:
         args.aligned,
         args.unaligned,
         args.out,
-        dtype=args.dtype,
+        **VECTOR.from_args(args),
         overwrite=args.overwrite,
         fsync=not args.no_fsync,
         progress=not args.no_progress and sys.stderr.isatty(),

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -309,3 +310,15 @@ class PatchOptions:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.values().items())})"
+
+
+# The options of `vector`: patch's own dtype (exact fp32 by default), include and exclude (the
+# Python API's knobs: a vector written with them is not patch's whole V, and the card says so).
+VECTOR = Spec(
+    "vector",
+    (
+        dataclasses.replace(PATCH.get("dtype"), default="float32", help="float32 (default, exact) or bfloat16"),
+        dataclasses.replace(PATCH.get("include"), flag=""),
+        dataclasses.replace(PATCH.get("exclude"), flag=""),
+    ),
+)

@@ -226,12 +226,24 @@ class Spec:
         """The provenance's ``params``: the recorded options, as recorded."""
         return {o.name: o.record(values[o.name]) for o in self.options if o.record is not None}
 
-    def reproduce(self, params: dict) -> list[str]:
-        """Flags giving the recorded ``params`` back, in the spec's order (the card's command)."""
+    def recorded(self, params: dict) -> dict:
+        """The options a provenance's ``params`` recorded, as keywords that rebuild them (verify).
+
+        Example:
+            >>> Spec("s", (Option("beta", 1.0, record=lambda v: v),)).recorded({"beta": 0.5, "other": 1})
+            {'beta': 0.5}
+        """
+        return {o.name: params[o.name] for o in self.options if o.record is not None and o.name in params}
+
+    def reproduce(self, params: dict) -> list[str] | None:
+        """Flags giving the recorded ``params`` back, in the spec's order (the card's command);
+        None when a value was set that only the API takes (no flag can give it back)."""
         args: list[str] = []
         for o in self.options:
             if o.record is None or o.name not in params:
                 continue
+            if not o.cli and params[o.name] not in (None, o.default, (), []):
+                return None
             args += o.reproduce(params) if o.reproduce is not None else o.args_of(params[o.name])
         return args
 

@@ -70,7 +70,9 @@ def add_batch_parser(subparsers) -> None:
     p.add_argument("--num-gpus", type=A.nonnegative, help="GPUs per Ray task")
     p.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS, else a local one)")
     p.add_argument(
-        "--threads", type=PATCH.get("threads").parse_text, help="kernel threads (default: manifest, else the cores the writers leave)"
+        "--threads",
+        type=PATCH.get("threads").parse_text,
+        help="kernel threads (default: manifest, else the cores the writers leave)",
     )
     p.add_argument(
         "--writers",
