@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -28,6 +29,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from resta_fast.errors import FLAG_SPELLINGS, OptionError
 
@@ -73,6 +75,8 @@ def cosine(name: str, *, optional: bool = False):
 
 
 fraction = _bounded("a fraction in (0, 1]", lambda v: 0 < v <= 1, optional=True)
+rate = _bounded("a fraction in [0, 1]", lambda v: 0 <= v <= 1, optional=True)
+nonnegative = _bounded("a finite number >= 0", lambda v: v >= 0, optional=True)
 
 
 def always(flag: str, name: str):
@@ -120,6 +124,10 @@ class Option:
             recorded ``params`` (None: derived: the flag and value when it is not the default).
         cli_default, to_api: the flag's own default and unit (``--gpu-pool-mb`` is MiB, the API bytes).
         each: with ``nargs``, the check of one of its values (the CLI's, as each is parsed).
+        action: an argparse action of its own (``BooleanOptionalAction``: ``--x`` / ``--no-x``).
+        cli_type: a check of the flag's text only (a directory that can be created: the library
+            makes it, the command line refuses one that cannot be, before any work).
+        group: the section of ``--help`` it is listed in (``add_arguments(section=...)``).
     """
 
     name: str
@@ -139,6 +147,9 @@ class Option:
     cli_default: object = field(default=None, compare=False)
     to_api: Callable | None = None
     each: Callable | None = None
+    action: object = None
+    cli_type: Callable | None = None
+    group: str | None = None
 
     @property
     def cli(self) -> str:
@@ -278,17 +289,26 @@ class Spec:
 
     # --- the command line -------------------------------------------------------------------
 
-    def add_arguments(self, parser, *, only: Iterable[str] | None = None, group=None) -> None:
-        """Add the flags of the options (``only``: these, in the spec's order) to ``parser``."""
+    def add_arguments(
+        self, parser, *, only: Iterable[str] | None = None, group=None, section: str | None = None, required=()
+    ) -> None:
+        """Add the flags of the options to ``parser`` (or its ``group``), in the spec's order:
+        ``only`` these, or those of ``section``; ``required``: options the command needs."""
         wanted = None if only is None else set(only)
         for o in self.options:
             if not o.cli or (wanted is not None and o.name not in wanted):
                 continue
+            if section is not None and o.group != section:
+                continue
             kw: dict = {"dest": o.name, "help": o.help}
-            if o.kind is bool:
+            if o.name in required:
+                kw["required"] = True
+            if o.action is not None:
+                kw.update(action=o.action, default=o.default)
+            elif o.kind is bool:
                 kw.update(action="store_true")
             else:
-                kw.update(type=o.parse_text, metavar=o.metavar)
+                kw.update(type=o.cli_type or o.parse_text, metavar=o.metavar)
                 kw["default"] = o.cli_default if o.cli_default is not None else o.default
                 if o.repeat:
                     kw.update(action="append", default=[])
@@ -299,11 +319,13 @@ class Spec:
                     kw["default"] = list(o.default) if o.default is not None else None
             (group if group is not None else parser).add_argument(o.cli, **kw)
 
-    def from_args(self, args, *, only: Iterable[str] | None = None) -> dict:
-        """The API keywords of the parsed flags."""
+    def from_args(self, args, *, only: Iterable[str] | None = None, section: str | None = None) -> dict:
+        """The API keywords of the parsed flags (``only``/``section``: as ``add_arguments``)."""
         wanted = None if only is None else set(only)
         out = {}
         for o in self.options:
+            if section is not None and o.group != section:
+                continue
             if o.cli and (wanted is None or o.name in wanted) and hasattr(args, o.name):
                 value = getattr(args, o.name)
                 out[o.name] = o.to_api(value) if o.to_api is not None and value is not None else value
@@ -320,6 +342,41 @@ class Spec:
 
     def manifest_keys(self, where: str = "job") -> tuple[str, ...]:
         return tuple(o.name for o in self.options if o.manifest == where)
+
+
+def declared(default, help: str = "", **option) -> dataclasses.Field:
+    """A dataclass field that is also an option: ``spec_of`` reads it (the dataclass is the spec).
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Opts:
+        ...     limit: int | None = declared(None, "use only the first N", check=count("limit"), kind=int)
+        >>> spec_of(Opts, "demo").get("limit").help
+        'use only the first N'
+    """
+    return dataclasses.field(default=default, metadata={"option": {"help": help, **option}})
+
+
+def spec_of(cls, command: str) -> Spec:
+    """The ``Spec`` of a dataclass whose option fields are ``declared`` (the others are not options)."""
+    return Spec(
+        command,
+        tuple(
+            Option(f.name, f.default, **f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata
+        ),
+    )
+
+
+def existing_file(name: str):
+    """A check: a path to a file that exists (None: not given)."""
+
+    def check(value):
+        if value is not None and not Path(value).is_file():
+            found = "a directory" if Path(value).is_dir() else "missing"
+            raise OptionError(name, "{" + name + "} needs an existing file: {got} is " + found, got=str(value))
+        return value
+
+    return check
 
 
 def unknown_key(key: str, allowed, where: str) -> str:

@@ -130,3 +130,22 @@ def test_a_flag_is_spelled_once_with_its_option():
     assert cli_flag("gpu_pool_bytes") == "--gpu-pool-mb" and cli_flag("dare_base") == "--dare-base"
     args = build_parser("patch").parse_args(["patch", "--finetuned", "f", "--vector", "v", "--out", "o"])
     assert PATCH.from_args(args)["gpu_pool_bytes"] == 256 << 20  # the flag's MiB, the API's bytes
+
+
+def test_every_declared_eval_option_is_a_flag_and_reaches_evaluate(monkeypatch):
+    """EvalOptions' declared fields are the eval command's flags and evaluate()'s keywords: none is
+    written a second time in the CLI (a field declared there and forgotten in the CLI would be missing)."""
+    from resta_fast.eval import runner
+    from resta_fast.eval.cli import run_eval
+    from resta_fast.eval.options import EVAL, EvalOptions
+
+    declared = [f for f in EvalOptions.field_names() if f not in ("judges", "columns")]
+    assert list(EVAL.names()) == declared
+    text = _help("eval")
+    assert all(EVAL.get(name).cli in text for name in declared)
+    seen = {}
+    monkeypatch.setattr(runner, "evaluate", lambda **kw: seen.update(kw) or {"summary": {"gate": {"passed": True}}})
+    monkeypatch.setattr(runner, "print_summary", lambda *a, **k: None)
+    args = build_parser("eval").parse_args(["eval", "--responses", "r.jsonl", "--limit", "3", "--no-chat-template"])
+    assert run_eval(args) == 0
+    assert set(declared) <= set(seen) and seen["limit"] == 3 and seen["chat_template"] is False
