@@ -290,6 +290,7 @@ def add_eval_parser(subparsers):
         The new subparser (``func`` set to :func:`run_eval`).
 
     Example:
+        >>> import argparse
         >>> ap = argparse.ArgumentParser(); add_eval_parser(ap.add_subparsers())  # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
@@ -324,6 +325,7 @@ def add_tune_parser(subparsers):
         The new subparser (``func`` set to :func:`run_tune`).
 
     Example:
+        >>> import argparse
         >>> ap = argparse.ArgumentParser(); add_tune_parser(ap.add_subparsers())  # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
