@@ -175,20 +175,20 @@ def inspect(
             f"inspect takes at most 3 positional models (finetuned, aligned, unaligned); "
             f"extra: {', '.join(map(str, rest))}"
         )
-    from resta_fast.io.hub import Resolver
+    from resta_fast.resolve import Resolver, resolve
 
-    resolve = Resolver()
+    resolver = Resolver()
 
-    def local(path, role: str, kind: str = "model"):  # a Hub id -> its cache snapshot (io.hub.HUB_RULE)
-        found = None if path is None else resolve(path, role, kind=kind)
-        return str(found.path) if found is not None and found.is_hub else path
+    def local(path, role: str, accepts: str = "model"):  # a Hub id -> its cache snapshot (io.hub.HUB_RULE)
+        found = resolve(path, role, accepts=accepts, resolver=resolver)
+        return None if found is None else found.path
 
     ft_path, aligned, unaligned = (
         local(ft_path, "finetuned", "any"),
         local(aligned, "aligned"),
         local(unaligned, "unaligned"),
     )
-    vector, base, dare_base = local(vector, "vector"), local(base, "base"), local(dare_base, "dare base")
+    vector, base, dare_base = local(vector, "vector"), local(base, "base"), local(dare_base, "dare_base")
     seen = []
     for p in [ft_path, aligned, unaligned, vector, base, dare_base]:
         if p is not None and p not in seen:
