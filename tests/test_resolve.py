@@ -195,3 +195,15 @@ def test_each_hub_id_is_resolved_once_per_run(world, calls):
             {"aligned": "org/chat", "unaligned": "org/shadow"}, {"aligned": "model", "unaligned": "model"}, resolver
         )
     assert sorted(calls) == [("org/chat", "main"), ("org/shadow", "main")], calls
+
+
+def test_a_resolved_input_is_not_resolved_again(world, calls):
+    """A command that resolved an input (the CLI's validator, compare) hands the Input on: no second look-up."""
+    ft = resolve("org/lora", "finetuned", accepts="any")
+    chat = resolve("org/chat", "aligned")
+    calls.clear()
+    with api.prepare(ft, aligned=chat, unaligned=resolve("org/shadow", "unaligned")) as prepared:
+        assert prepared.roles.inputs["base"] == chat.as_role("base")
+    with realign.Session(ft, aligned=chat, unaligned=str(world["snap"]["shadow"])) as session:
+        assert session.inputs["adapter"] == ft.as_role("adapter")
+    assert sorted(calls) == [("org/shadow", "main")], calls
