@@ -20,6 +20,7 @@ from resta_fast.eval.compare import Candidate, Grid
 from resta_fast.io import hub
 from resta_fast.resolve import Input, Resolver, resolve, resolve_all
 from resta_fast.roles import realign_inputs, resolve_roles, vector_roles
+from resta_fast.verify import verify
 from resta_fast.verify.inputs import open_inputs
 
 pytest.importorskip("huggingface_hub")
@@ -169,6 +170,14 @@ def test_vector_roles_resolve_hub_ids_like_a_patch(world):
     assert (
         got.inputs["aligned"] == resolve_roles("org/ft", aligned="org/chat", unaligned="org/shadow").inputs["aligned"]
     )
+
+
+def test_verify_resolves_a_vectors_hub_ids_as_vector_did(world, tmp_path):
+    """A vector made from Hub ids verifies from the ids (given, or as recorded: pinned to their commits)."""
+    out = tmp_path / "v"
+    api.make_vector("org/chat", "org/shadow", out, fsync=False)
+    assert verify(out, ["org/chat", "org/shadow"], samples=200)["ok"]
+    assert verify(out, [], samples=200)["ok"]  # the recorded hf://org/chat@<commit> and hf://org/shadow@<commit>
 
 
 def test_each_hub_id_is_resolved_once_per_run(world, calls):
