@@ -112,16 +112,28 @@ def write_candidates(
     seed: int = 0,
     safemerge_options: dict | None = None,
     progress: bool = False,
+    resolver=None,
 ) -> tuple[Path, dict[str, Path]]:
     """Write the fine-tune baseline and every candidate under ``root``: (baseline dir, {slug: dir}).
 
     A full fine-tune is its own baseline; a LoRA fine-tune's is its merge into ``base``.
     ``pre_aligned`` is Safe LoRA's "unaligned" model, the one ``aligned`` was aligned
-    from (default: ``unaligned``, RESTA's shadow model).
+    from (default: ``unaligned``, RESTA's shadow model). Inputs are paths or Hub ids
+    (or ``resolve.Input``, already resolved); ``resolver``: the run's ``io.hub.Resolver``.
     """
-    from resta_fast.io.adapter import is_adapter
+    from resta_fast.resolve import Resolver
 
-    lora = is_adapter(finetuned)
+    resolver = resolver or Resolver()
+    ins = resolve_inputs(
+        resolver,
+        finetuned=finetuned,
+        aligned=aligned,
+        unaligned=unaligned,
+        base=base,
+        pre_aligned=pre_aligned,
+        safety_adapter=safety_adapter,
+    )
+    lora = ins["finetuned"].is_adapter
     dirs = {c.slug: root / c.slug for c in candidates}
     resta = [c for c in candidates if c.method == "RESTA"]
     if resta:
@@ -129,22 +141,23 @@ def write_candidates(
             resta,
             root,
             dirs,
-            finetuned=finetuned,
-            aligned=aligned,
-            unaligned=unaligned,
-            base=base if lora else None,
+            finetuned=ins["finetuned"],
+            aligned=ins["aligned"],
+            unaligned=ins["unaligned"],
+            base=ins["base"] if lora else None,
             seed=seed,
+            resolver=resolver,
         )
-    baseline = Path(finetuned)
+    baseline = Path(ins["finetuned"].path)
     if lora:
         from resta_fast import realign
 
         with realign.Session(
-            finetuned,
-            aligned=aligned,
-            unaligned=pre_aligned or unaligned,
-            safety_adapter=safety_adapter,
-            base=base,
+            ins["finetuned"],
+            aligned=ins["aligned"],
+            unaligned=ins["pre_aligned"] or ins["unaligned"],
+            safety_adapter=ins["safety_adapter"],
+            base=ins["base"],
             progress=progress,
         ) as session:
             baseline = root / "finetune"
@@ -159,21 +172,39 @@ def write_candidates(
     return baseline, dirs
 
 
+def resolve_inputs(resolver=None, **given) -> dict:
+    """compare's inputs (role -> path, Hub id or None) through the one resolve step: role -> ``resolve.Input``.
+
+    Each Hub id is resolved once (``resolver``: the run's ``io.hub.Resolver``), and
+    ``Input.is_adapter`` says whether the fine-tune is a PEFT adapter, wherever it lay.
+    """
+    from resta_fast.resolve import resolve_all
+    from resta_fast.roles import REALIGN_KINDS, ROLE_KINDS
+
+    return resolve_all(given, {**ROLE_KINDS, **REALIGN_KINDS, "pre_aligned": "model"}, resolver)
+
+
+def _named(inp) -> str:
+    """An input as a manifest names it: a Hub id as given (the run's resolver already holds it), a local
+    path absolute (a manifest's relative paths are its folder's)."""
+    return inp.given if inp.is_hub else str(Path(inp.path).absolute())
+
+
 def _write_resta(
-    cands: list[Candidate], root: Path, dirs: dict, *, finetuned, aligned, unaligned, base, seed: int
+    cands: list[Candidate], root: Path, dirs: dict, *, finetuned, aligned, unaligned, base, seed: int, resolver
 ) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
     from resta_fast.batch.manifest import manifest_from_mapping
 
     manifest = {
-        "aligned": str(Path(aligned).absolute()),
-        "unaligned": str(Path(unaligned).absolute()),
+        "aligned": _named(aligned),
+        "unaligned": _named(unaligned),
         "fsync": False,
         "group_size": len(cands),
         "jobs": [
             {
-                "finetuned": str(Path(finetuned).absolute()),
+                "finetuned": _named(finetuned),
                 "out": str(dirs[c.slug].absolute()),
                 "name": c.slug,
                 "beta": c.knobs["beta"],
@@ -183,9 +214,9 @@ def _write_resta(
         ],
     }
     if base is not None:
-        manifest["base"] = str(Path(base).absolute())
+        manifest["base"] = _named(base)
     # In memory: batch's own loader checks it, and nothing is written but the candidates.
-    built = manifest_from_mapping(manifest, "compare's RESTA candidates", root=root)
+    built = manifest_from_mapping(manifest, "compare's RESTA candidates", root=root, resolver=resolver)
     failed = [r for r in run_batch(built) if not r.ok]
     if failed:
         raise RestaError(f"compare: RESTA candidate {failed[0].name} failed: {failed[0].error}")
@@ -246,13 +277,24 @@ def compare(
     from resta_fast.eval.judges import make_judge
     from resta_fast.eval.prompts import PromptSet, load_prompts
     from resta_fast.eval.runner import evaluate
-    from resta_fast.io.adapter import is_adapter
+    from resta_fast.resolve import Resolver
 
     if not (utility or perplexity):
         raise OptionError(
             "utility", "compare plots harmful rate against utility: give {utility} FILE and/or {perplexity} FILE"
         )
-    candidates = grid.candidates(lora=is_adapter(finetuned), safety=safety_adapter is not None)
+    # The one resolve step, once for the whole run: a Hub id is resolved here and nowhere again.
+    resolver = Resolver()
+    ins = resolve_inputs(
+        resolver,
+        finetuned=finetuned,
+        aligned=aligned,
+        unaligned=unaligned,
+        base=base,
+        pre_aligned=pre_aligned,
+        safety_adapter=safety_adapter,
+    )
+    candidates = grid.candidates(lora=ins["finetuned"].is_adapter, safety=safety_adapter is not None)
     evaluate_fn = evaluate_fn or evaluate
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     judge_objs = [make_judge(j) if isinstance(j, str) else j for j in judges]
@@ -263,15 +305,11 @@ def compare(
         baseline_dir, dirs = write_candidates(
             candidates,
             root,
-            finetuned=finetuned,
-            aligned=aligned,
-            unaligned=unaligned,
-            base=base,
-            pre_aligned=pre_aligned,
-            safety_adapter=safety_adapter,
+            **ins,
             seed=seed,
             safemerge_options=safemerge_options,
             progress=progress,
+            resolver=resolver,
         )
 
         def run_eval(model_dir: Path, label: str) -> dict:
