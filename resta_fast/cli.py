@@ -170,9 +170,15 @@ def cmd_patch(args) -> int:
     from resta_fast import api
 
     checks = validation_options(args)
-    validate = None if args.dry_run else make_validator(checks, args.finetuned)
+    finetuned, validate = args.finetuned, None
+    if checks and not args.dry_run:
+        from resta_fast.resolve import resolve
+
+        # Resolved once: the gate's reference and the patch's fine-tune are the same input (a Hub id too).
+        finetuned = resolve(args.finetuned, "finetuned", accepts="any")
+        validate = make_validator(checks, finetuned)
     report = api.patch(
-        args.finetuned,
+        finetuned,
         args.out,
         aligned=args.aligned,
         unaligned=args.unaligned,

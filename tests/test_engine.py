@@ -258,4 +258,5 @@ def test_a_group_through_the_triton_kernel_matches_the_cpu_path(tmp_path, models
 def test_fused_workers_split_cores_between_kernel_and_writers():
     assert engine.fused_workers(8, cores=16) == (12, 4)
     assert engine.fused_workers(1, cores=2) == (1, 1)
+    assert engine.fused_workers(8, cores=2) == (1, 1) and engine.fused_workers(8, cores=1) == (1, 1)  # docs/batch.md
     assert engine.fused_workers(8, threads=3, writers=20, cores=2) == (3, 8)
