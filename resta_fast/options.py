@@ -230,7 +230,7 @@ PATCH = Spec(
             "CPU kernel threads (default: all cores but the writer's)",
             check=S.count("threads"),
             kind=int,
-            manifest="top",
+            manifest=None,  # a batch's run setting (batch.manifest.BATCH), not a job's
         ),
         Option(
             "staging",

@@ -75,6 +75,7 @@ def cosine(name: str, *, optional: bool = False):
 
 
 fraction = _bounded("a fraction in (0, 1]", lambda v: 0 < v <= 1, optional=True)
+positive = _bounded("a finite number > 0", lambda v: v > 0, optional=True)
 rate = _bounded("a fraction in [0, 1]", lambda v: 0 <= v <= 1, optional=True)
 nonnegative = _bounded("a finite number >= 0", lambda v: v >= 0, optional=True)
 
@@ -311,10 +312,18 @@ class Spec:
     # --- the command line -------------------------------------------------------------------
 
     def add_arguments(
-        self, parser, *, only: Iterable[str] | None = None, group=None, section: str | None = None, required=()
+        self,
+        parser,
+        *,
+        only: Iterable[str] | None = None,
+        group=None,
+        section: str | None = None,
+        required=(),
+        unset: bool = False,
     ) -> None:
         """Add the flags of the options to ``parser`` (or its ``group``), in the spec's order:
-        ``only`` these, or those of ``section``; ``required``: options the command needs."""
+        ``only`` these, or those of ``section``; ``required``: options the command needs;
+        ``unset``: a flag not given is None (another source decides: a batch's manifest)."""
         wanted = None if only is None else set(only)
         for o in self.options:
             if not o.cli or (wanted is not None and o.name not in wanted):
@@ -338,6 +347,8 @@ class Spec:
                 if o.nargs:
                     kw["nargs"] = o.nargs
                     kw["default"] = list(o.default) if o.default is not None else None
+                if unset:
+                    kw["default"] = None
             (group if group is not None else parser).add_argument(o.cli, **kw)
 
     def from_args(self, args, *, only: Iterable[str] | None = None, section: str | None = None) -> dict:

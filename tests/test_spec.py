@@ -167,3 +167,14 @@ def test_compare_takes_the_methods_options_under_its_own_flags_with_their_checks
     assert main([*argv, "--max-harmful", "0.1", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_a_batch_run_setting_has_one_check_for_its_manifest_key_and_its_flag(tmp_path, capsys):
+    root = make_world(tmp_path)
+    with pytest.raises(ManifestError) as info:
+        load_manifest(write_manifest(root, [{"finetuned": "ft", "out": "outs/a"}], num_cpus=0, group_size=0))
+    assert "num_cpus must be a finite number > 0, got 0" in str(info.value)
+    assert "group_size must be an integer >= 1, got 0" in str(info.value)
+    manifest = write_manifest(root, [{"finetuned": "ft", "out": "outs/a"}])
+    assert main(["batch", str(manifest), "--num-cpus", "0", "--dry-run"]) == 2
+    assert "--num-cpus must be a finite number > 0, got 0.0" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from resta_fast import cli_args as A
 from resta_fast.batch.local import JobResult, Reporter, format_table, human_bytes, summarize
-from resta_fast.batch.manifest import patch_keys, top_keys
+from resta_fast.batch.manifest import BATCH, patch_keys, top_keys
 from resta_fast.cli_args import add_validation_args, validation_options
 from resta_fast.options import PATCH
 
@@ -61,19 +61,14 @@ def add_batch_parser(subparsers) -> None:
         metavar="K",
         help="run only group K (repeatable); e.g. a Slurm array element",
     )
-    p.add_argument("--group-size", type=A.count, metavar="N", help="jobs per fused pass (default: manifest, 8)")
+    BATCH.add_arguments(p, only=("group_size",), unset=True)
     p.add_argument("--dry-run", action="store_true", help="validate and print the groups; write nothing")
     p.add_argument(
         "--emit-slurm", metavar="DIR", type=A.creatable_dir, help="write an sbatch array script (one element per group)"
     )
-    p.add_argument("--num-cpus", type=A.positive, help="CPUs per Ray task / Slurm element")
-    p.add_argument("--num-gpus", type=A.nonnegative, help="GPUs per Ray task")
+    BATCH.add_arguments(p, only=("num_cpus", "num_gpus"), unset=True)
     p.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS, else a local one)")
-    p.add_argument(
-        "--threads",
-        type=PATCH.get("threads").parse_text,
-        help="kernel threads (default: manifest, else the cores the writers leave)",
-    )
+    BATCH.add_arguments(p, only=("threads",), unset=True)
     p.add_argument(
         "--writers",
         type=A.count,

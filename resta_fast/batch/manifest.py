@@ -30,21 +30,25 @@ prepared jobs then run without being opened again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from resta_fast import spec as S
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
 from resta_fast.options import PATCH, PatchOptions
 from resta_fast.resolve import resolve
 from resta_fast.roles import ROLE_KINDS, resolve_roles
-from resta_fast.spec import is_real, unknown_key
+from resta_fast.spec import Option, Spec, is_real, unknown_key
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
 JOB_KEYS = ("finetuned", "out", "name")
+# Eight fine-tunes per pass already cut the shared reads to a quarter of a
+# model per job; larger groups mostly cost parallelism across Ray/Slurm workers.
+DEFAULT_GROUP_SIZE = 8
 
 
 # The options a job sets (or the top level sets for every job), and the run settings at the top:
@@ -58,12 +62,60 @@ def patch_keys() -> tuple[str, ...]:
 
 
 def top_keys() -> tuple[str, ...]:
-    return ("jobs", "group_size", "num_cpus", "num_gpus", *PATCH.manifest_keys("top"), "fsync", "slurm")
+    return ("jobs", *BATCH.names())
 
 
-# Eight fine-tunes per pass already cut the shared reads to a quarter of a
-# model per job; larger groups mostly cost parallelism across Ray/Slurm workers.
-DEFAULT_GROUP_SIZE = 8
+def _true_or_false(value):
+    if not isinstance(value, bool):
+        raise OptionError("fsync", "{fsync} must be true or false, got {got}", got=repr(value))
+    return value
+
+
+def _slurm(value) -> dict[str, str]:
+    value = value or {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, (str, int, float)) and "\n" not in f"{k}{v}" for k, v in value.items()
+    ):
+        raise OptionError(
+            "slurm",
+            "{slurm} must map sbatch option names to single-line values, e.g. {{partition: gpu, time: '04:00:00'}}",
+        )
+    return {k: str(v) for k, v in value.items()}
+
+
+# A batch's run settings: the manifest's top-level keys besides the jobs' defaults, and the batch
+# command's flags of the same names (which, given, win over the manifest).
+BATCH = Spec(
+    "batch",
+    (
+        Option(
+            "group_size",
+            DEFAULT_GROUP_SIZE,
+            "jobs per fused pass (default: manifest, 8)",
+            check=S.count("group_size", optional=False),
+            kind=int,
+            metavar="N",
+            manifest="top",
+        ),
+        Option(
+            "num_cpus",
+            None,
+            "CPUs per Ray task / Slurm element",
+            check=S.positive("num_cpus"),
+            kind=float,
+            manifest="top",
+        ),
+        Option("num_gpus", None, "GPUs per Ray task", check=S.nonnegative("num_gpus"), kind=float, manifest="top"),
+        dataclasses.replace(
+            PATCH.get("threads"),
+            help="kernel threads (default: manifest, else the cores the writers leave)",
+            manifest="top",
+        ),
+        Option("fsync", True, check=_true_or_false, flag="", manifest="top"),
+        Option("slurm", None, check=_slurm, flag="", manifest="top"),
+    ),
+    spells=False,
+)
 
 
 class ManifestError(RestaError):
@@ -305,45 +357,18 @@ def _parse(
 
 
 def _parse_options(raw: dict, problems: list[str], group_size: int | None) -> dict:
-    opts: dict = {"group_size": group_size if group_size is not None else raw.get("group_size", DEFAULT_GROUP_SIZE)}
-    if not _is_int(opts["group_size"]) or opts["group_size"] < 1:
-        problems.append(f"group_size must be an integer >= 1, got {opts['group_size']!r}")
-        opts["group_size"] = DEFAULT_GROUP_SIZE
-    for key, low in (("num_cpus", 0.0), ("num_gpus", 0.0)):
-        value = raw.get(key)
-        if value is not None and (not _is_number(value) or value < low or (key == "num_cpus" and value == 0)):
-            problems.append(f"{key} must be a number {'> 0' if key == 'num_cpus' else '>= 0'}, got {value!r}")
-            value = None
-        opts[key] = value
-    for key in PATCH.manifest_keys("top"):  # run settings with a patch option's check (threads)
+    """The run settings (``BATCH``), each checked by its option; ``group_size`` (the flag) wins."""
+    given = {k: raw[k] for k in BATCH.names() if k in raw}
+    if group_size is not None:
+        given["group_size"] = group_size
+    opts: dict = {}
+    for o in BATCH:
         try:
-            opts[key] = PATCH.get(key).run_check(raw.get(key, PATCH.get(key).default))
+            opts[o.name] = o.run_check(given.get(o.name, o.default))
         except OptionError as exc:
             problems.append(str(exc))
-            opts[key] = PATCH.get(key).default
-    fsync = raw.get("fsync", True)
-    if not isinstance(fsync, bool):
-        problems.append(f"fsync must be true or false, got {fsync!r}")
-        fsync = True
-    opts["fsync"] = fsync
-    slurm = raw.get("slurm") or {}
-    if not isinstance(slurm, dict) or not all(
-        isinstance(k, str) and isinstance(v, (str, int, float)) and "\n" not in f"{k}{v}" for k, v in slurm.items()
-    ):
-        problems.append(
-            "slurm must map sbatch option names to single-line values, e.g. {partition: gpu, time: '04:00:00'}"
-        )
-        slurm = {}
-    opts["slurm"] = {k: str(v) for k, v in slurm.items()}
+            opts[o.name] = o.run_check(o.default)
     return opts
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resolver) -> JobSpec | None:
