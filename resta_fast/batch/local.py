@@ -19,13 +19,14 @@ One job failing is reported and leaves the others alone.
 from __future__ import annotations
 
 import json
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from resta_fast import executor
 from resta_fast.batch.manifest import Group, JobSpec, Manifest, problems_error
 from resta_fast.errors import RestaError
+from resta_fast.executor import Output, Written
 from resta_fast.io.identity import changed_files
 from resta_fast.report import REPORT_NAME
 
@@ -381,9 +382,7 @@ def run_group(
             else:
                 todo.append((job, prep, state, detail))
         if todo:
-            _run_pass(
-                todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate, command_line, record_paths
-            )
+            _run_pass(todo, gid, reporter, finish, fsync, threads, engine_options, validate, command_line, record_paths)
     return [results[job.index] for job in group.jobs]
 
 
@@ -403,10 +402,20 @@ def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) 
     return JobResult(job.index, job.name, gid, str(job.out), status, **kw)
 
 
+def _gate(options: dict, job: JobSpec):
+    """The job's validation gate (``eval.make_validator``), built when its output is ready to be judged."""
+
+    def gate(model_dir: Path) -> dict:
+        from resta_fast.eval.runner import make_validator
+
+        return make_validator(options, job.finetuned)(model_dir)
+
+    return gate
+
+
 def _run_pass(
     todo,
     gid: int,
-    stack: ExitStack,
     reporter: Reporter,
     finish,
     fsync: bool,
@@ -416,77 +425,43 @@ def _run_pass(
     command_line: str | None = None,
     record_paths: bool = False,
 ) -> None:
-    """Claim every job's output, write them all in one ``run_jobs`` pass, then finish each."""
-    from resta_fast import api
-    from resta_fast.io.writer import AtomicOutputDir
-    from resta_fast.pipeline.engine import run_jobs
-    from resta_fast.pipeline.interrupt import raise_if_interrupted
-    from resta_fast.report import finish_output, record_validation, with_paths
+    """Hand every job's output to the one executor: claimed, written in one engine pass, each finished."""
 
-    start = time.perf_counter()
-    live = []
-    for job, prep, state, detail in todo:
-        try:
-            redo = state == "corrupt"
-            api.claim_output(stack, job.out, prep.input_paths, redo, "batch")
-            outdir = stack.enter_context(AtomicOutputDir(job.out, overwrite=redo, fsync=fsync))
-        except Exception as exc:  # noqa: BLE001 - reported per job
-            finish(_failed(job, gid, exc))
-            continue
+    def output(job: JobSpec, prep, state: str) -> Output:
+        return Output(
+            job.out,
+            prep.writing(),
+            prep.recorded_provenance(record_paths),
+            prep.input_paths,
+            command="batch",
+            overwrite=state == "corrupt",
+            extra=lambda n: {"batch": {"job": job.name, "index": job.index, "group": gid, "jobs_in_pass": n}},
+            validate=_gate(validate, job) if validate else None,
+            command_line=command_line,
+            progress=lambda nbytes, name: reporter.job_progress(job, nbytes),
+        )
 
-        def progress(nbytes, name, job=job):
-            reporter.job_progress(job, nbytes)
-            raise_if_interrupted()  # Ctrl-C: stop at a tensor boundary, temp outputs removed
+    outputs = [output(job, prep, state) for job, prep, state, _ in todo]
+    by_output = {id(o): entry for o, entry in zip(outputs, todo, strict=True)}
 
-        live.append((job, prep, state, detail, outdir, prep.job(outdir.tmp, progress=progress)))
-    if not live:
-        return
-    first = live[0][1]
-    try:
-        run_jobs([e[-1] for e in live], kernel=first.kernel, device=first.device, threads=threads, **engine_options)
-    except Exception as exc:  # noqa: BLE001 - e.g. no memory for the buffers: every job fails
-        for *_, engine_job in live:
-            engine_job.error = engine_job.error or exc
-    for job, prep, state, detail, outdir, engine_job in live:
-        seconds = time.perf_counter() - start
-        if engine_job.error is not None:
-            finish(_failed(job, gid, engine_job.error, seconds))
-            continue
-        try:
-            with api.clean_write_errors(job.out):
-                report = finish_output(
-                    outdir.tmp,
-                    prep.plan,
-                    prep.inputs.finetuned,
-                    engine_job.stats,
-                    with_paths(prep.provenance, prep.checkpoints) if record_paths else prep.provenance,
-                    backend_name=prep.backend_name,
-                    device=prep.device,
-                    fsync=fsync,
-                    extra={"batch": {"job": job.name, "index": job.index, "group": gid, "jobs_in_pass": len(live)}},
-                    command_line=command_line,
-                )
-                if validate:
-                    from resta_fast.eval.runner import make_validator
-
-                    gate = make_validator(validate, job.finetuned)
-                    record_validation(outdir.tmp, report, gate(outdir.tmp), command_line=command_line)
-                raise_if_interrupted()
-                outdir.commit()
-        except Exception as exc:  # noqa: BLE001 - reported per job
-            finish(_failed(job, gid, exc, seconds))
-            continue
+    def done(written: Written) -> None:
+        job, _, state, detail = by_output[id(written.output)]
+        if written.error is not None:
+            finish(_failed(job, gid, written.error, written.seconds))
+            return
         finish(
             _validation_result(
                 job,
                 gid,
-                report,
+                written.report,
                 "redone" if state == "corrupt" else "done",
                 note=f"previous output: {detail}" if detail else "",
-                seconds=round(seconds, 3),
-                bytes_written=report["stats"]["bytes_written"],
+                seconds=round(written.seconds, 3),
+                bytes_written=written.report["stats"]["bytes_written"],
             )
         )
+
+    executor.run(outputs, fsync=fsync, on_done=done, threads=threads, **engine_options)
 
 
 def summarize(results: list[JobResult]) -> dict:
