@@ -19,12 +19,13 @@ One job failing is reported and leaves the others alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from resta_fast import executor
-from resta_fast.batch.manifest import Group, JobSpec, Manifest, problems_error
+from resta_fast.batch.manifest import DEFAULT_GROUP_SIZE, Group, JobSpec, Manifest, make_groups, problems_error
 from resta_fast.errors import RestaError
 from resta_fast.executor import Output, Written
 from resta_fast.io.identity import changed_files
@@ -271,10 +272,37 @@ def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here:
 # --- execution --------------------------------------------------------------------------
 
 
+# What errors and ``--group`` call a batch of job specs built in memory (it has no file).
+IN_MEMORY = Path("<jobs in memory>")
+
+
+def as_manifest(jobs: Manifest | Sequence[JobSpec], *, group_size: int | None = None) -> Manifest:
+    """A loaded Manifest as it is, or job specs built in memory grouped as a manifest's jobs are
+    (``manifest.make_groups``: shared inputs, device and backend, ``group_size`` at a time).
+
+    JobSpecs built in memory are taken as given (their paths absolute, their options the
+    library's); ``load_manifest`` is what checks what a file says.
+
+    Example:
+        >>> as_manifest([]).groups
+        []
+    """
+    if isinstance(jobs, Manifest):
+        if group_size is not None:
+            raise ValueError("group_size groups job specs; a Manifest keeps its own groups")
+        return jobs
+    jobs = list(jobs)
+    if len({job.index for job in jobs}) != len(jobs):
+        raise ValueError("job specs need distinct indices (a result is reported by its job's index)")
+    size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    return Manifest(path=IN_MEMORY, jobs=jobs, groups=make_groups(jobs, size), group_size=size)
+
+
 def run_batch(
-    manifest: Manifest,
+    manifest: Manifest | Sequence[JobSpec],
     groups: list[int] | None = None,
     *,
+    group_size: int | None = None,
     prepared: PreparedBatch | None = None,
     reporter: Reporter | None = None,
     fsync: bool | None = None,
@@ -287,6 +315,9 @@ def run_batch(
     """Run the selected groups here, one after another.
 
     Args:
+        manifest: a loaded ``Manifest``, or ``JobSpec``s built in memory (``as_manifest``).
+        groups: the group indices to run (None: all).
+        group_size: for job specs, how many share one engine pass (default: a manifest's default).
         prepared: from ``check_manifest``: its groups run without being opened
             again (and are closed once run); others are prepared when they run.
         validate: ``eval.make_validator`` options; each new output is evaluated
@@ -301,7 +332,9 @@ def run_batch(
     Example:
         >>> results = run_batch(load_manifest("batch.yaml"))  # doctest: +SKIP
         >>> [r.status for r in results]  # doctest: +SKIP
+        >>> run_batch([JobSpec(0, "math", Path("/ft/math"), Path("/out/math"), vector=Path("/v"))])  # doctest: +SKIP
     """
+    manifest = as_manifest(manifest, group_size=group_size)
     results = []
     for group in manifest.select(groups):
         ready = prepared.groups.pop(group.index, None) if prepared is not None else None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -127,7 +128,6 @@ def write_candidates(
     if resta:
         _write_resta(
             resta,
-            root,
             dirs,
             finetuned=finetuned,
             aligned=aligned,
@@ -159,34 +159,32 @@ def write_candidates(
     return baseline, dirs
 
 
-def _write_resta(
-    cands: list[Candidate], root: Path, dirs: dict, *, finetuned, aligned, unaligned, base, seed: int
-) -> None:
+def _write_resta(cands: list[Candidate], dirs: dict, *, finetuned, aligned, unaligned, base, seed: int) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
-    from resta_fast.batch.manifest import manifest_from_mapping
+    from resta_fast.batch.manifest import JobSpec
 
-    manifest = {
-        "aligned": str(Path(aligned).absolute()),
-        "unaligned": str(Path(unaligned).absolute()),
-        "fsync": False,
-        "group_size": len(cands),
-        "jobs": [
-            {
-                "finetuned": str(Path(finetuned).absolute()),
-                "out": str(dirs[c.slug].absolute()),
-                "name": c.slug,
-                "beta": c.knobs["beta"],
-                **({"dare": c.knobs["dare"], "seed": seed} if c.knobs.get("dare") is not None else {}),
-            }
-            for c in cands
-        ],
-    }
-    if base is not None:
-        manifest["base"] = str(Path(base).absolute())
-    # In memory: batch's own loader checks it, and nothing is written but the candidates.
-    built = manifest_from_mapping(manifest, "compare's RESTA candidates", root=root)
-    failed = [r for r in run_batch(built) if not r.ok]
+    def where(p) -> Path | None:  # as batch's manifest loader takes a path: absolute and normalised
+        return None if p is None else Path(os.path.abspath(p))
+
+    jobs = [
+        JobSpec(
+            index=i,
+            name=c.slug,
+            finetuned=where(finetuned),
+            out=where(dirs[c.slug]),
+            aligned=where(aligned),
+            unaligned=where(unaligned),
+            base=where(base),
+            beta=float(c.knobs["beta"]),
+            **({"dare": float(c.knobs["dare"]), "seed": seed} if c.knobs.get("dare") is not None else {}),
+        )
+        for i, c in enumerate(cands)
+    ]
+    for job in jobs:
+        job.options()  # a bad knob is refused before any candidate is written
+    # In memory: nothing is written but the candidates.
+    failed = [r for r in run_batch(jobs, group_size=len(jobs), fsync=False) if not r.ok]
     if failed:
         raise RestaError(f"compare: RESTA candidate {failed[0].name} failed: {failed[0].error}")
 
@@ -257,7 +255,7 @@ def compare(
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     judge_objs = [make_judge(j) if isinstance(j, str) else j for j in judges]
     out_dir = Path(out) if out else None
-    # Absolute: the RESTA candidates go through a batch manifest, whose relative paths are its folder's.
+    # Absolute: the candidates' directories are named by absolute paths (the RESTA ones as batch job specs).
     root = Path(tempfile.mkdtemp(prefix="resta-compare-", dir=workdir)).absolute()
     try:
         baseline_dir, dirs = write_candidates(
