@@ -1,13 +1,13 @@
 """``resta-fast convert IN OUT``: a torch ``.bin`` checkpoint or PEFT adapter rewritten as safetensors.
 
 A model is opened like any input (``io.checkpoint.Checkpoint`` reads ``.bin`` files with
-``io.torch_bin``, pickle-free) and written by the one engine with a plan that copies every tensor
-(``plan.copy_plan``), so it gets what a patch gets: bounded memory, the output lock, the atomic
+``io.torch_bin``, pickle-free) and handed to the one executor (``executor``) with a plan that copies
+every tensor (``plan.copy_plan``), so it gets what a patch gets: bounded memory, the output lock, the atomic
 output directory, the fine-tune's config and tokenizer files, the model card and
 ``resta_fast.json``, which ``resta-fast verify OUT`` checks. Shards keep their layout under
 transformers' safetensors names (``pytorch_model-00001-of-00002.bin`` ->
 ``model-00001-of-00002.safetensors``). An adapter directory (``adapter_model.bin``) is written
-as ``adapter_model.safetensors`` by the adapter writer Safe LoRA uses.
+as ``adapter_model.safetensors`` by the adapter writer Safe LoRA uses (``executor.AdapterWrite``).
 
 Nothing here converts what ``io.torch_bin`` refuses (the legacy format, compressed entries,
 non-contiguous views): those need torch itself, see docs/bin-inputs.md.

@@ -2,12 +2,13 @@
 
 Each method decides per LoRA module what the adapter becomes (``safelora``,
 ``safemerge``); this module opens the inputs, scores the modules with a
-progress bar, and writes either
+progress bar, and hands the one executor (``executor``) either
 
-- a PEFT adapter (same tensor names, dtypes and order; unchanged tensors byte
-  for byte), or
-- with ``merge``, the full model: base + the realigned update, streamed through
-  the same engine and atomic writer as ``patch`` (``plan.copy_plan``),
+- the per-module replacements of a PEFT adapter (``executor.AdapterWrite``: same
+  tensor names, dtypes and order; unchanged tensors byte for byte), or
+- with ``merge``, the full model: base + the realigned update (the replacements, or
+  SafeMERGE's delta provider, merged in-stream by ``lora.LoraFinetuned``) as a copy
+  plan the same engine writes as ``patch``'s (``merged_write``, ``plan.copy_plan``),
 
 with ``resta_fast.json`` listing every module's cosine and decision beside the
 provenance. Nothing is written on bad input, and an interrupted run leaves no

@@ -2,12 +2,13 @@
 
 Each group of jobs (see ``manifest``) is prepared once (``api.prepare`` with a
 shared ``api.Opener``: the shared aligned/unaligned pair or vector, and a
-fine-tune used by several jobs, are one object) and written by one call of the
-streaming engine (``pipeline.engine.run_jobs``), on the CPU or a GPU: each
-shared chunk is read once and every job's output for it is produced before
-moving on. ``check_manifest``, the batch command's deep check, prepares every
+fine-tune used by several jobs, are one object) and handed to the one executor
+as one pass (``executor.run``: one call of the streaming engine, on the CPU or a
+GPU): each shared chunk is read once and every job's output for it is produced
+before moving on. ``check_manifest``, the batch command's deep check, prepares every
 group before anything is written; ``run_batch`` then runs those prepared groups
-without opening their inputs again.
+without opening their inputs again. ``run_batch`` takes a loaded manifest or
+``JobSpec``s built in memory (``as_manifest``): the manifest is only a loader.
 
 Every job's output is its own atomic directory (temp dir + rename) holding
 ``resta_fast.json`` with the sha256 of every file, so the batch's state is the
