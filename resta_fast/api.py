@@ -25,7 +25,7 @@ from resta_fast.io.hub import resolve_input
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.difference import difference_kernel
 from resta_fast.lora import LoraFinetuned
-from resta_fast.options import MAX_SEED, PatchOptions, check_device_spelling
+from resta_fast.options import MAX_SEED, PATCH, VECTOR, PatchOptions, check_device_spelling
 from resta_fast.pipeline.job import Inputs
 from resta_fast.plan import Plan, build_plan
 from resta_fast.report import (
@@ -304,11 +304,14 @@ def prepare(
         )
 
 
-def prepare_vector(
-    aligned, unaligned, *, dtype: str = "float32", include=(), exclude=(), opener: Opener | None = None, resolver=None
-) -> PreparedPatch:
-    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``); inputs as ``prepare``'s."""
-    options = PatchOptions(dtype=dtype, include=include, exclude=exclude)
+@VECTOR.keywords
+def prepare_vector(aligned, unaligned, *, opener: Opener | None = None, resolver=None, **options) -> PreparedPatch:
+    """``prepare`` for the safety vector V = aligned − unaligned (see ``make_vector``); inputs as ``prepare``'s,
+    ``options`` the ``options.VECTOR`` spec's (dtype, include, exclude)."""
+    kept, problems = VECTOR.check(options)
+    if problems:
+        raise problems[0]
+    options = PatchOptions(**kept)
     resolve = resolver or resolve_input
     found = {role: resolve(arg, role) for role, arg in (("aligned", aligned), ("unaligned", unaligned))}
     hub = {role: r for role, r in found.items() if r.is_hub}
@@ -330,7 +333,7 @@ def prepare_vector(
         plan.files = [f for f in plan.files if f.tensors]
         if dropped:
             plan.notes.append(f"{len(dropped)} tensor(s) not in the vector (non-float or missing), e.g. {dropped[0]}")
-        params = {"dtype": options.out_dtype, "include": list(options.include), "exclude": list(options.exclude)}
+        params = VECTOR.params(options.values())
         checkpoints = {"aligned": al, "unaligned": un}
         backend_name, kernel = difference_kernel()
         return PreparedPatch(
@@ -417,6 +420,7 @@ def execute(
     )
 
 
+@PATCH.keywords
 def patch(
     finetuned,
     out,
@@ -424,29 +428,17 @@ def patch(
     aligned=None,
     unaligned=None,
     vector=None,
-    beta: float = 1.0,
-    dare: float | None = None,
-    seed: int = 0,
+    base=None,
     dare_base=None,
-    include=(),
-    exclude=(),
-    beta_rules=(),
-    dtype: str | None = None,
-    backend: str = "auto",
-    device: str = "cpu",
-    threads: int | None = None,
     overwrite: bool = False,
     fsync: bool = True,
     dry_run: bool = False,
     progress: bool = False,
-    chunk_elems: int | None = None,
-    gpu_pool_bytes: int | None = None,
-    base=None,
     validate: Validator | None = None,
     device_cache=None,
-    staging: str = "auto",
     command_line: str | None = None,
     record_paths: bool = False,
+    **options,
 ) -> dict:
     """Realign ``finetuned`` with RESTA and write the result to ``out`` (``prepare`` + ``execute``).
 
@@ -460,13 +452,10 @@ def patch(
         out: output directory (created atomically; must not exist unless overwrite).
         aligned, unaligned: the pair defining V = aligned − unaligned; or
         vector: a precomputed V checkpoint (``make_vector``).
-        beta: scale of V; beta_rules: ``["REGEX=0.3", ...]`` or BetaRule list.
-        dare: DARE drop probability p (None: no DARE); seed: DARE seed;
         dare_base: DARE base (default: aligned).
-        include/exclude: regexes over tensor names.
-        dtype: output dtype (``bfloat16``/``float16``/``float32``; default fine-tune's).
-        backend: auto | cpp | triton | torch; device: cpu | cuda[:N] | auto.
-        threads, chunk_elems, gpu_pool_bytes, staging: engine tuning (see PatchOptions).
+        options: every ``PatchOptions`` keyword (the ``options.PATCH`` spec: beta, dare,
+            seed, include, exclude, beta_rules, dtype, backend, device, threads, staging,
+            gpu_pool_bytes, chunk_elems), each with the spec's default.
         fsync: make the output durable before the final rename.
         dry_run: only build and return the plan.
         validate: ``callable(model_dir) -> verdict`` evaluating the output before
@@ -481,21 +470,7 @@ def patch(
     Example:
         >>> patch("ft", "restored", aligned="chat", unaligned="shadow", beta=0.5)  # doctest: +SKIP
     """
-    options = PatchOptions(
-        beta=beta,
-        dare=dare,
-        seed=seed,
-        include=include,
-        exclude=exclude,
-        beta_rules=beta_rules,
-        dtype=dtype,
-        backend=backend,
-        device=device,
-        threads=threads,
-        chunk_elems=chunk_elems,
-        gpu_pool_bytes=gpu_pool_bytes,
-        staging=staging,
-    )
+    options = PatchOptions(**options)
     inputs = {"aligned": aligned, "unaligned": unaligned, "vector": vector, "base": base, "dare_base": dare_base}
     if dry_run:
         resolve_device(options.device)
@@ -515,29 +490,29 @@ def patch(
         )
 
 
+@VECTOR.keywords
 def make_vector(
     aligned,
     unaligned,
     out,
     *,
-    dtype: str = "float32",
-    include=(),
-    exclude=(),
     overwrite: bool = False,
     fsync: bool = True,
     progress: bool = False,
     command_line: str | None = None,
     record_paths: bool = False,
+    **options,
 ) -> dict:
     """Write the safety vector V = aligned − unaligned as a checkpoint.
 
     fp32 (the default) makes patching with V bit-identical to patching with the
     pair. Tensors that cannot be differenced (non-float, missing) are left out.
+    ``options``: the ``options.VECTOR`` spec's (dtype, include, exclude).
 
     Example:
         >>> make_vector("chat", "shadow", "safety_vector")  # doctest: +SKIP
     """
-    with prepare_vector(aligned, unaligned, dtype=dtype, include=include, exclude=exclude) as prepared:
+    with prepare_vector(aligned, unaligned, **options) as prepared:
         return execute(
             prepared,
             out,

@@ -30,6 +30,9 @@ import shlex
 from pathlib import Path
 
 from resta_fast.io.identity import short_id
+from resta_fast.options import PATCH, VECTOR
+from resta_fast.safelora import SAFELORA
+from resta_fast.safemerge import SAFEMERGE
 
 CARD_NAME = "README.md"
 HUB_URL = "https://huggingface.co"
@@ -45,7 +48,6 @@ ROLE_TITLES = {
     "vector": "safety vector",
     "dare_base": "DARE base",
 }
-_DTYPE_FLAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _roles(report: dict) -> list[tuple[str, dict]]:
@@ -165,14 +167,11 @@ def reproduce_command(report: dict) -> str | None:
     command = report.get("command")
     params = report.get("params") or {}
     roles = dict(_roles(report))
-    include = [a for p in params.get("include") or () for a in ("--include", p)]
-    exclude = [a for p in params.get("exclude") or () for a in ("--exclude", p)]
     if command == "vector" and {"aligned", "unaligned"} <= set(roles):
-        if include or exclude:
-            return None  # only the Python API takes include/exclude for a vector
-        args = ["vector", "--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"])]
-        if params.get("dtype"):
-            args += ["--dtype", _DTYPE_FLAGS.get(params["dtype"], params["dtype"])]
+        options = VECTOR.reproduce(params)  # None: include/exclude, which only the Python API takes
+        if options is None:
+            return None
+        args = ["vector", "--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"]), *options]
     elif command == "patch" and "finetuned" in roles:
         args = ["patch", "--finetuned", _pinned(roles["finetuned"])]
         if "base" in roles:
@@ -181,42 +180,18 @@ def reproduce_command(report: dict) -> str | None:
             args += ["--vector", _pinned(roles["vector"])]
         else:
             args += ["--aligned", _pinned(roles.get("aligned", {})), "--unaligned", _pinned(roles.get("unaligned", {}))]
-        args += ["--beta", str(params.get("beta", 1.0))]
-        if params.get("dare") is not None:
-            args += ["--dare", str(params["dare"]), "--seed", str(params.get("seed", 0))]
-            default = roles.get("base") or roles.get("aligned")
-            if "dare_base" in roles and not _same_input(roles["dare_base"], default):
-                args += ["--dare-base", _pinned(roles["dare_base"])]
-        args += include + exclude
-        args += [a for rule in params.get("beta_rules") or () for a in ("--beta-rule", rule)]
-        if params.get("dtype"):
-            args += ["--dtype", _DTYPE_FLAGS.get(params["dtype"], params["dtype"])]
+        default = roles.get("base") or roles.get("aligned")
+        if params.get("dare") is not None and "dare_base" in roles and not _same_input(roles["dare_base"], default):
+            args += ["--dare-base", _pinned(roles["dare_base"])]
+        args += PATCH.reproduce(params)  # every recorded option, from the one spec
     elif command in ("safelora", "safemerge") and {"adapter", "aligned", "unaligned"} <= set(roles):
         args = [command, "--adapter", _pinned(roles["adapter"])]
         if command == "safemerge":
             args += ["--safety-adapter", _pinned(roles.get("safety_adapter", {}))]
         args += ["--aligned", _pinned(roles["aligned"]), "--unaligned", _pinned(roles["unaligned"])]
-        if command == "safelora":
-            args += (
-                ["--num-layers", str(params["num_layers"])]
-                if params.get("num_layers") is not None
-                else ["--threshold", str(params.get("threshold"))]
-            )
-        else:
-            args += [
-                "--tau",
-                str(params.get("tau")),
-                "--weights",
-                *map(str, params.get("weights") or ()),
-                "--combination",
-                str(params.get("combination")),
-            ]
-            if params.get("density") is not None:
-                args += ["--density", str(params["density"]), "--seed", str(params.get("seed", 0))]
-        if params.get("merge"):
-            args.append("--merge")
-            if "base" in roles and not _same_input(roles["base"], roles["aligned"]):
-                args += ["--base", _pinned(roles["base"])]
+        args += (SAFELORA if command == "safelora" else SAFEMERGE).reproduce(params)
+        if params.get("merge") and "base" in roles and not _same_input(roles["base"], roles["aligned"]):
+            args += ["--base", _pinned(roles["base"])]
     else:
         return None
     return shlex.join(["resta-fast", *args, "--out", "OUT"])

@@ -20,7 +20,7 @@ from resta_fast import cli_args as A
 from resta_fast.cli_args import add_validation_args, validation_options
 from resta_fast.errors import RestaError, cli_flag
 from resta_fast.io.hub import HUB_RULE
-from resta_fast.options import BACKEND_CHOICES, STAGING_CHOICES
+from resta_fast.options import PATCH, VECTOR
 
 HUB_EPILOG = textwrap.fill(f"Models and adapters are local paths or Hugging Face Hub ids: {HUB_RULE}.", 79) + "\n"
 PATCH_EPILOG = (
@@ -49,41 +49,8 @@ def _add_common_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vector", metavar="MODEL", help="precomputed safety vector (from `resta-fast vector`; path or Hub id)"
     )
-    p.add_argument("--beta", type=A.finite, default=1.0, help="scale of the safety vector (default 1.0)")
-    p.add_argument("--dare", type=A.probability, metavar="P", help="DARE drop probability for the fine-tune delta")
-    p.add_argument("--seed", type=A.seed, default=0, help="DARE seed (default 0)")
     p.add_argument("--dare-base", metavar="MODEL", help="DARE base model (default: --aligned)")
-    p.add_argument(
-        "--include", action="append", default=[], metavar="REGEX", help="patch only tensors matching (repeatable)"
-    )
-    p.add_argument(
-        "--exclude", action="append", default=[], metavar="REGEX", help="never patch tensors matching (repeatable)"
-    )
-    p.add_argument(
-        "--beta-rule",
-        action="append",
-        default=[],
-        metavar="REGEX=BETA",
-        help="per-pattern beta; the first matching rule wins (repeatable)",
-    )
-    p.add_argument("--dtype", help="output dtype (bfloat16, float16, float32; default: fine-tune's)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=A.count, help="CPU kernel threads (default: all cores but the writer's)")
-    p.add_argument(
-        "--staging",
-        default="auto",
-        choices=STAGING_CHOICES,
-        help="how inputs are read: mmap (zero-copy; the CPU default, measured faster), read (reader "
-        "threads pread into reusable buffers, so an input truncated mid-run is a clean error; "
-        "the GPU default)",
-    )
-    p.add_argument(
-        "--gpu-pool-mb",
-        type=A.count,
-        default=256,
-        help="pinned host (and device) staging memory for --device cuda (default 256)",
-    )
+    PATCH.add_arguments(p)
 
 
 CORE_COMMANDS = ("patch", "vector", "env")
@@ -128,7 +95,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--aligned", required=True, metavar="MODEL", help="aligned model (path or Hub id)")
     v.add_argument("--unaligned", required=True, metavar="MODEL", help="unaligned (shadow) model (path or Hub id)")
     v.add_argument("--out", required=True, type=A.creatable_dir)
-    v.add_argument("--dtype", default="float32", help="float32 (default, exact) or bfloat16")
+    VECTOR.add_arguments(v)
     v.add_argument("--overwrite", action="store_true")
     v.add_argument("--no-fsync", action="store_true")
     A.add_record_paths(v)
@@ -210,25 +177,14 @@ def cmd_patch(args) -> int:
         aligned=args.aligned,
         unaligned=args.unaligned,
         vector=args.vector,
-        beta=args.beta,
-        dare=args.dare,
-        seed=args.seed,
         dare_base=args.dare_base,
-        include=args.include,
-        exclude=args.exclude,
-        beta_rules=args.beta_rule,
-        dtype=args.dtype,
-        backend=args.backend,
-        device=args.device,
-        threads=args.threads,
+        base=args.base,
+        **PATCH.from_args(args),
         overwrite=args.overwrite,
         fsync=not args.no_fsync,
         dry_run=args.dry_run,
-        gpu_pool_bytes=args.gpu_pool_mb << 20,
         validate=validate,
-        staging=args.staging,
         progress=not args.no_progress and sys.stderr.isatty(),
-        base=args.base,
         command_line=getattr(args, "command_line", None),
         record_paths=args.record_paths,
     )
@@ -247,7 +203,7 @@ def cmd_vector(args) -> int:
         args.aligned,
         args.unaligned,
         args.out,
-        dtype=args.dtype,
+        **VECTOR.from_args(args),
         overwrite=args.overwrite,
         fsync=not args.no_fsync,
         progress=not args.no_progress and sys.stderr.isatty(),

@@ -64,6 +64,11 @@ class _Spelled(dict):
         return self.spell(name)
 
 
+# Flags not spelled by the rule below (``beta_rules`` -> ``--beta-rule``): every ``spec.Spec`` adds
+# its own here when it is made, so the spelling is written once, with its option.
+FLAG_SPELLINGS: dict[str, str] = {}
+
+
 def cli_flag(option: str) -> str:
-    """The ``resta-fast patch`` flag of a library option name: ``dare_base`` -> ``--dare-base``."""
-    return "--" + {"beta_rules": "beta_rule", "gpu_pool_bytes": "gpu_pool_mb"}.get(option, option).replace("_", "-")
+    """The command-line flag of a library option name: ``dare_base`` -> ``--dare-base``."""
+    return FLAG_SPELLINGS.get(option) or "--" + option.replace("_", "-")

@@ -19,10 +19,12 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from resta_fast import cli_args as A
 from resta_fast.errors import RestaError, cli_flag
+from resta_fast.options import PATCH
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+# The patch options inspect plans with (beta, beta_rules, include, exclude, dtype): spelled as patch spells them.
+PLAN_OPTIONS = ("beta", "include", "exclude", "beta_rules", "dtype")
 
 
 def describe_model(path) -> dict:
@@ -320,11 +322,7 @@ def add_inspect_parser(subparsers) -> None:
     p.add_argument("--vector")
     p.add_argument("--base", help="for a LoRA adapter: the model it was trained on (default: aligned)")
     p.add_argument("--dare-base", help="show DARE's base in the plan")
-    p.add_argument("--beta", type=A.finite, default=1.0)
-    p.add_argument("--beta-rule", action="append", default=[], metavar="REGEX=BETA")
-    p.add_argument("--include", action="append", default=[], metavar="REGEX")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX")
-    p.add_argument("--dtype", help="output dtype to plan for")
+    PATCH.add_arguments(p, only=PLAN_OPTIONS)  # the options that shape the plan, as patch has them
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
@@ -338,11 +336,7 @@ def cmd_inspect(args) -> int:
         unaligned=args.unaligned,
         vector=args.vector,
         base=args.base,
-        beta=args.beta,
-        include=args.include,
-        exclude=args.exclude,
-        beta_rules=args.beta_rule,
-        dtype=args.dtype,
+        **PATCH.from_args(args, only=PLAN_OPTIONS),
         dare_base=args.dare_base,
     )
     if args.json:

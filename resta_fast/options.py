@@ -14,19 +14,19 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
+from resta_fast import spec as S
 from resta_fast.errors import OptionError
 from resta_fast.kernels import BACKENDS
 
 # Input roles were decided here before roles.py; still importable from here (a plain re-export:
 # roles imports nothing of options, so this is no circle).
 from resta_fast.roles import ROLE_KINDS, Roles, resolve_roles  # noqa: F401
+from resta_fast.spec import MAX_SEED, Option, Spec  # noqa: F401 (MAX_SEED is still imported from here)
 
-MAX_SEED = 2**64 - 1
 # The safetensors names themselves too (f16, f32): a recorded plan's dtype parses back.
 DTYPE_ALIASES = {
     "bfloat16": "BF16",
@@ -45,9 +45,7 @@ STAGING_CHOICES = ("auto", "mmap", "read")
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
-def _shown(value) -> str:
-    """A value as an error shows it: numbers plainly (the CLI's ``got inf``), the rest quoted."""
-    return str(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else repr(value)
+_shown = S.shown
 
 
 def parse_dtype(name: str | None) -> str | None:
@@ -91,147 +89,236 @@ class BetaRule:
         return cls(pattern, beta)
 
 
-def check_device_spelling(device: str) -> None:
+def check_device_spelling(device: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; whether it exists here is ``api.resolve_device``'s check."""
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise OptionError("device", "{device} {got}: expected auto, cpu, cuda or cuda:N", got=_shown(device))
+    return device
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _strings(name: str):
+    """A repeatable option's value as a tuple of strings: one string, or a list of them (None: none)."""
+
+    def normalize(value):
+        value = (value,) if isinstance(value, str) else (() if value is None else value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise OptionError(name, "{" + name + "} must be a string or a list of strings, got {got}", got=repr(value))
+        return tuple(value)
+
+    return normalize
 
 
-def _is_count(v) -> bool:
-    return v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)
+def _regexes(name: str):
+    def check(value):
+        patterns = _strings(name)(value)
+        for pattern in patterns:
+            compile_pattern(pattern, name)
+        return patterns
+
+    return check
 
 
-@dataclass
+def _beta_rules(value) -> tuple[BetaRule, ...]:
+    if isinstance(value, dict):  # {REGEX: BETA} is the same as ["REGEX=BETA", ...] (a manifest's mapping)
+        value = [f"{k}={v}" for k, v in value.items()]
+    value = (value,) if isinstance(value, (str, BetaRule)) else (() if value is None else value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(r, (str, BetaRule)) for r in value):
+        raise OptionError(
+            "beta_rules",
+            "{beta_rules} must be a list of 'REGEX=BETA' or a mapping {{REGEX: BETA}}, got {got}",
+            got=repr(value),
+        )
+    return tuple(r if isinstance(r, BetaRule) else BetaRule.parse(r) for r in value)
+
+
+def _dtype(value):
+    parse_dtype(value)
+    return value  # kept as spelled; ``out_dtype`` (and the record) is the safetensors name
+
+
+def _with_dare(flag: str):
+    """The card gives the seed back only with DARE (it means nothing without)."""
+    return lambda params: [flag, str(params.get("seed", 0))] if params.get("dare") is not None else []
+
+
+# The flag spelling of a recorded dtype (the card gives --dtype back as a user types it).
+DTYPE_FLAGS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+# Every option of `patch` (and of a batch job) that is not an input path: the one list the flags,
+# the manifest keys, the API keywords, the provenance's params and the card's command come from.
+PATCH = Spec(
+    "patch",
+    (
+        Option(
+            "beta",
+            1.0,
+            "scale of the safety vector (default 1.0)",
+            check=S.finite("beta"),
+            kind=float,
+            record=lambda v: v,
+            reproduce=lambda p: ["--beta", str(p.get("beta", 1.0))],
+        ),
+        Option(
+            "dare",
+            None,
+            "DARE drop probability for the fine-tune delta",
+            check=S.probability("dare"),
+            kind=float,
+            metavar="P",
+            record=lambda v: v,
+        ),
+        Option(
+            "seed",
+            0,
+            "DARE seed (default 0)",
+            check=S.seed("seed"),
+            kind=int,
+            record=lambda v: v,
+            reproduce=_with_dare("--seed"),
+        ),
+        Option(
+            "include",
+            (),
+            "patch only tensors matching (repeatable)",
+            check=_regexes("include"),
+            metavar="REGEX",
+            repeat=True,
+            parse_time=False,
+            record=list,
+        ),
+        Option(
+            "exclude",
+            (),
+            "never patch tensors matching (repeatable)",
+            check=_regexes("exclude"),
+            metavar="REGEX",
+            repeat=True,
+            parse_time=False,
+            record=list,
+        ),
+        Option(
+            "beta_rules",
+            (),
+            "per-pattern beta; the first matching rule wins (repeatable)",
+            check=_beta_rules,
+            flag="--beta-rule",
+            metavar="REGEX=BETA",
+            repeat=True,
+            parse_time=False,
+            record=lambda rules: [f"{r.pattern}={r.beta}" for r in rules],
+        ),
+        Option(
+            "dtype",
+            None,
+            "output dtype (bfloat16, float16, float32; default: fine-tune's)",
+            check=_dtype,
+            parse_time=False,
+            record=parse_dtype,
+            reproduce=lambda p: ["--dtype", DTYPE_FLAGS.get(p["dtype"], p["dtype"])] if p.get("dtype") else [],
+        ),
+        Option("backend", "auto", "", check=S.one_of("backend", BACKEND_CHOICES), choices=BACKEND_CHOICES),
+        Option(
+            "device",
+            "cpu",
+            "cpu, cuda, cuda:N or auto (default cpu)",
+            check=check_device_spelling,
+            parse_time=False,
+        ),
+        Option(
+            "threads",
+            None,
+            "CPU kernel threads (default: all cores but the writer's)",
+            check=S.count("threads"),
+            kind=int,
+            manifest="top",
+        ),
+        Option(
+            "staging",
+            "auto",
+            "how inputs are read: mmap (zero-copy; the CPU default, measured faster), read (reader "
+            "threads pread into reusable buffers, so an input truncated mid-run is a clean error; "
+            "the GPU default)",
+            check=S.one_of("staging", STAGING_CHOICES),
+            choices=STAGING_CHOICES,
+            manifest=None,
+        ),
+        Option(
+            "gpu_pool_bytes",
+            None,
+            "pinned host (and device) staging memory for --device cuda (default 256)",
+            check=S.count("gpu_pool_bytes"),
+            kind=int,
+            flag="--gpu-pool-mb",
+            metavar="MB",
+            manifest=None,
+            cli_default=256,
+            to_api=lambda mib: mib << 20,
+        ),
+        Option("chunk_elems", None, "", check=S.count("chunk_elems"), kind=int, flag="", manifest=None),
+    ),
+)
+
+
 class PatchOptions:
-    """How to patch: every option of ``patch`` that is not an input path.
+    """How to patch: every option of ``patch`` that is not an input path (the ``PATCH`` spec).
 
     Values are kept as given (``beta=1`` stays an int: it is recorded in the
     provenance, and so in the weight files' headers, exactly as passed).
-    Construction checks every field and raises the first ``OptionError``;
-    ``problems_of`` lists them all.
+    Construction checks every option and raises the first ``OptionError``;
+    ``problems_of`` lists them all. An unknown keyword is a TypeError.
 
-    Args:
-        beta: scale of the safety vector; beta_rules: ``"REGEX=BETA"`` strings
-            or BetaRule (the first matching rule wins).
-        dare: DARE drop probability (None: no DARE); seed: DARE seed.
-        include, exclude: regexes over tensor names.
-        dtype: output dtype (``bfloat16``, ``float16``, ``float32``; None: the fine-tune's).
-        backend: auto | cpp | triton | torch; device: auto | cpu | cuda | cuda:N.
-        threads: CPU kernel threads (None: all cores but the writer's); chunk_elems: elements per
-            chunk (None: the engine's default); gpu_pool_bytes: pinned staging
-            memory for a GPU (None: the engine's default).
-        staging: how inputs are read: ``mmap`` (zero-copy views), ``read`` (pread
-            into reusable buffers: an input truncated mid-run is a clean error)
-            or ``auto`` (mmap on the CPU, where it measured faster; read on a GPU).
+    Options: beta, dare (None: no DARE), seed, include, exclude, beta_rules
+    (``"REGEX=BETA"`` strings or BetaRule; the first match wins), dtype (None: the
+    fine-tune's), backend (auto | cpp | triton | torch), device (auto | cpu | cuda[:N]),
+    threads, staging (auto | mmap | read), gpu_pool_bytes, chunk_elems; each one's
+    ``help`` is in ``PATCH``.
 
     Example:
         >>> PatchOptions(beta_rules=["mlp=0.3"]).beta_rules
         (BetaRule(pattern='mlp', beta=0.3),)
     """
 
-    beta: float = 1.0
-    dare: float | None = None
-    seed: int = 0
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    beta_rules: tuple[BetaRule, ...] = ()
-    dtype: str | None = None
-    backend: str = "auto"
-    device: str = "cpu"
-    threads: int | None = None
-    chunk_elems: int | None = None
-    gpu_pool_bytes: int | None = None
-    staging: str = "auto"
-    out_dtype: str | None = field(init=False, default=None)  # dtype as a safetensors name (BF16 ...)
+    spec = PATCH
 
-    def __post_init__(self):
-        problems = self._check()
+    def __init__(self, **values):
+        kept, problems = self.spec.check(values)
         if problems:
             raise problems[0]
+        self.__dict__.update(kept)
 
     @classmethod
     def problems_of(cls, **values) -> list[OptionError]:
         """Every problem of ``PatchOptions(**values)``, which raises only the first
         (the manifest loader lists them all). Empty: the values are valid."""
-        opts = cls.__new__(cls)
-        for f in fields(cls):
-            setattr(opts, f.name, values.pop(f.name, f.default) if f.init else f.default)
-        if values:
-            raise TypeError(f"unknown PatchOptions field(s): {', '.join(values)}")
-        return opts._check()
+        return cls.spec.check(values)[1]
 
-    def _check(self) -> list[OptionError]:
-        for key in ("include", "exclude", "beta_rules"):
-            value = getattr(self, key)
-            setattr(self, key, (value,) if isinstance(value, str) else tuple(value or ()))
-        found: list[OptionError] = []
-        if not _is_real(self.beta) or not math.isfinite(self.beta):
-            found.append(OptionError("beta", "{beta} must be a finite number, got {got}", got=_shown(self.beta)))
-        if self.dare is not None and (not _is_real(self.dare) or not 0.0 <= self.dare < 1.0):
-            found.append(
-                OptionError("dare", "{dare} must be a drop probability in [0, 1), got {got}", got=_shown(self.dare))
-            )
-        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
-            found.append(
-                OptionError("seed", "{seed} must be an integer in [0, 2**64), got {got}", got=_shown(self.seed))
-            )
-        rules = []
-        for rule in self.beta_rules:
-            try:
-                rules.append(rule if isinstance(rule, BetaRule) else BetaRule.parse(rule))
-            except OptionError as exc:
-                found.append(exc)
-        self.beta_rules = tuple(rules) if len(rules) == len(self.beta_rules) else self.beta_rules
-        try:
-            self.out_dtype = parse_dtype(self.dtype)
-        except OptionError as exc:
-            found.append(exc)
-        try:
-            check_device_spelling(self.device)
-        except OptionError as exc:
-            found.append(exc)
-        for key in ("include", "exclude"):
-            for pattern in getattr(self, key):
-                try:
-                    compile_pattern(pattern, key)
-                except OptionError as exc:
-                    found.append(exc)
-        if self.backend not in BACKEND_CHOICES:
-            found.append(
-                OptionError(
-                    "backend",
-                    "{backend} must be one of " + ", ".join(BACKEND_CHOICES) + ", got {got}",
-                    got=_shown(self.backend),
-                )
-            )
-        if self.staging not in STAGING_CHOICES:
-            found.append(
-                OptionError(
-                    "staging",
-                    "{staging} must be one of " + ", ".join(STAGING_CHOICES) + ", got {got}",
-                    got=_shown(self.staging),
-                )
-            )
-        for key in ("threads", "chunk_elems"):
-            if not _is_count(getattr(self, key)):
-                found.append(
-                    OptionError(key, "{" + key + "} must be an integer >= 1, got {got}", got=_shown(getattr(self, key)))
-                )
-        return found
+    @property
+    def out_dtype(self) -> str | None:
+        """``dtype`` as a safetensors name (BF16 ...)."""
+        return parse_dtype(self.dtype)
+
+    def values(self) -> dict:
+        return {name: getattr(self, name) for name in self.spec.names()}
 
     def params(self) -> dict:
         """The ``params`` of a patch's provenance: recorded in every output weight
         file's header, so the same options give byte-identical files."""
-        return {
-            "beta": self.beta,
-            "dare": self.dare,
-            "seed": self.seed,
-            "include": list(self.include),
-            "exclude": list(self.exclude),
-            "beta_rules": [f"{r.pattern}={r.beta}" for r in self.beta_rules],
-            "dtype": self.out_dtype,
-        }
+        return self.spec.params(self.values())
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.values() == self.values()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.values().items())})"
+
+
+# The options of `vector`: patch's own dtype (exact fp32 by default), include and exclude (the
+# Python API's knobs: a vector written with them is not patch's whole V, and the card says so).
+VECTOR = Spec(
+    "vector",
+    (
+        dataclasses.replace(PATCH.get("dtype"), default="float32", help="float32 (default, exact) or bfloat16"),
+        dataclasses.replace(PATCH.get("include"), flag=""),
+        dataclasses.replace(PATCH.get("exclude"), flag=""),
+    ),
+)

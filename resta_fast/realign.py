@@ -292,7 +292,7 @@ class Session:
         if dry_run:
             return {"dry_run": True, "safelora": section, "text": text}
         replace = {s.lora_b: self._projections[s.lora_b] for s in scores if s.projected}
-        params = {"threshold": threshold, "num_layers": num_layers, "merge": merge}
+        params = SL.SAFELORA.params({"threshold": threshold, "num_layers": num_layers, "merge": merge})
         report = self._write(
             out,
             "safelora",
@@ -350,14 +350,16 @@ class Session:
         text = _scores_table(scores, tau, "merged", strict=True)
         if dry_run:
             return {"dry_run": True, "safemerge": section, "text": text}
-        params = {
-            "tau": tau,
-            "weights": list(weights),
-            "combination": combination,
-            "density": density,
-            "seed": seed,
-            "merge": merge,
-        }
+        params = SM.SAFEMERGE.params(
+            {
+                "tau": tau,
+                "weights": weights,
+                "combination": combination,
+                "density": density,
+                "seed": seed,
+                "merge": merge,
+            }
+        )
         chosen = {s.module for s in scores if s.projected}
         delta, replace = None, {}
         if merge:
@@ -410,20 +412,26 @@ def _adapter_space_config(ft: LoraFinetuned, safety: LoraFinetuned) -> dict:
     return {**ft.adapter.config, "lora_alpha": ft.adapter.r, "alpha_pattern": {}, "rank_pattern": {}}
 
 
+def _checked(spec, options: dict) -> dict:
+    """Every option of ``spec`` (defaults filled in), checked once by its own check; the first problem raises."""
+    kept, problems = spec.check(options)
+    if problems:
+        raise problems[0]
+    return kept
+
+
 def _check_base(base, merge: bool) -> None:
     if base is not None and not merge:
         raise OptionError("base", "{base} is the model a merge goes into; it needs {merge}")
 
 
+@SL.SAFELORA.keywords
 def safelora(
     adapter,
     out,
     *,
     aligned,
     unaligned,
-    threshold: float | None = None,
-    num_layers: int | None = None,
-    merge: bool = False,
     base=None,
     overwrite: bool = False,
     fsync: bool = True,
@@ -431,6 +439,7 @@ def safelora(
     progress: bool = False,
     command_line: str | None = None,
     record_paths: bool = False,
+    **options,
 ) -> dict:
     """Safe LoRA: project the LoRA modules whose update points away from alignment.
 
@@ -447,23 +456,18 @@ def safelora(
         The report (also ``out/resta_fast.json``); ``report["safelora"]["modules"]``
         holds every module's cosine and decision.
     """
-    SL.check_selection(threshold, num_layers)
-    _check_base(base, merge)
+    SL.check_selection(options.get("threshold"), options.get("num_layers"))
+    options = _checked(SL.SAFELORA, options)
+    _check_base(base, options["merge"])
     with Session(
         adapter, aligned=aligned, unaligned=unaligned, base=base, progress=progress, record_paths=record_paths
     ) as session:
         return session.safelora(
-            out,
-            threshold=threshold,
-            num_layers=num_layers,
-            merge=merge,
-            overwrite=overwrite,
-            fsync=fsync,
-            dry_run=dry_run,
-            command_line=command_line,
+            out, **options, overwrite=overwrite, fsync=fsync, dry_run=dry_run, command_line=command_line
         )
 
 
+@SM.SAFEMERGE.keywords
 def safemerge(
     adapter,
     safety_adapter,
@@ -471,12 +475,6 @@ def safemerge(
     *,
     aligned,
     unaligned,
-    tau: float = SM.DEFAULT_TAU,
-    weights=SM.DEFAULT_WEIGHTS,
-    combination: str = "linear",
-    density: float | None = None,
-    seed: int = 0,
-    merge: bool = False,
     base=None,
     overwrite: bool = False,
     fsync: bool = True,
@@ -484,6 +482,7 @@ def safemerge(
     progress: bool = False,
     command_line: str | None = None,
     record_paths: bool = False,
+    **options,
 ) -> dict:
     """SafeMERGE: where the fine-tune's Safe LoRA cosine is below ``tau``, merge in the safety adapter.
 
@@ -500,10 +499,9 @@ def safemerge(
     Returns:
         The report; ``report["safemerge"]["modules"]`` holds every layer's cosine and decision.
     """
-    SM.check_tau(tau)
-    SM.check_weights(weights)
-    SM.check_combination(combination, density)
-    _check_base(base, merge)
+    options = _checked(SM.SAFEMERGE, options)
+    SM.check_combination(options["combination"], options["density"])
+    _check_base(base, options["merge"])
     with Session(
         adapter,
         aligned=aligned,
@@ -514,15 +512,5 @@ def safemerge(
         record_paths=record_paths,
     ) as session:
         return session.safemerge(
-            out,
-            tau=tau,
-            weights=weights,
-            combination=combination,
-            density=density,
-            seed=seed,
-            merge=merge,
-            overwrite=overwrite,
-            fsync=fsync,
-            dry_run=dry_run,
-            command_line=command_line,
+            out, **options, overwrite=overwrite, fsync=fsync, dry_run=dry_run, command_line=command_line
         )

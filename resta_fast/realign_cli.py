@@ -10,6 +10,8 @@ import json
 import sys
 
 from resta_fast import cli_args as A
+from resta_fast.safelora import SAFELORA
+from resta_fast.safemerge import SAFEMERGE
 
 SAFELORA_EPILOG = """\
 Safe LoRA (Hsu et al., NeurIPS 2024): for every LoRA module, V = W_aligned − W_unaligned,
@@ -19,20 +21,12 @@ rounded to 5 decimals. Modules with cos <= T (or the K lowest) get lora_B := B'.
 
 
 def cosine(text: str) -> float:
-    """A cosine threshold in [-1, 1]."""
-    value = A.finite(text)
-    if not -1 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {value}")
-    return value
+    """A cosine threshold in [-1, 1] (``--threshold``'s check, for the commands that take one too)."""
+    return SAFELORA.get("threshold").parse_text(text)
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=A.creatable_dir, help="output directory (written atomically)")
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="write the full merged model instead of an adapter (base + the realigned update)",
-    )
     p.add_argument("--base", help="with --merge: the model to merge into (default: --aligned)")
     p.add_argument("--dry-run", action="store_true", help="score the modules and print the decisions; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -55,8 +49,8 @@ def add_safelora_parser(sub) -> None:
         "--unaligned", required=True, help="the model --aligned was aligned from (e.g. the -hf base of a -chat model)"
     )
     sel = p.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--threshold", type=cosine, metavar="T", help="project modules with cos <= T (paper: 0.5)")
-    sel.add_argument("--num-layers", type=A.count, metavar="K", help="project the K modules with the lowest cos")
+    SAFELORA.add_arguments(p, only=("threshold", "num_layers"), group=sel)
+    SAFELORA.add_arguments(p, only=("merge",))
     _add_output_args(p)
     p.set_defaults(func=cmd_safelora)
 
@@ -83,25 +77,7 @@ def add_safemerge_parser(sub) -> None:
     )
     p.add_argument("--aligned", required=True, help="the aligned model both adapters were trained on")
     p.add_argument("--unaligned", required=True, help="the model --aligned was aligned from")
-    p.add_argument("--tau", type=cosine, default=0.35, help="merge layers with cos < TAU (default 0.35)")
-    p.add_argument(
-        "--weights",
-        type=A.finite,
-        nargs=2,
-        default=[0.8, 0.2],
-        metavar=("W1", "W2"),
-        help="fine-tune and safety weights of a merged layer (default 0.8 0.2)",
-    )
-    p.add_argument(
-        "--combination",
-        choices=("linear", "dare_linear"),
-        default="linear",
-        help="how a layer is merged (default linear)",
-    )
-    p.add_argument(
-        "--density", type=A.positive, metavar="D", help="dare_linear: the fraction of each delta kept, in (0, 1]"
-    )
-    p.add_argument("--seed", type=A.seed, default=0, help="dare_linear seed (docs/spec.md §3 stream; default 0)")
+    SAFEMERGE.add_arguments(p)
     _add_output_args(p)
     p.set_defaults(func=cmd_safemerge)
 
@@ -127,9 +103,7 @@ def cmd_safelora(args) -> int:
         args.out,
         aligned=args.aligned,
         unaligned=args.unaligned,
-        threshold=args.threshold,
-        num_layers=args.num_layers,
-        merge=args.merge,
+        **SAFELORA.from_args(args),
         base=args.base,
         overwrite=args.overwrite,
         fsync=not args.no_fsync,
@@ -151,12 +125,7 @@ def cmd_safemerge(args) -> int:
         args.out,
         aligned=args.aligned,
         unaligned=args.unaligned,
-        tau=args.tau,
-        weights=args.weights,
-        combination=args.combination,
-        density=args.density,
-        seed=args.seed,
-        merge=args.merge,
+        **SAFEMERGE.from_args(args),
         base=args.base,
         overwrite=args.overwrite,
         fsync=not args.no_fsync,

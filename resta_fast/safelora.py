@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from resta_fast import spec as S
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.names import prefix_mapping
 from resta_fast.kernels.difference import difference_kernel
+from resta_fast.spec import Option, Spec
 
 if TYPE_CHECKING:
     import torch
@@ -346,13 +348,11 @@ def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None)
 
 
 def check_selection(threshold: float | None, num_layers: int | None) -> None:
-    """Exactly one of threshold (in [-1, 1]) and num_layers (>= 1)."""
+    """Exactly one of threshold (in [-1, 1]) and num_layers (>= 1); each value by its option's check."""
     if (threshold is None) == (num_layers is None):
         raise OptionError("threshold", "give exactly one of {threshold} T and {num_layers} K")
-    if threshold is not None and not (math.isfinite(threshold) and -1 <= threshold <= 1):
-        raise OptionError("threshold", "{threshold} must be a cosine in [-1, 1], got {got}", got=threshold)
-    if num_layers is not None and (type(num_layers) is not int or num_layers < 1):
-        raise OptionError("num_layers", "{num_layers} must be an integer >= 1, got {got!r}", got=num_layers)
+    SAFELORA.get("threshold").run_check(threshold)
+    SAFELORA.get("num_layers").run_check(num_layers)
 
 
 def select(scores: list[ModuleScore], *, threshold: float | None = None, num_layers: int | None = None) -> float:
@@ -382,3 +382,39 @@ def select(scores: list[ModuleScore], *, threshold: float | None = None, num_lay
     for s in scores:
         s.projected = s.cos is not None and s.cos <= threshold
     return threshold
+
+
+# Both adapter methods write an adapter, or with this the full model.
+MERGE = Option(
+    "merge",
+    False,
+    "write the full merged model instead of an adapter (base + the realigned update)",
+    kind=bool,
+    record=bool,
+)
+
+# The options of `safelora` (flags, API keywords, params, the card's command): written once, here.
+SAFELORA = Spec(
+    "safelora",
+    (
+        Option(
+            "threshold",
+            None,
+            "project modules with cos <= T (paper: 0.5)",
+            check=S.cosine("threshold", optional=True),
+            kind=float,
+            metavar="T",
+            record=lambda v: v,
+        ),
+        Option(
+            "num_layers",
+            None,
+            "project the K modules with the lowest cos",
+            check=S.count("num_layers"),
+            kind=int,
+            metavar="K",
+            record=lambda v: v,
+        ),
+        MERGE,
+    ),
+)

@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from resta_fast import spec as S
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.rng import tensor_seed
+from resta_fast.safelora import MERGE
+from resta_fast.spec import Option, Spec
 
 if TYPE_CHECKING:
     import torch
@@ -46,9 +49,8 @@ SAFETY_STREAM_SUFFIX = "#safety"
 
 
 def check_tau(tau: float) -> float:
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and -1 <= tau <= 1):
-        raise OptionError("tau", "{tau} must be a cosine in [-1, 1], got {got}", got=tau)
-    return float(tau)
+    """A cosine in [-1, 1] (the ``tau`` option's check)."""
+    return float(SAFEMERGE.get("tau").run_check(tau))
 
 
 def check_weights(weights) -> tuple[float, float]:
@@ -62,9 +64,15 @@ def check_weights(weights) -> tuple[float, float]:
     return w
 
 
-def check_combination(combination: str, density: float | None) -> float | None:
+def _check_combination_name(combination: str) -> str:
     if combination not in COMBINATIONS:
         raise OptionError("combination", "{combination} must be linear or dare_linear, got {got!r}", got=combination)
+    return combination
+
+
+def check_combination(combination: str, density: float | None) -> float | None:
+    """``density`` as the combination needs it: none for linear, a fraction in (0, 1] for dare_linear."""
+    _check_combination_name(combination)
     if combination == "linear":
         if density is not None:
             raise OptionError("density", "{density} is for {combination} dare_linear")
@@ -215,3 +223,65 @@ def weight_space_delta(
         return out
 
     return delta
+
+
+def _with_density(params: dict) -> list[str]:
+    """The card gives the seed back only with dare_linear's density (it means nothing without)."""
+    return ["--seed", str(params.get("seed", 0))] if params.get("density") is not None else []
+
+
+# The options of `safemerge` (flags, API keywords, params, the card's command): written once, here.
+SAFEMERGE = Spec(
+    "safemerge",
+    (
+        Option(
+            "tau",
+            DEFAULT_TAU,
+            "merge layers with cos < TAU (default 0.35)",
+            check=S.cosine("tau"),
+            kind=float,
+            record=lambda v: v,
+            reproduce=S.always("--tau", "tau"),
+        ),
+        Option(
+            "weights",
+            DEFAULT_WEIGHTS,
+            "fine-tune and safety weights of a merged layer (default 0.8 0.2)",
+            check=check_weights,
+            each=S.finite("weights"),
+            kind=float,
+            nargs=2,
+            metavar=("W1", "W2"),
+            record=list,
+            reproduce=S.always("--weights", "weights"),
+        ),
+        Option(
+            "combination",
+            "linear",
+            "how a layer is merged (default linear)",
+            check=_check_combination_name,
+            choices=COMBINATIONS,
+            record=lambda v: v,
+            reproduce=S.always("--combination", "combination"),
+        ),
+        Option(
+            "density",
+            None,
+            "dare_linear: the fraction of each delta kept, in (0, 1]",
+            check=S.fraction("density"),
+            kind=float,
+            metavar="D",
+            record=lambda v: v,
+        ),
+        Option(
+            "seed",
+            0,
+            "dare_linear seed (docs/spec.md §3 stream; default 0)",
+            check=S.seed("seed"),
+            kind=int,
+            record=lambda v: v,
+            reproduce=_with_density,
+        ),
+        MERGE,
+    ),
+)

@@ -2,7 +2,6 @@
 words until rendered, and rendered as flags that `patch` really has."""
 
 import argparse
-import dataclasses
 import pickle
 
 from resta_fast.cli import build_parser
@@ -21,7 +20,7 @@ def patch_flags() -> set[str]:
 
 
 def test_every_option_is_spelled_as_a_real_patch_flag():
-    options = [f.name for f in dataclasses.fields(PatchOptions) if f.init and f.name not in API_ONLY]
+    options = [name for name in PatchOptions.spec.names() if name not in API_ONLY]
     assert "beta_rules" in options and "gpu_pool_bytes" in options  # the two renamed ones are still fields
     flags = patch_flags()
     missing = {name: cli_flag(name) for name in [*options, *ROLES] if cli_flag(name) not in flags}

@@ -229,7 +229,7 @@ def test_usage_errors_exit_2(models, data, capsys):
     assert "--max-harmful must be a fraction in [0, 1], got 5.0" in capsys.readouterr().err
     from resta_fast.eval.runner import evaluate
 
-    with pytest.raises(RestaError, match="rate in \\[0, 1\\]"):
+    with pytest.raises(RestaError, match="^--max-harmful must be a fraction in \\[0, 1\\], got 5$"):  # the CLI's words
         evaluate([models["sorry"]], "builtin:smoke", max_harmful=5)
     assert main(["eval", "--model", "/nonexistent/model", "--prompts", "builtin:smoke"]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -47,10 +47,11 @@ def test_options_normalise_responses_and_judges(tmp_path):
     [
         ({"max_utility_drop": 0.1, "utility": "U"}, "--max-utility-drop needs --reference MODEL"),
         ({"max_utility_drop": 0.1, "reference": "ft"}, "--max-utility-drop needs --utility FILE and/or --perplexity"),
-        ({"max_harmful": 1.0001}, r"--max-harmful is a rate in \[0, 1\], got 1.0001$"),
-        ({"max_harmful": -0.0001}, r"--max-harmful is a rate in \[0, 1\], got -0.0001$"),
-        ({"utility": "/nonexistent/u.jsonl"}, "^/nonexistent/u.jsonl not found: pass an existing file$"),
-        ({"perplexity": "/nonexistent/h.txt"}, "^/nonexistent/h.txt not found"),
+        ({"max_harmful": 1.0001}, r"--max-harmful must be a fraction in \[0, 1\], got 1.0001$"),
+        ({"max_harmful": -0.0001}, r"--max-harmful must be a fraction in \[0, 1\], got -0.0001$"),
+        ({"utility": "/nonexistent/u.jsonl"}, "^--utility needs an existing file: /nonexistent/u.jsonl is missing$"),
+        ({"perplexity": "/nonexistent/h.txt"}, "^--perplexity needs an existing file: /nonexistent/h.txt is missing$"),
+        ({"limit": -1}, "^--limit must be an integer >= 1, got -1$"),
     ],
 )
 def test_options_refuse_what_does_not_fit(kwargs, message, utility_file):

@@ -126,7 +126,7 @@ def test_evaluate_takes_options_and_overrides(engines, dirs, pset):
         ([], {"max_utility_drop": 0.1}, "^nothing to evaluate"),
         ([], {"responses": "R", "utility": "U", "max_utility_drop": 0.1}, "^--utility/--perplexity need a --model"),
         ([], {"responses": "R", "judges": ("bogus", "bogus")}, "^unknown judge 'bogus'"),
-        ([], {"responses": "R", "max_harmful": 2, "judges": ("bogus",)}, "^--max-harmful is a rate"),
+        ([], {"responses": "R", "max_harmful": 2, "judges": ("bogus",)}, "^--max-harmful must be a fraction"),
     ],
 )
 def test_evaluate_reports_the_first_mistake_in_its_order(models, kwargs, message, dirs, utility_file, tmp_path):
@@ -172,7 +172,8 @@ def test_prepare_names_subjects_in_order(engines, dirs, pset, tmp_path):
 
 def test_prepare_limits_a_loaded_prompt_set(pset, dirs):
     assert len(runner.prepare([dirs["safe"]], pset, EvalOptions(limit=2)).prompt_set.prompts) == 2
-    assert runner.prepare([dirs["safe"]], pset, EvalOptions(limit=-1)).prompt_set.prompts == []
+    with pytest.raises(RestaError, match="^--limit must be an integer >= 1, got -1$"):  # as the CLI refuses it
+        runner.prepare([dirs["safe"]], pset, EvalOptions(limit=-1))
     assert runner.prepare([dirs["safe"]], pset, EvalOptions()).prompt_set is pset
 
 

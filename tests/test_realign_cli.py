@@ -125,7 +125,7 @@ def test_safemerge_flags_and_defaults_reach_realign_safemerge(tmp_path, fake_rea
         ([*SAFEMERGE, "--out", "o", "--weights", "0.8"], "--weights: expected 2 arguments"),
         ([*SAFEMERGE, "--out", "o", "--weights", "inf", "0"], "--weights must be a finite number, got inf"),
         ([*SAFEMERGE, "--out", "o", "--combination", "ties"], "invalid choice: 'ties'"),
-        ([*SAFEMERGE, "--out", "o", "--density", "0"], "--density must be a finite number > 0, got 0.0"),
+        ([*SAFEMERGE, "--out", "o", "--density", "0"], "--density must be a fraction in (0, 1], got 0.0"),
         ([*SAFEMERGE, "--out", "o", "--seed", "-3"], "--seed must be an integer in [0, 2**64), got -3"),
         (SAFEMERGE[:-2] + ["--out", "o"], "the following arguments are required: --unaligned"),
     ],

@@ -215,7 +215,7 @@ def _cli(tmp_path, ft, safe, aligned, unaligned, *extra):
         (["--weights", "nan", "0.2"], "--weights must be a finite number"),
         (["--combination", "ties"], "invalid choice: 'ties'"),
         (["--combination", "dare_linear"], "--combination dare_linear needs --density D"),
-        (["--combination", "dare_linear", "--density", "1.5"], "--density D, the fraction kept, in (0, 1], got 1.5"),
+        (["--combination", "dare_linear", "--density", "1.5"], "--density must be a fraction in (0, 1], got 1.5"),
         (["--density", "0.5"], "--density is for --combination dare_linear"),
         (["--base", "X"], "--base is the model a merge goes into; it needs --merge"),
     ],

@@ -11,28 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
 from resta_fast import cli_args as A
 from resta_fast.batch.local import JobResult, Reporter, format_table, human_bytes, summarize
+from resta_fast.batch.manifest import patch_keys, top_keys
 from resta_fast.cli_args import add_validation_args, validation_options
-from resta_fast.options import STAGING_CHOICES
+from resta_fast.options import PATCH
 
-EPILOG = """\
-Manifest (YAML or JSON): top-level keys are defaults for every job and mirror
-the patch flags (aligned, unaligned, vector, beta, dare, seed, dare_base, base,
-include, exclude, beta_rules, dtype, backend, device); `jobs` lists
-{finetuned, out, name?, ...overrides}. Relative paths resolve against the
-manifest's folder. Any model or adapter may be a Hugging Face Hub id: a local
-path (relative to the manifest's folder) wins; otherwise ORG/NAME[@REV] or
-hf://ORG/NAME[@REV] is a Hub id, each distinct one resolved once per run (the
-cache first; HF_HUB_OFFLINE=1 never downloads). Execution settings: group_size,
-num_cpus, num_gpus, threads, fsync, slurm {sbatch option: value}.
 
-Rerunning is safe: finished outputs are verified (sha256) and skipped,
-unfinished or corrupted ones are redone, finished ones are never rewritten.
-"""
+def epilog() -> str:
+    """The manifest's keys, as the manifest loader knows them (from the one option spec)."""
+    job_keys, top = ", ".join(patch_keys()), ", ".join(k for k in top_keys() if k != "jobs")
+    text = (
+        "Manifest (YAML or JSON): top-level keys are defaults for every job and mirror the patch flags "
+        f"({job_keys}); `jobs` lists {{finetuned, out, name?, ...overrides}}. Relative paths resolve against "
+        "the manifest's folder. Any model or adapter may be a Hugging Face Hub id: a local path (relative to "
+        "the manifest's folder) wins; otherwise ORG/NAME[@REV] or hf://ORG/NAME[@REV] is a Hub id, each distinct "
+        "one resolved once per run (the cache first; HF_HUB_OFFLINE=1 never downloads). Execution settings: "
+        f"{top} {{sbatch option: value}}."
+    )
+    return (
+        textwrap.fill(text, 79) + "\n\nRerunning is safe: finished outputs are verified (sha256) and skipped,\n"
+        "unfinished or corrupted ones are redone, finished ones are never rewritten.\n"
+    )
 
 
 def add_batch_parser(subparsers) -> None:
@@ -40,7 +44,7 @@ def add_batch_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "batch",
         help="realign many fine-tunes from a manifest (fused, resumable)",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("manifest", type=A.existing_file, help="batch manifest (.yaml/.yml or .json)")
@@ -66,7 +70,9 @@ def add_batch_parser(subparsers) -> None:
     p.add_argument("--num-gpus", type=A.nonnegative, help="GPUs per Ray task")
     p.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS, else a local one)")
     p.add_argument(
-        "--threads", type=A.count, help="kernel threads (default: manifest, else the cores the writers leave)"
+        "--threads",
+        type=PATCH.get("threads").parse_text,
+        help="kernel threads (default: manifest, else the cores the writers leave)",
     )
     p.add_argument(
         "--writers",
@@ -76,14 +82,14 @@ def add_batch_parser(subparsers) -> None:
     )
     p.add_argument(
         "--chunk-elems",
-        type=A.count,
+        type=PATCH.get("chunk_elems").parse_text,
         metavar="N",
         help="elements per fused chunk (default 1M; the shared chunk is reused while hot)",
     )
     p.add_argument(
         "--staging",
-        choices=STAGING_CHOICES,
-        default="auto",
+        choices=PATCH.get("staging").choices,
+        default=PATCH.get("staging").default,
         help="how inputs are read: mmap (zero-copy; the CPU default), read (reader threads pread "
         "into reusable buffers: an input truncated mid-run fails its jobs cleanly; the GPU default)",
     )

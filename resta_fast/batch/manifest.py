@@ -30,7 +30,6 @@ prepared jobs then run without being opened again.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -39,13 +38,28 @@ from pathlib import Path
 
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
-from resta_fast.options import PatchOptions
+from resta_fast.options import PATCH, PatchOptions
 from resta_fast.roles import ROLE_KINDS, resolve_roles
+from resta_fast.spec import is_real, unknown_key
 
 PATH_KEYS = ("aligned", "unaligned", "vector", "dare_base", "base")
-PATCH_KEYS = PATH_KEYS + ("beta", "dare", "seed", "include", "exclude", "beta_rules", "dtype", "backend", "device")
 JOB_KEYS = ("finetuned", "out", "name")
-TOP_KEYS = ("jobs", "group_size", "num_cpus", "num_gpus", "threads", "fsync", "slurm")
+
+
+# The options a job sets (or the top level sets for every job), and the run settings at the top:
+# both read from the one spec of patch's options (options.PATCH) when a manifest is read.
+def job_options() -> tuple[str, ...]:
+    return PATCH.manifest_keys("job")
+
+
+def patch_keys() -> tuple[str, ...]:
+    return PATH_KEYS + job_options()
+
+
+def top_keys() -> tuple[str, ...]:
+    return ("jobs", "group_size", "num_cpus", "num_gpus", *PATCH.manifest_keys("top"), "fsync", "slurm")
+
+
 # Eight fine-tunes per pass already cut the shared reads to a quarter of a
 # model per job; larger groups mostly cost parallelism across Ray/Slurm workers.
 DEFAULT_GROUP_SIZE = 8
@@ -55,33 +69,47 @@ class ManifestError(RestaError):
     """The manifest cannot run as written; the message lists every problem."""
 
 
-@dataclass
+@dataclass(init=False)
 class JobSpec:
     """One job: ``patch`` arguments with absolute paths.
 
-    An input named by a Hub id holds its cache snapshot's path, and ``hub``
+    ``settings`` holds the job's options (the ``options.PATCH`` spec's job keys: beta,
+    dare, seed ...), read as attributes too (``job.beta``); unset ones are the spec's
+    defaults. An input named by a Hub id holds its cache snapshot's path, and ``hub``
     maps its key to the ``io.hub.ResolvedInput`` (repo id, revision, commit).
+
+    Example:
+        >>> JobSpec(0, "a", Path("/ft"), Path("/out"), vector=Path("/v"), beta=0.5).beta
+        0.5
     """
 
     index: int
     name: str
     finetuned: Path
     out: Path
-    aligned: Path | None = None
-    unaligned: Path | None = None
-    vector: Path | None = None
-    dare_base: Path | None = None
-    base: Path | None = None
-    beta: float = 1.0
-    dare: float | None = None
-    seed: int = 0
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    beta_rules: tuple[str, ...] = ()
-    dtype: str | None = None
-    backend: str = "auto"
-    device: str = "cpu"
-    hub: dict[str, ResolvedInput] = field(default_factory=dict)
+    aligned: Path | None
+    unaligned: Path | None
+    vector: Path | None
+    dare_base: Path | None
+    base: Path | None
+    settings: dict
+    hub: dict[str, ResolvedInput]
+
+    def __init__(self, index, name, finetuned, out, *, hub=None, **given):
+        self.index, self.name, self.finetuned, self.out = index, name, finetuned, out
+        for key in PATH_KEYS:
+            setattr(self, key, given.pop(key, None))
+        unknown = [k for k in given if k not in job_options()]
+        if unknown:
+            raise TypeError(f"JobSpec got an unexpected keyword argument {unknown[0]!r}")
+        self.settings = {k: given.get(k, PATCH.get(k).default) for k in job_options()}
+        self.hub = dict(hub or {})
+
+    def __getattr__(self, name: str):
+        settings = self.__dict__.get("settings", {})
+        if name in settings:
+            return settings[name]
+        raise AttributeError(name)
 
     @property
     def label(self) -> str:
@@ -104,34 +132,11 @@ class JobSpec:
         Example:
             >>> api.patch(job.finetuned, job.out, **job.patch_kwargs())  # doctest: +SKIP
         """
-        kw = {k: self.input(k) for k in PATH_KEYS}
-        kw.update(
-            beta=self.beta,
-            dare=self.dare,
-            seed=self.seed,
-            include=list(self.include),
-            exclude=list(self.exclude),
-            beta_rules=list(self.beta_rules),
-            dtype=self.dtype,
-            backend=self.backend,
-            device=self.device,
-        )
-        return kw
+        return {**self.input_kwargs(), **self.settings}
 
     def options(self, **tuning) -> PatchOptions:
         """The job's PatchOptions (``tuning``: threads, chunk_elems ...)."""
-        return PatchOptions(
-            beta=self.beta,
-            dare=self.dare,
-            seed=self.seed,
-            include=self.include,
-            exclude=self.exclude,
-            beta_rules=self.beta_rules,
-            dtype=self.dtype,
-            backend=self.backend,
-            device=self.device,
-            **tuning,
-        )
+        return PatchOptions(**self.settings, **tuning)
 
     def input_kwargs(self) -> dict:
         """The inputs of ``api.prepare`` but the fine-tune (``input``: strings, Hub inputs resolved)."""
@@ -252,12 +257,6 @@ def _read(path: Path):
         raise ManifestError(f"manifest {path}: not valid YAML ({exc})") from None
 
 
-def _unknown(key: str, allowed, where: str) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
-    return f"{where}: unknown key {key!r}{hint}"
-
-
 def _parse(
     raw, path: Path, root: Path | None, problems: list[str], group_size: int | None, resolver: Resolver
 ) -> Manifest | None:
@@ -266,13 +265,14 @@ def _parse(
             f"manifest {path}: expected a mapping with a 'jobs' list at the top, got {type(raw).__name__}"
         )
     root = root if root is not None else path.resolve().parent
+    job_level, top_level = patch_keys(), top_keys()
     defaults: dict = {}
     for key, value in raw.items():
-        if key in PATCH_KEYS:
+        if key in job_level:
             defaults[key] = value
-        elif key not in TOP_KEYS:
+        elif key not in top_level:
             extra = " (it is set per job)" if key in JOB_KEYS else ""
-            problems.append(_unknown(key, PATCH_KEYS + TOP_KEYS, "top level") + extra)
+            problems.append(unknown_key(key, job_level + top_level, "top level") + extra)
     jobs_raw = raw.get("jobs")
     if not isinstance(jobs_raw, list) or not jobs_raw:
         problems.append("top level: 'jobs' must be a non-empty list of {finetuned, out, ...}")
@@ -285,12 +285,12 @@ def _parse(
             problems.append(f"{where}: expected a mapping with finetuned and out, got {type(entry).__name__}")
             continue
         for key in entry:
-            if key not in PATCH_KEYS + JOB_KEYS:
+            if key not in job_level + JOB_KEYS:
                 problems.append(
-                    _unknown(key, PATCH_KEYS + JOB_KEYS, where)
-                    + (" (it is a top-level setting)" if key in TOP_KEYS else "")
+                    unknown_key(key, job_level + JOB_KEYS, where)
+                    + (" (it is a top-level setting)" if key in top_level else "")
                 )
-        merged = {**defaults, **{k: v for k, v in entry.items() if k in PATCH_KEYS + JOB_KEYS}}
+        merged = {**defaults, **{k: v for k, v in entry.items() if k in job_level + JOB_KEYS}}
         job = _parse_job(i, merged, root, problems, resolver)
         if job is None:
             continue
@@ -314,11 +314,12 @@ def _parse_options(raw: dict, problems: list[str], group_size: int | None) -> di
             problems.append(f"{key} must be a number {'> 0' if key == 'num_cpus' else '>= 0'}, got {value!r}")
             value = None
         opts[key] = value
-    threads = raw.get("threads")
-    if threads is not None and (not _is_int(threads) or threads < 1):
-        problems.append(f"threads must be an integer >= 1, got {threads!r}")
-        threads = None
-    opts["threads"] = threads
+    for key in PATCH.manifest_keys("top"):  # run settings with a patch option's check (threads)
+        try:
+            opts[key] = PATCH.get(key).run_check(raw.get(key, PATCH.get(key).default))
+        except OptionError as exc:
+            problems.append(str(exc))
+            opts[key] = PATCH.get(key).default
     fsync = raw.get("fsync", True)
     if not isinstance(fsync, bool):
         problems.append(f"fsync must be true or false, got {fsync!r}")
@@ -371,41 +372,11 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resol
         hub[key] = found
         return found.path
 
-    def strings(key):
-        value = d.get(key) or ()
-        if isinstance(value, str):
-            value = (value,)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{where}: {key} must be a string or a list of strings, got {value!r}")
-            return ()
-        return tuple(value)
-
     finetuned, out = path("finetuned", True), path("out", True)
     paths = {k: path(k) for k in PATH_KEYS}
-    rules = d.get("beta_rules") or ()
-    if isinstance(rules, dict):  # {REGEX: BETA} is the same as ["REGEX=BETA", ...]
-        rules = [f"{k}={v}" for k, v in rules.items()]
-    elif isinstance(rules, str):
-        rules = [rules]
-    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, str) for r in rules):
-        problems.append(
-            f"{where}: beta_rules must be a list of 'REGEX=BETA' or a mapping {{REGEX: BETA}}, got {rules!r}"
-        )
-        rules = ()
-    rules = tuple(rules)
-    include, exclude = strings("include"), strings("exclude")
-    values = {
-        "beta": d.get("beta", 1.0),
-        "dare": d.get("dare"),
-        "seed": d.get("seed", 0),
-        "include": include,
-        "exclude": exclude,
-        "beta_rules": rules,
-        "dtype": d.get("dtype"),
-        "backend": d.get("backend", "auto"),
-        "device": d.get("device", "cpu"),
-    }
-    problems += [f"{where}: {exc}" for exc in PatchOptions.problems_of(**values)]
+    given = {k: d[k] for k in job_options() if k in d}
+    errors = PATCH.problems(given)
+    problems += [f"{where}: {exc}" for exc in errors]
     name = d.get("name")
     if name is None and out is not None:
         name = out.name
@@ -413,24 +384,22 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resol
         problems.append(f"{where}: name must be a non-empty single-line string, got {name!r}")
     if len(problems) > start:
         return None
-    dare = values["dare"]
-    return JobSpec(
-        index=i,
-        name=name,
-        finetuned=finetuned,
-        out=out,
-        **paths,
-        beta=float(values["beta"]),
-        dare=None if dare is None else float(dare),
-        seed=values["seed"],
-        include=include,
-        exclude=exclude,
-        beta_rules=rules,
-        dtype=values["dtype"],
-        backend=values["backend"],
-        device=values["device"],
-        hub=hub,
-    )
+    return JobSpec(i, name, finetuned, out, **paths, **_as_manifest_gave(given), hub=hub)
+
+
+def _as_manifest_gave(given: dict) -> dict:
+    """A job's settings as the manifest gave them, as a flag would give them: numbers in the
+    option's kind (``beta: 1`` is 1.0, as ``--beta 1``), lists as tuples of strings."""
+    out = {}
+    for key, value in given.items():
+        option = PATCH.get(key)
+        if option.repeat:
+            value = [f"{k}={v}" for k, v in value.items()] if isinstance(value, dict) else value
+            value = (value,) if isinstance(value, str) else tuple(value or ())
+        elif is_real(value) and option.kind in (int, float):
+            value = option.kind(value)
+        out[key] = value
+    return out
 
 
 def make_groups(jobs: list[JobSpec], group_size: int) -> list[Group]:

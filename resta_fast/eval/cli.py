@@ -8,14 +8,13 @@ RestaError, which the main CLI turns into exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from resta_fast import cli_args as A
-from resta_fast.errors import RestaError
-from resta_fast.eval.options import ENGINES, GENERATION_DTYPES
+from resta_fast.errors import RestaError, cli_flag
+from resta_fast.eval.options import EVAL
 from resta_fast.io.hub import HUB_RULE
 
 HUB_HELP = f"Hub ids: {HUB_RULE}."
@@ -42,31 +41,11 @@ def _add_prompt_args(p) -> None:
     g.add_argument("--prompt-column", help="prompt column of flat files (default: prompt/question/goal/...)")
     g.add_argument("--category-column", help="category column (default: category/topic)")
     g.add_argument("--subcategory-column", help="subcategory column (default: subcategory/subtopic)")
-    g.add_argument("--limit", type=A.count, help="use only the first N prompts (quick checks)")
+    EVAL.add_arguments(p, group=g, section="prompts")
 
 
 def _add_generation_args(p) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--engine", choices=ENGINES, default="transformers")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument(
-        "--dtype",
-        choices=GENERATION_DTYPES,
-        default="auto",
-        help="model dtype for evaluation (default: the checkpoint's)",
-    )
-    g.add_argument("--batch-size", type=A.count, help="generation batch (default 8 on CPU, 32 on GPU; halved on OOM)")
-    g.add_argument("--max-new-tokens", type=A.count, default=128, help="bound on each answer (default 128)")
-    g.add_argument("--utility-max-new-tokens", type=A.count, default=32, help="bound on utility answers (default 32)")
-    g.add_argument("--system-prompt", help="system message for the chat template")
-    g.add_argument(
-        "--chat-template",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="use the tokenizer's chat template (default: when it has one)",
-    )
-    g.add_argument("--seed", type=A.seed, default=0, help="generation seed (decoding is greedy)")
-    g.add_argument("--perplexity-window", type=A.count, default=1024, help="tokens per perplexity window")
+    EVAL.add_arguments(p, group=p.add_argument_group("generation"), section="generation")
 
 
 def _add_judge_args(p) -> None:
@@ -116,38 +95,12 @@ def _add_judge_args(p) -> None:
 
 
 def _add_util_gate_args(p, *, tune: bool) -> None:
+    gate = [n for n in EVAL.names() if not (tune and n == "reference")]  # tune's reference is the fine-tune
     g = p.add_argument_group("utility and gate")
-    g.add_argument(
-        "--utility", metavar="FILE", type=A.existing_file, help="JSONL of prompt/answer pairs (exact match, contains)"
-    )
-    g.add_argument("--perplexity", metavar="FILE", type=A.existing_file, help="held-out text file for perplexity")
-    g.add_argument(
-        "--max-harmful",
-        type=A.rate,
-        required=tune,
-        metavar="RATE",
-        help="fail (exit 1) when the harmful rate is above RATE, e.g. 0.05",
-    )
-    g.add_argument(
-        "--max-utility-drop",
-        type=A.nonnegative,
-        metavar="D",
-        help="fail when exact match drops more than D (absolute) or perplexity rises more than "
-        "D (relative) against the reference",
-    )
-    if not tune:
-        g.add_argument(
-            "--reference", metavar="MODEL", help="model the utility drop is measured against (path or Hub id)"
-        )
+    EVAL.add_arguments(p, group=g, section="gate", only=gate, required=("max_harmful",) if tune else ())
     o = p.add_argument_group("output")
-    o.add_argument("--out", metavar="DIR", type=A.creatable_dir, help="directory for responses, verdicts and reports")
+    EVAL.add_arguments(p, group=o, section="output")
     o.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
-    o.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bars on stderr (default: when stderr is a terminal)",
-    )
 
 
 def build_judges(args) -> list:
@@ -244,27 +197,9 @@ def run_eval(args) -> int:
     result = evaluate(
         models=args.model or [],
         prompts=args.prompts,
-        responses=args.responses or [],
         judges=build_judges(args),
-        utility=args.utility,
-        perplexity=args.perplexity,
-        reference=args.reference,
-        engine=args.engine,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        utility_max_new_tokens=args.utility_max_new_tokens,
-        system_prompt=args.system_prompt,
-        chat_template=args.chat_template,
         columns=_columns(args),
-        limit=args.limit,
-        perplexity_window=args.perplexity_window,
-        out=args.out,
-        max_harmful=args.max_harmful,
-        max_utility_drop=args.max_utility_drop,
-        seed=args.seed,
-        progress=args.progress,
+        **EVAL.from_args(args),
     )
     gated = args.max_harmful is not None or args.max_utility_drop is not None
     print_summary(result, as_json=args.json, gated=gated)
@@ -274,19 +209,7 @@ def run_eval(args) -> int:
 def generation_options(args) -> dict:
     """``evaluate`` keyword arguments from the generation flags (``_add_generation_args``), for
     commands that evaluate candidates they write (``tune``, ``compare``)."""
-    return {
-        "engine": args.engine,
-        "device": args.device,
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "utility_max_new_tokens": args.utility_max_new_tokens,
-        "system_prompt": args.system_prompt,
-        "chat_template": args.chat_template,
-        "perplexity_window": args.perplexity_window,
-        "seed": args.seed,
-        "progress": args.progress,
-    }
+    return {**EVAL.from_args(args, section="generation"), "progress": args.progress}
 
 
 def run_tune(args) -> int:
@@ -378,12 +301,7 @@ def add_eval_parser(subparsers):
         metavar="MODEL",
         help="model directory or Hugging Face Hub id; repeat to compare models. " + HUB_HELP,
     )
-    p.add_argument(
-        "--responses",
-        action="append",
-        metavar="FILE",
-        help="re-judge a responses JSONL from an earlier --out instead of generating; repeatable",
-    )
+    EVAL.add_arguments(p, section="responses")
     _add_prompt_args(p)
     _add_generation_args(p)
     _add_judge_args(p)
@@ -466,5 +384,5 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except RestaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.render(cli_flag)}", file=sys.stderr)
         return e.exit_code

@@ -15,12 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resta_fast.errors import RestaError
+from resta_fast import spec as S
+from resta_fast.cli_args import creatable_dir
+from resta_fast.errors import RestaError, cli_flag
+from resta_fast.spec import declared, spec_of
 
 if TYPE_CHECKING:  # annotations only: the CLI's parsers import this module for the choices below
     from resta_fast.eval.prompts import Columns
@@ -83,30 +86,101 @@ class EvalOptions:
         >>> EvalOptions(max_harmful=5).check()
         Traceback (most recent call last):
         ...
-        resta_fast.errors.RestaError: --max-harmful is a rate in [0, 1], got 5
+        resta_fast.errors.RestaError: --max-harmful must be a fraction in [0, 1], got 5
     """
 
-    responses: tuple[str, ...] = ()
+    # Each field that is an option says everything about it here (spec.declared): its flag, help,
+    # check and --help section are derived (EVAL below), so the CLI's flags, the keywords of
+    # evaluate() and the checks are one list.
+    responses: tuple[str, ...] = declared(
+        (),
+        "re-judge a responses JSONL from an earlier --out instead of generating; repeatable",
+        repeat=True,
+        metavar="FILE",
+        parse_time=False,
+        group="responses",
+    )
     judges: tuple = ("refusal",)
-    utility: str | os.PathLike | None = None
-    perplexity: str | os.PathLike | None = None
-    reference: str | os.PathLike | None = None
-    engine: str = "transformers"
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int | None = None
-    max_new_tokens: int = 128
-    utility_max_new_tokens: int = 32
-    system_prompt: str | None = None
-    chat_template: bool | None = None
+    utility: str | os.PathLike | None = declared(
+        None,
+        "JSONL of prompt/answer pairs (exact match, contains)",
+        check=S.existing_file("utility"),
+        metavar="FILE",
+        group="gate",
+    )
+    perplexity: str | os.PathLike | None = declared(
+        None, "held-out text file for perplexity", check=S.existing_file("perplexity"), metavar="FILE", group="gate"
+    )
+    reference: str | os.PathLike | None = declared(
+        None, "model the utility drop is measured against (path or Hub id)", metavar="MODEL", group="gate"
+    )
+    engine: str = declared("transformers", choices=ENGINES, group="generation")
+    device: str = declared("cpu", "cpu, cuda or cuda:N (default: cpu)", group="generation")
+    dtype: str = declared(
+        "auto", "model dtype for evaluation (default: the checkpoint's)", choices=GENERATION_DTYPES, group="generation"
+    )
+    batch_size: int | None = declared(
+        None,
+        "generation batch (default 8 on CPU, 32 on GPU; halved on OOM)",
+        check=S.count("batch_size"),
+        kind=int,
+        group="generation",
+    )
+    max_new_tokens: int = declared(
+        128, "bound on each answer (default 128)", check=S.count("max_new_tokens"), kind=int, group="generation"
+    )
+    utility_max_new_tokens: int = declared(
+        32,
+        "bound on utility answers (default 32)",
+        check=S.count("utility_max_new_tokens"),
+        kind=int,
+        group="generation",
+    )
+    system_prompt: str | None = declared(None, "system message for the chat template", group="generation")
+    chat_template: bool | None = declared(
+        None,
+        "use the tokenizer's chat template (default: when it has one)",
+        action=argparse.BooleanOptionalAction,
+        group="generation",
+    )
     columns: Columns | None = None
-    limit: int | None = None
-    perplexity_window: int = 1024
-    out: str | os.PathLike | None = None
-    max_harmful: float | None = None
-    max_utility_drop: float | None = None
-    seed: int = 0
-    progress: bool | None = None
+    limit: int | None = declared(
+        None, "use only the first N prompts (quick checks)", check=S.count("limit"), kind=int, group="prompts"
+    )
+    perplexity_window: int = declared(
+        1024, "tokens per perplexity window", check=S.count("perplexity_window"), kind=int, group="generation"
+    )
+    out: str | os.PathLike | None = declared(
+        None,
+        "directory for responses, verdicts and reports",
+        cli_type=creatable_dir,
+        metavar="DIR",
+        group="output",
+    )
+    max_harmful: float | None = declared(
+        None,
+        "fail (exit 1) when the harmful rate is above RATE, e.g. 0.05",
+        check=S.rate("max_harmful"),
+        kind=float,
+        metavar="RATE",
+        group="gate",
+    )
+    max_utility_drop: float | None = declared(
+        None,
+        "fail when exact match drops more than D (absolute) or perplexity rises more than "
+        "D (relative) against the reference",
+        check=S.nonnegative("max_utility_drop"),
+        kind=float,
+        metavar="D",
+        group="gate",
+    )
+    seed: int = declared(0, "generation seed (decoding is greedy)", check=S.seed("seed"), kind=int, group="generation")
+    progress: bool | None = declared(
+        None,
+        "progress bars on stderr (default: when stderr is a terminal)",
+        action=argparse.BooleanOptionalAction,
+        group="output",
+    )
 
     def __post_init__(self):
         # Frozen: normalised through object.__setattr__, once, before the checks read them.
@@ -137,11 +211,10 @@ class EvalOptions:
                 )
             if not (self.utility or self.perplexity):
                 raise RestaError("--max-utility-drop needs --utility FILE and/or --perplexity FILE to measure utility")
-        if self.max_harmful is not None and not 0.0 <= self.max_harmful <= 1.0:
-            raise RestaError(f"--max-harmful is a rate in [0, 1], got {self.max_harmful}")
-        for f in [self.utility, self.perplexity]:
-            if f and not Path(f).is_file():
-                raise RestaError(f"{f} not found: pass an existing file")
+        values = {name: getattr(self, name) for name in EVAL.names()}
+        problems = EVAL.problems(values)
+        if problems:  # evaluate's errors name the flags: the CLI passes its flags through unchanged
+            raise RestaError(problems[0].render(cli_flag))
         return self
 
 
@@ -161,3 +234,8 @@ def check_judges(judges) -> tuple:
     if len(set(names)) != len(names):
         raise RestaError(f"each judge may be given once; got {names}")
     return judges
+
+
+# The options of an evaluation, from EvalOptions' declared fields: eval's and tune's flags, and
+# the generation options that tune and compare pass on to evaluate().
+EVAL = spec_of(EvalOptions, "eval")

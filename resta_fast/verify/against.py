@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from resta_fast import api
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
-from resta_fast.options import PatchOptions
+from resta_fast.options import PATCH, PatchOptions
 from resta_fast.pipeline.job import Inputs
 from resta_fast.plan import TensorPlan
 from resta_fast.report import REPORT_NAME
@@ -83,13 +83,7 @@ def check_against(
             u_src = cks.get("unaligned")
             b_src = cks.get("dare_base")
             try:
-                options = PatchOptions(
-                    beta=float(params.get("beta", 1.0)),
-                    include=params.get("include") or (),
-                    exclude=params.get("exclude") or (),
-                    beta_rules=params.get("beta_rules") or (),
-                    dtype=params.get("dtype"),
-                )
+                options = PatchOptions(**PATCH.recorded(params))
                 plan = api.plan_patch(Inputs(ft, cks.get("aligned"), u_src, cks.get("vector"), b_src), options)
             except RestaError as exc:
                 plan_c.fail(f"cannot rebuild the plan from the inputs: {exc}")
