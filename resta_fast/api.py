@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from types import ModuleType
 from resta_fast.errors import OptionError
 from resta_fast.executor import EngineWrite, Output, Validator, write_one
 from resta_fast.io.checkpoint import Checkpoint
-from resta_fast.io.hub import resolve_input
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.difference import difference_kernel
 from resta_fast.lora import LoraFinetuned
@@ -38,7 +38,7 @@ from resta_fast.report import (
     record_validation,
     with_paths,
 )
-from resta_fast.roles import Roles, resolve_roles
+from resta_fast.roles import Roles, resolve_roles, vector_roles
 
 __all__ = [
     "MAX_SEED",
@@ -87,7 +87,7 @@ class Opener:
     def __call__(self, path, role: str) -> Checkpoint | None:
         if path is None:
             return None
-        key = str(path)
+        key = os.fspath(path)
         if key not in self.cache:
             ck = Checkpoint(path, role=role)
             self.stack.callback(ck.close)
@@ -312,13 +312,8 @@ def prepare_vector(aligned, unaligned, *, opener: Opener | None = None, resolver
     if problems:
         raise problems[0]
     options = PatchOptions(**kept)
-    resolve = resolver or resolve_input
-    found = {role: resolve(arg, role) for role, arg in (("aligned", aligned), ("unaligned", unaligned))}
-    hub = {role: r for role, r in found.items() if r.is_hub}
-    aligned, unaligned = (
-        str(found[r].path) if r in hub else arg for r, arg in (("aligned", aligned), ("unaligned", unaligned))
-    )
-    roles = Roles(str(aligned), aligned=str(aligned), unaligned=str(unaligned), hub=hub)
+    roles = vector_roles(aligned, unaligned, resolver=resolver)
+    aligned, unaligned = roles.aligned, roles.unaligned
     with _own_stack(opener) as (opener, stack):
         al = opener(aligned, "aligned")
         un = opener(unaligned, "unaligned")
@@ -343,7 +338,7 @@ def prepare_vector(aligned, unaligned, *, opener: Opener | None = None, resolver
             plan,
             Inputs(al, al, un),
             checkpoints,
-            provenance("vector", params, checkpoints, hub),
+            provenance("vector", params, checkpoints, roles.hub),
             [Path(aligned), Path(unaligned)],
             "cpu",
             backend_name,

@@ -161,7 +161,6 @@ def inspect(
     Returns:
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
-    from resta_fast.io.adapter import is_adapter
 
     models = list(models)
     if not models:
@@ -177,27 +176,20 @@ def inspect(
             f"inspect takes at most 3 positional models (finetuned, aligned, unaligned); "
             f"extra: {', '.join(map(str, rest))}"
         )
-    from resta_fast.io.hub import Resolver
+    from resta_fast.resolve import resolve_all
+    from resta_fast.roles import ROLE_KINDS
 
-    resolve = Resolver()
-
-    def local(path, role: str, kind: str = "model"):  # a Hub id -> its cache snapshot (io.hub.HUB_RULE)
-        found = None if path is None else resolve(path, role, kind=kind)
-        return str(found.path) if found is not None and found.is_hub else path
-
-    ft_path, aligned, unaligned = (
-        local(ft_path, "finetuned", "any"),
-        local(aligned, "aligned"),
-        local(unaligned, "unaligned"),
-    )
-    vector, base, dare_base = local(vector, "vector"), local(base, "base"), local(dare_base, "dare base")
+    # The resolve step (each Hub id once, to its cache snapshot: io.hub.HUB_RULE): what is described below.
+    given = {"finetuned": ft_path, "aligned": aligned, "unaligned": unaligned, "vector": vector}
+    found = resolve_all({**given, "base": base, "dare_base": dare_base}, ROLE_KINDS)
+    ft_path, aligned, unaligned, vector, base, dare_base = (None if i is None else i.path for i in found.values())
     seen = []
     for p in [ft_path, aligned, unaligned, vector, base, dare_base]:
         if p is not None and p not in seen:
             seen.append(p)
     result = {"models": [describe_model(p) for p in seen], "plan": None, "plan_error": None}
     if aligned is None and vector is None:
-        if is_adapter(ft_path) and base is not None:
+        if found["finetuned"].is_adapter and base is not None:
             aligned = base  # still show the merge: which tensors the adapter touches
         else:
             return result

@@ -39,6 +39,7 @@ from resta_fast.lora import LoraFinetuned
 from resta_fast.pipeline.job import Inputs
 from resta_fast.plan import copy_plan
 from resta_fast.report import provenance, with_paths
+from resta_fast.roles import realign_inputs
 
 
 def _view(opener: Opener, adapter, base: Checkpoint, **kw) -> LoraFinetuned:
@@ -131,25 +132,13 @@ class Session:
         progress: bool = False,
         record_paths: bool = False,
     ):
-        from resta_fast.io.hub import resolve_input
-
-        given = {
-            "adapter": adapter,
-            "safety_adapter": safety_adapter,
-            "aligned": aligned,
-            "unaligned": unaligned,
-            "base": base,
-        }
-        # Hub ids (ORG/NAME[@REV]) resolve to cache snapshots; their repo and commit go into the provenance.
-        resolved = {
-            role: resolve_input(p, role.replace("_", " "), kind="adapter" if "adapter" in role else "model")
-            for role, p in given.items()
-            if p is not None
-        }
-        self.hub = {role: r for role, r in resolved.items() if r.is_hub}
-        if base is None and "aligned" in self.hub:  # the base defaults to the aligned model, and so does its origin
-            self.hub["base"] = self.hub["aligned"]
-        self.paths = {role: (resolved[role].path if role in resolved else None) for role in given}
+        # What the user typed, resolved (roles.realign_inputs: Hub ids to their cache snapshots, each once;
+        # the base defaults to the aligned model, Hub origin included); their origins go into the provenance.
+        self.inputs = realign_inputs(
+            adapter, aligned=aligned, unaligned=unaligned, safety_adapter=safety_adapter, base=base
+        )
+        self.hub = {role: i.hub for role, i in self.inputs.items() if i is not None and i.is_hub}
+        self.paths = {role: (Path(i.path) if i is not None else None) for role, i in self.inputs.items()}
         base, aligned = self.paths["base"], self.paths["aligned"]
         self.progress = progress
         self.record_paths = record_paths
@@ -164,7 +153,7 @@ class Session:
             if safety_adapter is not None:
                 self.safety = _view(opener, self.paths["safety_adapter"], self.al)
                 self.pairs = SM.pair_modules(self.ft, self.safety, self.mods)
-            same = base is None or Path(base).resolve() == Path(aligned).resolve()
+            same = Path(base).resolve() == Path(aligned).resolve()
             self.into = self.al if same else opener(base, "base")
         except BaseException:
             self.stack.close()
@@ -208,8 +197,7 @@ class Session:
 
     def _inputs(self, *roles: str) -> list[Path]:
         """The paths of ``roles`` (outputs must stay outside them); the base defaults to the aligned model."""
-        paths = dict(self.paths, base=self.paths["base"] or self.paths["aligned"])
-        return _input_paths(*(paths[r] for r in roles))
+        return _input_paths(*(self.paths[r] for r in roles))
 
     def _write(
         self,

@@ -1,16 +1,25 @@
-"""Which input path plays which role in one patch, decided from the paths alone.
+"""Which input plays which role, for each command family; no checkpoint opened.
 
-``resolve_roles`` resolves Hub ids to their cache snapshots (``io.hub``) and
-decides, from the arguments and whether the fine-tune is a PEFT adapter
-directory, which model is the fine-tune, the aligned/unaligned pair or the
-vector, a LoRA adapter's base and DARE's base, with the defaults the docs
-promise (a LoRA base defaults to the aligned model, DARE's base to the LoRA
-base or else the aligned model). No checkpoint is opened and nothing heavy is
-imported: ``api.prepare``, the batch manifest, verify and inspect all start here.
+The resolve step's rules. ``resolve.resolve_all`` turns what the user typed
+into ``resolve.Input`` records (Hub ids resolved to their cache snapshots,
+adapters recognised); this module decides from them, and from the arguments,
+which input is the fine-tune, the aligned/unaligned pair or the vector, a LoRA
+adapter's base and DARE's base, with the defaults the docs promise: a LoRA base
+defaults to the aligned model (for a patch and for adapter realignment alike),
+DARE's base to the LoRA base or else the aligned model. A defaulted role is the
+same input, Hub origin included. Nothing heavy is imported: ``api.prepare``,
+``api.prepare_vector``, the batch manifest, ``realign.Session``, verify, compare
+and inspect all start here.
+
+- ``resolve_roles``: a patch (``patch``, ``batch``, ``verify``, ``inspect``);
+- ``vector_roles``: the safety vector's pair (``vector``, ``verify``);
+- ``realign_inputs``: adapter realignment (``safelora``, ``safemerge``, ``compare``).
 
 Example:
     >>> resolve_roles("ft", aligned="chat", unaligned="shadow").vector is None
     True
+    >>> realign_inputs("lora", aligned="chat", unaligned="shadow")["base"]
+    Input(role='base', path='chat', hub=None, kind='model')
 """
 
 from __future__ import annotations
@@ -19,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resta_fast.errors import OptionError
-from resta_fast.io.adapter import is_adapter
-from resta_fast.io.hub import ResolvedInput, resolve_input
+from resta_fast.resolve import Input, resolve_all
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class Roles:
     lora: bool = False
     # role -> where a Hub input came from (repo id, revision, commit); local inputs are not listed.
     hub: dict = field(default_factory=dict, compare=False, hash=False)
+    # role -> its resolve.Input (role, path, Hub origin, kind), defaults included; unset roles are not listed.
+    inputs: dict = field(default_factory=dict, compare=False, hash=False)
 
     def paths(self) -> list[Path]:
         """Every input path (outputs must stay outside all of them)."""
@@ -52,7 +62,7 @@ class Roles:
         ]
 
 
-# What each input role may be on the Hub (``io.hub.resolve_input``'s kind).
+# What each input role of a patch may be on the Hub (``resolve.resolve``'s ``accepts``).
 ROLE_KINDS = {
     "finetuned": "any",
     "aligned": "model",
@@ -86,70 +96,132 @@ def resolve_roles(
         dare_base: DARE's base (default: the LoRA base, else aligned).
         dare: DARE is on.
         resolver: ``io.hub.Resolver`` shared by the jobs of a batch (each
-            distinct input resolved once); None: ``io.hub.resolve_input``.
+            distinct input resolved once); None: a new one for these inputs.
     Returns:
         The Roles, local paths as strings (as given), Hub ids as their
-        snapshot directories with ``Roles.hub`` saying where they came from.
+        snapshot directories with ``Roles.hub`` saying where they came from,
+        and ``Roles.inputs`` each role's ``resolve.Input``.
 
     Example:
         >>> resolve_roles("ft", aligned="chat", unaligned="shadow", dare=True).dare_base
         'chat'
     """
-    resolve = resolver or resolve_input
-    s, hub = {}, {}
-    for key, value in (
-        ("finetuned", finetuned),
-        ("aligned", aligned),
-        ("unaligned", unaligned),
-        ("vector", vector),
-        ("base", base),
-        ("dare_base", dare_base),
-    ):
-        got = None if value is None else resolve(value, key.replace("_", " "), kind=ROLE_KINDS[key])
-        if got is not None and got.is_hub:
-            s[key], hub[key] = str(got.path), got
-        else:  # a local path: kept as given (it is recorded in the provenance as given)
-            s[key] = None if value is None else str(value.path if isinstance(value, ResolvedInput) else value)
-    if s["vector"] is not None and s["unaligned"] is not None:
+    found = resolve_all(
+        {
+            "finetuned": finetuned,
+            "aligned": aligned,
+            "unaligned": unaligned,
+            "vector": vector,
+            "base": base,
+            "dare_base": dare_base,
+        },
+        ROLE_KINDS,
+        resolver,
+    )
+    if found["vector"] is not None and found["unaligned"] is not None:
         raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
-    lora = is_adapter(s["finetuned"])
-    if s["base"] is not None and not lora:
+    ft = found["finetuned"]
+    lora = ft.is_adapter
+    if found["base"] is not None and not lora:
         raise OptionError(
             "base",
             "{base} is only for LoRA adapters, and {ft} has no adapter_config.json; drop {base} for a full fine-tune",
-            ft=s["finetuned"],
+            ft=ft.path,
         )
-    if lora and s["base"] is None:
-        if s["aligned"] is None:
+    if lora and found["base"] is None:
+        if found["aligned"] is None:
             raise OptionError(
                 "base",
                 "{ft} is a LoRA adapter: pass {base}, the model it was trained on "
                 "(with {vector} there is no {aligned} to default to)",
-                ft=s["finetuned"],
+                ft=ft.path,
             )
-        s["base"] = s["aligned"]
-        if "aligned" in hub:
-            hub["base"] = hub["aligned"]
-    if dare and s["dare_base"] is None:
-        if s["aligned"] is None and s["base"] is None:
+        _default(found, "base", "aligned")
+    if dare and found["dare_base"] is None:
+        if found["aligned"] is None and found["base"] is None:
             raise OptionError(
                 "dare", "{dare} needs the model the fine-tune started from: pass {dare_base} (or {aligned})"
             )
-        source = "base" if lora else "aligned"
-        s["dare_base"] = s[source]
-        if source in hub:
-            hub["dare_base"] = hub[source]
-    if s["vector"] is None and (s["aligned"] is None or s["unaligned"] is None):
+        _default(found, "dare_base", "base" if lora else "aligned")
+    if found["vector"] is None and (found["aligned"] is None or found["unaligned"] is None):
         raise OptionError("vector", "give either {aligned} and {unaligned}, or {vector} (not both)")
-    if not lora:
-        hub.pop("base", None)
+    return _roles(found, lora)
+
+
+def vector_roles(aligned, unaligned, *, resolver=None) -> Roles:
+    """The roles of ``make_vector``'s two inputs (V = aligned − unaligned); Hub ids resolved.
+
+    Example:
+        >>> r = vector_roles("chat", "shadow")
+        >>> (r.aligned, r.unaligned, sorted(r.inputs))
+        ('chat', 'shadow', ['aligned', 'unaligned'])
+    """
+    found = resolve_all({"aligned": aligned, "unaligned": unaligned}, ROLE_KINDS, resolver)
     return Roles(
-        s["finetuned"],
-        s["aligned"],
-        s["unaligned"],
-        s["vector"],
-        s["base"] if lora else None,
-        s["dare_base"],
+        found["aligned"].path,
+        aligned=found["aligned"].path,
+        unaligned=found["unaligned"].path,
+        hub=_hub(found),
+        inputs={r: i for r, i in found.items() if i is not None},
+    )
+
+
+# What each input of adapter realignment may be on the Hub.
+REALIGN_KINDS = {
+    "adapter": "adapter",
+    "safety_adapter": "adapter",
+    "aligned": "model",
+    "unaligned": "model",
+    "base": "model",
+}
+
+
+def realign_inputs(adapter, *, aligned, unaligned, safety_adapter=None, base=None, resolver=None) -> dict:
+    """The inputs of adapter realignment (Safe LoRA, SafeMERGE), role -> ``resolve.Input`` or None.
+
+    The base merges go into defaults to the aligned model, as a LoRA patch's
+    base does: the same input, Hub origin included.
+    """
+    found = resolve_all(
+        {
+            "adapter": adapter,
+            "safety_adapter": safety_adapter,
+            "aligned": aligned,
+            "unaligned": unaligned,
+            "base": base,
+        },
+        REALIGN_KINDS,
+        resolver,
+    )
+    if found["base"] is None:
+        _default(found, "base", "aligned")
+    return found
+
+
+def _default(found: dict, role: str, source: str) -> None:
+    """``role`` defaults to the input playing ``source``: the same path and the same Hub origin."""
+    found[role] = found[source].as_role(role) if found[source] is not None else None
+
+
+def _hub(found: dict) -> dict:
+    return {role: i.hub for role, i in found.items() if i is not None and i.is_hub}
+
+
+def _roles(found: dict[str, Input | None], lora: bool) -> Roles:
+    if not lora:
+        found = dict(found, base=None)
+
+    def path(role):
+        return found[role].path if found[role] is not None else None
+
+    return Roles(
+        path("finetuned"),
+        path("aligned"),
+        path("unaligned"),
+        path("vector"),
+        path("base"),
+        path("dare_base"),
         lora,
-        hub,
+        _hub(found),
+        {r: i for r, i in found.items() if i is not None},
     )

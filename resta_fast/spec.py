@@ -156,6 +156,11 @@ class Option:
         """The flag (``--beta-rule``), or ``""`` when the option has none."""
         return self.flag if self.flag is not None else "--" + self.name.replace("_", "-")
 
+    @property
+    def dest(self) -> str:
+        """The parsed flag's attribute (``--beta-rule`` -> ``beta_rule``; renamed copies keep theirs apart)."""
+        return self.cli.lstrip("-").replace("-", "_")
+
     def run_check(self, value):
         return self.check(value) if self.check is not None else value
 
@@ -196,11 +201,27 @@ class Spec:
 
     command: str
     options: tuple[Option, ...]
+    spells: bool = True  # its flags are how errors spell its options (errors.cli_flag); not a renamed copy's
 
     def __post_init__(self):
-        for o in self.options:
+        for o in self.options if self.spells else ():
             if o.cli and o.cli != "--" + o.name.replace("_", "-"):
                 FLAG_SPELLINGS[o.name] = o.cli
+
+    def renamed(self, flags: dict[str, tuple[str, str]]) -> Spec:
+        """The options of ``flags`` under other flags and help, for a command that takes them beside
+        others of the same name (``compare``'s ``--resta-dare``): the same checks, defaults and keywords.
+
+        Example:
+            >>> s = Spec("s", (Option("seed", 0, check=seed("seed"), kind=int),), spells=False)
+            >>> s.renamed({"seed": ("--dare-seed", "DARE's seed")}).get("seed").cli
+            '--dare-seed'
+        """
+        return Spec(
+            self.command,
+            tuple(dataclasses.replace(self.get(n), flag=flag, help=help) for n, (flag, help) in flags.items()),
+            spells=False,
+        )
 
     def __iter__(self):
         return iter(self.options)
@@ -300,7 +321,7 @@ class Spec:
                 continue
             if section is not None and o.group != section:
                 continue
-            kw: dict = {"dest": o.name, "help": o.help}
+            kw: dict = {"dest": o.dest, "help": o.help}
             if o.name in required:
                 kw["required"] = True
             if o.action is not None:
@@ -326,8 +347,8 @@ class Spec:
         for o in self.options:
             if section is not None and o.group != section:
                 continue
-            if o.cli and (wanted is None or o.name in wanted) and hasattr(args, o.name):
-                value = getattr(args, o.name)
+            if o.cli and (wanted is None or o.name in wanted) and hasattr(args, o.dest):
+                value = getattr(args, o.dest)
                 out[o.name] = o.to_api(value) if o.to_api is not None and value is not None else value
         return out
 

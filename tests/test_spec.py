@@ -149,3 +149,21 @@ def test_every_declared_eval_option_is_a_flag_and_reaches_evaluate(monkeypatch):
     args = build_parser("eval").parse_args(["eval", "--responses", "r.jsonl", "--limit", "3", "--no-chat-template"])
     assert run_eval(args) == 0
     assert set(declared) <= set(seen) and seen["limit"] == 3 and seen["chat_template"] is False
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--safemerge-density", "1.5"], "--safemerge-density must be a fraction in (0, 1], got 1.5"),
+        (["--safemerge-density", "0.5"], "--safemerge-density is for --safemerge-combination dare_linear"),
+        (["--resta-dare", "1"], "--resta-dare must be a drop probability in [0, 1), got 1.0"),
+    ],
+)
+def test_compare_takes_the_methods_options_under_its_own_flags_with_their_checks(flags, message, capsys):
+    """compare's --resta-dare and --safemerge-* are patch's and SafeMERGE's options renamed: their
+    checks, and every message spells compare's flag (it said --density before)."""
+    pytest.importorskip("transformers")
+    argv = ["compare", "--finetuned", "a", "--aligned", "b", "--unaligned", "c", "--prompts", "x"]
+    assert main([*argv, "--max-harmful", "0.1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -39,6 +39,7 @@ from pathlib import Path
 from resta_fast.errors import OptionError, RestaError
 from resta_fast.io.hub import SCHEME, ResolvedInput, Resolver, parse_hub_id
 from resta_fast.options import PATCH, PatchOptions
+from resta_fast.resolve import resolve
 from resta_fast.roles import ROLE_KINDS, resolve_roles
 from resta_fast.spec import is_real, unknown_key
 
@@ -364,13 +365,14 @@ def _parse_job(i: int, d: dict, root: Path, problems: list[str], resolver: Resol
         local = Path(os.path.abspath(root / os.path.expanduser(value)))
         if key == "out" or not (value.startswith(SCHEME) or (parse_hub_id(value) and not os.path.lexists(local))):
             return local
-        try:  # a Hub id: no local path by that name next to the manifest
-            found = resolver(value, key.replace("_", " "), kind=ROLE_KINDS[key], local=False)
+        try:  # a Hub id: no local path by that name next to the manifest (the resolve step, each id once)
+            found = resolve(value, key, accepts=ROLE_KINDS[key], resolver=resolver, local=False)
         except RestaError as exc:
             problems.append(f"{where}: {exc}")
             return None
-        hub[key] = found
-        return found.path
+        if found.is_hub:
+            hub[key] = found.hub
+        return Path(found.path)
 
     finetuned, out = path("finetuned", True), path("out", True)
     paths = {k: path(k) for k in PATH_KEYS}

@@ -16,8 +16,18 @@ from resta_fast import cli_args as A
 from resta_fast.errors import RestaError, cli_flag
 from resta_fast.eval.options import EVAL
 from resta_fast.io.hub import HUB_RULE
+from resta_fast.options import PATCH
 
 HUB_HELP = f"Hub ids: {HUB_RULE}."
+# The patch options tune's candidates take, with patch's checks (its seed flag is --dare-seed:
+# --seed is generation's).
+TUNE_PATCH = PATCH.renamed(
+    {
+        "dare": ("--dare", "DARE drop probability p"),
+        "seed": ("--dare-seed", "DARE seed (default 0)"),
+        "backend": ("--backend", "patch backend (default auto)"),
+    }
+)
 
 
 def _split_list(values) -> list[str]:
@@ -236,13 +246,7 @@ def run_tune(args) -> int:
         raise RestaError("resta-fast tune needs --prompts FILE (or builtin:smoke)")
     if args.workdir:  # checked as creatable when parsed; made now, before the baseline evaluation
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    patch_options = {
-        "dare": args.dare,
-        "seed": args.dare_seed,
-        "backend": args.backend,
-        "device": args.patch_device,
-        "progress": False,
-    }
+    patch_options = {**TUNE_PATCH.from_args(args), "device": args.patch_device, "progress": False}
     if args.dare_base:
         patch_options["dare_base"] = args.dare_base
     if args.out_dtype:
@@ -286,6 +290,7 @@ def add_eval_parser(subparsers):
         The new subparser (``func`` set to :func:`run_eval`).
 
     Example:
+        >>> import argparse
         >>> ap = argparse.ArgumentParser(); add_eval_parser(ap.add_subparsers())  # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
@@ -320,6 +325,7 @@ def add_tune_parser(subparsers):
         The new subparser (``func`` set to :func:`run_tune`).
 
     Example:
+        >>> import argparse
         >>> ap = argparse.ArgumentParser(); add_tune_parser(ap.add_subparsers())  # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
@@ -341,11 +347,10 @@ def add_tune_parser(subparsers):
     m.add_argument("--unaligned", metavar="MODEL", help="unaligned (shadow) model (path or Hub id)")
     m.add_argument("--vector", metavar="MODEL", help="precomputed safety vector instead of --aligned/--unaligned")
     m.add_argument("--betas", required=True, action="append", help="β values, e.g. 0.25,0.5,1,1.5")
-    m.add_argument("--dare", type=A.probability, help="DARE drop probability p")
-    m.add_argument("--dare-seed", type=A.seed, default=0, help="DARE seed (default 0)")
+    TUNE_PATCH.add_arguments(p, group=m, only=("dare", "seed"))
     m.add_argument("--dare-base", metavar="MODEL", help="DARE base model (default: --aligned)")
     m.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="candidate dtype")
-    m.add_argument("--backend", default="auto", help="patch backend (default auto)")
+    TUNE_PATCH.add_arguments(p, group=m, only=("backend",))
     m.add_argument("--patch-device", default="cpu", help="device for patching (default cpu)")
     m.add_argument(
         "--workdir", metavar="DIR", type=A.creatable_dir, help="where candidates are written (default: system temp)"

@@ -113,38 +113,50 @@ def write_candidates(
     seed: int = 0,
     safemerge_options: dict | None = None,
     progress: bool = False,
+    resolver=None,
 ) -> tuple[Path, dict[str, Path]]:
     """Write the fine-tune baseline and every candidate under ``root``: (baseline dir, {slug: dir}).
 
     A full fine-tune is its own baseline; a LoRA fine-tune's is its merge into ``base``.
     ``pre_aligned`` is Safe LoRA's "unaligned" model, the one ``aligned`` was aligned
-    from (default: ``unaligned``, RESTA's shadow model).
+    from (default: ``unaligned``, RESTA's shadow model). Inputs are paths or Hub ids
+    (or ``resolve.Input``, already resolved); ``resolver``: the run's ``io.hub.Resolver``.
     """
-    from resta_fast.io.adapter import is_adapter
+    from resta_fast.resolve import Resolver
 
-    lora = is_adapter(finetuned)
+    resolver = resolver or Resolver()
+    ins = resolve_inputs(
+        resolver,
+        finetuned=finetuned,
+        aligned=aligned,
+        unaligned=unaligned,
+        base=base,
+        pre_aligned=pre_aligned,
+        safety_adapter=safety_adapter,
+    )
+    lora = ins["finetuned"].is_adapter
     dirs = {c.slug: root / c.slug for c in candidates}
     resta = [c for c in candidates if c.method == "RESTA"]
     if resta:
         _write_resta(
             resta,
             dirs,
-            finetuned=finetuned,
-            aligned=aligned,
-            unaligned=unaligned,
-            base=base if lora else None,
+            finetuned=ins["finetuned"],
+            aligned=ins["aligned"],
+            unaligned=ins["unaligned"],
+            base=ins["base"] if lora else None,
             seed=seed,
         )
-    baseline = Path(finetuned)
+    baseline = Path(ins["finetuned"].path)
     if lora:
         from resta_fast import realign
 
         with realign.Session(
-            finetuned,
-            aligned=aligned,
-            unaligned=pre_aligned or unaligned,
-            safety_adapter=safety_adapter,
-            base=base,
+            ins["finetuned"],
+            aligned=ins["aligned"],
+            unaligned=ins["pre_aligned"] or ins["unaligned"],
+            safety_adapter=ins["safety_adapter"],
+            base=ins["base"],
             progress=progress,
         ) as session:
             baseline = root / "finetune"
@@ -159,23 +171,41 @@ def write_candidates(
     return baseline, dirs
 
 
+def resolve_inputs(resolver=None, **given) -> dict:
+    """compare's inputs (role -> path, Hub id or None) through the one resolve step: role -> ``resolve.Input``.
+
+    Each Hub id is resolved once (``resolver``: the run's ``io.hub.Resolver``), and
+    ``Input.is_adapter`` says whether the fine-tune is a PEFT adapter, wherever it lay.
+    """
+    from resta_fast.resolve import resolve_all
+    from resta_fast.roles import REALIGN_KINDS, ROLE_KINDS
+
+    return resolve_all(given, {**ROLE_KINDS, **REALIGN_KINDS, "pre_aligned": "model"}, resolver)
+
+
+def _as_job(**inputs) -> dict:
+    """Resolved inputs (``resolve.Input`` or None) as a batch JobSpec holds them, as batch's manifest loader
+    makes them: a local path absolute and normalised, a Hub input its snapshot with its origin in ``hub``."""
+    kw: dict = {
+        role: None if inp is None else Path(inp.path if inp.is_hub else os.path.abspath(inp.path))
+        for role, inp in inputs.items()
+    }
+    kw["hub"] = {role: inp.hub for role, inp in inputs.items() if inp is not None and inp.is_hub}
+    return kw
+
+
 def _write_resta(cands: list[Candidate], dirs: dict, *, finetuned, aligned, unaligned, base, seed: int) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
     from resta_fast.batch.manifest import JobSpec
 
-    def where(p) -> Path | None:  # as batch's manifest loader takes a path: absolute and normalised
-        return None if p is None else Path(os.path.abspath(p))
-
+    inputs = _as_job(finetuned=finetuned, aligned=aligned, unaligned=unaligned, base=base)
     jobs = [
         JobSpec(
-            index=i,
-            name=c.slug,
-            finetuned=where(finetuned),
-            out=where(dirs[c.slug]),
-            aligned=where(aligned),
-            unaligned=where(unaligned),
-            base=where(base),
+            i,
+            c.slug,
+            out=Path(os.path.abspath(dirs[c.slug])),
+            **inputs,
             beta=float(c.knobs["beta"]),
             **({"dare": float(c.knobs["dare"]), "seed": seed} if c.knobs.get("dare") is not None else {}),
         )
@@ -244,13 +274,24 @@ def compare(
     from resta_fast.eval.judges import make_judge
     from resta_fast.eval.prompts import PromptSet, load_prompts
     from resta_fast.eval.runner import evaluate
-    from resta_fast.io.adapter import is_adapter
+    from resta_fast.resolve import Resolver
 
     if not (utility or perplexity):
         raise OptionError(
             "utility", "compare plots harmful rate against utility: give {utility} FILE and/or {perplexity} FILE"
         )
-    candidates = grid.candidates(lora=is_adapter(finetuned), safety=safety_adapter is not None)
+    # The one resolve step, once for the whole run: a Hub id is resolved here and nowhere again.
+    resolver = Resolver()
+    ins = resolve_inputs(
+        resolver,
+        finetuned=finetuned,
+        aligned=aligned,
+        unaligned=unaligned,
+        base=base,
+        pre_aligned=pre_aligned,
+        safety_adapter=safety_adapter,
+    )
+    candidates = grid.candidates(lora=ins["finetuned"].is_adapter, safety=safety_adapter is not None)
     evaluate_fn = evaluate_fn or evaluate
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     judge_objs = [make_judge(j) if isinstance(j, str) else j for j in judges]
@@ -261,15 +302,11 @@ def compare(
         baseline_dir, dirs = write_candidates(
             candidates,
             root,
-            finetuned=finetuned,
-            aligned=aligned,
-            unaligned=unaligned,
-            base=base,
-            pre_aligned=pre_aligned,
-            safety_adapter=safety_adapter,
+            **ins,
             seed=seed,
             safemerge_options=safemerge_options,
             progress=progress,
+            resolver=resolver,
         )
 
         def run_eval(model_dir: Path, label: str) -> dict:

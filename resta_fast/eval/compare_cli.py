@@ -20,6 +20,21 @@ from resta_fast.eval.cli import (
     build_judges,
     generation_options,
 )
+from resta_fast.options import PATCH
+from resta_fast.safemerge import SAFEMERGE
+
+# Patch's and SafeMERGE's own options (their checks, defaults, keywords) under compare's flags: the
+# grid writes RESTA candidates with DARE p and every SafeMERGE candidate with these weights.
+RESTA_GRID = PATCH.renamed(
+    {"dare": ("--resta-dare", "also try each β with DARE p"), "seed": ("--dare-seed", "RESTA's DARE seed (default 0)")}
+)
+SAFEMERGE_GRID = SAFEMERGE.renamed(
+    {
+        "weights": ("--safemerge-weights", "SafeMERGE's fine-tune and safety weights (default 0.8 0.2)"),
+        "combination": ("--safemerge-combination", "how SafeMERGE merges a layer (default linear)"),
+        "density": ("--safemerge-density", "dare_linear: the fraction of each delta kept, in (0, 1]"),
+    }
+)
 
 
 def _numbers(values, kind, flag: str) -> list:
@@ -70,14 +85,11 @@ def add_compare_parser(subparsers):
     m.add_argument("--safety-adapter", metavar="DIR", help="SafeMERGE's safety adapter")
     g = p.add_argument_group("the grid")
     g.add_argument("--betas", action="append", help="RESTA β values, e.g. 0.5,1,1.5")
-    g.add_argument("--resta-dare", type=A.probability, metavar="P", help="also try each β with DARE p")
-    g.add_argument("--dare-seed", type=A.seed, default=0, help="RESTA's DARE seed (default 0)")
+    RESTA_GRID.add_arguments(p, group=g, only=("dare", "seed"))
     g.add_argument("--thresholds", action="append", help="Safe LoRA thresholds T, e.g. 0.3,0.5")
     g.add_argument("--num-layers", action="append", help="Safe LoRA layer counts K, e.g. 2,4")
     g.add_argument("--taus", action="append", help="SafeMERGE τ values, e.g. 0.2,0.35")
-    g.add_argument("--safemerge-weights", type=A.finite, nargs=2, default=[0.8, 0.2], metavar=("W1", "W2"))
-    g.add_argument("--safemerge-combination", choices=("linear", "dare_linear"), default="linear")
-    g.add_argument("--safemerge-density", type=A.positive, metavar="D")
+    SAFEMERGE_GRID.add_arguments(p, group=g)
     g.add_argument("--workdir", metavar="DIR", type=A.creatable_dir, help="where candidates are written")
     g.add_argument("--keep-candidates", action="store_true", help="keep the candidate models")
     _add_prompt_args(p)
@@ -90,7 +102,7 @@ def add_compare_parser(subparsers):
 
 def run_compare(args) -> int:
     """The ``compare`` subcommand: 0 when a candidate met the targets, 1 when none did."""
-    from resta_fast.errors import RestaError
+    from resta_fast.errors import OptionError, RestaError, cli_flag
     from resta_fast.extras import require
 
     require("transformers", "eval", "`resta-fast compare`")
@@ -102,17 +114,17 @@ def run_compare(args) -> int:
         raise RestaError("resta-fast compare needs --prompts FILE (or builtin:smoke)")
     grid = Grid(
         betas=_numbers(args.betas, float, "--betas"),
-        dare=args.resta_dare,
+        dare=args.resta_dare,  # RESTA_GRID's dare
         thresholds=_numbers(args.thresholds, float, "--thresholds"),
         num_layers=_numbers(args.num_layers, int, "--num-layers"),
         taus=_numbers(args.taus, float, "--taus"),
     )
-    safemerge_options = {
-        "weights": tuple(args.safemerge_weights),
-        "combination": args.safemerge_combination,
-        "density": check_combination(args.safemerge_combination, args.safemerge_density),
-        "seed": args.dare_seed,
-    }
+    safemerge_options = {**SAFEMERGE_GRID.from_args(args), "seed": args.dare_seed}
+    safemerge_options["weights"] = tuple(safemerge_options["weights"])
+    try:
+        safemerge_options["density"] = check_combination(safemerge_options["combination"], safemerge_options["density"])
+    except OptionError as exc:  # spelled as compare's flags (--safemerge-density), not safemerge's
+        raise RestaError(exc.render(lambda name: SAFEMERGE_GRID.flag_of(name) or cli_flag(name))) from None
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     result = compare(

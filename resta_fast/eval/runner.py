@@ -189,16 +189,16 @@ def prepare(models, prompts, opts: EvalOptions) -> EvalPlan:
     (Skipped: it needs the model directory on disk.)
     """
     models = list(as_paths(models))
-    # Hub ids (io.hub.HUB_RULE) -> their cache snapshots; labels keep the id's name.
-    from resta_fast.io.hub import Resolver
+    # Hub ids (io.hub.HUB_RULE) -> their cache snapshots (the resolve step, each id once); labels keep the id's name.
+    from resta_fast.resolve import Resolver, resolve
 
-    resolve, hub_names = Resolver(), {}
+    resolver, hub_names = Resolver(), {}
 
     def local(model, role: str) -> str:
-        found = resolve(model, role)
+        found = resolve(model, role, resolver=resolver)
         if found.is_hub:
-            hub_names[str(found.path)] = found.spec
-        return str(found.path) if found.is_hub else str(model)
+            hub_names[found.path] = found.given
+        return found.path
 
     models = [local(m, "model") for m in models]
     reference = local(opts.reference, "reference") if opts.reference else opts.reference
@@ -547,14 +547,11 @@ def make_validator(options: dict | None, finetuned=None):
     """
     if not options:
         return None
-    from resta_fast.io.adapter import is_adapter
-    from resta_fast.io.hub import resolve_input
+    from resta_fast.resolve import resolve
 
-    if finetuned is not None:  # a Hub id: its snapshot (the patch resolves the same one)
-        found = resolve_input(finetuned, "finetuned", kind="any")
-        finetuned = str(found.path) if found.is_hub else finetuned
+    found = resolve(finetuned, "finetuned", accepts="any")  # a Hub id: its snapshot (the patch resolves the same one)
     options = dict(options)
-    options.setdefault("reference", None if finetuned is None or is_adapter(finetuned) else finetuned)
+    options.setdefault("reference", None if found is None or found.is_adapter else found.path)
     if options.get("max_utility_drop") is not None and not (options.get("utility") or options.get("perplexity")):
         raise RestaError("--max-utility-drop needs --validate-utility or --validate-perplexity")
     return lambda model_dir: validate_checkpoint(model_dir, **options)

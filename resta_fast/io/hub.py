@@ -170,7 +170,8 @@ def resolve_input(arg, role: str = "model", *, kind: str = "model", local: bool 
 
 
 class Resolver:
-    """``resolve_input`` with a memory: each distinct input is resolved once (a batch run).
+    """``resolve_input`` with a memory: each distinct input is resolved once per run (``resolve.resolve_all``,
+    a batch manifest). A Hub id is one input however it is spelled (``org/x``, ``hf://org/x``, ``org/x@main``).
 
     Example:
         >>> resolve = Resolver()
@@ -185,7 +186,14 @@ class Resolver:
         if isinstance(arg, ResolvedInput):
             return arg
         path_like = isinstance(arg, os.PathLike)
-        key = (path_like, os.fspath(arg) if path_like else str(arg), kind, local)
+        text = os.fspath(arg) if path_like else str(arg)
+        parsed = None if path_like else parse_hub_id(text)
+        if parsed is not None and (text.startswith(SCHEME) or not (local and os.path.lexists(text))):
+            # A Hub id, however it is spelled (org/x, hf://org/x, org/x@main) and whoever looked for a local
+            # path first: one resolution per repo, revision and kind.
+            key: tuple = ("hub", parsed[0], parsed[1] or DEFAULT_REVISION, kind)
+        else:
+            key = (path_like, text, kind, local)
         if key not in self._done:
             try:
                 self._done[key] = resolve_input(arg, role, kind=kind, local=local)

@@ -8,10 +8,11 @@ the inputs ``--against`` does not list (a LoRA base, a DARE base) the path the
 record implies: an input whose recorded content identity equals the aligned
 model's is the aligned model given. Inputs are compared by content
 (``io.identity``), never by path or file time.
-The rest is the one preparation step of every entry point: for a patch,
-``roles.resolve_roles`` resolves Hub ids and decides the roles, and
-``api.open_roles`` opens them through ``api.Opener`` (an input playing two roles
-is one object), exactly as ``patch`` did.
+The rest is the one resolve step of every entry point (``resolve``, ``roles``):
+``roles.resolve_roles`` for a patch's inputs and ``roles.vector_roles`` for a
+vector's resolve Hub ids and decide the roles as ``patch`` and ``vector`` did,
+and ``api.open_roles`` opens them through ``api.Opener`` (an input playing two
+roles is one object), exactly as ``patch`` did.
 
 Example:
     >>> input_paths({"command": "vector", "inputs": {"aligned": {}, "unaligned": {}},
@@ -26,10 +27,9 @@ from contextlib import ExitStack
 
 from resta_fast.errors import RestaError
 from resta_fast.io.checkpoint import Checkpoint
-from resta_fast.io.hub import resolve_input
 from resta_fast.io.identity import changed_files, same
 from resta_fast.report import REPORT_NAME
-from resta_fast.roles import ROLE_KINDS, resolve_roles
+from resta_fast.roles import resolve_roles, vector_roles
 from resta_fast.verify.checks import Check
 
 
@@ -83,11 +83,7 @@ def _default_from(
 
 
 def input_paths(report: dict, against: list[str], dare_base: str | None, base: str | None = None) -> dict[str, str]:
-    """role -> path of the inputs to recompute from.
-
-    Hub ids given for a patch's inputs are left to ``open_inputs`` (``resolve_roles``);
-    a vector's two inputs have no roles to resolve, so their Hub ids are resolved here.
-    """
+    """role -> path (or Hub id) of the inputs to recompute from; ``open_inputs`` resolves them."""
     command = report.get("command")
     params = report.get("params") or {}
     recorded = recorded_paths(report)
@@ -126,15 +122,7 @@ def input_paths(report: dict, against: list[str], dare_base: str | None, base: s
             paths["dare_base"] = _default_from(
                 report, "dare_base", paths, recorded, dare_base, bool(against), "--dare-base"
             )
-    if command == "vector":
-        return {role: _resolved(path, role) for role, path in paths.items()}
     return paths
-
-
-def _resolved(path: str, role: str) -> str:
-    """A Hub id as its cache snapshot (``io.hub.resolve_input``, as ``resolve_roles`` resolves it)."""
-    found = resolve_input(path, role.replace("_", " "), kind=ROLE_KINDS.get(role, "model"))
-    return str(found.path) if found.is_hub else path
 
 
 def open_inputs(paths: dict[str, str], params: dict, command: str, stack: ExitStack) -> dict[str, Checkpoint]:
@@ -144,7 +132,8 @@ def open_inputs(paths: dict[str, str], params: dict, command: str, stack: ExitSt
 
     opener = api.Opener(stack)
     if command == "vector":
-        return {role: opener(paths[role], role) for role in ("aligned", "unaligned")}
+        roles = vector_roles(paths["aligned"], paths["unaligned"])
+        return {role: opener(getattr(roles, role), role) for role in ("aligned", "unaligned")}
     dare = params.get("dare") is not None
     roles = resolve_roles(
         paths["finetuned"],
