@@ -2,8 +2,8 @@
 
 ``prepare`` is the one preparation step of every entry point (patch, vector,
 batch, verify): inputs opened once, roles resolved, the plan, the backend, the
-provenance. ``execute`` runs a prepared patch into an atomic output directory
-through the streaming engine and writes its report.
+provenance. ``execute`` hands a prepared patch to the one executor
+(``executor``: claim, write through the streaming engine, finish, validate, commit).
 
 Example:
     >>> from resta_fast import api
@@ -14,23 +14,19 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from resta_fast.errors import OptionError
+from resta_fast.executor import EngineWrite, Output, Validator, write_one
 from resta_fast.io.checkpoint import Checkpoint
-from resta_fast.io.lock import OutputLock, clean_stale_temps
-from resta_fast.io.writer import AtomicOutputDir, _write_error, check_output_location
 from resta_fast.kernels import choose_backend
 from resta_fast.kernels.difference import difference_kernel
 from resta_fast.lora import LoraFinetuned
 from resta_fast.options import MAX_SEED, PATCH, VECTOR, PatchOptions, check_device_spelling
-from resta_fast.pipeline.engine import run_jobs
-from resta_fast.pipeline.interrupt import raise_if_interrupted, tensor_boundary_signals
-from resta_fast.pipeline.job import Inputs, Job
+from resta_fast.pipeline.job import Inputs
 from resta_fast.plan import Plan, build_plan
 from resta_fast.report import (
     REPORT_NAME,
@@ -63,8 +59,6 @@ __all__ = [
     "record_validation",
     "resolve_device",
 ]
-
-Validator = Callable[[Path], dict]
 
 
 def resolve_device(device: str) -> str:
@@ -188,24 +182,21 @@ class PreparedPatch:
     backend_name: str
     kernel: ModuleType | None
     stack: ExitStack | None = None
-    report_extra: dict | None = None  # method-specific report sections (Safe LoRA's cosines)
 
     @property
     def out_bytes(self) -> int:
         """Bytes of tensor data the output will hold."""
         return output_bytes(self.plan)
 
-    def job(self, out_dir: Path, progress=None) -> Job:
-        """The engine's Job writing this patch into ``out_dir``."""
-        return Job(
-            self.plan,
-            self.inputs,
-            Path(out_dir),
-            self.options.dare,
-            self.options.seed,
-            output_metadata(self.provenance),
-            progress=progress,
+    def writing(self) -> EngineWrite:
+        """How the executor writes this patch's tensors: the engine, from the plan."""
+        return EngineWrite(
+            self.plan, self.inputs, self.kernel, self.backend_name, self.device, self.options.dare, self.options.seed
         )
+
+    def recorded_provenance(self, record_paths: bool = False) -> dict:
+        """The provenance the output records; ``record_paths``: with each input's local path (``report.with_paths``)."""
+        return with_paths(self.provenance, self.checkpoints) if record_paths else self.provenance
 
     def close(self) -> None:
         if self.stack is not None:
@@ -356,60 +347,6 @@ def prepare_vector(aligned, unaligned, *, opener: Opener | None = None, resolver
         )
 
 
-def progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        disable=not enabled,
-        dynamic_ncols=True,
-        leave=False,
-    )
-    count = [0]
-
-    def update(nbytes: int, name: str) -> None:
-        count[0] += 1
-        bar.update(nbytes)
-        bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
-        raise_if_interrupted()  # every pipeline reports each finished tensor here
-
-    return bar, update
-
-
-def claim_output(stack: ExitStack, out: Path, input_paths: list[Path], overwrite: bool, command: str) -> None:
-    """Own ``out`` until ``stack`` closes: lock it, re-check it, clear dead runs' leftovers."""
-    stack.enter_context(OutputLock(out, command=command))
-    check_output_location(out, input_paths, overwrite)  # again: the lock makes it authoritative
-    clean_stale_temps(out)
-
-
-@contextmanager
-def clean_write_errors(out: Path):
-    """Turn an OSError (disk full while copying side files or writing the report)
-    into one clean RestaError naming the file."""
-    try:
-        yield
-    except OSError as exc:
-        # filename2 is the destination when shutil.copyfile fails.
-        raise _write_error(Path(exc.filename2 or exc.filename or out), exc) from None
-
-
-@contextmanager
-def output_guard(out: Path, input_paths: list[Path], overwrite: bool, command: str):
-    """Own ``out`` for one run (``claim_output``), defer Ctrl-C to tensor
-    boundaries, and clean OSErrors from the body (``clean_write_errors``); the
-    temp output is removed before the error surfaces."""
-    # Signals first: a Ctrl-C while the lock is being taken must not leave its file behind.
-    with tensor_boundary_signals(), ExitStack() as stack:
-        claim_output(stack, out, input_paths, overwrite, command)
-        with clean_write_errors(out):
-            yield
-
-
 def execute(
     prepared: PreparedPatch,
     out,
@@ -456,44 +393,26 @@ def execute(
         )
     out = Path(out)
     options = prepared.options
-    check_output_location(out, prepared.input_paths, overwrite)
-    bar, update = progress_bar(prepared.out_bytes, progress, f"resta-fast -> {out.name}")
-    with (
-        output_guard(out, prepared.input_paths, overwrite, prepared.provenance.get("command", "patch")),
-        AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir,
-        bar,
-    ):
-        job = prepared.job(outdir.tmp, progress=update)
-        run_jobs(
-            [job],
-            kernel=prepared.kernel,
-            device=prepared.device,
-            threads=options.threads,
-            chunk_elems=options.chunk_elems,
-            cache=device_cache,
-            pool_bytes=options.gpu_pool_bytes,
-            staging=None if options.staging == "auto" else options.staging,
-        )
-        if job.error is not None:
-            raise job.error
-        report = finish_output(
-            outdir.tmp,
-            prepared.plan,
-            prepared.inputs.finetuned,
-            job.stats,
-            with_paths(prepared.provenance, prepared.checkpoints) if record_paths else prepared.provenance,
-            backend_name=prepared.backend_name,
-            device=prepared.device,
-            fsync=fsync,
-            extra=prepared.report_extra,
-            command_line=command_line,
-        )
-        if validate is not None:
-            record_validation(outdir.tmp, report, validate(outdir.tmp), command_line=command_line)
-        raise_if_interrupted()  # Ctrl-C after the last tensor: still no output
-        outdir.commit()
-    report["out"] = str(out)
-    return report
+    output = Output(
+        out,
+        prepared.writing(),
+        prepared.recorded_provenance(record_paths),
+        prepared.input_paths,
+        command=prepared.provenance.get("command", "patch"),
+        overwrite=overwrite,
+        validate=validate,
+        command_line=command_line,
+        bar=f"resta-fast -> {out.name}" if progress else None,
+    )
+    return write_one(
+        output,
+        fsync=fsync,
+        threads=options.threads,
+        chunk_elems=options.chunk_elems,
+        cache=device_cache,
+        pool_bytes=options.gpu_pool_bytes,
+        staging=None if options.staging == "auto" else options.staging,
+    )
 
 
 @PATCH.keywords

@@ -1,13 +1,13 @@
 """``resta-fast convert IN OUT``: a torch ``.bin`` checkpoint or PEFT adapter rewritten as safetensors.
 
 A model is opened like any input (``io.checkpoint.Checkpoint`` reads ``.bin`` files with
-``io.torch_bin``, pickle-free) and written by the one engine with a plan that copies every tensor
-(``plan.copy_plan``), so it gets what a patch gets: bounded memory, the output lock, the atomic
+``io.torch_bin``, pickle-free) and handed to the one executor (``executor``) with a plan that copies
+every tensor (``plan.copy_plan``), so it gets what a patch gets: bounded memory, the output lock, the atomic
 output directory, the fine-tune's config and tokenizer files, the model card and
 ``resta_fast.json``, which ``resta-fast verify OUT`` checks. Shards keep their layout under
 transformers' safetensors names (``pytorch_model-00001-of-00002.bin`` ->
 ``model-00001-of-00002.safetensors``). An adapter directory (``adapter_model.bin``) is written
-as ``adapter_model.safetensors`` by the adapter writer Safe LoRA uses.
+as ``adapter_model.safetensors`` by the adapter writer Safe LoRA uses (``executor.AdapterWrite``).
 
 Nothing here converts what ``io.torch_bin`` refuses (the legacy format, compressed entries,
 non-contiguous views): those need torch itself, see docs/bin-inputs.md.
@@ -23,7 +23,15 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
+from resta_fast.api import Opener
 from resta_fast.errors import RestaError
+from resta_fast.executor import AdapterWrite, EngineWrite, Output, write_one
+from resta_fast.io.torch_bin import TorchBinFile
+from resta_fast.kernels import choose_backend
+from resta_fast.lora import LoraAdapter, is_adapter
+from resta_fast.pipeline.job import Inputs
+from resta_fast.plan import copy_plan
+from resta_fast.report import provenance, with_paths
 
 COMMAND = "convert"
 
@@ -50,8 +58,6 @@ def convert(
     Returns:
         The report, also written to ``out/resta_fast.json``.
     """
-    from resta_fast.lora import is_adapter
-
     src, out = Path(src), Path(out)
     if is_adapter(src):
         return _convert_adapter(
@@ -75,51 +81,28 @@ def _already(src: Path) -> RestaError:
 def _convert_model(
     src: Path, out: Path, *, overwrite: bool, fsync: bool, progress: bool, command_line, record_paths: bool
 ) -> dict:
-    from resta_fast import api
-    from resta_fast.io.torch_bin import TorchBinFile
-    from resta_fast.kernels import choose_backend
-    from resta_fast.options import PatchOptions, Roles
-    from resta_fast.pipeline.job import Inputs
-    from resta_fast.plan import copy_plan
-    from resta_fast.report import provenance
-
     with ExitStack() as stack:
-        ck = api.Opener(stack)(src, "input")
+        ck = Opener(stack)(src, "input")
         if not any(isinstance(f, TorchBinFile) for f in ck.files.values()):
             raise _already(src)
         checkpoints = {"input": ck}
-        backend_name, kernel = choose_backend("auto", "cpu")  # a copy plan never calls it; execute wants one
-        prepared = api.PreparedPatch(
-            COMMAND,
-            PatchOptions(),
-            Roles(str(src)),
-            copy_plan(ck),
-            Inputs(ck),
-            checkpoints,
-            provenance(COMMAND, {}, checkpoints),
-            [src],
-            "cpu",
-            backend_name,
-            kernel,
-            report_extra={"output": "converted"},
-        )
-        return api.execute(
-            prepared,
+        backend_name, kernel = choose_backend("auto", "cpu")  # a copy plan never calls it; the engine wants one
+        prov = provenance(COMMAND, {}, checkpoints)
+        output = Output(
             out,
+            EngineWrite(copy_plan(ck), Inputs(ck), kernel, backend_name, "cpu"),
+            with_paths(prov, checkpoints) if record_paths else prov,
+            [src],
+            command=COMMAND,
             overwrite=overwrite,
-            fsync=fsync,
-            progress=progress,
+            extra={"output": "converted"},
             command_line=command_line,
-            record_paths=record_paths,
+            bar=f"resta-fast -> {out.name}" if progress else None,
         )
+        return write_one(output, fsync=fsync)
 
 
 def _convert_adapter(src: Path, out: Path, *, overwrite: bool, fsync: bool, command_line, record_paths: bool) -> dict:
-    from resta_fast.io.torch_bin import TorchBinFile
-    from resta_fast.lora import LoraAdapter
-    from resta_fast.realign import write_adapter_output
-    from resta_fast.report import provenance, with_paths
-
     adapter = LoraAdapter(src)
     try:
         if not isinstance(adapter.file, TorchBinFile):
@@ -128,14 +111,14 @@ def _convert_adapter(src: Path, out: Path, *, overwrite: bool, fsync: bool, comm
         prov = with_paths(prov, {"adapter": adapter}) if record_paths else prov
     finally:
         adapter.close()
-    return write_adapter_output(
+    output = Output(
         out,
-        src,
-        {},
+        AdapterWrite(src),
         prov,
-        {"output": "adapter"},
-        input_paths=[src],
+        [src],
+        command=COMMAND,
         overwrite=overwrite,
-        fsync=fsync,
+        extra={"output": "adapter"},
         command_line=command_line,
     )
+    return write_one(output, fsync=fsync)

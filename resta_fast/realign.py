@@ -2,12 +2,13 @@
 
 Each method decides per LoRA module what the adapter becomes (``safelora``,
 ``safemerge``); this module opens the inputs, scores the modules with a
-progress bar, and writes either
+progress bar, and hands the one executor (``executor``) either
 
-- a PEFT adapter (same tensor names, dtypes and order; unchanged tensors byte
-  for byte), or
-- with ``merge``, the full model: base + the realigned update, streamed through
-  the same engine and atomic writer as ``patch`` (``plan.copy_plan``),
+- the per-module replacements of a PEFT adapter (``executor.AdapterWrite``: same
+  tensor names, dtypes and order; unchanged tensors byte for byte), or
+- with ``merge``, the full model: base + the realigned update (the replacements, or
+  SafeMERGE's delta provider, merged in-stream by ``lora.LoraFinetuned``) as a copy
+  plan the same engine writes as ``patch``'s (``merged_write``, ``plan.copy_plan``),
 
 with ``resta_fast.json`` listing every module's cosine and decision beside the
 provenance. Nothing is written on bad input, and an interrupted run leaves no
@@ -20,8 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import datetime
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -31,12 +30,15 @@ from resta_fast import safelora as SL
 from resta_fast import safemerge as SM
 from resta_fast.api import Opener
 from resta_fast.errors import OptionError, RestaError
+from resta_fast.executor import AdapterWrite, EngineWrite, Output, write_one
 from resta_fast.io.checkpoint import Checkpoint
 from resta_fast.io.reader import NUMPY_STORAGE, torch_dtype
-from resta_fast.io.writer import AtomicOutputDir, check_output_location
-from resta_fast.kernels import BackendUnavailable
-from resta_fast.lora import LoraAdapter, LoraFinetuned
-from resta_fast.report import REPORT_NAME, output_metadata, provenance, with_paths
+from resta_fast.io.writer import check_output_location
+from resta_fast.kernels import BackendUnavailable, choose_backend
+from resta_fast.lora import LoraFinetuned
+from resta_fast.pipeline.job import Inputs
+from resta_fast.plan import copy_plan
+from resta_fast.report import provenance, with_paths
 from resta_fast.roles import realign_inputs
 
 
@@ -94,87 +96,13 @@ def _input_paths(*paths) -> list[Path]:
     return [Path(p) for p in paths if p is not None]
 
 
-def write_adapter_output(
-    out: Path,
-    adapter_path,
-    replace: dict,
-    prov: dict,
-    extra: dict,
-    *,
-    input_paths,
-    overwrite: bool,
-    fsync: bool,
-    config: dict | None = None,
-    command_line: str | None = None,
-) -> dict:
-    """The realigned adapter into ``out``, atomically, with its model card and report."""
-    from resta_fast.api import output_guard
-    from resta_fast.card import CARD_NAME, write_model_card
-    from resta_fast.io.adapter_writer import write_adapter
-
-    with (
-        output_guard(out, input_paths, overwrite, prov["command"]),
-        AtomicOutputDir(out, overwrite=overwrite, fsync=fsync) as outdir,
-        ExitStack() as stack,
-    ):
-        adapter = LoraAdapter(adapter_path)
-        stack.callback(adapter.close)
-        files = write_adapter(outdir.tmp, adapter, replace, output_metadata(prov), config=config, fsync=fsync)
-        report = {
-            **prov,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "output": "adapter",
-            "fsync": fsync,
-            **extra,
-            "files": files,
-        }
-        files[CARD_NAME] = write_model_card(outdir.tmp, report, command_line=command_line)
-        (outdir.tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        outdir.commit()
-    report["out"] = str(out)
-    return report
-
-
-def write_merged_output(
-    out: Path,
-    view: LoraFinetuned,
-    prov: dict,
-    extra: dict,
-    checkpoints: dict,
-    *,
-    input_paths,
-    overwrite: bool,
-    fsync: bool,
-    progress: bool,
-    command_line: str | None = None,
-) -> dict:
-    """base + the realigned update, as a full model in the base's layout and dtypes."""
-    from resta_fast import api
-    from resta_fast.kernels import choose_backend
-    from resta_fast.options import PatchOptions
-    from resta_fast.pipeline.job import Inputs
-    from resta_fast.plan import copy_plan
-    from resta_fast.roles import Roles
-
+def merged_write(view: LoraFinetuned) -> EngineWrite:
+    """base + the realigned update, as a full model in the base's layout and dtypes: the engine
+    copies ``view``'s merged tensors (``plan.copy_plan``; the kernel is never called)."""
     plan = copy_plan(view)
     plan.notes.insert(0, view.summary())
     backend_name, kernel = choose_backend("auto", "cpu")
-    roles = Roles(str(view.adapter.path), base=str(view.base.path), lora=True)
-    prepared = api.PreparedPatch(
-        prov["command"],
-        PatchOptions(),
-        roles,
-        plan,
-        Inputs(view),
-        checkpoints,
-        prov,
-        input_paths,
-        "cpu",
-        backend_name,
-        kernel,
-        report_extra={"output": "merged", **extra},
-    )
-    return api.execute(prepared, out, overwrite=overwrite, fsync=fsync, progress=progress, command_line=command_line)
+    return EngineWrite(plan, Inputs(view), kernel, backend_name, "cpu")
 
 
 class Session:
@@ -290,38 +218,31 @@ class Session:
         """``command``'s output: with ``merge``, base + the adapter's update (its tensors in
         ``replace``, or its update from ``delta``) as a full model; else the adapter with
         ``replace`` swapped in (and ``config``)."""
-        prov = self._provenance(command, params, roles)
         extra = {command: section} if section is not None else {}
-        if merge:
-            if replace:
-                stored = self.ft.adapter.file.tensors
-                replace = {k: _as_tensor(v, stored[k].dtype) for k, v in replace.items()}
-            with ExitStack() as stack:
-                merged = _view(Opener(stack), self.paths["adapter"], self.into, replace=replace, delta=delta)
-                return write_merged_output(
-                    out,
-                    merged,
-                    prov,
-                    extra,
-                    self._checkpoints(*roles),
-                    input_paths=self._inputs(*roles),
-                    overwrite=overwrite,
-                    fsync=fsync,
-                    progress=self.progress,
-                    command_line=command_line,
-                )
-        return write_adapter_output(
-            out,
-            self.paths["adapter"],
-            replace,
-            prov,
-            extra,
-            input_paths=self._inputs(*roles),
-            overwrite=overwrite,
-            fsync=fsync,
-            config=config,
-            command_line=command_line,
-        )
+
+        def output(write, **kw) -> Output:
+            return Output(
+                out,
+                write,
+                self._provenance(command, params, roles),
+                self._inputs(*roles),
+                command=command,
+                overwrite=overwrite,
+                command_line=command_line,
+                **kw,
+            )
+
+        if not merge:
+            return write_one(
+                output(AdapterWrite(self.paths["adapter"], replace or {}, config), extra=extra), fsync=fsync
+            )
+        if replace:
+            stored = self.ft.adapter.file.tensors
+            replace = {k: _as_tensor(v, stored[k].dtype) for k, v in replace.items()}
+        with ExitStack() as stack:
+            merged = _view(Opener(stack), self.paths["adapter"], self.into, replace=replace, delta=delta)
+            bar = f"resta-fast -> {out.name}" if self.progress else None
+            return write_one(output(merged_write(merged), extra={"output": "merged", **extra}, bar=bar), fsync=fsync)
 
     def finetune(self, out, *, overwrite: bool = False, fsync: bool = True) -> dict:
         """The fine-tune itself as a full model (base + the adapter, as peft's merge_and_unload):

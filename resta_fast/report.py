@@ -114,7 +114,6 @@ def finish_output(
     (None: the card shows an equivalent command rebuilt from the report).
     Returns the report dict (``extra`` keys are added to it).
     """
-    from resta_fast.card import CARD_NAME, write_model_card
     from resta_fast.io.checkpoint import INDEX_NAME
     from resta_fast.io.torch_bin import INDEX_NAME as BIN_INDEX_NAME
 
@@ -125,10 +124,7 @@ def finish_output(
     for side in ft.side_files():
         copy_public(side, tmp / side.name)
         files[side.name] = sha256_file(tmp / side.name)
-    report = {
-        **provenance,
-        # Only here, not in the weight files: same inputs -> byte-identical weights.
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    body = {
         "backend": backend_name,
         "device": device,
         "fsync": fsync,
@@ -144,6 +140,7 @@ def finish_output(
         "files": files,
         **(extra or {}),
     }
+    report = new_report(provenance, body)
     if stats.nonfinite:
         plan.notes.append(
             f"{sum(stats.nonfinite.values())} non-finite output value(s) in "
@@ -151,10 +148,49 @@ def finish_output(
             f"{next(iter(stats.nonfinite))}; see stats.nonfinite_outputs"
         )
         report["plan"]["notes"] = plan.notes
-    # The card before the report: the report lists the card's sha256, the card points at the report.
-    files[CARD_NAME] = write_model_card(tmp, report, command_line=command_line)
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_report(tmp, report, command_line=command_line)
     return report
+
+
+def finish_adapter_output(
+    tmp: Path,
+    files: dict[str, str],
+    provenance: dict,
+    *,
+    fsync: bool,
+    extra: dict | None = None,
+    command_line: str | None = None,
+) -> dict:
+    """Complete an adapter output whose files are written (``io.adapter_writer``): its model card and
+    ``resta_fast.json``; ``files`` ({name: sha256}) gets the card's. Returns the report dict."""
+    report = new_report(provenance, {"output": "adapter", "fsync": fsync, **(extra or {}), "files": files})
+    write_report(tmp, report, command_line=command_line)
+    return report
+
+
+def _now() -> str:
+    """The time an output is made, UTC to the second: the one clock any output reads."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_report(provenance: dict, body: dict) -> dict:
+    """An output's report: ``provenance``, then ``created`` (stamped here and nowhere else: only the
+    report records it, never the weight files, so the same inputs give byte-identical weights), then ``body``.
+
+    Example:
+        >>> sorted(new_report({"command": "patch"}, {"files": {}}))
+        ['command', 'created', 'files']
+    """
+    return {**provenance, "created": _now(), **body}
+
+
+def write_report(tmp: Path, report: dict, *, command_line: str | None = None) -> None:
+    """The model card, then ``resta_fast.json``: the report lists the card's sha256 (in ``report["files"]``),
+    the card points at the report. ``command_line``: the command as typed, for the card's "how to reproduce"."""
+    from resta_fast.card import CARD_NAME, write_model_card
+
+    report["files"][CARD_NAME] = write_model_card(tmp, report, command_line=command_line)
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def record_validation(tmp: Path, report: dict, verdict: dict, *, command_line: str | None = None) -> None:

@@ -35,7 +35,7 @@ import torch
 torch.set_num_threads(1)  # no thread pools exist when we fork
 import resta_fast.pipeline.engine as engine
 import resta_fast.pipeline.interrupt as interrupt
-from resta_fast import api
+from resta_fast import executor
 from resta_fast.cli import main
 
 
@@ -63,7 +63,7 @@ def child(req):
             if interrupt.interrupt_requested() and req.get("origin"):
                 open(req["origin"], "w").write("boundary")
             interrupt.raise_if_interrupted()
-        engine.raise_if_interrupted = api.raise_if_interrupted = recording
+        engine.raise_if_interrupted = executor.raise_if_interrupted = recording
         code = main(req["argv"])
     except KeyboardInterrupt:
         code = 130  # before main() got going: nothing was written

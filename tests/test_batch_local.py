@@ -195,3 +195,49 @@ def test_a_batch_opens_and_plans_each_input_once(tmp_path, monkeypatch):
         results = local.run_batch(manifest, prepared=prepared)
     assert [r.status for r in results] == ["done"] * 5, local.format_table(results)
     assert len(opened) == 8 and len(planned) == 5  # nothing opened or planned again by the run
+
+
+def _stable(out) -> dict:
+    """An output's every byte but the report's time stamp and timings."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != local.REPORT_NAME}
+    report = json.loads((out / local.REPORT_NAME).read_text())
+    report.pop("created")
+    report["stats"].pop("seconds"), report["stats"].pop("busy_seconds")
+    return {**files, local.REPORT_NAME: report}
+
+
+def test_run_batch_on_job_specs_in_memory_equals_the_same_manifest_file(tmp_path):
+    """run_batch takes JobSpecs built in memory (what compare does) and writes what the same jobs
+    loaded from a manifest file write, bit for bit: the manifest is only a loader."""
+    import copy
+
+    root = make_world(tmp_path)
+    manifest = load_manifest(write_manifest(root, JOBS[:3], group_size=2))
+    specs = [copy.copy(job) for job in manifest.jobs]
+    for spec in specs:
+        spec.out = root / "mem" / spec.out.name
+    (root / "mem").mkdir()
+    from_file = local.run_batch(manifest)
+    in_memory = local.run_batch(specs, group_size=2, fsync=False)
+    assert (
+        [(r.status, r.group) for r in in_memory]
+        == [(r.status, r.group) for r in from_file]
+        == [
+            ("done", 0),
+            ("done", 0),
+            ("done", 1),
+        ]
+    )
+    for job, spec in zip(manifest.jobs, specs, strict=True):
+        assert _stable(spec.out) == _stable(job.out), job.name
+    assert local.run_batch(specs, group_size=2)[0].status == "skipped"  # resumable, like a manifest
+
+
+def test_job_specs_need_distinct_indices_and_a_manifest_keeps_its_groups(tmp_path):
+    root = make_world(tmp_path)
+    manifest = load_manifest(write_manifest(root, JOBS[:2]))
+    with pytest.raises(ValueError, match="distinct indices"):
+        local.run_batch([manifest.jobs[0], manifest.jobs[0]])
+    with pytest.raises(ValueError, match="keeps its own groups"):
+        local.run_batch(manifest, group_size=1)
+    assert local.as_manifest(manifest) is manifest

@@ -2,12 +2,13 @@
 
 Each group of jobs (see ``manifest``) is prepared once (``api.prepare`` with a
 shared ``api.Opener``: the shared aligned/unaligned pair or vector, and a
-fine-tune used by several jobs, are one object) and written by one call of the
-streaming engine (``pipeline.engine.run_jobs``), on the CPU or a GPU: each
-shared chunk is read once and every job's output for it is produced before
-moving on. ``check_manifest``, the batch command's deep check, prepares every
+fine-tune used by several jobs, are one object) and handed to the one executor
+as one pass (``executor.run``: one call of the streaming engine, on the CPU or a
+GPU): each shared chunk is read once and every job's output for it is produced
+before moving on. ``check_manifest``, the batch command's deep check, prepares every
 group before anything is written; ``run_batch`` then runs those prepared groups
-without opening their inputs again.
+without opening their inputs again. ``run_batch`` takes a loaded manifest or
+``JobSpec``s built in memory (``as_manifest``): the manifest is only a loader.
 
 Every job's output is its own atomic directory (temp dir + rename) holding
 ``resta_fast.json`` with the sha256 of every file, so the batch's state is the
@@ -19,13 +20,15 @@ One job failing is reported and leaves the others alone.
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from resta_fast.batch.manifest import Group, JobSpec, Manifest, problems_error
+from resta_fast import executor
+from resta_fast.batch.manifest import DEFAULT_GROUP_SIZE, Group, JobSpec, Manifest, make_groups, problems_error
 from resta_fast.errors import RestaError
+from resta_fast.executor import Output, Written
 from resta_fast.io.identity import changed_files
 from resta_fast.report import REPORT_NAME
 
@@ -270,10 +273,37 @@ def check_manifest(manifest: Manifest, groups: list[int] | None = None, *, here:
 # --- execution --------------------------------------------------------------------------
 
 
+# What errors and ``--group`` call a batch of job specs built in memory (it has no file).
+IN_MEMORY = Path("<jobs in memory>")
+
+
+def as_manifest(jobs: Manifest | Sequence[JobSpec], *, group_size: int | None = None) -> Manifest:
+    """A loaded Manifest as it is, or job specs built in memory grouped as a manifest's jobs are
+    (``manifest.make_groups``: shared inputs, device and backend, ``group_size`` at a time).
+
+    JobSpecs built in memory are taken as given (their paths absolute, their options the
+    library's); ``load_manifest`` is what checks what a file says.
+
+    Example:
+        >>> as_manifest([]).groups
+        []
+    """
+    if isinstance(jobs, Manifest):
+        if group_size is not None:
+            raise ValueError("group_size groups job specs; a Manifest keeps its own groups")
+        return jobs
+    jobs = list(jobs)
+    if len({job.index for job in jobs}) != len(jobs):
+        raise ValueError("job specs need distinct indices (a result is reported by its job's index)")
+    size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    return Manifest(path=IN_MEMORY, jobs=jobs, groups=make_groups(jobs, size), group_size=size)
+
+
 def run_batch(
-    manifest: Manifest,
+    manifest: Manifest | Sequence[JobSpec],
     groups: list[int] | None = None,
     *,
+    group_size: int | None = None,
     prepared: PreparedBatch | None = None,
     reporter: Reporter | None = None,
     fsync: bool | None = None,
@@ -286,6 +316,9 @@ def run_batch(
     """Run the selected groups here, one after another.
 
     Args:
+        manifest: a loaded ``Manifest``, or ``JobSpec``s built in memory (``as_manifest``).
+        groups: the group indices to run (None: all).
+        group_size: for job specs, how many share one engine pass (default: a manifest's default).
         prepared: from ``check_manifest``: its groups run without being opened
             again (and are closed once run); others are prepared when they run.
         validate: ``eval.make_validator`` options; each new output is evaluated
@@ -300,7 +333,9 @@ def run_batch(
     Example:
         >>> results = run_batch(load_manifest("batch.yaml"))  # doctest: +SKIP
         >>> [r.status for r in results]  # doctest: +SKIP
+        >>> run_batch([JobSpec(0, "math", Path("/ft/math"), Path("/out/math"), vector=Path("/v"))])  # doctest: +SKIP
     """
+    manifest = as_manifest(manifest, group_size=group_size)
     results = []
     for group in manifest.select(groups):
         ready = prepared.groups.pop(group.index, None) if prepared is not None else None
@@ -381,9 +416,7 @@ def run_group(
             else:
                 todo.append((job, prep, state, detail))
         if todo:
-            _run_pass(
-                todo, gid, stack, reporter, finish, fsync, threads, engine_options, validate, command_line, record_paths
-            )
+            _run_pass(todo, gid, reporter, finish, fsync, threads, engine_options, validate, command_line, record_paths)
     return [results[job.index] for job in group.jobs]
 
 
@@ -403,10 +436,20 @@ def _validation_result(job: JobSpec, gid: int, report: dict, status: str, **kw) 
     return JobResult(job.index, job.name, gid, str(job.out), status, **kw)
 
 
+def _gate(options: dict, job: JobSpec):
+    """The job's validation gate (``eval.make_validator``), built when its output is ready to be judged."""
+
+    def gate(model_dir: Path) -> dict:
+        from resta_fast.eval.runner import make_validator
+
+        return make_validator(options, job.finetuned)(model_dir)
+
+    return gate
+
+
 def _run_pass(
     todo,
     gid: int,
-    stack: ExitStack,
     reporter: Reporter,
     finish,
     fsync: bool,
@@ -416,77 +459,43 @@ def _run_pass(
     command_line: str | None = None,
     record_paths: bool = False,
 ) -> None:
-    """Claim every job's output, write them all in one ``run_jobs`` pass, then finish each."""
-    from resta_fast import api
-    from resta_fast.io.writer import AtomicOutputDir
-    from resta_fast.pipeline.engine import run_jobs
-    from resta_fast.pipeline.interrupt import raise_if_interrupted
-    from resta_fast.report import finish_output, record_validation, with_paths
+    """Hand every job's output to the one executor: claimed, written in one engine pass, each finished."""
 
-    start = time.perf_counter()
-    live = []
-    for job, prep, state, detail in todo:
-        try:
-            redo = state == "corrupt"
-            api.claim_output(stack, job.out, prep.input_paths, redo, "batch")
-            outdir = stack.enter_context(AtomicOutputDir(job.out, overwrite=redo, fsync=fsync))
-        except Exception as exc:  # noqa: BLE001 - reported per job
-            finish(_failed(job, gid, exc))
-            continue
+    def output(job: JobSpec, prep, state: str) -> Output:
+        return Output(
+            job.out,
+            prep.writing(),
+            prep.recorded_provenance(record_paths),
+            prep.input_paths,
+            command="batch",
+            overwrite=state == "corrupt",
+            extra=lambda n: {"batch": {"job": job.name, "index": job.index, "group": gid, "jobs_in_pass": n}},
+            validate=_gate(validate, job) if validate else None,
+            command_line=command_line,
+            progress=lambda nbytes, name: reporter.job_progress(job, nbytes),
+        )
 
-        def progress(nbytes, name, job=job):
-            reporter.job_progress(job, nbytes)
-            raise_if_interrupted()  # Ctrl-C: stop at a tensor boundary, temp outputs removed
+    outputs = [output(job, prep, state) for job, prep, state, _ in todo]
+    by_output = {id(o): entry for o, entry in zip(outputs, todo, strict=True)}
 
-        live.append((job, prep, state, detail, outdir, prep.job(outdir.tmp, progress=progress)))
-    if not live:
-        return
-    first = live[0][1]
-    try:
-        run_jobs([e[-1] for e in live], kernel=first.kernel, device=first.device, threads=threads, **engine_options)
-    except Exception as exc:  # noqa: BLE001 - e.g. no memory for the buffers: every job fails
-        for *_, engine_job in live:
-            engine_job.error = engine_job.error or exc
-    for job, prep, state, detail, outdir, engine_job in live:
-        seconds = time.perf_counter() - start
-        if engine_job.error is not None:
-            finish(_failed(job, gid, engine_job.error, seconds))
-            continue
-        try:
-            with api.clean_write_errors(job.out):
-                report = finish_output(
-                    outdir.tmp,
-                    prep.plan,
-                    prep.inputs.finetuned,
-                    engine_job.stats,
-                    with_paths(prep.provenance, prep.checkpoints) if record_paths else prep.provenance,
-                    backend_name=prep.backend_name,
-                    device=prep.device,
-                    fsync=fsync,
-                    extra={"batch": {"job": job.name, "index": job.index, "group": gid, "jobs_in_pass": len(live)}},
-                    command_line=command_line,
-                )
-                if validate:
-                    from resta_fast.eval.runner import make_validator
-
-                    gate = make_validator(validate, job.finetuned)
-                    record_validation(outdir.tmp, report, gate(outdir.tmp), command_line=command_line)
-                raise_if_interrupted()
-                outdir.commit()
-        except Exception as exc:  # noqa: BLE001 - reported per job
-            finish(_failed(job, gid, exc, seconds))
-            continue
+    def done(written: Written) -> None:
+        job, _, state, detail = by_output[id(written.output)]
+        if written.error is not None:
+            finish(_failed(job, gid, written.error, written.seconds))
+            return
         finish(
             _validation_result(
                 job,
                 gid,
-                report,
+                written.report,
                 "redone" if state == "corrupt" else "done",
                 note=f"previous output: {detail}" if detail else "",
-                seconds=round(seconds, 3),
-                bytes_written=report["stats"]["bytes_written"],
+                seconds=round(written.seconds, 3),
+                bytes_written=written.report["stats"]["bytes_written"],
             )
         )
+
+    executor.run(outputs, fsync=fsync, on_done=done, threads=threads, **engine_options)
 
 
 def summarize(results: list[JobResult]) -> dict:

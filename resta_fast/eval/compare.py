@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -139,14 +140,12 @@ def write_candidates(
     if resta:
         _write_resta(
             resta,
-            root,
             dirs,
             finetuned=ins["finetuned"],
             aligned=ins["aligned"],
             unaligned=ins["unaligned"],
             base=ins["base"] if lora else None,
             seed=seed,
-            resolver=resolver,
         )
     baseline = Path(ins["finetuned"].path)
     if lora:
@@ -184,40 +183,38 @@ def resolve_inputs(resolver=None, **given) -> dict:
     return resolve_all(given, {**ROLE_KINDS, **REALIGN_KINDS, "pre_aligned": "model"}, resolver)
 
 
-def _named(inp) -> str:
-    """An input as a manifest names it: a Hub id as given (the run's resolver already holds it), a local
-    path absolute (a manifest's relative paths are its folder's)."""
-    return inp.given if inp.is_hub else str(Path(inp.path).absolute())
+def _as_job(**inputs) -> dict:
+    """Resolved inputs (``resolve.Input`` or None) as a batch JobSpec holds them, as batch's manifest loader
+    makes them: a local path absolute and normalised, a Hub input its snapshot with its origin in ``hub``."""
+    kw: dict = {
+        role: None if inp is None else Path(inp.path if inp.is_hub else os.path.abspath(inp.path))
+        for role, inp in inputs.items()
+    }
+    kw["hub"] = {role: inp.hub for role, inp in inputs.items() if inp is not None and inp.is_hub}
+    return kw
 
 
-def _write_resta(
-    cands: list[Candidate], root: Path, dirs: dict, *, finetuned, aligned, unaligned, base, seed: int, resolver
-) -> None:
+def _write_resta(cands: list[Candidate], dirs: dict, *, finetuned, aligned, unaligned, base, seed: int) -> None:
     """RESTA candidates as one batch group: the shared inputs are read once for all of them."""
     from resta_fast.batch.local import run_batch
-    from resta_fast.batch.manifest import manifest_from_mapping
+    from resta_fast.batch.manifest import JobSpec
 
-    manifest = {
-        "aligned": _named(aligned),
-        "unaligned": _named(unaligned),
-        "fsync": False,
-        "group_size": len(cands),
-        "jobs": [
-            {
-                "finetuned": _named(finetuned),
-                "out": str(dirs[c.slug].absolute()),
-                "name": c.slug,
-                "beta": c.knobs["beta"],
-                **({"dare": c.knobs["dare"], "seed": seed} if c.knobs.get("dare") is not None else {}),
-            }
-            for c in cands
-        ],
-    }
-    if base is not None:
-        manifest["base"] = _named(base)
-    # In memory: batch's own loader checks it, and nothing is written but the candidates.
-    built = manifest_from_mapping(manifest, "compare's RESTA candidates", root=root, resolver=resolver)
-    failed = [r for r in run_batch(built) if not r.ok]
+    inputs = _as_job(finetuned=finetuned, aligned=aligned, unaligned=unaligned, base=base)
+    jobs = [
+        JobSpec(
+            i,
+            c.slug,
+            out=Path(os.path.abspath(dirs[c.slug])),
+            **inputs,
+            beta=float(c.knobs["beta"]),
+            **({"dare": float(c.knobs["dare"]), "seed": seed} if c.knobs.get("dare") is not None else {}),
+        )
+        for i, c in enumerate(cands)
+    ]
+    for job in jobs:
+        job.options()  # a bad knob is refused before any candidate is written
+    # In memory: nothing is written but the candidates.
+    failed = [r for r in run_batch(jobs, group_size=len(jobs), fsync=False) if not r.ok]
     if failed:
         raise RestaError(f"compare: RESTA candidate {failed[0].name} failed: {failed[0].error}")
 
@@ -299,7 +296,7 @@ def compare(
     pset = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     judge_objs = [make_judge(j) if isinstance(j, str) else j for j in judges]
     out_dir = Path(out) if out else None
-    # Absolute: the RESTA candidates go through a batch manifest, whose relative paths are its folder's.
+    # Absolute: the candidates' directories are named by absolute paths (the RESTA ones as batch job specs).
     root = Path(tempfile.mkdtemp(prefix="resta-compare-", dir=workdir)).absolute()
     try:
         baseline_dir, dirs = write_candidates(
