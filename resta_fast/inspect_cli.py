@@ -23,8 +23,8 @@ from resta_fast.errors import RestaError, cli_flag
 from resta_fast.options import PATCH
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
-# The patch options inspect plans with (beta, beta_rules, include, exclude, dtype): spelled as patch spells them.
-PLAN_OPTIONS = ("beta", "include", "exclude", "beta_rules", "dtype")
+# The patch options inspect plans with, as patch has them (flags, checks, keywords).
+PLAN = PATCH.subset(("beta", "include", "exclude", "beta_rules", "dtype"))
 
 
 def describe_model(path) -> dict:
@@ -137,20 +137,8 @@ def group_plan(plan) -> list[dict]:
     return list(groups.values())
 
 
-def inspect(
-    models,
-    *,
-    aligned=None,
-    unaligned=None,
-    vector=None,
-    base=None,
-    beta=1.0,
-    include=(),
-    exclude=(),
-    beta_rules=(),
-    dtype=None,
-    dare_base=None,
-) -> dict:
+@PLAN.keywords
+def inspect(models, *, aligned=None, unaligned=None, vector=None, base=None, dare_base=None, **options) -> dict:
     """Describe each model and, given a fine-tune plus aligned/unaligned (or a
     vector), the plan a patch would run.
 
@@ -158,6 +146,8 @@ def inspect(
         models: paths or Hub ids; the first is the fine-tune, then aligned, then unaligned
             unless given by keyword. With only a fine-tune and an aligned
             model, the plan checks the fine-tune against the aligned model alone.
+        options: the patch options that shape a plan (``PLAN``: beta, include, exclude,
+            beta_rules, dtype), as ``patch`` takes them.
     Returns:
         ``{"models": [...], "plan": {...} | None, "plan_error": str | None}``.
     """
@@ -199,7 +189,7 @@ def inspect(
         from resta_fast.options import PatchOptions
         from resta_fast.roles import resolve_roles
 
-        options = PatchOptions(beta=beta, include=include, exclude=exclude, beta_rules=beta_rules, dtype=dtype)
+        options = PatchOptions(**options)
         # With no unaligned model the fine-tune is checked against the aligned one alone.
         roles = resolve_roles(
             ft_path,
@@ -314,7 +304,7 @@ def add_inspect_parser(subparsers) -> None:
     p.add_argument("--vector")
     p.add_argument("--base", help="for a LoRA adapter: the model it was trained on (default: aligned)")
     p.add_argument("--dare-base", help="show DARE's base in the plan")
-    PATCH.add_arguments(p, only=PLAN_OPTIONS)  # the options that shape the plan, as patch has them
+    PLAN.add_arguments(p)  # the options that shape the plan
     p.add_argument("--tensors", action="store_true", help="also list every tensor")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
@@ -328,7 +318,7 @@ def cmd_inspect(args) -> int:
         unaligned=args.unaligned,
         vector=args.vector,
         base=args.base,
-        **PATCH.from_args(args, only=PLAN_OPTIONS),
+        **PLAN.from_args(args),
         dare_base=args.dare_base,
     )
     if args.json:

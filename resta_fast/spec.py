@@ -209,6 +209,11 @@ class Spec:
             if o.cli and o.cli != "--" + o.name.replace("_", "-"):
                 FLAG_SPELLINGS[o.name] = o.cli
 
+    def subset(self, names: Iterable[str]) -> Spec:
+        """These options only (in the spec's order), for a command that takes some of them as they are."""
+        wanted = set(names)
+        return Spec(self.command, tuple(o for o in self.options if o.name in wanted), spells=False)
+
     def renamed(self, flags: dict[str, tuple[str, str]]) -> Spec:
         """The options of ``flags`` under other flags and help, for a command that takes them beside
         others of the same name (``compare``'s ``--resta-dare``): the same checks, defaults and keywords.
