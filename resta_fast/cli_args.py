@@ -14,14 +14,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
+from resta_fast import spec as S
 from resta_fast.errors import RestaError
-from resta_fast.options import MAX_SEED
+from resta_fast.spec import Option
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,37 +36,26 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _number(text: str, kind, what: str):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-    return value
+def _flag(check, kind, doc: str):
+    """A ``type=`` callable: the flag's text as ``kind``, checked by the spec's check of that name,
+    so a flag and an option with the same rule say the same words."""
+    option = Option("value", kind=kind, check=check("value"))
+
+    def parse(text: str):
+        return option.parse_text(text)
+
+    parse.__doc__ = doc
+    return parse
 
 
-def _bounded(kind, what: str, ok, doc: str):
-    """A ``type=`` callable: ``kind`` (int or finite float) satisfying ``ok``."""
-
-    def check(text: str):
-        value = _number(text, kind, what)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        return value
-
-    check.__doc__ = doc
-    return check
-
-
-count = _bounded(int, "an integer >= 1", lambda v: v >= 1, "An integer >= 1 (threads, sizes, token bounds).")
-index = _bounded(int, "an integer >= 0", lambda v: v >= 0, "An integer >= 0 (group numbers, retries).")
-seed = _bounded(int, "an integer in [0, 2**64)", lambda v: 0 <= v <= MAX_SEED, "A uint64 seed.")
-finite = _bounded(float, "a finite number", lambda v: True, "Any finite number (β may be negative or zero).")
-nonnegative = _bounded(float, "a finite number >= 0", lambda v: v >= 0, "Seconds, utility drops, GPU shares.")
-positive = _bounded(float, "a finite number > 0", lambda v: v > 0, "Rates, CPU shares.")
-probability = _bounded(float, "a drop probability in [0, 1)", lambda v: 0 <= v < 1, "DARE's p.")
-rate = _bounded(float, "a fraction in [0, 1]", lambda v: 0 <= v <= 1, "A harmful-rate threshold.")
+count = _flag(S.count, int, "An integer >= 1 (threads, sizes, token bounds).")
+index = _flag(S.index, int, "An integer >= 0 (group numbers, retries).")
+seed = _flag(S.seed, int, "A uint64 seed.")
+finite = _flag(S.finite, float, "Any finite number (β may be negative or zero).")
+nonnegative = _flag(S.nonnegative, float, "Seconds, utility drops, GPU shares.")
+positive = _flag(S.positive, float, "Rates, CPU shares.")
+probability = _flag(S.probability, float, "DARE's p.")
+rate = _flag(S.rate, float, "A harmful-rate threshold.")
 
 
 RECORD_PATHS_HELP = (

@@ -1,7 +1,9 @@
 """An option, written once: its name, default, check and help, and every form derived from it.
 
-A command family (``patch``, ``safelora``, ``safemerge``) lists its options as one
-``Spec``. From that one list come the command-line flags (name, type, help, the
+A command family lists its options as one ``Spec``: ``options.PATCH`` (patch and a batch
+job), ``options.VECTOR``, ``batch.manifest.BATCH`` (a batch's run settings),
+``safelora.SAFELORA``, ``safemerge.SAFEMERGE``, and ``eval.options.EVAL`` (declared on
+``EvalOptions``' fields). From that one list come the command-line flags (name, type, help, the
 check at parse time), the batch manifest's keys (with "did you mean"), the API's
 keywords and their defaults, the provenance's ``params``, and the model card's
 "how to reproduce" command. Adding an option is one new ``Option`` in one spec.
@@ -66,6 +68,7 @@ finite = _bounded("a finite number", lambda v: True)
 probability = _bounded("a drop probability in [0, 1)", lambda v: 0 <= v < 1, optional=True)
 seed = _bounded("an integer in [0, 2**64)", lambda v: 0 <= v <= MAX_SEED, integral=True)
 count = _bounded("an integer >= 1", lambda v: v >= 1, integral=True, optional=True)
+index = _bounded("an integer >= 0", lambda v: v >= 0, integral=True, optional=True)
 
 
 def cosine(name: str, *, optional: bool = False):
@@ -119,8 +122,9 @@ class Option:
             False: when the options are built, the message rendered with the flag.
         repeat: a flag given several times (``append``); the API takes a list or one string.
         choices: the CLI lists them (argparse's choices); the check still decides.
+        metavar, nargs: as argparse's (``nargs=2``: ``--weights W1 W2``).
         manifest: ``"job"`` (a job key or a default at the top), ``"top"`` (a run setting), or None.
-        record: a ``params`` entry of the provenance: ``None`` (not recorded), or the value as recorded.
+        record: ``value -> the value as recorded`` in the provenance's ``params`` (None: not recorded).
         reproduce: the flags that give this value back in the model card's command, from the
             recorded ``params`` (None: derived: the flag and value when it is not the default).
         cli_default, to_api: the flag's own default and unit (``--gpu-pool-mb`` is MiB, the API bytes).
