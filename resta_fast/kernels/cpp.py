@@ -197,6 +197,49 @@ def patch_arrays(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, th
     )
 
 
+def diff_matmul(a, u, rows: int, cols: int, m, *, transpose: bool, sumsq: bool = False, reverse=False, threads=None):
+    """S·m, or Sᵀ·m with ``transpose``, for S = fp32(a) − fp32(u) formed on the fly (no torch).
+
+    Args:
+        a, u: flat arrays of rows × cols elements (BF16 as uint16 bits), S row-major.
+        m: fp32, cols × r (rows × r with ``transpose``).
+        sumsq: also return Σ S² (fp64), else 0.0.
+        reverse: visit the rows last to first, so a second pass over S starts on what the
+            first left in cache (its sums over rows then run in that order).
+    Returns:
+        (out, Σ S²): out is fp32, rows × r (cols × r with ``transpose``).
+
+    Example:
+        >>> s, zero, m = np.array([3, 0, 0, 4], np.float32), np.zeros(4, np.float32), np.ones((2, 1), np.float32)
+        >>> diff_matmul(s, zero, 2, 2, m, transpose=False, sumsq=True)  # doctest: +SKIP
+        (array([[3.], [4.]], dtype=float32), 25.0)
+    """
+    C = _load()
+    n = rows * cols
+    codes = {name: _array_code(C, name, arr, n) for name, arr in (("a", a), ("u", u))}
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    want = rows if transpose else cols
+    if m.ndim != 2 or m.shape[0] != want or m.shape[1] < 1:
+        raise ValueError(f"m must be {want} × r with r >= 1 for a {rows} × {cols} S, got shape {m.shape}")
+    out = np.empty((cols if transpose else rows, m.shape[1]), np.float32)
+    total = C.diff_matmul(
+        a.ctypes.data,
+        codes["a"],
+        u.ctypes.data,
+        codes["u"],
+        rows,
+        cols,
+        m.ctypes.data,
+        m.shape[1],
+        out.ctypes.data,
+        transpose,
+        sumsq,
+        reverse,
+        _threads(threads),
+    )
+    return out, total
+
+
 def convert_arrays(out, x, *, threads: int | None = None) -> None:
     """``convert_into`` over flat numpy arrays (BF16 as uint16 bits)."""
     C = _load()
