@@ -178,7 +178,7 @@ py::array_t<float> uniform(uint64_t seed, int64_t offset, int64_t n, std::option
 
 double diff_matmul(uint64_t a_ptr, int a_dtype, uint64_t u_ptr, int u_dtype, int64_t rows, int64_t cols,
                    uint64_t m_ptr, int64_t r, uint64_t out_ptr, bool transpose, bool want_sumsq, bool reverse,
-                   std::optional<int> threads) {
+                   uint64_t acc_ptr, std::optional<int> threads) {
   const char* fn = "diff_matmul";
   if (rows < 0 || cols < 0)
     fail(fn, "arguments 'rows' and 'cols' must be >= 0; got " + std::to_string(rows) + " and " +
@@ -193,7 +193,8 @@ double diff_matmul(uint64_t a_ptr, int a_dtype, uint64_t u_ptr, int u_dtype, int
   check_dtype(fn, "u_dtype", u_dtype);
   const int64_t m_rows = transpose ? rows : cols, out_rows = transpose ? cols : rows;
   check_required(fn, "m_ptr", m_ptr, m_rows * r);
-  check_required(fn, "out_ptr", out_ptr, out_rows * r);
+  if (acc_ptr != 0 && !transpose) fail(fn, "argument 'acc_ptr' needs transpose=True (S^T.m sums over rows)");
+  if (acc_ptr == 0) check_required(fn, "out_ptr", out_ptr, out_rows * r);
   const Buffer out{"out_ptr", out_ptr, resta::kF32};
   // out and m are fp32 arrays of different lengths: out must not overlap m at all.
   const uint64_t out_end = out_ptr + 4 * static_cast<uint64_t>(out_rows * r);
@@ -212,7 +213,7 @@ double diff_matmul(uint64_t a_ptr, int a_dtype, uint64_t u_ptr, int u_dtype, int
   const float* m = reinterpret_cast<const float*>(m_ptr);
   float* o = reinterpret_cast<float*>(out_ptr);
   py::gil_scoped_release release;
-  return transpose ? resta::diff_t_matmul(s, m, r, o, want_sumsq, reverse, nthreads)
+  return transpose ? resta::diff_t_matmul(s, m, r, o, want_sumsq, reverse, nthreads, reinterpret_cast<double*>(acc_ptr))
                    : resta::diff_matmul(s, m, r, o, want_sumsq, reverse, nthreads);
 }
 
@@ -295,10 +296,14 @@ PYBIND11_MODULE(_C, m) {
         "The DARE uniforms (float32 numpy array) of elements offset .. offset+n-1 (docs/spec.md §3).");
   m.def("diff_matmul", &diff_matmul, py::arg("a_ptr"), py::arg("a_dtype"), py::arg("u_ptr"), py::arg("u_dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("m_ptr"), py::arg("r"), py::arg("out_ptr"),
-        py::arg("transpose"), py::arg("want_sumsq"), py::arg("reverse") = false, py::arg("threads") = py::none(),
+        py::arg("transpose"), py::arg("want_sumsq"), py::arg("reverse") = false, py::arg("acc_ptr") = 0,
+        py::arg("threads") = py::none(),
         "S = fp32(A) - fp32(U) (rows x cols, formed on the fly): out = S^T.m (transpose; m rows x r, out "
         "cols x r) or S.m (m cols x r, out rows x r), fp32 row-major; returns sum(S^2) in fp64 when "
-        "want_sumsq, else 0. reverse visits the rows last to first (a second pass, on what the first left in cache).");
+        "want_sumsq, else 0. reverse visits the rows last to first (a second pass, on what the first left in cache). "
+        "acc_ptr (transpose only): add the sums into this fp64 cols x projection_rank(r) array instead of writing out.");
+  m.def("projection_rank", &resta::padded_rank, py::arg("r"), "r rounded up to diff_matmul's 16-lane groups.");
+  m.attr("PROJECTION_FLUSH_ROWS") = resta::flush_rows();
   m.def("philox4x32", &philox4x32, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
         py::arg("k0"), py::arg("k1"), "Raw Philox4x32-10 of one counter and key (for known-answer tests).");
   m.def("set_isa", &set_isa, py::arg("name"),

@@ -244,21 +244,25 @@ std::vector<float> pad_rows(const float* m, int64_t n, int64_t r, int64_t rp) {
   return out;
 }
 
-void unpad_rows(float* out, const std::vector<double>& acc, int64_t n, int64_t r, int64_t rp) {
+void unpad_rows(float* out, const double* acc, int64_t n, int64_t r, int64_t rp) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t l = 0; l < r; ++l) out[i * r + l] = static_cast<float>(acc[i * rp + l]);
 }
 
 }  // namespace
 
+int64_t padded_rank(int64_t r) { return padded(r); }
+int64_t flush_rows() { return kFlushRows; }
+
 double diff_t_matmul(const DiffMatrix& s, const float* m, int64_t r, float* out, bool want_sumsq, bool reverse,
-                     int threads) {
+                     int threads, double* into) {
   TMatmulFn t_matmul;
   MatmulFn matmul;
   pick(t_matmul, matmul);
   const int64_t rp = padded(r);
   const std::vector<float> mp = pad_rows(m, s.rows, r, rp);
-  std::vector<double> acc(static_cast<size_t>(s.cols * rp), 0.0);
+  std::vector<double> own(into == nullptr ? static_cast<size_t>(s.cols * rp) : 0, 0.0);
+  double* acc = into == nullptr ? own.data() : into;
   const int64_t tiles = (s.cols + kTile - 1) / kTile, blocks = (s.rows + kFlushRows - 1) / kFlushRows;
   std::vector<double> part(static_cast<size_t>(tiles * blocks), 0.0);
   const int64_t team = team_size(s, tiles, threads);
@@ -271,10 +275,10 @@ double diff_t_matmul(const DiffMatrix& s, const float* m, int64_t r, float* out,
     const int64_t lo = tiles * t / nt, hi = tiles * (t + 1) / nt;
     for (int64_t k = 0; k < blocks && lo < hi; ++k) {
       const int64_t b = reverse ? blocks - 1 - k : k;
-      t_matmul(s, mp.data(), rp, acc.data(), part.data() + b * tiles, b * kFlushRows, lo, hi, want_sumsq);
+      t_matmul(s, mp.data(), rp, acc, part.data() + b * tiles, b * kFlushRows, lo, hi, want_sumsq);
     }
   }
-  unpad_rows(out, acc, s.cols, r, rp);
+  if (into == nullptr) unpad_rows(out, acc, s.cols, r, rp);
   return ordered_sum(part);
 }
 
@@ -301,7 +305,7 @@ double diff_matmul(const DiffMatrix& s, const float* m, int64_t r, float* out, b
              reverse);
     }
   }
-  unpad_rows(out, acc, s.rows, r, rp);
+  unpad_rows(out, acc.data(), s.rows, r, rp);
   return ordered_sum(part);
 }
 

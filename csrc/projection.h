@@ -24,8 +24,15 @@ struct DiffMatrix {
 // reverse walks the rows last to first: a second pass then starts on what the first pass left
 // in cache. threads <= 0 means the OpenMP default. Results never depend on threads or on the
 // variant (reverse changes the order of the sums over rows, so it may change bits).
+// With acc (cols × padded_rank(r) fp64, row-major) the sums are added into acc and out is not
+// written: S split into row ranges of whole kFlushRows blocks, one call each, gives the bits of
+// one call over the whole of S.
 double diff_t_matmul(const DiffMatrix& s, const float* m, int64_t r, float* out, bool want_sumsq, bool reverse,
-                     int threads);
+                     int threads, double* acc = nullptr);
+
+// r rounded up to whole 16-lane groups; rows of S per fp32 block of diff_t_matmul.
+int64_t padded_rank(int64_t r);
+int64_t flush_rows();
 
 // out (rows × r) = S·m for m (cols × r); the same sums, over tiles of columns (reverse only
 // changes the order rows are visited in).

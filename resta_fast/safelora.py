@@ -49,6 +49,10 @@ COS_DECIMALS = 5  # the authors round each cosine to 5 decimals before comparing
 # chunk is still in cache for the product and the norm: 256 rows of a 4800 × 1792
 # weight took 8.6 ms for V and Vᵀ·B against 11 ms in two whole-weight passes (2 cores).
 CHUNK_ELEMS = 1 << 19
+# The C++ products read the weights this many bytes (of each input) at a time and drop the pages
+# after: RSS then holds a chunk, not a weight, at the cost of faulting the pages in again in the
+# second pass.
+CHUNK_BYTES = 8 << 20
 FAULT_AROUND = 1 << 21  # bytes a page fault may map around itself: a large folio of the page cache (Linux 6.x)
 NORM_RUN = 1 << 15  # ‖V‖_F: fp32 dot products of runs this long, summed in fp64 (see frobenius)
 
@@ -348,7 +352,7 @@ def module_projection(fill, shape, transpose: bool, b: np.ndarray, work: Workspa
     return out
 
 
-def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarray) -> np.ndarray | None:
+def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarray, release=None) -> np.ndarray | None:
     """B' = V·(Vᵀ·B)/‖V‖_F for one module by the C++ kernel, V never stored.
 
     Args:
@@ -356,20 +360,53 @@ def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarra
         a_arr, u_arr: the stored weights' flat arrays; ``shape`` their shape, (B·A)ᵀ's
             with ``transpose`` (GPT-2 Conv1D).
         b: lora_B (d_out × r), fp32.
+        release: ``release(lo, hi)`` is called once rows [lo, hi) of the stored weights
+            have been read by a pass (to drop their pages).
     Returns:
         B' (d_out × r, fp32), or None when V = 0.
 
-    Each pass recomputes V = fp32(A) − fp32(U) from the 2-byte inputs a few rows at a time
-    (cheaper than writing and reading back a 4-byte V); the first also sums V².
+    Each pass re-forms V = fp32(A) − fp32(U) from the 2-byte inputs a few rows at a time
+    (cheaper than writing and reading back a 4-byte V); the first also sums V². The rows
+    go in chunks of about ``CHUNK_BYTES`` so RSS holds a chunk, not a weight; the second
+    pass takes them last to first and starts on what the first left in the L3 cache.
     """
     rows, cols = shape
+    r = b.shape[1]
+    block = kernel.projection_flush_rows()  # chunks of whole blocks: the bits of one call over all rows
+    step = max(block, CHUNK_BYTES // max(1, cols * max(a_arr.itemsize, u_arr.itemsize)) // block * block)
+    chunks = [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+
+    def rows_of(lo, hi):
+        return a_arr[lo * cols : hi * cols], u_arr[lo * cols : hi * cols], hi - lo, cols
+
+    def over_rows(m, backwards: bool, sumsq: bool = False):
+        """Sᵀ·m (m: rows × r), summed chunk by chunk into one fp64 accumulator."""
+        acc, total = kernel.projection_acc(cols, r), 0.0
+        for lo, hi in reversed(chunks) if backwards else chunks:
+            _, sq = kernel.diff_matmul(
+                *rows_of(lo, hi), m[lo:hi], transpose=True, sumsq=sumsq, reverse=backwards, acc=acc
+            )
+            total += sq
+            if release is not None:
+                release(lo, hi)
+        return kernel.projection_out(acc, r), total
+
+    def by_rows(m, backwards: bool, sumsq: bool = False):
+        """S·m (m: cols × r), each chunk's rows on their own."""
+        out, total = np.empty((rows, r), np.float32), 0.0
+        for lo, hi in reversed(chunks) if backwards else chunks:
+            out[lo:hi], sq = kernel.diff_matmul(*rows_of(lo, hi), m, transpose=False, sumsq=sumsq, reverse=backwards)
+            total += sq
+            if release is not None:
+                release(lo, hi)
+        return out, total
+
     # Stored S = V: X = Sᵀ·B, B' = S·X. Stored S = Vᵀ (Conv1D): X = S·B, B' = Sᵀ·X.
-    x, sumsq = kernel.diff_matmul(a_arr, u_arr, rows, cols, b, transpose=not transpose, sumsq=True)
+    first, second = (by_rows, over_rows) if transpose else (over_rows, by_rows)
+    x, sumsq = first(b, backwards=False, sumsq=True)
     if sumsq == 0:
         return None  # alignment did not touch this weight: there is no direction to project onto
-    # Rows last to first: the second pass starts on the rows the first left in the L3 cache
-    # (a 7B MLP weight pair is 2 x 90 MB, so most of it is read from memory twice all the same).
-    out, _ = kernel.diff_matmul(a_arr, u_arr, rows, cols, x, transpose=transpose, reverse=True)
+    out, _ = second(x, backwards=True)
     out /= np.float32(math.sqrt(sumsq))
     return out
 
@@ -412,7 +449,14 @@ def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None)
         a, b = lora_array(view, mod.a), lora_array(view, mod.b)
         w_shape = tuple(aligned.info(name).shape)
         if kernel is not None:
-            b_proj = native_projection(kernel, aligned.array(name), unaligned.array(name_u), w_shape, mod.transpose, b)
+            a_arr, u_arr = aligned.array(name), unaligned.array(name_u)
+
+            def release(lo, hi, name=name, name_u=name_u, a_arr=a_arr, u_arr=u_arr, cols=w_shape[1]):
+                # With a margin on both sides: a fault maps the whole folio it lands in, neighbours included.
+                for ck, key, size in ((aligned, name, a_arr.itemsize), (unaligned, name_u, u_arr.itemsize)):
+                    ck.release(key, max(0, lo * cols * size - FAULT_AROUND), hi * cols * size + FAULT_AROUND)
+
+            b_proj = native_projection(kernel, a_arr, u_arr, w_shape, mod.transpose, b, release)
         else:
             whole = alignment_delta(aligned, unaligned, name, name_u, w_shape).numpy().reshape(-1)
 

@@ -137,3 +137,56 @@ def test_the_binding_checks_what_python_does_not():
         C.diff_matmul(a.ctypes.data, 0, a.ctypes.data, 0, 4, 2, m.ctypes.data, 2, m.ctypes.data, True, False)
     with pytest.raises(ValueError, match="'u_dtype' must be a dtype code"):
         C.diff_matmul(a.ctypes.data, 0, a.ctypes.data, 7, 4, 2, m.ctypes.data, 2, out.ctypes.data, True, False)
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+def test_row_ranges_into_one_accumulator_give_the_bits_of_one_call(backwards):
+    """Sᵀ·m over whole fp32 blocks of rows, one call per range, equals one call over all of S bit for bit."""
+    rng = np.random.default_rng(4)
+    rows, cols, r = 3 * cpp.projection_flush_rows() + 45, 270, 6
+    a, u, s = _pair(rng, rows, cols)
+    m = rng.standard_normal((rows, r)).astype(np.float32)
+    whole, sq_whole = cpp.diff_matmul(a, u, rows, cols, m, transpose=True, sumsq=True, reverse=backwards)
+    acc, sq = cpp.projection_acc(cols, r), 0.0
+    edges = [0, cpp.projection_flush_rows(), 3 * cpp.projection_flush_rows(), rows]
+    ranges = list(zip(edges[:-1], edges[1:], strict=True))
+    for lo, hi in reversed(ranges) if backwards else ranges:
+        got, part = cpp.diff_matmul(
+            a[lo * cols : hi * cols], u[lo * cols : hi * cols], hi - lo, cols, m[lo:hi], transpose=True, sumsq=True,
+            reverse=backwards, acc=acc,
+        )  # fmt: skip
+        assert got is None
+        sq += part
+    assert np.array_equal(cpp.projection_out(acc, r).view(np.int32), whole.view(np.int32))
+    assert abs(sq - sq_whole) <= 1e-12 * sq_whole and _rel(whole, s.T @ m) <= 1e-6
+    with pytest.raises(ValueError, match="acc must be projection_acc"):
+        cpp.diff_matmul(a, u, rows, cols, m, transpose=True, acc=np.zeros((cols, r)))
+    with pytest.raises(ValueError, match="acc needs transpose=True"):
+        cpp.diff_matmul(a, u, rows, cols, m[:cols], transpose=False, acc=acc)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_native_projection_in_chunks_is_one_pass_each_way_and_drops_every_row(monkeypatch, transpose):
+    """B' read in chunks of rows equals B' read in one piece bit for bit, is within 1e-5 of fp64, and
+    every row of the weights is handed to ``release`` once per pass, the second pass last to first."""
+    from resta_fast import safelora as SL
+    from resta_fast.kernels.difference import difference_kernel
+
+    kernel = difference_kernel()[1]
+    rng = np.random.default_rng(6)
+    rows, cols, r = 2 * cpp.projection_flush_rows() + 70, 90, 4  # stored shape; d_out = cols with transpose
+    a, u, s = _pair(rng, rows, cols)
+    b = rng.standard_normal((cols if transpose else rows, r)).astype(np.float32)
+    whole = SL.native_projection(kernel, a, u, (rows, cols), transpose, b)
+    monkeypatch.setattr(SL, "CHUNK_BYTES", 1)  # one fp32 block of rows per chunk
+    calls = []
+    got = SL.native_projection(kernel, a, u, (rows, cols), transpose, b, lambda lo, hi: calls.append((lo, hi)))
+    assert np.array_equal(got.view(np.int32), whole.view(np.int32))
+    v = s.T if transpose else s
+    want = v @ (v.T @ b) / np.linalg.norm(v)
+    assert _rel(got, want) <= 1e-5
+    block = cpp.projection_flush_rows()
+    forward = [(0, block), (block, 2 * block), (2 * block, rows)]
+    assert calls == forward + forward[::-1]
+    zero = SL.native_projection(kernel, a, a, (rows, cols), transpose, b)
+    assert zero is None

@@ -535,3 +535,37 @@ def test_native_and_fallback_scoring_agree(tmp_path, monkeypatch, arch):
     for (module, _, x), (_, _, y) in zip(native, fallback, strict=True):
         assert x.dtype == np.float32 and np.linalg.norm(x - y) <= 1e-6 * np.linalg.norm(y), module
     assert all(c is None and b is None for _, c, b in scored(aligned)) and all(c is None for _, c, _ in fallback_same)
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            current = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+def test_scoring_leaves_no_adapter_page_mapped_and_keeps_b_proj_out_of_memory(tmp_path):
+    """RSS does not grow with the adapter: its pages are dropped once read, and every module's B'
+    goes to the spill file (read back, equal, for the selection that writes it)."""
+    if not Path("/proc/self/smaps").is_file():
+        pytest.skip("needs Linux's /proc/self/smaps")
+    adapter, aligned, unaligned = setup_models(tmp_path, dtype=torch.bfloat16)
+    weights = (adapter / "adapter_model.safetensors").resolve()
+    with realign.Session(adapter, aligned=aligned, unaligned=unaligned) as session:
+        session.ft.adapter.file.array(next(iter(session.ft.adapter.file.tensors)))[:].sum()  # touched: mapped
+        assert _mapped_kib(weights) > 0
+        scores = session.scores()
+        assert _mapped_kib(weights) == 0
+        kept = session._projections
+        assert isinstance(kept, SL.Spill) and len(kept) == len(scores) == 2 * len(TARGETS)
+        view = session.ft
+        direct = {s.module: b for s, b in SL.score_modules(view, session.un) if b is not None}
+        for s in scores:
+            stored = kept[s.lora_b]
+            want = realign._stored(direct[s.module], view.adapter.file.tensors[s.lora_b].dtype)
+            assert np.array_equal(stored.view(np.uint8), want.view(np.uint8)) and stored.shape == want.shape
