@@ -452,9 +452,10 @@ def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None)
             a_arr, u_arr = aligned.array(name), unaligned.array(name_u)
 
             def release(lo, hi, name=name, name_u=name_u, a_arr=a_arr, u_arr=u_arr, cols=w_shape[1]):
-                # With a margin on both sides: a fault maps the whole folio it lands in, neighbours included.
+                # No margin: what a neighbour chunk's faults re-map (a folio at most) goes with the
+                # whole-weight release below; a margin here cost as much again in page-table walks.
                 for ck, key, size in ((aligned, name, a_arr.itemsize), (unaligned, name_u, u_arr.itemsize)):
-                    ck.release(key, max(0, lo * cols * size - FAULT_AROUND), hi * cols * size + FAULT_AROUND)
+                    ck.release(key, lo * cols * size, hi * cols * size)
 
             b_proj = native_projection(kernel, a_arr, u_arr, w_shape, mod.transpose, b, release)
         else:
