@@ -379,6 +379,12 @@ def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarra
     def rows_of(lo, hi):
         return a_arr[lo * cols : hi * cols], u_arr[lo * cols : hi * cols], hi - lo, cols
 
+    def done(lo, hi, backwards):
+        # The first pass keeps its last chunk mapped: the second starts there. Dropping it made the
+        # second pass fault it straight back in (all of a one-chunk weight).
+        if release is not None and (backwards or hi < rows):
+            release(lo, hi)
+
     def over_rows(m, backwards: bool, sumsq: bool = False):
         """Sᵀ·m (m: rows × r), summed chunk by chunk into one fp64 accumulator."""
         acc, total = kernel.projection_acc(cols, r), 0.0
@@ -387,8 +393,7 @@ def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarra
                 *rows_of(lo, hi), m[lo:hi], transpose=True, sumsq=sumsq, reverse=backwards, acc=acc
             )
             total += sq
-            if release is not None:
-                release(lo, hi)
+            done(lo, hi, backwards)
         return kernel.projection_out(acc, r), total
 
     def by_rows(m, backwards: bool, sumsq: bool = False):
@@ -397,8 +402,7 @@ def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarra
         for lo, hi in reversed(chunks) if backwards else chunks:
             out[lo:hi], sq = kernel.diff_matmul(*rows_of(lo, hi), m, transpose=False, sumsq=sumsq, reverse=backwards)
             total += sq
-            if release is not None:
-                release(lo, hi)
+            done(lo, hi, backwards)
         return out, total
 
     # Stored S = V: X = Sᵀ·B, B' = S·X. Stored S = Vᵀ (Conv1D): X = S·B, B' = Sᵀ·X.

@@ -168,7 +168,7 @@ def test_row_ranges_into_one_accumulator_give_the_bits_of_one_call(backwards):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_native_projection_in_chunks_is_one_pass_each_way_and_drops_every_row(monkeypatch, transpose):
     """B' read in chunks of rows equals B' read in one piece bit for bit, is within 1e-5 of fp64, and
-    every row of the weights is handed to ``release`` once per pass, the second pass last to first."""
+    every row of the weights is handed to ``release``, the second pass last to first."""
     from resta_fast import safelora as SL
     from resta_fast.kernels.difference import difference_kernel
 
@@ -187,6 +187,6 @@ def test_native_projection_in_chunks_is_one_pass_each_way_and_drops_every_row(mo
     assert _rel(got, want) <= 1e-5
     block = cpp.projection_flush_rows()
     forward = [(0, block), (block, 2 * block), (2 * block, rows)]
-    assert calls == forward + forward[::-1]
+    assert calls == forward[:-1] + forward[::-1]  # the second pass starts on the chunk the first kept
     zero = SL.native_projection(kernel, a, a, (rows, cols), transpose, b)
     assert zero is None
