@@ -13,9 +13,9 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["csrc/patch.cpp", "csrc/bindings.cpp"]
+SOURCES = ["csrc/patch.cpp", "csrc/projection.cpp", "csrc/bindings.cpp"]
 # Headers: a change rebuilds the extension, and sdists ship them.
-HEADERS = ["csrc/patch.h", "csrc/philox.h"]
+HEADERS = ["csrc/patch.h", "csrc/philox.h", "csrc/dtype.h", "csrc/projection.h"]
 
 
 class OptionalBuildExt(build_ext):

@@ -19,6 +19,7 @@
 
 #include "patch.h"
 #include "philox.h"
+#include "projection.h"
 
 namespace py = pybind11;
 
@@ -175,6 +176,47 @@ py::array_t<float> uniform(uint64_t seed, int64_t offset, int64_t n, std::option
   return out;
 }
 
+double diff_matmul(uint64_t a_ptr, int a_dtype, uint64_t u_ptr, int u_dtype, int64_t rows, int64_t cols,
+                   uint64_t m_ptr, int64_t r, uint64_t out_ptr, bool transpose, bool want_sumsq, bool reverse,
+                   uint64_t acc_ptr, std::optional<int> threads) {
+  const char* fn = "diff_matmul";
+  if (rows < 0 || cols < 0)
+    fail(fn, "arguments 'rows' and 'cols' must be >= 0; got " + std::to_string(rows) + " and " +
+                 std::to_string(cols));
+  if (r < 1) fail(fn, "argument 'r' must be >= 1; got " + std::to_string(r));
+  if (cols > 0 && rows > INT64_MAX / 4 / cols)
+    fail(fn, "rows * cols must fit in int64 bytes; got " + std::to_string(rows) + " x " + std::to_string(cols));
+  const int64_t n = rows * cols;
+  check_required(fn, "a_ptr", a_ptr, n);
+  check_required(fn, "u_ptr", u_ptr, n);
+  check_dtype(fn, "a_dtype", a_dtype);
+  check_dtype(fn, "u_dtype", u_dtype);
+  const int64_t m_rows = transpose ? rows : cols, out_rows = transpose ? cols : rows;
+  check_required(fn, "m_ptr", m_ptr, m_rows * r);
+  if (acc_ptr != 0 && !transpose) fail(fn, "argument 'acc_ptr' needs transpose=True (S^T.m sums over rows)");
+  if (acc_ptr == 0) check_required(fn, "out_ptr", out_ptr, out_rows * r);
+  const Buffer out{"out_ptr", out_ptr, resta::kF32};
+  // out and m are fp32 arrays of different lengths: out must not overlap m at all.
+  const uint64_t out_end = out_ptr + 4 * static_cast<uint64_t>(out_rows * r);
+  const uint64_t m_end = m_ptr + 4 * static_cast<uint64_t>(m_rows * r);
+  if (out_rows * r > 0 && m_rows * r > 0 && out_ptr < m_end && m_ptr < out_end)
+    fail(fn, "argument 'out_ptr' overlaps 'm_ptr'; expected disjoint buffers");
+  check_overlap(fn, out, {"a_ptr", a_ptr, a_dtype}, std::min<int64_t>(n, out_rows * r));
+  const int nthreads = threads_arg(fn, threads);
+  resta::DiffMatrix s;
+  s.a = reinterpret_cast<const void*>(a_ptr);
+  s.a_dtype = a_dtype;
+  s.u = reinterpret_cast<const void*>(u_ptr);
+  s.u_dtype = u_dtype;
+  s.rows = rows;
+  s.cols = cols;
+  const float* m = reinterpret_cast<const float*>(m_ptr);
+  float* o = reinterpret_cast<float*>(out_ptr);
+  py::gil_scoped_release release;
+  return transpose ? resta::diff_t_matmul(s, m, r, o, want_sumsq, reverse, nthreads, reinterpret_cast<double*>(acc_ptr))
+                   : resta::diff_matmul(s, m, r, o, want_sumsq, reverse, nthreads);
+}
+
 py::tuple philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   resta::philox4x32_10(c0, c1, c2, c3, k0, k1);
   return py::make_tuple(c0, c1, c2, c3);
@@ -252,6 +294,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("uniform", &uniform, py::arg("seed"), py::arg("offset"), py::arg("n"),
         py::arg("threads") = py::none(),
         "The DARE uniforms (float32 numpy array) of elements offset .. offset+n-1 (docs/spec.md §3).");
+  m.def("diff_matmul", &diff_matmul, py::arg("a_ptr"), py::arg("a_dtype"), py::arg("u_ptr"), py::arg("u_dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("m_ptr"), py::arg("r"), py::arg("out_ptr"),
+        py::arg("transpose"), py::arg("want_sumsq"), py::arg("reverse") = false, py::arg("acc_ptr") = 0,
+        py::arg("threads") = py::none(),
+        "S = fp32(A) - fp32(U) (rows x cols, formed on the fly): out = S^T.m (transpose; m rows x r, out "
+        "cols x r) or S.m (m cols x r, out rows x r), fp32 row-major; returns sum(S^2) in fp64 when "
+        "want_sumsq, else 0. reverse visits the rows last to first (a second pass, on what the first left in cache). "
+        "acc_ptr (transpose only): add the sums into this fp64 cols x projection_rank(r) array instead of writing out.");
+  m.def("projection_rank", &resta::padded_rank, py::arg("r"), "r rounded up to diff_matmul's 16-lane groups.");
+  m.attr("PROJECTION_FLUSH_ROWS") = resta::flush_rows();
   m.def("philox4x32", &philox4x32, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
         py::arg("k0"), py::arg("k1"), "Raw Philox4x32-10 of one counter and key (for known-answer tests).");
   m.def("set_isa", &set_isa, py::arg("name"),

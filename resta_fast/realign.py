@@ -171,6 +171,8 @@ class Session:
         """Every module's Safe LoRA cosine (a fresh copy per call: selections mark them)."""
         if self._scores is None:
             scores = []
+            self._projections = SL.Spill()  # on disk, not in RSS: the adapter's size in B'
+            self.stack.callback(self._projections.close)
             with _module_bar(len(self.mods), self.progress, "scoring LoRA modules") as bar:
                 for score, b_proj in SL.score_modules(self.ft, self.un, on_module=lambda: bar.update(1)):
                     scores.append(score)

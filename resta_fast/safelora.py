@@ -10,10 +10,12 @@ the K-th smallest cosine (then ≤ T, so ties may project more, as published).
 C is d_out × d_out (485 MB in fp32 for one 7B up_proj) and is never formed:
 C·B = V·(Vᵀ·B) / ‖V‖_F costs O(d_out·d_in·r), and the cosine follows from r × r
 Gram matrices, ⟨X·A, Y·A⟩_F = Σ (Xᵀ·Y) ⊙ (A·Aᵀ), with no d_out × d_in product.
-Modules are scored one at a time; each pair of weights is read once, and the
-next module's are prefetched while the current one is scored. The math is numpy
-(its BLAS): torch's import alone took longer than reading a 1.2B model here, and
-the CPU path needs nothing else of it (docs/benchmarks.md, Safe LoRA).
+Modules are scored one at a time, and the next module's weights are prefetched
+while the current one is scored. With the C++ kernel V is never stored: each of
+the two products re-forms it from the 2-byte inputs in cache-sized pieces
+(``native_projection``); without it, V is formed by torch and multiplied by
+numpy's BLAS. The C++ path never imports torch for an adapter output: its import
+alone took longer than reading a 1.2B model here (docs/benchmarks.md, Safe LoRA).
 
 Example:
     >>> import torch
@@ -25,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +51,11 @@ COS_DECIMALS = 5  # the authors round each cosine to 5 decimals before comparing
 # chunk is still in cache for the product and the norm: 256 rows of a 4800 × 1792
 # weight took 8.6 ms for V and Vᵀ·B against 11 ms in two whole-weight passes (2 cores).
 CHUNK_ELEMS = 1 << 19
+# The C++ products read the weights this many bytes (of each input) at a time and drop the pages
+# after: RSS then holds a chunk, not a weight, at the cost of faulting the pages in again in the
+# second pass.
+CHUNK_BYTES = 8 << 20
+FAULT_AROUND = 1 << 21  # bytes a page fault may map around itself: a large folio of the page cache (Linux 6.x)
 NORM_RUN = 1 << 15  # ‖V‖_F: fp32 dot products of runs this long, summed in fp64 (see frobenius)
 
 
@@ -246,7 +254,66 @@ def lora_array(view: LoraFinetuned, key: str) -> np.ndarray:
         out = (raw.astype(np.uint32) << 16).view(np.float32)
     else:
         out = raw.astype(np.float32)
+    # out is a copy: drop the mapped pages, or RSS grows with the adapter (77 MB of it at 1.2B, r = 16).
+    # With a margin: a fault maps the whole page-cache folio it lands in, which re-maps the end of the
+    # tensor read before this one (a 64 KiB margin still left 23 MB mapped at 1.2B, 2 MiB none).
+    lo = max(0, info.start - FAULT_AROUND)
+    f.release(lo, info.start + info.nbytes + FAULT_AROUND - lo)
     return out.reshape(info.shape)
+
+
+class Spill:
+    """Arrays kept in an unlinked temporary file, read back on demand: the B' of every module
+    stays available to every selection without RSS growing with the adapter (38 MB at 1.2B).
+
+    Example:
+        >>> with Spill() as kept:
+        ...     kept["b"] = np.arange(3, dtype=np.float32)
+        ...     kept["b"].tolist(), "b" in kept, len(kept)
+        ([0.0, 1.0, 2.0], True, 1)
+    """
+
+    def __init__(self):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(prefix="resta-fast-")
+        self._where: dict[str, tuple[int, np.dtype, tuple]] = {}
+        self._end = 0
+
+    def __setitem__(self, key: str, arr: np.ndarray) -> None:
+        data = np.ascontiguousarray(arr)
+        raw, done = memoryview(data.reshape(-1).view(np.uint8)), 0
+        while done < data.nbytes:
+            done += os.pwrite(self._file.fileno(), raw[done:], self._end + done)
+        self._where[key] = (self._end, data.dtype, data.shape)
+        self._end += data.nbytes
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        offset, dtype, shape = self._where[key]
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        while got < out.nbytes:
+            n = os.preadv(self._file.fileno(), [view[got:]], offset + got)
+            if n <= 0:
+                raise RestaError(f"the temporary file of Safe LoRA's projections ended early ({key})")
+            got += n
+        return out
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def module_projection(fill, shape, transpose: bool, b: np.ndarray, work: Workspace) -> np.ndarray | None:
@@ -284,6 +351,69 @@ def module_projection(fill, shape, transpose: bool, b: np.ndarray, work: Workspa
     x = x.astype(np.float32, copy=False)
     out = v.T @ x if transpose else v @ x
     out /= np.float32(norm)
+    return out
+
+
+def native_projection(kernel, a_arr, u_arr, shape, transpose: bool, b: np.ndarray, release=None) -> np.ndarray | None:
+    """B' = V·(Vᵀ·B)/‖V‖_F for one module by the C++ kernel, V never stored.
+
+    Args:
+        kernel: ``difference_kernel()``'s C++ kernel.
+        a_arr, u_arr: the stored weights' flat arrays; ``shape`` their shape, (B·A)ᵀ's
+            with ``transpose`` (GPT-2 Conv1D).
+        b: lora_B (d_out × r), fp32.
+        release: ``release(lo, hi)`` is called once rows [lo, hi) of the stored weights
+            have been read by a pass (to drop their pages).
+    Returns:
+        B' (d_out × r, fp32), or None when V = 0.
+
+    Each pass re-forms V = fp32(A) − fp32(U) from the 2-byte inputs a few rows at a time
+    (cheaper than writing and reading back a 4-byte V); the first also sums V². The rows
+    go in chunks of about ``CHUNK_BYTES`` so RSS holds a chunk, not a weight; the second
+    pass takes them last to first and starts on what the first left in the L3 cache.
+    """
+    rows, cols = shape
+    r = b.shape[1]
+    block = kernel.projection_flush_rows()  # chunks of whole blocks: the bits of one call over all rows
+    step = max(block, CHUNK_BYTES // max(1, cols * max(a_arr.itemsize, u_arr.itemsize)) // block * block)
+    chunks = [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+
+    def rows_of(lo, hi):
+        return a_arr[lo * cols : hi * cols], u_arr[lo * cols : hi * cols], hi - lo, cols
+
+    def done(lo, hi, backwards):
+        # The first pass keeps its last chunk mapped: the second starts there. Dropping it made the
+        # second pass fault it straight back in (all of a one-chunk weight).
+        if release is not None and (backwards or hi < rows):
+            release(lo, hi)
+
+    def over_rows(m, backwards: bool, sumsq: bool = False):
+        """Sᵀ·m (m: rows × r), summed chunk by chunk into one fp64 accumulator."""
+        acc, total = kernel.projection_acc(cols, r), 0.0
+        for lo, hi in reversed(chunks) if backwards else chunks:
+            _, sq = kernel.diff_matmul(
+                *rows_of(lo, hi), m[lo:hi], transpose=True, sumsq=sumsq, reverse=backwards, acc=acc
+            )
+            total += sq
+            done(lo, hi, backwards)
+        return kernel.projection_out(acc, r), total
+
+    def by_rows(m, backwards: bool, sumsq: bool = False):
+        """S·m (m: cols × r), each chunk's rows on their own."""
+        out, total = np.empty((rows, r), np.float32), 0.0
+        for lo, hi in reversed(chunks) if backwards else chunks:
+            out[lo:hi], sq = kernel.diff_matmul(*rows_of(lo, hi), m, transpose=False, sumsq=sumsq, reverse=backwards)
+            total += sq
+            done(lo, hi, backwards)
+        return out, total
+
+    # Stored S = V: X = Sᵀ·B, B' = S·X. Stored S = Vᵀ (Conv1D): X = S·B, B' = Sᵀ·X.
+    first, second = (by_rows, over_rows) if transpose else (over_rows, by_rows)
+    x, sumsq = first(b, backwards=False, sumsq=True)
+    if sumsq == 0:
+        return None  # alignment did not touch this weight: there is no direction to project onto
+    out, _ = second(x, backwards=True)
+    out /= np.float32(math.sqrt(sumsq))
     return out
 
 
@@ -327,17 +457,20 @@ def score_modules(view: LoraFinetuned, unaligned: Checkpoint, *, on_module=None)
         if kernel is not None:
             a_arr, u_arr = aligned.array(name), unaligned.array(name_u)
 
-            def fill(lo, hi, out, a_arr=a_arr, u_arr=u_arr):
-                # One thread: the chunk is small, and an OpenMP team woken between BLAS
-                # calls fought OpenBLAS's spinning threads (151 ms against 8.6 ms per weight).
-                kernel.patch_arrays(out, None, a_arr[lo:hi], u_arr[lo:hi], threads=1)
+            def release(lo, hi, name=name, name_u=name_u, a_arr=a_arr, u_arr=u_arr, cols=w_shape[1]):
+                # No margin: what a neighbour chunk's faults re-map (a folio at most) goes with the
+                # whole-weight release below; a margin here cost as much again in page-table walks.
+                for ck, key, size in ((aligned, name, a_arr.itemsize), (unaligned, name_u, u_arr.itemsize)):
+                    ck.release(key, lo * cols * size, hi * cols * size)
+
+            b_proj = native_projection(kernel, a_arr, u_arr, w_shape, mod.transpose, b, release)
         else:
             whole = alignment_delta(aligned, unaligned, name, name_u, w_shape).numpy().reshape(-1)
 
             def fill(lo, hi, out, whole=whole):
                 out[:] = whole[lo:hi]
 
-        b_proj = module_projection(fill, w_shape, mod.transpose, b, work)
+            b_proj = module_projection(fill, w_shape, mod.transpose, b, work)
         aligned.release(name, 0, aligned.info(name).nbytes)
         unaligned.release(name_u, 0, unaligned.info(name_u).nbytes)
         cos = None if b_proj is None else round_cos(lora_cosine(a, b, b_proj))

@@ -79,8 +79,31 @@ def rel_fro(x, y):
     return float(torch.linalg.norm(x.double() - y.double()) / torch.linalg.norm(y.double()))
 
 
+def _fallback(monkeypatch):
+    """Score as a build without the C++ kernel does: V by torch, the products by numpy's BLAS."""
+    from resta_fast.kernels.difference import _TorchDifference
+
+    monkeypatch.setattr(SL, "difference_kernel", lambda: ("torch", _TorchDifference))
+
+
+@pytest.fixture(params=["native", "fallback"])
+def scoring(request, monkeypatch):
+    """Each test using it runs on the C++ products (kernels.cpp.diff_matmul) and on the fallback."""
+    from resta_fast.kernels.difference import difference_kernel
+
+    if request.param == "native" and difference_kernel()[0] != "cpp":
+        pytest.skip("the C++ kernel is not built")
+    if request.param == "fallback":
+        _fallback(monkeypatch)
+    calls = []
+    real = SL.native_projection
+    monkeypatch.setattr(SL, "native_projection", lambda *a: calls.append(1) or real(*a))
+    yield request.param
+    assert bool(calls) == (request.param == "native")  # the path under test is the one that ran
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cosines_and_projection_match_fp64_reference(tmp_path, dtype):
+def test_cosines_and_projection_match_fp64_reference(tmp_path, dtype, scoring):
     adapter, aligned, unaligned = setup_models(tmp_path, dtype=dtype)
     ref = reference(adapter, aligned, unaligned)
     report = run(tmp_path, adapter, aligned, unaligned, threshold=1.0)  # project everything
@@ -184,7 +207,7 @@ def test_loads_in_peft_and_merge_equals_peft_merge_of_the_written_adapter(tmp_pa
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
-def test_gpt2_conv1d_layout(tmp_path):
+def test_gpt2_conv1d_layout(tmp_path, scoring):
     aligned = gpt2_base(tmp_path / "aligned")
     unaligned = shadow(aligned, tmp_path / "unaligned")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
@@ -477,3 +500,72 @@ def test_the_adapter_path_does_not_import_torch(tmp_path):
     out = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     for module, (_, b_proj) in ref.items():
         assert rel_fro(out[f"base_model.model.{module}.lora_B.weight"], b_proj) <= 2**-8, module
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_native_and_fallback_scoring_agree(tmp_path, monkeypatch, arch):
+    """The C++ products and the fallback (torch V, numpy BLAS) give the same rounded cosines, and
+    B' within 1e-6 of each other, in both layouts; and V = 0 gives no projection on either."""
+    from resta_fast.io.checkpoint import Checkpoint
+    from resta_fast.kernels.difference import difference_kernel
+    from resta_fast.lora import LoraFinetuned
+
+    if difference_kernel()[0] != "cpp":
+        pytest.skip("the C++ kernel is not built")
+    if arch == "llama":
+        adapter, aligned, unaligned = setup_models(tmp_path, dtype=torch.bfloat16)
+    else:
+        aligned = gpt2_base(tmp_path / "aligned")
+        unaligned = shadow(aligned, tmp_path / "unaligned")
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True)
+        adapter = tmp_path / "adapter"
+        train_adapter(aligned, adapter, cfg, cls=transformers.GPT2LMHeadModel)
+
+    def scored(un):
+        view = LoraFinetuned(adapter, Checkpoint(aligned))
+        return [(s.module, s.cos, None if b is None else b.copy()) for s, b in SL.score_modules(view, Checkpoint(un))]
+
+    native = scored(unaligned)
+    assert any(b is not None for _, _, b in native)
+    with monkeypatch.context() as m:
+        _fallback(m)
+        fallback = scored(unaligned)
+        fallback_same = scored(aligned)  # unaligned = aligned: V = 0 everywhere
+    assert [(n, c) for n, c, _ in native] == [(n, c) for n, c, _ in fallback]
+    for (module, _, x), (_, _, y) in zip(native, fallback, strict=True):
+        assert x.dtype == np.float32 and np.linalg.norm(x - y) <= 1e-6 * np.linalg.norm(y), module
+    assert all(c is None and b is None for _, c, b in scored(aligned)) and all(c is None for _, c, _ in fallback_same)
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            current = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+def test_scoring_leaves_no_adapter_page_mapped_and_keeps_b_proj_out_of_memory(tmp_path):
+    """RSS does not grow with the adapter: its pages are dropped once read, and every module's B'
+    goes to the spill file (read back, equal, for the selection that writes it)."""
+    if not Path("/proc/self/smaps").is_file():
+        pytest.skip("needs Linux's /proc/self/smaps")
+    adapter, aligned, unaligned = setup_models(tmp_path, dtype=torch.bfloat16)
+    weights = (adapter / "adapter_model.safetensors").resolve()
+    with realign.Session(adapter, aligned=aligned, unaligned=unaligned) as session:
+        session.ft.adapter.file.array(next(iter(session.ft.adapter.file.tensors)))[:].sum()  # touched: mapped
+        assert _mapped_kib(weights) > 0
+        scores = session.scores()
+        assert _mapped_kib(weights) == 0
+        kept = session._projections
+        assert isinstance(kept, SL.Spill) and len(kept) == len(scores) == 2 * len(TARGETS)
+        view = session.ft
+        direct = {s.module: b for s, b in SL.score_modules(view, session.un) if b is not None}
+        for s in scores:
+            stored = kept[s.lora_b]
+            want = realign._stored(direct[s.module], view.adapter.file.tensors[s.lora_b].dtype)
+            assert np.array_equal(stored.view(np.uint8), want.view(np.uint8)) and stored.shape == want.shape

@@ -197,6 +197,75 @@ def patch_arrays(out, f, a, u=None, b=None, *, beta, p=0.0, seed=0, offset=0, th
     )
 
 
+def projection_acc(cols: int, r: int) -> np.ndarray:
+    """A zeroed fp64 accumulator for ``diff_matmul(..., transpose=True, acc=...)`` (r padded to its lanes)."""
+    return np.zeros((cols, _load().projection_rank(r)), np.float64)
+
+
+def diff_matmul(
+    a, u, rows: int, cols: int, m, *, transpose: bool, sumsq: bool = False, reverse=False, acc=None, threads=None
+):
+    """S·m, or Sᵀ·m with ``transpose``, for S = fp32(a) − fp32(u) formed on the fly (no torch).
+
+    Args:
+        a, u: flat arrays of rows × cols elements (BF16 as uint16 bits), S row-major.
+        m: fp32, cols × r (rows × r with ``transpose``).
+        sumsq: also return Σ S² (fp64), else 0.0.
+        reverse: visit the rows last to first, so a second pass over S starts on what the
+            first left in cache (its sums over rows then run in that order).
+        acc: with ``transpose``, a ``projection_acc`` to add the sums into instead of
+            returning them: calls over consecutive row ranges of whole
+            ``PROJECTION_FLUSH_ROWS`` blocks give the bits of one call (``projection_out``).
+    Returns:
+        (out, Σ S²): out is fp32, rows × r (cols × r with ``transpose``); None with ``acc``.
+
+    Example:
+        >>> s, zero, m = np.array([3, 0, 0, 4], np.float32), np.zeros(4, np.float32), np.ones((2, 1), np.float32)
+        >>> diff_matmul(s, zero, 2, 2, m, transpose=False, sumsq=True)  # doctest: +SKIP
+        (array([[3.], [4.]], dtype=float32), 25.0)
+    """
+    C = _load()
+    n = rows * cols
+    codes = {name: _array_code(C, name, arr, n) for name, arr in (("a", a), ("u", u))}
+    m = np.ascontiguousarray(m, dtype=np.float32)
+    want = rows if transpose else cols
+    if m.ndim != 2 or m.shape[0] != want or m.shape[1] < 1:
+        raise ValueError(f"m must be {want} × r with r >= 1 for a {rows} × {cols} S, got shape {m.shape}")
+    if acc is not None:
+        if not transpose:
+            raise ValueError("acc needs transpose=True: only Sᵀ·m sums over rows")
+        if acc.dtype != np.float64 or acc.shape != (cols, C.projection_rank(m.shape[1])) or not acc.flags.c_contiguous:
+            raise ValueError(f"acc must be projection_acc({cols}, {m.shape[1]}), got {acc.dtype} {acc.shape}")
+    out = np.empty((cols if transpose else rows, m.shape[1]), np.float32) if acc is None else None
+    total = C.diff_matmul(
+        a.ctypes.data,
+        codes["a"],
+        u.ctypes.data,
+        codes["u"],
+        rows,
+        cols,
+        m.ctypes.data,
+        m.shape[1],
+        0 if out is None else out.ctypes.data,
+        transpose,
+        sumsq,
+        reverse,
+        0 if acc is None else acc.ctypes.data,
+        _threads(threads),
+    )
+    return out, total
+
+
+def projection_out(acc: np.ndarray, r: int) -> np.ndarray:
+    """A ``projection_acc``'s sums as the fp32 cols × r result one ``diff_matmul`` call returns."""
+    return acc[:, :r].astype(np.float32)
+
+
+def projection_flush_rows() -> int:
+    """Rows of S per fp32 block of Sᵀ·m: row ranges for ``acc`` calls start at multiples of it."""
+    return _load().PROJECTION_FLUSH_ROWS
+
+
 def convert_arrays(out, x, *, threads: int | None = None) -> None:
     """``convert_into`` over flat numpy arrays (BF16 as uint16 bits)."""
     C = _load()

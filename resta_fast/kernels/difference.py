@@ -49,6 +49,15 @@ class _CppDifference:
     def convert_arrays(self, out, x, **_):
         raise AssertionError("make_vector copies no tensors")
 
+    def diff_matmul(self, a, u, rows, cols, m, **kw):
+        """Safe LoRA's products over S = A − U, S formed on the fly with these bits (kernels.cpp)."""
+        return self.cpp.diff_matmul(a, u, rows, cols, m, **kw)
+
+    def __getattr__(self, name):  # projection_acc, projection_out, projection_flush_rows
+        if name.startswith("projection_"):
+            return getattr(self.cpp, name)
+        raise AttributeError(name)
+
 
 def difference_kernel() -> tuple[str, object]:
     """(name, kernel) computing round(fp32(A) − fp32(U)): the C++ kernel when built, else torch."""
