@@ -46,6 +46,7 @@ def assert_publishable(out, *roots) -> None:
 
     text = (out / CARD_NAME).read_text()
     card = ModelCard.load(out / CARD_NAME)
+    assert str(ModelCard(text)) == text  # written as huggingface_hub's ModelCard would give it back
     for repo in card.data.to_dict().get("base_model") or []:
         validate_repo_id(repo)
         assert "/" in repo and not repo.startswith(("/", "."))
