@@ -155,8 +155,8 @@ PATCH = Spec(
             "scale of the safety vector (default 1.0)",
             check=S.finite("beta"),
             kind=float,
-            record=lambda v: v,
-            reproduce=lambda p: ["--beta", str(p.get("beta", 1.0))],
+            record=S.as_given,
+            reproduce=S.always("--beta", "beta"),
         ),
         Option(
             "dare",
@@ -165,7 +165,7 @@ PATCH = Spec(
             check=S.probability("dare"),
             kind=float,
             metavar="P",
-            record=lambda v: v,
+            record=S.as_given,
         ),
         Option(
             "seed",
@@ -173,7 +173,7 @@ PATCH = Spec(
             "DARE seed (default 0)",
             check=S.seed("seed"),
             kind=int,
-            record=lambda v: v,
+            record=S.as_given,
             reproduce=_with_dare("--seed"),
         ),
         Option(

@@ -537,7 +537,7 @@ SAFELORA = Spec(
             check=S.cosine("threshold", optional=True),
             kind=float,
             metavar="T",
-            record=lambda v: v,
+            record=S.as_given,
         ),
         Option(
             "num_layers",
@@ -546,7 +546,7 @@ SAFELORA = Spec(
             check=S.count("num_layers"),
             kind=int,
             metavar="K",
-            record=lambda v: v,
+            record=S.as_given,
         ),
         MERGE,
     ),

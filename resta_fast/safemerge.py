@@ -240,7 +240,7 @@ SAFEMERGE = Spec(
             "merge layers with cos < TAU (default 0.35)",
             check=S.cosine("tau"),
             kind=float,
-            record=lambda v: v,
+            record=S.as_given,
             reproduce=S.always("--tau", "tau"),
         ),
         Option(
@@ -261,7 +261,7 @@ SAFEMERGE = Spec(
             "how a layer is merged (default linear)",
             check=_check_combination_name,
             choices=COMBINATIONS,
-            record=lambda v: v,
+            record=S.as_given,
             reproduce=S.always("--combination", "combination"),
         ),
         Option(
@@ -271,7 +271,7 @@ SAFEMERGE = Spec(
             check=S.fraction("density"),
             kind=float,
             metavar="D",
-            record=lambda v: v,
+            record=S.as_given,
         ),
         Option(
             "seed",
@@ -279,7 +279,7 @@ SAFEMERGE = Spec(
             "dare_linear seed (docs/spec.md §3 stream; default 0)",
             check=S.seed("seed"),
             kind=int,
-            record=lambda v: v,
+            record=S.as_given,
             reproduce=_with_density,
         ),
         MERGE,

@@ -83,6 +83,11 @@ rate = _bounded("a fraction in [0, 1]", lambda v: 0 <= v <= 1, optional=True)
 nonnegative = _bounded("a finite number >= 0", lambda v: v >= 0, optional=True)
 
 
+def as_given(value):
+    """A ``record``: the value as it was given (``beta=1`` stays 1 in the headers)."""
+    return value
+
+
 def always(flag: str, name: str):
     """A ``reproduce``: the flag and the recorded value even when it is the default (said outright)."""
 
