@@ -253,20 +253,21 @@ class Session:
             Path(out), "merge", {}, ("adapter", "base"), merge=True, overwrite=overwrite, fsync=fsync, command_line=None
         )
 
+    @SL.SAFELORA.keywords
     def safelora(
         self,
         out,
         *,
-        threshold: float | None = None,
-        num_layers: int | None = None,
-        merge: bool = False,
         overwrite: bool = False,
         fsync: bool = True,
         dry_run: bool = False,
         command_line: str | None = None,
+        **options,
     ) -> dict:
-        """Write the Safe LoRA output (see ``safelora``)."""
-        SL.check_selection(threshold, num_layers)
+        """Write the Safe LoRA output (see ``safelora``; ``options``: the ``SAFELORA`` spec's)."""
+        SL.check_selection(options.get("threshold"), options.get("num_layers"))
+        options = _checked(SL.SAFELORA, options)
+        threshold, num_layers, merge = options["threshold"], options["num_layers"], options["merge"]
         out = Path(out)
         roles = ("adapter", "aligned", "unaligned") + (("base",) if merge else ())
         if not dry_run:
@@ -282,7 +283,7 @@ class Session:
         if dry_run:
             return {"dry_run": True, "safelora": section, "text": text}
         replace = {s.lora_b: self._projections[s.lora_b] for s in scores if s.projected}
-        params = SL.SAFELORA.params({"threshold": threshold, "num_layers": num_layers, "merge": merge})
+        params = SL.SAFELORA.params(options)
         report = self._write(
             out,
             "safelora",
@@ -298,25 +299,23 @@ class Session:
         report["text"] = text
         return report
 
+    @SM.SAFEMERGE.keywords
     def safemerge(
         self,
         out,
         *,
-        tau: float = SM.DEFAULT_TAU,
-        weights=SM.DEFAULT_WEIGHTS,
-        combination: str = "linear",
-        density: float | None = None,
-        seed: int = 0,
-        merge: bool = False,
         overwrite: bool = False,
         fsync: bool = True,
         dry_run: bool = False,
         command_line: str | None = None,
+        **options,
     ) -> dict:
-        """Write the SafeMERGE output (see ``safemerge``)."""
-        tau = SM.check_tau(tau)
-        weights = SM.check_weights(weights)
-        density = SM.check_combination(combination, density)
+        """Write the SafeMERGE output (see ``safemerge``; ``options``: the ``SAFEMERGE`` spec's)."""
+        options = _checked(SM.SAFEMERGE, options)
+        options["density"] = SM.check_combination(options["combination"], options["density"])
+        tau, weights, combination, density, seed, merge = (
+            options[k] for k in ("tau", "weights", "combination", "density", "seed", "merge")
+        )
         if self.safety is None:
             raise OptionError("safety_adapter", "SafeMERGE needs {safety_adapter}")
         out = Path(out)
@@ -340,16 +339,7 @@ class Session:
         text = _scores_table(scores, tau, "merged", strict=True)
         if dry_run:
             return {"dry_run": True, "safemerge": section, "text": text}
-        params = SM.SAFEMERGE.params(
-            {
-                "tau": tau,
-                "weights": weights,
-                "combination": combination,
-                "density": density,
-                "seed": seed,
-                "merge": merge,
-            }
-        )
+        params = SM.SAFEMERGE.params(options)
         chosen = {s.module for s in scores if s.projected}
         delta, replace = None, {}
         if merge:

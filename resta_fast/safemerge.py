@@ -49,8 +49,8 @@ SAFETY_STREAM_SUFFIX = "#safety"
 
 
 def check_tau(tau: float) -> float:
-    """A cosine in [-1, 1] (the ``tau`` option's check)."""
-    return float(SAFEMERGE.get("tau").run_check(tau))
+    """A cosine in [-1, 1] (the ``tau`` option's check), as a float."""
+    return SAFEMERGE.get("tau").run_check(tau)
 
 
 def check_weights(weights) -> tuple[float, float]:
@@ -238,7 +238,7 @@ SAFEMERGE = Spec(
             "tau",
             DEFAULT_TAU,
             "merge layers with cos < TAU (default 0.35)",
-            check=S.cosine("tau"),
+            check=lambda tau: float(S.cosine("tau")(tau)),  # recorded as a float, as it always was
             kind=float,
             record=S.as_given,
             reproduce=S.always("--tau", "tau"),

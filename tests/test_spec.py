@@ -101,7 +101,9 @@ def test_safemerge_density_is_checked_by_one_rule_for_the_cli_and_the_library(ca
 def test_realign_specs_give_the_api_its_keywords_and_the_params_their_keys():
     from resta_fast import realign
 
-    for spec, func in ((SAFELORA, realign.safelora), (SAFEMERGE, realign.safemerge)):
+    pairs = [(SAFELORA, realign.safelora), (SAFEMERGE, realign.safemerge)]
+    pairs += [(SAFELORA, realign.Session.safelora), (SAFEMERGE, realign.Session.safemerge)]  # compare calls these
+    for spec, func in pairs:
         params = inspect.signature(func).parameters
         assert all(params[name].default == spec.get(name).default for name in spec.names()), spec.command
     values = {"tau": 0.3, "weights": (0.7, 0.3), "combination": "dare_linear", "density": 0.5, "seed": 2, "merge": True}
