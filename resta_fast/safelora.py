@@ -202,13 +202,7 @@ def alignment_delta(
     import numpy as np
     import torch
 
-    a_info, u_info = aligned.info(name), unaligned.info(name_u)
-    if tuple(u_info.shape) != tuple(a_info.shape):
-        raise RestaError(
-            f"{name}: aligned {aligned.path} has shape {list(a_info.shape)} but unaligned "
-            f"{unaligned.path} has {list(u_info.shape)} ({name_u}); they must be the same "
-            "architecture"
-        )
+    _check_pair(aligned, unaligned, name, name_u)
     if kernel is not None:
         out = np.empty(math.prod(shape), np.float32)
         kernel.patch_arrays(out, None, aligned.array(name), unaligned.array(name_u))
@@ -217,8 +211,8 @@ def alignment_delta(
         v = torch.empty(shape, dtype=torch.float32)
         v.copy_(aligned.tensor_view(name).view(shape))
         v.sub_(unaligned.tensor_view(name_u).view(shape))
-    aligned.release(name, 0, a_info.nbytes)
-    unaligned.release(name_u, 0, u_info.nbytes)
+    aligned.release(name, 0, aligned.info(name).nbytes)
+    unaligned.release(name_u, 0, unaligned.info(name_u).nbytes)
     return v
 
 
