@@ -190,7 +190,7 @@ def cmd_patch(args) -> int:
         fsync=not args.no_fsync,
         dry_run=args.dry_run,
         validate=validate,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=A.progress_wanted(args),
         command_line=getattr(args, "command_line", None),
         record_paths=args.record_paths,
     )
@@ -212,7 +212,7 @@ def cmd_vector(args) -> int:
         **VECTOR.from_args(args),
         overwrite=args.overwrite,
         fsync=not args.no_fsync,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=A.progress_wanted(args),
         command_line=getattr(args, "command_line", None),
         record_paths=args.record_paths,
     )

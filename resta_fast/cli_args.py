@@ -64,6 +64,11 @@ RECORD_PATHS_HELP = (
 )
 
 
+def progress_wanted(args) -> bool:
+    """A progress bar: unless ``--no-progress``, and only when stderr is a terminal (not a log or a pipe)."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def add_record_paths(parser) -> None:
     """The ``--record-paths`` flag of every command that writes an output."""
     parser.add_argument("--record-paths", action="store_true", help=RECORD_PATHS_HELP)
@@ -137,5 +142,5 @@ def validation_options(args) -> dict | None:
         "max_harmful": args.max_harmful,
         "max_utility_drop": args.max_utility_drop,
         "max_new_tokens": args.validate_max_new_tokens,
-        "progress": not args.no_progress and sys.stderr.isatty(),
+        "progress": progress_wanted(args),
     }

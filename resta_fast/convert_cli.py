@@ -47,7 +47,7 @@ def cmd_convert(args) -> int:
         args.out,
         overwrite=args.overwrite,
         fsync=not args.no_fsync,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=A.progress_wanted(args),
         command_line=getattr(args, "command_line", None),
         record_paths=args.record_paths,
     )

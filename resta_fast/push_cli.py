@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from resta_fast import cli_args as A
+
 EPILOG = """\
 OUT is checked first, as `resta-fast verify OUT` checks it; an output that fails, or
 that carries VALIDATION_FAILED, is refused (exit 2) unless --force. The token is
@@ -27,7 +29,7 @@ def cmd_push(args) -> int:
         commit_message=args.commit_message,
         create_pr=args.create_pr,
         force=args.force,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=A.progress_wanted(args),
     )
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))

@@ -83,7 +83,7 @@ def add_safemerge_parser(sub) -> None:
 
 
 def _progress(args) -> bool:
-    return not args.no_progress and sys.stderr.isatty()
+    return A.progress_wanted(args)
 
 
 def _print(report: dict, args) -> None:

@@ -192,7 +192,7 @@ def _run(args, manifest, selected, prepared) -> int:
         return 0
     jobs = [j for g in selected for j in g.jobs]
     total = sum(manifest.out_bytes.get(j.index, 0) for j in jobs) or None
-    reporter = ConsoleReporter(len(jobs), total, bar=not args.no_progress and sys.stderr.isatty())
+    reporter = ConsoleReporter(len(jobs), total, bar=A.progress_wanted(args))
     reporter.sizes = dict(manifest.out_bytes)
     fsync = False if args.no_fsync else None
     fused = {k: v for k, v in (("writers", args.writers), ("chunk_elems", args.chunk_elems)) if v}
