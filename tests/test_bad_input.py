@@ -6,6 +6,7 @@ import struct
 
 import pytest
 from checkpoints import three_models
+from fault_fixtures import patch_argv
 
 from resta_fast.cli import main
 
@@ -30,23 +31,7 @@ def models(tmp_path):
 
 def run_cli(capsys, tmp_path, ft, al, un, *extra):
     out = tmp_path / "out"
-    code = main(
-        [
-            "patch",
-            "--finetuned",
-            str(ft),
-            "--aligned",
-            str(al),
-            "--unaligned",
-            str(un),
-            "--out",
-            str(out),
-            "--backend",
-            "torch",
-            "--no-fsync",
-            *extra,
-        ]
-    )
+    code = main(patch_argv(ft, al, un, out, "--no-fsync", *extra))
     err = capsys.readouterr().err
     return code, err, out
 
